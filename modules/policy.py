@@ -1,0 +1,382 @@
+"""JanusPolicy: loads a Janus checkpoint, samples plans and image tokens, and scores tokens for the update."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from transformers import AutoProcessor, JanusForConditionalGeneration
+
+from datamodules.records import PromptRecord
+from modules import janus_ops
+from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+# Parts of JanusForConditionalGeneration that `trainable` may name.
+PARTS = (
+    "language_model",
+    "lm_head",
+    "vision_model",
+    "aligner",
+    "generation_embeddings",
+    "generation_aligner",
+    "generation_head",
+    "vqmodel",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMAGE_LOGPROB_MODES = ("conditional", "guided")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or id that cannot be loaded as a Janus model."""
+
+
+@dataclass
+class SamplingConfig:
+    """How plans and images are sampled, and which image log-probs the update uses.
+
+    Attributes:
+        plan_max_tokens: longest plan, in tokens (a plan stops earlier at EOS).
+        plan_temperature: temperature of plan sampling (0 is greedy).
+        plan_top_p: nucleus sampling for plans (1 disables).
+        plan_top_k: top-k for plans (0 disables).
+        image_temperature: temperature of image-token sampling.
+        image_top_k: top-k for image tokens (0 disables).
+        image_top_p: nucleus for image tokens (1 disables).
+        cfg_scale: classifier-free guidance weight (1 turns guidance off; the paper uses 5).
+        image_logprob: ``conditional`` (the paper: log-probs from the conditional logits) or
+            ``guided`` (from the CFG mixture actually sampled from; costs a second branch in the update).
+    """
+
+    plan_max_tokens: int = 64
+    plan_temperature: float = 1.0
+    plan_top_p: float = 1.0
+    plan_top_k: int = 0
+    image_temperature: float = 1.0
+    image_top_k: int = 0
+    image_top_p: float = 1.0
+    cfg_scale: float = 5.0
+    image_logprob: str = "conditional"
+
+    def __post_init__(self) -> None:
+        if self.plan_max_tokens < 1:
+            raise ValueError(f"sampling.plan_max_tokens must be >= 1, got {self.plan_max_tokens}")
+        for name in ("plan_temperature", "image_temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"sampling.{name} must be a finite number >= 0, got {value}")
+        for name in ("plan_top_p", "image_top_p"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"sampling.{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("plan_top_k", "image_top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sampling.{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 1:
+            raise ValueError(f"sampling.cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}")
+        if self.image_logprob not in IMAGE_LOGPROB_MODES:
+            raise ValueError(f"sampling.image_logprob must be one of {IMAGE_LOGPROB_MODES}, got {self.image_logprob!r}")
+
+
+@dataclass
+class PlanBatch:
+    """Plans sampled for a batch (rows prompt-major: sample g of prompt p at row p*G+g).
+
+    Attributes:
+        context_ids: ``[R, Lc]`` left-padded reasoning contexts; ``context_mask`` the same shape.
+        tokens: ``[R, T]`` plan tokens, pad after EOS; ``mask`` ``[R, T]`` bool, EOS included.
+        logp: ``[R, T]`` log-probs under the sampling policy (0 off the mask).
+        texts: ``R`` decoded plans.
+    """
+
+    context_ids: torch.Tensor
+    context_mask: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logp: torch.Tensor
+    texts: list[str]
+
+
+@dataclass
+class ImageContext:
+    """Generation contexts ``[R, L]``: conditional ids and mask, and the unconditional ids (same mask)."""
+
+    cond_ids: torch.Tensor
+    cond_mask: torch.Tensor
+    uncond_ids: torch.Tensor
+
+
+def _fill(template: str, prompt: str) -> str:
+    # Plain substitution: prompt text is data, never a format string.
+    return template.replace("{prompt}", prompt)
+
+
+class JanusPolicy(pl.LightningModule):
+    """The trained policy: one Janus model that writes a plan and then draws.
+
+    Args:
+        model_name_or_path: a local folder in ``save_pretrained`` layout or a hub id.
+        tiny: build a tiny random Janus of this shape instead (tests, offline runs).
+        trainable: parts to train (see :data:`PARTS`, or ``["all"]``); the paper trains the language model.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
+        trust_remote_code: passed to ``from_pretrained``; never on unless set.
+        attn_implementation: attention kernel for ``from_pretrained`` (``sdpa``, ``eager``, ...).
+        sampling: see :class:`SamplingConfig`.
+        use_plan: condition images on a sampled plan (the semantic-level CoT); off draws from the prompt.
+        reasoning_template: the instruction around ``{prompt}`` that :meth:`predict_step` uses.
+        predict_images_per_prompt: images per prompt in :meth:`predict_step`.
+        seed: base seed of :meth:`predict_step` sampling.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        tiny: TinyJanusSpec | None = None,
+        trainable: Sequence[str] = ("language_model",),
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = "sdpa",
+        sampling: SamplingConfig | None = None,
+        use_plan: bool = True,
+        reasoning_template: str | None = None,
+        predict_images_per_prompt: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"policy dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.source = model_name_or_path
+        self.sampling = sampling or SamplingConfig()
+        self.use_plan = use_plan
+        self.reasoning_template = reasoning_template
+        self.predict_images_per_prompt = predict_images_per_prompt
+        self.seed = seed
+        self.model, self.processor = load_janus(
+            model_name_or_path, tiny, DTYPES[dtype], trust_remote_code, attn_implementation
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.trainable = set_trainable(self.model, trainable)
+        self.num_image_tokens = self.model.config.vision_config.num_image_tokens
+        self.boi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            raise CheckpointError(f"the tokenizer of {model_name_or_path!r} has no pad token; Janus tokenizers do")
+
+    # ---- text handling -------------------------------------------------------------------------
+    def chat(self, user_text: str) -> str:
+        """The user turn in the checkpoint's chat format, ending where the assistant speaks."""
+        messages = [{"role": "user", "content": [{"type": "text", "text": user_text}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, texts: Sequence[str], suffix_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize and left-pad texts (one BOS each), optionally appending a token id to every row.
+
+        Returns:
+            ``(ids [B, L], mask [B, L])`` on this module's device.
+        """
+        bos = self.tokenizer.bos_token_id
+        rows = []
+        for text in texts:
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
+            rows.append(ids + ([suffix_id] if suffix_id is not None else []))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def unconditional(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The CFG branch as the paper builds it: every token but the first and the last becomes pad."""
+        first = mask.shape[1] - mask.sum(1, keepdim=True)  # [B, 1] index of the first real token
+        col = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, L]
+        keep = (col == first) | (col == ids.shape[1] - 1) | (mask == 0)
+        return torch.where(keep, ids, torch.full_like(ids, self.pad_id))
+
+    def image_context(self, prompts: Sequence[str], plans: Sequence[str] | None) -> ImageContext:
+        """Generation contexts: ``"{prompt}. {plan}"`` (or the prompt alone) in the chat format, then BOI."""
+        texts = []
+        for i, prompt in enumerate(prompts):
+            plan = plans[i].strip() if plans is not None else ""
+            joiner = " " if prompt.rstrip().endswith((".", "!", "?")) else ". "
+            texts.append(self.chat(prompt.rstrip() + joiner + plan if plan else prompt))
+        ids, mask = self.encode(texts, suffix_id=self.boi_id)
+        return ImageContext(ids, mask, self.unconditional(ids, mask))
+
+    # ---- sampling ------------------------------------------------------------------------------
+    def generator(self, seed: int) -> torch.Generator:
+        """A sampling generator on this module's device."""
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def sample_plans(
+        self, prompts: Sequence[str], template: str, num_samples: int, generator: torch.Generator | None = None
+    ) -> PlanBatch:
+        """Stage 1, the semantic-level CoT: ``num_samples`` plans per prompt, rows prompt-major."""
+        s = self.sampling
+        contexts = [self.chat(_fill(template, p)) for p in prompts for _ in range(num_samples)]
+        ids, mask = self.encode(contexts)
+        out = janus_ops.sample_text(
+            self.model,
+            ids,
+            mask,
+            s.plan_max_tokens,
+            self.tokenizer.eos_token_id,
+            self.pad_id,
+            s.plan_temperature,
+            s.plan_top_k,
+            s.plan_top_p,
+            generator,
+        )
+        texts = self.tokenizer.batch_decode(out.tokens * out.mask, skip_special_tokens=True)
+        return PlanBatch(ids, mask, out.tokens, out.mask, out.logp, [t.strip() for t in texts])
+
+    @torch.no_grad()
+    def sample_images(self, context: ImageContext, generator: torch.Generator | None = None):
+        """Stage 2, the token-level CoT: image tokens with CFG. Returns a ``janus_ops.ImageSample``."""
+        s = self.sampling
+        return janus_ops.sample_image_tokens(
+            self.model,
+            context.cond_ids,
+            context.cond_mask,
+            self.num_image_tokens,
+            context.uncond_ids,
+            s.cfg_scale,
+            s.image_temperature,
+            s.image_top_k,
+            s.image_top_p,
+            generator,
+        )
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """VQ-decode image tokens ``[B, N]`` to uint8 ``[B, H, W, 3]``."""
+        return janus_ops.decode_images(self.model, tokens)
+
+    # ---- teacher-forced log-probs --------------------------------------------------------------
+    def plan_logprobs(self, plans: PlanBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """``[R, T]`` log-probs of the plan tokens (``lm_head``); ``model`` defaults to the policy's."""
+        return janus_ops.text_logprobs(
+            model or self.model,
+            plans.context_ids,
+            plans.context_mask,
+            plans.tokens,
+            plans.mask,
+            self.sampling.plan_temperature,
+        )
+
+    def image_logprobs(
+        self, context: ImageContext, tokens: torch.Tensor, model: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """``[R, N]`` log-probs of image tokens (``generation_head``), per ``sampling.image_logprob``."""
+        guided = self.sampling.image_logprob == "guided"
+        return janus_ops.image_logprobs(
+            model or self.model,
+            context.cond_ids,
+            context.cond_mask,
+            tokens,
+            self.sampling.image_temperature,
+            context.uncond_ids if guided else None,
+            self.sampling.cfg_scale,
+        )
+
+    # ---- standalone use ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        num_images: int = 1,
+        template: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict:
+        """Draw ``num_images`` per prompt, with a plan when a template is given. Rows prompt-major.
+
+        Returns:
+            ``{"images": uint8 [R, H, W, 3], "image_tokens": [R, N], "plans": list[str] | None}``.
+        """
+        plans = None
+        if template is not None:
+            plans = self.sample_plans(prompts, template, num_images, generator).texts
+        repeated = [p for p in prompts for _ in range(num_images)]
+        sample = self.sample_images(self.image_context(repeated, plans), generator)
+        return {"images": self.decode(sample.tokens), "image_tokens": sample.tokens, "plans": plans}
+
+    def predict_step(self, batch: Sequence[PromptRecord], batch_idx: int = 0) -> dict:
+        template = None
+        if self.use_plan:
+            if self.reasoning_template is None:
+                raise ValueError("use_plan is on but reasoning_template is not set: give the instruction text")
+            template = self.reasoning_template
+        out = self.generate(
+            [r.prompt for r in batch], self.predict_images_per_prompt, template, self.generator(self.seed + batch_idx)
+        )
+        out["prompts"] = [r.prompt for r in batch for _ in range(self.predict_images_per_prompt)]
+        return out
+
+
+def set_trainable(model: JanusForConditionalGeneration, parts: Sequence[str]) -> list[str]:
+    """Freeze everything, then unfreeze the named parts. Returns the parts that train."""
+    parts = list(PARTS) if list(parts) == ["all"] else list(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"trainable names unknown parts {unknown}; choose from {list(PARTS)} or ['all']")
+    model.requires_grad_(False)
+    for part in parts:
+        module = model.lm_head if part == "lm_head" else getattr(model.model, part)
+        module.requires_grad_(True)
+    return parts
+
+
+def load_janus(
+    source: str | None,
+    tiny: TinyJanusSpec | None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+):
+    """Load ``(JanusForConditionalGeneration, processor)`` from a folder or hub id, or build a tiny one."""
+    if (source is None) == (tiny is None):
+        raise CheckpointError(
+            "set exactly one of model_name_or_path (a Janus folder or hub id) and tiny (a random tiny model)"
+        )
+    if tiny is not None:
+        model, processor = build_tiny_janus(tiny)
+        return model.to(dtype), processor
+    check_janus_source(source)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise CheckpointError(
+            f"could not load a Janus checkpoint from {source!r}: {err}. Give a local folder written by "
+            "save_pretrained (config.json, safetensors weights, tokenizer and processor files), or a hub id "
+            "that is already in the local Hugging Face cache (no downloads happen offline)."
+        ) from err
+    return model, processor
+
+
+def check_janus_source(source: str) -> None:
+    """Fail early, with the path named, when a local checkpoint is missing or is not a Janus model."""
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
+    if not looks_local:
+        return  # a hub id such as deepseek-community/Janus-Pro-1B
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {str(path)!r} (from model_name_or_path={source!r})")
+    config = path / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a Janus checkpoint: it has no config.json")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{str(config)!r} is not valid JSON: {err}") from err
+    if model_type != "janus":
+        raise CheckpointError(f"{str(path)!r} is not a Janus checkpoint: config.json has model_type={model_type!r}")
