@@ -56,17 +56,43 @@ def scaled_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+@dataclass
+class RowNoise:
+    """Gumbel noise for sampling, drawn for the whole global batch and sliced to this rank's rows.
+
+    A row's random draw then depends only on the seed and its index in the global batch, not on how
+    the batch is split across data-parallel ranks: one process and N processes sample the same tokens.
+
+    Attributes:
+        generator: the random stream (one per sampling stage), or ``None`` for torch's global stream.
+        global_rows: rows of the global batch (``None``: this rank's rows are the whole batch).
+        offset: index of this rank's first row in the global batch.
+    """
+
+    generator: torch.Generator | None = None
+    global_rows: int | None = None
+    offset: int = 0
+
+    def gumbel(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        """``[rows, vocab]`` standard Gumbel noise for this rank's rows."""
+        total = self.global_rows or rows
+        if self.offset + rows > total:
+            raise ValueError(f"noise rows {self.offset}+{rows} exceed the global batch of {total}")
+        u = torch.rand(total, vocab, generator=self.generator, device=device)[self.offset : self.offset + rows]
+        return -torch.log(-torch.log(u.clamp(min=1e-20)))
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    noise: RowNoise | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row and return its log-prob under the tempered, untruncated distribution.
+    """Sample one token per row (Gumbel-max) and return its log-prob under the tempered distribution.
 
-    Top-k/top-p only restrict where samples may fall; the log-prob is the one a teacher-forced pass
-    computes, so rollout and update ratios agree.
+    Top-k/top-p only restrict where samples may fall; the log-prob is the untruncated one that a
+    teacher-forced pass computes, so rollout and update ratios agree.
 
     Args:
         logits: ``[B, V]``.
@@ -84,11 +110,11 @@ def sample_tokens(
             masked = masked.masked_fill(masked < kth, float("-inf"))
         if top_p < 1.0:
             sorted_lp, order = masked.sort(dim=-1, descending=True)
-            cum = sorted_lp.exp().cumsum(-1)
-            drop = (cum - sorted_lp.exp()) >= top_p  # keep the smallest prefix reaching top_p
+            probs = sorted_lp.exp()
+            drop = (probs.cumsum(-1) - probs) >= top_p  # keep the smallest prefix that reaches top_p
             masked = masked.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
-        probs = masked.exp()
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        noise = noise or RowNoise()
+        tokens = (masked + noise.gumbel(*masked.shape, masked.device)).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -112,7 +138,7 @@ def sample_text(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    noise: RowNoise | None = None,
 ) -> TextSample:
     """Sample text after left-padded contexts with a KV cache, stopping each row at EOS.
 
@@ -129,7 +155,7 @@ def sample_text(
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens, logps, valid = [], [], []
     for step in range(max_new_tokens):
-        tok, lp = sample_tokens(model.lm_head(hidden), temperature, top_k, top_p, generator)
+        tok, lp = sample_tokens(model.lm_head(hidden), temperature, top_k, top_p, noise)
         live = ~finished
         tok = torch.where(live, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
@@ -171,7 +197,7 @@ def sample_image_tokens(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    noise: RowNoise | None = None,
 ) -> ImageSample:
     """Sample image tokens with classifier-free guidance, both branches in one batch, KV-cached.
 
@@ -197,7 +223,7 @@ def sample_image_tokens(
         logits = model.model.generation_head(hidden)  # [R, V]
         cond = logits[:batch]
         guided = guide(cond, logits[batch:] if use_cfg else None, cfg_scale)
-        tok, lp = sample_tokens(guided, temperature, top_k, top_p, generator)
+        tok, lp = sample_tokens(guided, temperature, top_k, top_p, noise)
         tokens.append(tok)
         lp_guided.append(lp)
         lp_cond.append(scaled_logprobs(cond, temperature).gather(-1, tok[:, None]).squeeze(-1))

@@ -210,13 +210,14 @@ class JanusPolicy(pl.LightningModule):
         return ImageContext(ids, mask, self.unconditional(ids, mask))
 
     # ---- sampling ------------------------------------------------------------------------------
-    def generator(self, seed: int) -> torch.Generator:
-        """A sampling generator on this module's device."""
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def noise(self, seed: int, global_rows: int | None = None, offset: int = 0) -> janus_ops.RowNoise:
+        """A sampling stream on this module's device (see ``janus_ops.RowNoise``)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return janus_ops.RowNoise(generator, global_rows, offset)
 
     @torch.no_grad()
     def sample_plans(
-        self, prompts: Sequence[str], template: str, num_samples: int, generator: torch.Generator | None = None
+        self, prompts: Sequence[str], template: str, num_samples: int, noise: janus_ops.RowNoise | None = None
     ) -> PlanBatch:
         """Stage 1, the semantic-level CoT: ``num_samples`` plans per prompt, rows prompt-major."""
         s = self.sampling
@@ -232,13 +233,13 @@ class JanusPolicy(pl.LightningModule):
             s.plan_temperature,
             s.plan_top_k,
             s.plan_top_p,
-            generator,
+            noise,
         )
         texts = self.tokenizer.batch_decode(out.tokens * out.mask, skip_special_tokens=True)
         return PlanBatch(ids, mask, out.tokens, out.mask, out.logp, [t.strip() for t in texts])
 
     @torch.no_grad()
-    def sample_images(self, context: ImageContext, generator: torch.Generator | None = None):
+    def sample_images(self, context: ImageContext, noise: janus_ops.RowNoise | None = None):
         """Stage 2, the token-level CoT: image tokens with CFG. Returns a ``janus_ops.ImageSample``."""
         s = self.sampling
         return janus_ops.sample_image_tokens(
@@ -251,7 +252,7 @@ class JanusPolicy(pl.LightningModule):
             s.image_temperature,
             s.image_top_k,
             s.image_top_p,
-            generator,
+            noise,
         )
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -292,7 +293,7 @@ class JanusPolicy(pl.LightningModule):
         prompts: Sequence[str],
         num_images: int = 1,
         template: str | None = None,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
     ) -> dict:
         """Draw ``num_images`` per prompt, with a plan when a template is given. Rows prompt-major.
 
@@ -301,9 +302,9 @@ class JanusPolicy(pl.LightningModule):
         """
         plans = None
         if template is not None:
-            plans = self.sample_plans(prompts, template, num_images, generator).texts
+            plans = self.sample_plans(prompts, template, num_images, self.noise(seed)).texts
         repeated = [p for p in prompts for _ in range(num_images)]
-        sample = self.sample_images(self.image_context(repeated, plans), generator)
+        sample = self.sample_images(self.image_context(repeated, plans), self.noise(seed + 1))
         return {"images": self.decode(sample.tokens), "image_tokens": sample.tokens, "plans": plans}
 
     def predict_step(self, batch: Sequence[PromptRecord], batch_idx: int = 0) -> dict:
@@ -313,7 +314,7 @@ class JanusPolicy(pl.LightningModule):
                 raise ValueError("use_plan is on but reasoning_template is not set: give the instruction text")
             template = self.reasoning_template
         out = self.generate(
-            [r.prompt for r in batch], self.predict_images_per_prompt, template, self.generator(self.seed + batch_idx)
+            [r.prompt for r in batch], self.predict_images_per_prompt, template, self.seed + 2 * batch_idx
         )
         out["prompts"] = [r.prompt for r in batch for _ in range(self.predict_images_per_prompt)]
         return out

@@ -1,0 +1,512 @@
+"""Prompt files (T2I-R1 JSON Lines, GenEval metadata, T2I-CompBench text) and the LightningDataModule over them."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.records import LOCALITIES, PromptRecord
+
+JSON_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
+TEXT_SUFFIXES: tuple[str, ...] = (".txt",)
+
+# The eight T2I-CompBench categories; their files are named `<category>_{train,val}.txt`.
+COMPBENCH_CATEGORIES: tuple[str, ...] = (
+    "color",
+    "shape",
+    "texture",
+    "spatial",
+    "non_spatial",
+    "complex",
+    "numeracy",
+    "3d_spatial",
+)
+
+# GenEval `position` relations (`include[i]["position"][0]`) in our locality vocabulary.
+GENEVAL_RELATIONS: dict[str, str] = {
+    "left of": "left of",
+    "right of": "right of",
+    "above": "above",
+    "below": "below",
+}
+
+_T2I_KEYS = ("prompt", "task_type", "nouns", "attr_nouns", "spatial_info", "numeracy_info")
+_GENEVAL_KEYS = ("prompt", "tag", "include")
+
+
+class PromptDataError(ValueError):
+    """A prompt file is missing, empty or malformed; the message names file, line and field."""
+
+
+class _Where:
+    """Where a record came from, so every error names the file, the line and the field."""
+
+    def __init__(self, path: Path, line: int) -> None:
+        self.path = path
+        self.line = line
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    def error(self, field: str | None, problem: str) -> PromptDataError:
+        at = f"{self.path}, line {self.line}"
+        return PromptDataError(f"{at}: {problem}" if field is None else f"{at}: field {field!r}: {problem}")
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def _text(value: Any, where: _Where, field: str) -> str:
+    """A non-empty string, stripped."""
+    if not isinstance(value, str):
+        raise where.error(field, f"must be a string, got {type(value).__name__} {value!r}")
+    if not value.strip():
+        raise where.error(field, "must be a non-empty string")
+    return value.strip()
+
+
+def _count(value: Any, where: _Where, field: str) -> int:
+    """An integer >= 0 (JSON true/false would pass as int in Python, so bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise where.error(field, f"must be an integer >= 0, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise where.error(field, f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _text_list(value: Any, where: _Where, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise where.error(field, f"must be a list of strings, got {type(value).__name__}")
+    return tuple(_text(item, where, f"{field}[{i}]") for i, item in enumerate(value))
+
+
+def _mapping(value: Any, where: _Where, field: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object holding exactly the `required` keys (a typo would otherwise lose metadata)."""
+    if not isinstance(value, dict):
+        raise where.error(field, f"must be an object with keys {list(required)}, got {type(value).__name__}")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise where.error(f"{field}.{missing[0]}", "is missing")
+    unknown = sorted(set(value) - set(required))
+    if unknown:
+        raise where.error(field, f"has unknown keys {unknown}; expected exactly {list(required)}")
+    return value
+
+
+def _locality(value: Any, where: _Where, field: str) -> str:
+    locality = _text(value, where, field).lower()
+    if locality not in LOCALITIES:
+        raise where.error(field, f"unknown locality {value!r}; expected one of {list(LOCALITIES)}")
+    return locality
+
+
+def _spatial_info(value: Any, where: _Where) -> dict[str, str]:
+    info = _mapping(value, where, "spatial_info", ("obj1", "obj2", "locality"))
+    return {
+        "obj1": _text(info["obj1"], where, "spatial_info.obj1"),
+        "obj2": _text(info["obj2"], where, "spatial_info.obj2"),
+        "locality": _locality(info["locality"], where, "spatial_info.locality"),
+    }
+
+
+def _numeracy_info(value: Any, where: _Where) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list):
+        raise where.error("numeracy_info", f"must be a list of objects, got {type(value).__name__}")
+    items = []
+    for i, raw in enumerate(value):
+        field = f"numeracy_info[{i}]"
+        item = _mapping(raw, where, field, ("obj_name", "num"))
+        items.append(
+            {
+                "obj_name": _text(item["obj_name"], where, f"{field}.obj_name"),
+                "num": _count(item["num"], where, f"{field}.num"),
+            }
+        )
+    return tuple(items)
+
+
+# ----------------------------------------------------------------------------- record schemas
+
+
+def _t2i_record(obj: dict[str, Any], where: _Where, default_task: str) -> PromptRecord:
+    """One record in the T2I-R1 schema; JSON null in an optional field counts as absent."""
+    if "prompt" not in obj:
+        raise where.error("prompt", "is missing")
+    task = obj.get("task_type")
+    nouns, attr_nouns = obj.get("nouns"), obj.get("attr_nouns")
+    spatial, numeracy = obj.get("spatial_info"), obj.get("numeracy_info")
+    return PromptRecord(
+        prompt=_text(obj["prompt"], where, "prompt"),
+        task_type=default_task if task is None else _text(task, where, "task_type"),
+        nouns=() if nouns is None else _text_list(nouns, where, "nouns"),
+        attr_nouns=() if attr_nouns is None else _text_list(attr_nouns, where, "attr_nouns"),
+        spatial_info=None if spatial is None else _spatial_info(spatial, where),
+        numeracy_info=None if numeracy is None else _numeracy_info(numeracy, where),
+        source=where.source,
+        extra={key: value for key, value in obj.items() if key not in _T2I_KEYS},
+    )
+
+
+def _geneval_objects(value: Any, where: _Where) -> list[dict[str, Any]]:
+    """GenEval `include`: a non-empty list of {class, count, [color], [position]}."""
+    if not isinstance(value, list) or not value:
+        raise where.error("include", "must be a non-empty list of objects")
+    objects = []
+    for i, raw in enumerate(value):
+        field = f"include[{i}]"
+        if not isinstance(raw, dict):
+            raise where.error(field, f"must be an object, got {type(raw).__name__}")
+        if "class" not in raw or "count" not in raw:
+            raise where.error(f"{field}.{'class' if 'class' not in raw else 'count'}", "is missing")
+        obj = {
+            "class": _text(raw["class"], where, f"{field}.class"),
+            "count": _count(raw["count"], where, f"{field}.count"),
+        }
+        if raw.get("color") is not None:
+            obj["color"] = _text(raw["color"], where, f"{field}.color")
+        if raw.get("position") is not None:
+            obj["position"] = raw["position"]
+        objects.append(obj)
+    return objects
+
+
+def _geneval_spatial(objects: list[dict[str, Any]], where: _Where) -> dict[str, str]:
+    """The one object with `position: [relation, index]` is obj1; the object at `index` is obj2."""
+    placed = [i for i, obj in enumerate(objects) if "position" in obj]
+    if len(placed) != 1:
+        raise where.error(
+            "include", f"a 'position' record needs exactly one object with 'position', found {len(placed)}"
+        )
+    i = placed[0]
+    field = f"include[{i}].position"
+    position = objects[i]["position"]
+    if not (isinstance(position, list) and len(position) == 2 and isinstance(position[0], str)):
+        raise where.error(field, f"must be [relation, index], got {position!r}")
+    relation, index = position
+    if relation not in GENEVAL_RELATIONS:
+        raise where.error(field, f"unknown relation {relation!r}; expected one of {list(GENEVAL_RELATIONS)}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(objects) or index == i:
+        raise where.error(field, f"index {index!r} does not name another object of 'include'")
+    return {
+        "obj1": objects[i]["class"],
+        "obj2": objects[index]["class"],
+        "locality": GENEVAL_RELATIONS[relation],
+    }
+
+
+def _geneval_record(obj: dict[str, Any], where: _Where) -> PromptRecord:
+    """One GenEval `evaluation_metadata.jsonl` record, mapped to the T2I-R1 schema.
+
+    `include` and `exclude` stay verbatim in `extra`, for GenEval's own scoring.
+    """
+    for key in _GENEVAL_KEYS:
+        if key not in obj:
+            raise where.error(key, "is missing (GenEval records need 'prompt', 'tag' and 'include')")
+    tag = _text(obj["tag"], where, "tag")
+    objects = _geneval_objects(obj["include"], where)
+    numeracy = (
+        tuple({"obj_name": o["class"], "num": o["count"]} for o in objects) if tag == "counting" else None
+    )
+    return PromptRecord(
+        prompt=_text(obj["prompt"], where, "prompt"),
+        task_type=tag,
+        nouns=tuple(o["class"] for o in objects),
+        attr_nouns=tuple(f"{o['color']} {o['class']}" for o in objects if "color" in o),
+        spatial_info=_geneval_spatial(objects, where) if tag == "position" else None,
+        numeracy_info=numeracy,
+        source=where.source,
+        extra={key: value for key, value in obj.items() if key not in ("prompt", "tag")},
+    )
+
+
+# ----------------------------------------------------------------------------- file readers
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise PromptDataError(f"{path}: not UTF-8 text ({err})") from err
+    except OSError as err:
+        raise PromptDataError(f"{path}: cannot read prompt file ({err})") from err
+
+
+def _load_json_lines(path: Path, default_task: str) -> list[PromptRecord]:
+    records = []
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = _Where(path, number)
+        if not records and line.lstrip().startswith("["):
+            # A `.json` file may hold one JSON array instead of JSON Lines; say so rather than fail per line.
+            raise where.error(None, "holds a JSON array; bicot reads JSON Lines (one JSON object per line)")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise where.error(None, f"malformed JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(obj, dict):
+            raise where.error(None, f"expected a JSON object, got {type(obj).__name__}")
+        # GenEval metadata is the only schema with `include`; everything else is read as T2I-R1.
+        if "include" in obj:
+            records.append(_geneval_record(obj, where))
+        else:
+            records.append(_t2i_record(obj, where, default_task))
+    return records
+
+
+def compbench_task_type(path: str | Path) -> str:
+    """The T2I-CompBench category of a file named `<category>_{train,val}.txt`, else ``"non"``.
+
+    Example: ``non_spatial_val.txt`` -> ``"non_spatial"``; ``my_prompts.txt`` -> ``"non"``.
+    """
+    match = re.fullmatch(r"(.+)_(train|val)", Path(path).stem)
+    if match and match.group(1) in COMPBENCH_CATEGORIES:
+        return match.group(1)
+    return "non"
+
+
+def _load_text(path: Path, task_type: str | None) -> list[PromptRecord]:
+    task = task_type if task_type is not None else compbench_task_type(path)
+    return [
+        PromptRecord(prompt=line.strip(), task_type=task, source=f"{path}:{number}")
+        for number, line in enumerate(_read_lines(path), start=1)
+        if line.strip()
+    ]
+
+
+def load_prompts(path: str | Path, task_type: str | None = None) -> list[PromptRecord]:
+    """Read a prompt file into records, choosing the format by suffix.
+
+    * ``.jsonl`` / ``.json`` (JSON Lines): T2I-R1 records (``prompt``, ``task_type``, ``nouns``,
+      ``attr_nouns``, ``spatial_info``, ``numeracy_info``; other keys go to ``extra``), or GenEval
+      ``evaluation_metadata.jsonl`` records (recognised by ``include``), mapped to the same schema.
+    * ``.txt``: one prompt a line (T2I-CompBench).
+
+    Args:
+        path: the prompt file.
+        task_type: for ``.txt`` files, the category of every prompt (default: taken from a
+            T2I-CompBench file name, else ``"non"``); for JSON Lines, the category of T2I-R1
+            records that have no ``task_type`` (default ``"non"``).
+
+    Returns:
+        The records in file order, each with ``source = "path:line"``.
+
+    Raises:
+        PromptDataError: the file is missing, unreadable, holds no prompts, has another suffix,
+            or a record is malformed (the message names file, line and field).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptDataError(f"prompt file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        records = _load_json_lines(path, "non" if task_type is None else task_type)
+    elif suffix in TEXT_SUFFIXES:
+        records = _load_text(path, task_type)
+    else:
+        accepted = ", ".join(JSON_SUFFIXES + TEXT_SUFFIXES)
+        raise PromptDataError(f"{path}: unsupported prompt file suffix {path.suffix!r}; accepted: {accepted}")
+    if not records:
+        raise PromptDataError(f"{path} holds no prompts")
+    return records
+
+
+# ----------------------------------------------------------------------------- datamodule
+
+
+def collate_records(batch: list[PromptRecord]) -> list[PromptRecord]:
+    """Keep a batch as the list of records: prompts are text and metadata, not tensors."""
+    return list(batch)
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}"
+        )
+
+
+# Which split each Lightning stage needs, and which it may also load.
+_STAGE_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "fit": (("train",), ("val",)),
+    "validate": (("val",), ()),
+    "test": (("test",), ()),
+    "predict": (("predict",), ()),
+}
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """Batches of prompt records for fit / validate / test / predict.
+
+    Every loader yields ``list[PromptRecord]`` of length ``<= batch_size`` (prompts per step; the
+    policy draws G samples for each). The train loader shuffles with a ``torch.Generator`` seeded by
+    ``seed``, so a run's order is reproducible; under a distributed strategy Lightning swaps in its
+    own ``DistributedSampler``. Without ``val_file``, ``val_dataloader`` returns ``[]``, which
+    Lightning 2.6 accepts and treats as "no validation".
+
+    Args:
+        train_file: prompts for ``fit`` (required there).
+        val_file: prompts for validation during ``fit`` (optional) and for ``validate`` (required).
+        test_file: prompts for ``test``.
+        predict_file: prompts for ``predict``.
+        batch_size: prompts per training step.
+        val_batch_size: prompts per step outside training (default: ``batch_size``).
+        shuffle: shuffle the training prompts each epoch.
+        seed: seed of the training shuffle.
+        max_prompts: keep only the first ``max_prompts`` records of each file (quick runs).
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        max_prompts: int | None = None,
+    ) -> None:
+        super().__init__()
+        files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
+        for split, value in files.items():
+            if value is not None and not isinstance(value, (str, Path)):
+                raise ValueError(f"{split}_file must be a path or None, got {type(value).__name__} {value!r}")
+        _check_int("batch_size", batch_size, 1)
+        _check_int("val_batch_size", val_batch_size, 1, optional=True)
+        _check_int("max_prompts", max_prompts, 1, optional=True)
+        _check_int("seed", seed, -(2**63))
+        if not isinstance(shuffle, bool):
+            raise ValueError(f"shuffle must be true or false, got {shuffle!r}")
+        self.save_hyperparameters()
+        self.files = files
+        self.batch_size = batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.max_prompts = max_prompts
+        self.records: dict[str, list[PromptRecord]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the files the stage needs (each once); ``None`` loads every file that is set."""
+        if stage is None:
+            required, optional = (), tuple(self.files)
+        elif stage in _STAGE_SPLITS:
+            required, optional = _STAGE_SPLITS[stage]
+        else:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {list(_STAGE_SPLITS)}")
+        for split in required:
+            if self.files[split] is None:
+                raise PromptDataError(
+                    f"stage {stage!r} needs {split} prompts: set data.{split}_file "
+                    f"(a {', '.join(JSON_SUFFIXES + TEXT_SUFFIXES)} file)"
+                )
+        for split in required + optional:
+            if self.files[split] is not None and split not in self.records:
+                records = load_prompts(self.files[split])
+                self.records[split] = records if self.max_prompts is None else records[: self.max_prompts]
+
+    def _split(self, split: str) -> list[PromptRecord]:
+        if split not in self.records:
+            raise RuntimeError(
+                f"{split} prompts are not loaded: set data.{split}_file and call setup() first"
+            )
+        return self.records[split]
+
+    def _loader(self, records: list[PromptRecord], batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        if drop_last and batch_size % world:
+            raise ValueError(
+                f"data.batch_size={batch_size} prompts per step must be divisible by the {world} processes"
+            )
+        batches = RankBatches(records, batch_size, shuffle, self.seed, drop_last, rank, world)
+        # batch_size=None: the dataset yields whole batches; an iterable dataset also keeps Lightning
+        # from injecting a DistributedSampler that would split the batch a second time.
+        return DataLoader(batches, batch_size=None, collate_fn=collate_records)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Leave record batches on the host: they hold text, and Lightning's default cannot copy them.
+
+        The default moves tensors inside dataclasses by rebuilding them, which raises
+        ``ValueError: A frozen dataclass was passed to apply_to_collection`` on ``PromptRecord``.
+        """
+        if isinstance(batch, list) and all(isinstance(item, PromptRecord) for item in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def train_dataloader(self) -> DataLoader:
+        records = self._split("train")
+        return self._loader(records, self.batch_size, self.shuffle, len(records) >= self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches, or ``[]`` (Lightning then skips validation) when no val_file is set."""
+        if self.files["val"] is None:
+            return []
+        return self._loader(self._split("val"), self.val_batch_size, False, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._split("test"), self.val_batch_size, False, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._split("predict"), self.val_batch_size, False, False)
+
+
+class RankBatches(IterableDataset):
+    """Global batches of prompt records, each cut to this process's contiguous share.
+
+    Every process sees the same global order (seeded by ``seed`` and the epoch), and process ``rank``
+    of ``world`` takes rows ``[rank * k, (rank + 1) * k)`` of each batch, ``k = ceil(batch / world)``.
+    Sampling noise is drawn for the global batch (see ``modules.janus_ops.RowNoise``), so one process
+    and several draw the same samples for the same prompts.
+
+    Args:
+        records: the split's prompts.
+        batch_size: prompts per global batch.
+        shuffle: reshuffle every epoch.
+        seed: base seed of the shuffle (epoch ``e`` uses ``seed + e``).
+        drop_last: drop a last, incomplete global batch.
+        rank, world: this process's data-parallel rank and the number of processes.
+    """
+
+    def __init__(
+        self,
+        records: list[PromptRecord],
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.records, self.batch_size, self.shuffle = records, batch_size, shuffle
+        self.seed, self.drop_last, self.rank, self.world = seed, drop_last, rank, world
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.records), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self):
+        n = len(self.records)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(n))
+        self.epoch += 1
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = [self.records[i] for i in order[start : start + self.batch_size]]
+            share = math.ceil(len(batch) / self.world)
+            yield batch[self.rank * share : (self.rank + 1) * share]

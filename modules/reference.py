@@ -1,0 +1,58 @@
+"""ReferencePolicy: the frozen Janus that the KL term pulls the policy towards; log-probs only."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import torch
+
+from modules.policy import DTYPES, ImageContext, JanusPolicy, PlanBatch, load_janus
+
+
+class ReferencePolicy(pl.LightningModule):
+    """A frozen copy of the starting policy (or another checkpoint), without gradients.
+
+    Args:
+        model_name_or_path: load the reference from here; ``None`` copies the policy's starting weights
+            (see :meth:`from_policy`), which is the paper's set-up.
+        dtype: weight dtype.
+        trust_remote_code: passed to ``from_pretrained``; never on unless set.
+    """
+
+    def __init__(
+        self, model_name_or_path: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = None
+        if model_name_or_path is not None:
+            if dtype not in DTYPES:
+                raise ValueError(f"reference dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            self.model, _ = load_janus(model_name_or_path, None, DTYPES[dtype], trust_remote_code)
+            self._freeze()
+
+    @classmethod
+    def from_policy(cls, policy: JanusPolicy) -> ReferencePolicy:
+        """A reference holding a frozen copy of the policy's current weights."""
+        ref = cls()
+        ref.model = copy.deepcopy(policy.model)
+        ref._freeze()
+        return ref
+
+    def _freeze(self) -> None:
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> ReferencePolicy:
+        # Always in eval mode: the reference never trains, whatever Lightning toggles.
+        return super().train(False)
+
+    @torch.no_grad()
+    def plan_logprobs(self, policy: JanusPolicy, plans: PlanBatch) -> torch.Tensor:
+        """``[R, T]`` reference log-probs of plan tokens, with the policy's sampling settings."""
+        return policy.plan_logprobs(plans, model=self.model)
+
+    @torch.no_grad()
+    def image_logprobs(self, policy: JanusPolicy, context: ImageContext, tokens: torch.Tensor) -> torch.Tensor:
+        """``[R, N]`` reference log-probs of image tokens, with the policy's sampling settings."""
+        return policy.image_logprobs(context, tokens, model=self.model)
