@@ -7,6 +7,7 @@ attention mask, so a padded row sees the same positions as it would alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -46,6 +47,26 @@ def lm_hidden(
     kwargs = {_CACHE_KWARG: cache, "use_cache": cache is not None}
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
     return out.last_hidden_state
+
+
+def model_entry(fn):
+    """Make ``fn(model, ...)`` run as a forward of ``model``.
+
+    bicot's passes call the embeddings, heads and VQ decoder directly rather than ``model.forward``.
+    Sharding code gives the model a ``bicot_forward`` method registered as an FSDP2 forward
+    (``bicot.parallel.parallelize``); entering through it gathers the root's parameters first,
+    initialises FSDP from the root, and reduce-scatters gradients after. Unsharded models run ``fn``
+    directly.
+    """
+
+    @functools.wraps(fn)
+    def entry(model, *args, **kwargs):
+        forward = getattr(model, "bicot_forward", None)
+        if forward is None:
+            return fn(model, *args, **kwargs)
+        return forward(fn, *args, **kwargs)
+
+    return entry
 
 
 def scaled_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -127,6 +148,7 @@ class TextSample:
     mask: torch.Tensor
 
 
+@model_entry
 @torch.no_grad()
 def sample_text(
     model,
@@ -186,6 +208,7 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torc
     return uncond + scale * (cond - uncond)
 
 
+@model_entry
 @torch.no_grad()
 def sample_image_tokens(
     model,
@@ -237,6 +260,7 @@ def sample_image_tokens(
     return ImageSample(torch.stack(tokens, 1), torch.stack(lp_cond, 1), torch.stack(lp_guided, 1))
 
 
+@model_entry
 def text_logprobs(
     model,
     ctx_ids: torch.Tensor,
@@ -263,6 +287,7 @@ def text_logprobs(
     return logp * token_mask.to(logp.dtype)
 
 
+@model_entry
 def image_logprobs(
     model,
     cond_ids: torch.Tensor,
@@ -299,6 +324,7 @@ def image_logprobs(
     return scaled_logprobs(guided, temperature).gather(-1, tokens[..., None]).squeeze(-1)
 
 
+@model_entry
 @torch.no_grad()
 def decode_images(model, tokens: torch.Tensor) -> torch.Tensor:
     """VQ-decode image tokens ``[B, N]`` to uint8 RGB ``[B, H, W, 3]``."""

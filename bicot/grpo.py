@@ -1,0 +1,215 @@
+"""BiCoTGRPO: the root LightningModule that composes policy, reference, rewards and the loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import lightning.pytorch as pl
+import torch
+
+from bicot import loop
+from bicot.loss import GRPOConfig, group_std
+from bicot.parallel import gathered, parallelize
+from bicot.rollout import Rollout
+from bicot.templates import resolve_template
+from datamodules.records import PromptRecord
+from modules.policy import JanusPolicy
+from modules.reference import ReferencePolicy
+from modules.rewards.ensemble import RewardEnsemble
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class BiCoTGRPO(pl.LightningModule):
+    """Trains a Janus policy with BiCoT-GRPO: each step is rollout -> score -> update.
+
+    Args:
+        policy: the model that plans and draws (trained).
+        rewards: the expert ensemble that scores images.
+        algo: the algorithm's hyperparameters (G, beta, clipping, aggregation, levels, mu).
+        reference: the frozen KL anchor; ``None`` copies the policy's starting weights when beta > 0.
+        reasoning_template: a template name from ``bicot.templates.TEMPLATES`` or a text with ``{prompt}``.
+        lr: AdamW learning rate (the paper: 1e-6).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up, in optimizer steps.
+        lr_schedule: ``constant`` or ``cosine`` (to 0 at ``trainer.max_steps``) after warm-up.
+        grad_clip: max gradient norm (0 disables clipping; the norm is still logged).
+        minibatch_size: rows per forward/backward in score and update (``None``: all rows at once).
+        seed: base seed of rollout sampling; step ``s`` samples with a stream derived from (seed, s).
+    """
+
+    def __init__(
+        self,
+        policy: JanusPolicy,
+        rewards: RewardEnsemble,
+        algo: GRPOConfig | None = None,
+        reference: ReferencePolicy | None = None,
+        reasoning_template: str = "default",
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        grad_clip: float = 1.0,
+        minibatch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.algo = algo or GRPOConfig()
+        if self.algo.train_plan and not policy.use_plan:
+            raise ValueError(
+                f"algo.levels={self.algo.levels!r} trains plan tokens but model.policy.use_plan is false; "
+                "use levels: token to train image tokens without plans"
+            )
+        if not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if grad_clip < 0 or warmup_steps < 0:
+            raise ValueError(f"grad_clip and warmup_steps must be >= 0, got {grad_clip}, {warmup_steps}")
+        if minibatch_size is not None and minibatch_size < 1:
+            raise ValueError(f"minibatch_size must be >= 1 or null, got {minibatch_size}")
+        self.policy = policy
+        self.rewards = rewards
+        if self.algo.beta > 0 and reference is None:
+            reference = ReferencePolicy.from_policy(policy)
+        self.reference = reference if self.algo.beta > 0 else None
+        self.template = resolve_template(reasoning_template) if policy.use_plan else None
+        self.optim_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.warmup_steps, self.lr_schedule, self.grad_clip = warmup_steps, lr_schedule, grad_clip
+        self.minibatch_size = minibatch_size
+        self.seed = seed
+        self.last_rollout: Rollout | None = None  # read by callbacks (sample grids, statistics)
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Shard policy and reference with FSDP2 when the strategy gives a device mesh."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        parallelize(self.policy.model, dp_mesh)
+        if self.reference is not None:
+            parallelize(self.reference.model, dp_mesh)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check model.policy.trainable")
+        optimizer = torch.optim.AdamW(params, **self.optim_args)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self._lr_factor(s, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int, total: int | None) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine" and total:
+            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    # ---- training ------------------------------------------------------------------------------
+    def placement(self, local_prompts: int, stream: int) -> loop.RowPlacement:
+        """This process's rows in the global batch, and the step's sampling seed."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        rows = local_prompts * self.algo.num_generations
+        seed = (self.seed * 1_000_003 + stream) % (2**62)
+        return loop.RowPlacement(seed, rows * world, rows * rank)
+
+    @contextmanager
+    def _phase(self, name: str, times: dict[str, float]):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        times[name] = time.perf_counter() - start
+
+    def training_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
+        algo, times = self.algo, {}
+        with self._phase("rollout", times), gathered(self.policy.model):
+            rollout = loop.rollout_phase(
+                self.policy, batch, algo.num_generations, self.template, self.placement(len(batch), self.global_step)
+            )
+        with self._phase("score", times), gathered(self.reference.model) if self.reference else _nothing():
+            loop.score_phase(rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size)
+        with self._phase("update", times):
+            denominator = self.trainer.strategy.reduce(
+                torch.tensor(loop.loss_denominator(rollout, algo), device=self.device), reduce_op="sum"
+            )
+            stats = loop.update_phase(
+                self.policy,
+                rollout,
+                algo,
+                self.manual_backward,
+                self._optimizer_step,
+                float(denominator),
+                self.trainer.world_size,
+                self.minibatch_size,
+            )
+        self.last_rollout = rollout
+        self._log_step(rollout, stats, times)
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return float(norm), True
+
+    def _log_step(self, r: Rollout, stats: loop.UpdateStats, times: dict[str, float]) -> None:
+        mean = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=r.num_rows)
+        summed = dict(mean, reduce_fx="sum")
+        self.log("train/reward", r.rewards.mean(), prog_bar=True, **mean)
+        self.log("train/reward_std", r.rewards.std() if r.num_rows > 1 else 0.0, **mean)
+        for name, scores in r.reward_per_expert.items():
+            self.log(f"train/reward/{name}", scores.mean(), **mean)
+        stds = group_std(r.rewards, r.group_size)
+        self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
+        for key in ("loss", "policy_loss", "kl", "kl_plan", "kl_image", "clip_frac"):
+            self.log(f"train/{key}", getattr(stats, key), prog_bar=key == "kl", **summed)
+        self.log("train/kl_max", stats.kl_max, reduce_fx="max", **{k: v for k, v in mean.items()})
+        self.log("train/grad_norm", stats.grad_norm, **mean)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], **mean)
+        self.log("train/advantage_std", r.advantages.std() if r.num_rows > 1 else 0.0, **mean)
+        plan_tokens = r.plan_mask.sum(1).float().mean() if r.plan_mask is not None else 0.0
+        self.log("train/plan_tokens", plan_tokens, **mean)
+        for phase, seconds in times.items():
+            self.log(f"time/{phase}_s", seconds, reduce_fx="max", **{k: v for k, v in mean.items()})
+        images_per_s = r.num_rows * self.trainer.world_size / max(sum(times.values()), 1e-9)
+        self.log("perf/images_per_s", images_per_s, **mean)
+
+    # ---- evaluation and standalone generation --------------------------------------------------
+    def validation_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
+        if not batch:
+            return
+        placement = self.placement(len(batch), 10**9 + batch_idx)
+        with gathered(self.policy.model):
+            rollout = loop.rollout_phase(self.policy, batch, 1, self.template, placement)
+        out = self.rewards(rollout.images, rollout.records)
+        kwargs = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch))
+        self.log("val/reward", out.total.mean().to(self.device), **kwargs)
+        for name, scores in out.per_expert.items():
+            self.log(f"val/reward/{name}", scores.mean().to(self.device), **kwargs)
+
+    def predict_step(self, batch: Sequence[PromptRecord], batch_idx: int = 0) -> dict:
+        n = self.policy.predict_images_per_prompt
+        with gathered(self.policy.model):
+            out = self.policy.generate([r.prompt for r in batch], n, self.template, self.seed + 2 * batch_idx)
+        out["prompts"] = [r.prompt for r in batch for _ in range(n)]
+        return out
+
+
+@contextmanager
+def _nothing():
+    yield

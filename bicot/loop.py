@@ -1,0 +1,222 @@
+"""The fit loop's three phases: rollout (no grad) -> score (no grad) -> update (grad), one function each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bicot.loss import GRPOConfig, LossOutput, TokenTerms, bicot_loss, group_advantages
+from bicot.rollout import Rollout
+from modules.policy import ImageContext, JanusPolicy, PlanBatch
+from modules.reference import ReferencePolicy
+from modules.rewards.ensemble import RewardEnsemble
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: rollout. Plans (semantic-level CoT), then image tokens with CFG (token-level CoT).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowPlacement:
+    """Where this process's rows sit in the global batch (so sampling noise is split-invariant)."""
+
+    seed: int
+    """seed of this step's sampling streams (plan and image streams derive from it)."""
+    global_rows: int | None = None
+    offset: int = 0
+
+
+def rollout_phase(
+    policy: JanusPolicy,
+    records: Sequence,
+    group_size: int,
+    template: str | None,
+    placement: RowPlacement,
+) -> Rollout:
+    """Sample G plans per prompt, one image per plan, and decode them.
+
+    Args:
+        records: ``P`` prompt records (this process's share of the global batch).
+        template: the reasoning instruction around ``{prompt}``, or ``None`` to draw without a plan.
+
+    Returns:
+        A :class:`Rollout` of ``P * G`` rows without rewards.
+    """
+    repeated = [r for r in records for _ in range(group_size)]
+    noise = lambda stream: policy.noise(placement.seed * 2 + stream, placement.global_rows, placement.offset)  # noqa: E731
+    plans = None
+    if template is not None:
+        plans = policy.sample_plans([r.prompt for r in records], template, group_size, noise(0))
+    context = policy.image_context([r.prompt for r in repeated], plans.texts if plans else None)
+    sample = policy.sample_images(context, noise(1))
+    guided = policy.sampling.image_logprob == "guided"
+    return Rollout(
+        records=repeated,
+        group_size=group_size,
+        plan_context_ids=plans.context_ids if plans else None,
+        plan_context_mask=plans.context_mask if plans else None,
+        plan_tokens=plans.tokens if plans else None,
+        plan_mask=plans.mask if plans else None,
+        plan_logp=plans.logp if plans else None,
+        plans=plans.texts if plans else None,
+        image_cond_ids=context.cond_ids,
+        image_cond_mask=context.cond_mask,
+        image_uncond_ids=context.uncond_ids,
+        image_tokens=sample.tokens,
+        image_logp=sample.logp_guided if guided else sample.logp_conditional,
+        images=policy.decode(sample.tokens),
+    )
+
+
+def plan_batch(r: Rollout) -> PlanBatch:
+    """The rollout's plan fields as the policy's :class:`PlanBatch`."""
+    return PlanBatch(r.plan_context_ids, r.plan_context_mask, r.plan_tokens, r.plan_mask, r.plan_logp, r.plans)
+
+
+def image_context(r: Rollout) -> ImageContext:
+    """The rollout's generation contexts as the policy's :class:`ImageContext`."""
+    return ImageContext(r.image_cond_ids, r.image_cond_mask, r.image_uncond_ids)
+
+
+def minibatches(num_rows: int, size: int | None) -> list[slice]:
+    """Contiguous row slices of at most ``size`` rows (all rows when ``size`` is None)."""
+    size = size or num_rows
+    return [slice(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: score. Rewards, group advantages, reference log-probs.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_phase(
+    r: Rollout,
+    rewards: RewardEnsemble,
+    algo: GRPOConfig,
+    policy: JanusPolicy,
+    reference: ReferencePolicy | None,
+    minibatch_size: int | None = None,
+) -> None:
+    """Fill ``r``'s rewards and advantages, and its reference log-probs when ``beta > 0``."""
+    out = rewards(r.images, r.records)
+    device = r.image_tokens.device
+    r.rewards = out.total.to(device)  # [R]
+    r.reward_per_expert = {name: score.to(device) for name, score in out.per_expert.items()}
+    r.advantages = group_advantages(r.rewards, r.group_size, algo.scale_rewards, algo.adv_eps)  # [R]
+    if reference is None or algo.beta == 0:
+        return
+    plan_parts, image_parts = [], []
+    for rows in minibatches(r.num_rows, minibatch_size):
+        sub = r.rows(rows)
+        if r.plan_tokens is not None:
+            lp = reference.plan_logprobs(policy, plan_batch(sub))  # [r, T_sub]
+            plan_parts.append(torch.nn.functional.pad(lp, (0, r.plan_tokens.shape[1] - lp.shape[1])))
+        image_parts.append(reference.image_logprobs(policy, image_context(sub), sub.image_tokens))
+    r.ref_plan_logp = torch.cat(plan_parts) if plan_parts else None  # [R, T]
+    r.ref_image_logp = torch.cat(image_parts)  # [R, N]
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: update. mu epochs; each accumulates gradients over minibatches, then one optimizer step.
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_denominator(r: Rollout, algo: GRPOConfig) -> float:
+    """What the aggregation divides by over this process's rows: valid tokens, or sequences."""
+    if algo.aggregation == "sequence_mean":
+        return float(r.num_rows)
+    tokens = 0.0
+    if algo.train_plan and r.plan_mask is not None:
+        tokens += float(r.plan_mask.sum())
+    if algo.train_image:
+        tokens += float(r.image_tokens.numel())
+    return tokens
+
+
+def minibatch_loss(
+    policy: JanusPolicy, sub: Rollout, algo: GRPOConfig, old: dict[str, torch.Tensor] | None
+) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+    """Recompute log-probs of a minibatch and evaluate the BiCoT-GRPO loss.
+
+    ``old`` holds the log-probs of the first epoch (detached): the ratio's denominator. In the first
+    epoch it is ``None`` and the current log-probs, detached, stand in (ratio exactly 1, as the paper).
+    """
+    plan = image = None
+    current = {}
+    if algo.train_plan and sub.plan_tokens is not None:
+        current["plan"] = policy.plan_logprobs(plan_batch(sub))  # [r, T]
+        old_plan = current["plan"].detach() if old is None else old["plan"]
+        plan = TokenTerms(current["plan"], old_plan, sub.plan_mask, sub.ref_plan_logp)
+    if algo.train_image:
+        current["image"] = policy.image_logprobs(image_context(sub), sub.image_tokens)  # [r, N]
+        old_image = current["image"].detach() if old is None else old["image"]
+        mask = torch.ones_like(sub.image_tokens, dtype=torch.bool)
+        image = TokenTerms(current["image"], old_image, mask, sub.ref_image_logp)
+    out = bicot_loss(plan, image, sub.advantages, algo)
+    return out, {k: v.detach() for k, v in current.items()}
+
+
+@dataclass
+class UpdateStats:
+    """Means over the update of the loss parts (weighted like the loss), and the last step's numbers."""
+
+    loss: float = 0.0
+    policy_loss: float = 0.0
+    kl: float = 0.0
+    kl_plan: float = 0.0
+    kl_image: float = 0.0
+    kl_max: float = 0.0
+    clip_frac: float = 0.0
+    grad_norm: float = 0.0
+    skipped: int = 0
+
+
+def update_phase(
+    policy: JanusPolicy,
+    r: Rollout,
+    algo: GRPOConfig,
+    backward: Callable[[torch.Tensor], None],
+    step: Callable[[], tuple[float, bool]],
+    global_denominator: float,
+    world_size: int = 1,
+    minibatch_size: int | None = None,
+) -> UpdateStats:
+    """Run ``algo.mu`` optimisation epochs over the rollout.
+
+    Each minibatch's loss is rescaled so that the accumulated gradient equals the gradient of the
+    aggregation over the *global* batch, once data-parallel gradients are averaged over
+    ``world_size`` processes: a 2-process run and a 1-process run take the same step.
+
+    Args:
+        backward: ``loss -> None`` (the LightningModule's ``manual_backward``).
+        step: clips, steps the optimizer and scheduler, zeroes grads; returns ``(grad_norm, applied)``.
+        global_denominator: :func:`loss_denominator` summed over all processes.
+    """
+    stats = UpdateStats()
+    slices = minibatches(r.num_rows, minibatch_size)
+    olds: list[dict[str, torch.Tensor] | None] = [None] * len(slices)
+    for _epoch in range(algo.mu):
+        for i, rows in enumerate(slices):
+            sub = r.rows(rows)
+            out, current = minibatch_loss(policy, sub, algo, olds[i])
+            olds[i] = olds[i] or current
+            share = loss_denominator(sub, algo) / global_denominator  # this minibatch's part of the whole
+            backward(out.loss * share * world_size)
+            _accumulate(stats, out, share / algo.mu)
+        grad_norm, applied = step()
+        stats.grad_norm = grad_norm
+        stats.skipped += 0 if applied else 1
+    return stats
+
+
+def _accumulate(stats: UpdateStats, out: LossOutput, weight: float) -> None:
+    stats.loss += float(out.loss.detach()) * weight
+    stats.policy_loss += float(out.policy_loss) * weight
+    stats.kl += float(out.kl) * weight
+    stats.kl_plan += float(out.kl_plan) * weight
+    stats.kl_image += float(out.kl_image) * weight
+    stats.clip_frac += float(out.clip_frac) * weight
+    stats.kl_max = max(stats.kl_max, float(out.kl_max))
