@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from bicot import loop
+from bicot.evaluation import ScoreTally
 from bicot.loss import GRPOConfig, group_std
 from bicot.parallel import gathered, parallelize
 from bicot.rollout import Rollout
@@ -40,6 +41,9 @@ class BiCoTGRPO(pl.LightningModule):
         grad_clip: max gradient norm (0 disables clipping; the norm is still logged).
         minibatch_size: rows per forward/backward in score and update (``None``: all rows at once).
         seed: base seed of rollout sampling; step ``s`` samples with a stream derived from (seed, s).
+        accuracy_expert: an expert whose score 1 means "every constraint of the prompt holds"; its rate
+            is logged as ``val/accuracy`` and ``val/accuracy/<category>``.
+        validate_before_fit: score the starting policy on the validation prompts before the first step.
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class BiCoTGRPO(pl.LightningModule):
         grad_clip: float = 1.0,
         minibatch_size: int | None = None,
         seed: int = 0,
+        accuracy_expert: str | None = None,
+        validate_before_fit: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -84,6 +90,10 @@ class BiCoTGRPO(pl.LightningModule):
         self.warmup_steps, self.lr_schedule, self.grad_clip = warmup_steps, lr_schedule, grad_clip
         self.minibatch_size = minibatch_size
         self.seed = seed
+        if accuracy_expert is not None and accuracy_expert not in rewards.names:
+            raise ValueError(f"accuracy_expert={accuracy_expert!r} is not one of the experts {rewards.names}")
+        self.accuracy_expert = accuracy_expert
+        self.validate_before_fit = validate_before_fit
         self.last_rollout: Rollout | None = None  # read by callbacks (sample grids, statistics)
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -115,10 +125,10 @@ class BiCoTGRPO(pl.LightningModule):
         return 1.0
 
     # ---- training ------------------------------------------------------------------------------
-    def placement(self, local_prompts: int, stream: int) -> loop.RowPlacement:
+    def placement(self, local_prompts: int, stream: int, group_size: int | None = None) -> loop.RowPlacement:
         """This process's rows in the global batch, and the step's sampling seed."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        rows = local_prompts * self.algo.num_generations
+        rows = local_prompts * (group_size or self.algo.num_generations)
         seed = (self.seed * 1_000_003 + stream) % (2**62)
         return loop.RowPlacement(seed, rows * world, rows * rank)
 
@@ -190,17 +200,45 @@ class BiCoTGRPO(pl.LightningModule):
         self.log("perf/images_per_s", images_per_s, **mean)
 
     # ---- evaluation and standalone generation --------------------------------------------------
-    def validation_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
-        if not batch:
-            return
-        placement = self.placement(len(batch), 10**9 + batch_idx)
+    def evaluate(self, batch: Sequence[PromptRecord], batch_idx: int, tally: ScoreTally) -> None:
+        """One image per prompt (with its plan), scored by every expert, added to ``tally``."""
+        placement = self.placement(len(batch), 10**9 + batch_idx, group_size=1)
         with gathered(self.policy.model):
             rollout = loop.rollout_phase(self.policy, batch, 1, self.template, placement)
         out = self.rewards(rollout.images, rollout.records)
-        kwargs = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch))
-        self.log("val/reward", out.total.mean().to(self.device), **kwargs)
+        categories = [r.task_type for r in rollout.records]
+        tally.add("val/reward", out.total)
         for name, scores in out.per_expert.items():
-            self.log(f"val/reward/{name}", scores.mean().to(self.device), **kwargs)
+            tally.add(f"val/reward/{name}", scores)
+        if self.accuracy_expert is not None:
+            tally.add("val/accuracy", (out.per_expert[self.accuracy_expert] >= 1.0 - 1e-6).float(), categories)
+
+    def on_validation_epoch_start(self) -> None:
+        self._tally = ScoreTally()
+
+    def validation_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
+        if batch:
+            self.evaluate(batch, batch_idx, self._tally)
+
+    def on_validation_epoch_end(self) -> None:
+        for key, value in self._tally.compute().items():
+            self.log(key, value, on_step=False, on_epoch=True, rank_zero_only=True)
+
+    def on_train_start(self) -> None:
+        """With ``validate_before_fit``, score the starting policy on the validation prompts (step 0)."""
+        if not self.validate_before_fit or self.trainer.datamodule is None:
+            return
+        loader = self.trainer.datamodule.val_dataloader()
+        if not loader:
+            return
+        tally = ScoreTally()
+        for batch_idx, batch in enumerate(loader):
+            if batch:
+                self.evaluate(batch, batch_idx, tally)
+        metrics = tally.compute()
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
 
     def predict_step(self, batch: Sequence[PromptRecord], batch_idx: int = 0) -> dict:
         n = self.policy.predict_images_per_prompt
