@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -33,15 +34,19 @@ class SaveConfigToRun(SaveConfigCallback):
 class BiCoTCLI(LightningCLI):
     """``bicot fit|validate|test|predict -c CONFIG [-c MORE] [--dotted.override=value]``.
 
-    Configs are parsed in omegaconf mode, so ``${model.x}`` interpolation works, and several ``-c``
-    files compose left to right (a recipe, then a strategy fragment such as configs/strategy/fsdp2.yaml).
+    Configs are parsed in jsonargparse's ``omegaconf+`` mode: ``${model.x}`` interpolation is resolved
+    once every source is merged, so a later ``-c`` file or a command-line override reaches the places
+    that refer to it. Several ``-c`` files compose left to right (a recipe, then a fragment such as
+    configs/strategy/fsdp2.yaml). Interpolation paths are absolute from the config's top level.
     """
 
     def __init__(self, args=None, run: bool = True) -> None:
+        # Keep `${seed_everything}` meaning the top of the config file, not of the subcommand namespace.
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         super().__init__(
             BiCoTGRPO,
             PromptDataModule,
-            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
             save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,

@@ -86,6 +86,10 @@ class TinyJanusSpec:
         codebook_size: VQ codebook entries (image-token vocabulary).
         vq_channels: VQ base channels (GroupNorm needs a multiple of 32).
         vq_upsamples: decoder upsamplings; decoded side = sqrt(image tokens) * 2^vq_upsamples.
+        vq_res_blocks: residual blocks per VQ encoder level (the decoder has one more per level).
+        vq_embed_dim: width of a VQ codebook entry.
+        intermediate_size: the language model's MLP width (``None``: twice ``hidden_size``).
+        vision_hidden_size: width of the (understanding) vision tower, unused by image generation.
         extra_words: vocabulary on top of the built-in words.
         seed: initialises the random weights.
     """
@@ -98,6 +102,10 @@ class TinyJanusSpec:
     codebook_size: int = 64
     vq_channels: int = 32
     vq_upsamples: int = 2
+    vq_res_blocks: int = 1
+    vq_embed_dim: int = 8
+    intermediate_size: int | None = None
+    vision_hidden_size: int = 32
     extra_words: list[str] = field(default_factory=list)
     seed: int = 0
 
@@ -122,7 +130,7 @@ def build_tiny_janus(spec: TinyJanusSpec | None = None) -> tuple[JanusForConditi
         model_type="llama",
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
-        intermediate_size=2 * spec.hidden_size,
+        intermediate_size=spec.intermediate_size or 2 * spec.hidden_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=max(1, spec.num_heads // 2),
@@ -132,7 +140,7 @@ def build_tiny_janus(spec: TinyJanusSpec | None = None) -> tuple[JanusForConditi
         pad_token_id=tokenizer.pad_token_id,
     )
     vision = dict(
-        hidden_size=32,
+        hidden_size=spec.vision_hidden_size,
         num_hidden_layers=1,
         num_attention_heads=2,
         image_size=spec.image_size,
@@ -142,12 +150,12 @@ def build_tiny_janus(spec: TinyJanusSpec | None = None) -> tuple[JanusForConditi
         mlp_ratio=2.0,
     )
     vq = dict(
-        embed_dim=8,
+        embed_dim=spec.vq_embed_dim,
         num_embeddings=spec.codebook_size,
         latent_channels=spec.vq_channels,
         base_channels=spec.vq_channels,
         channel_multiplier=[1] * (spec.vq_upsamples + 1),
-        num_res_blocks=1,
+        num_res_blocks=spec.vq_res_blocks,
         projection_dim=spec.hidden_size,
         image_token_embed_dim=spec.hidden_size,
         num_hidden_layers=2,

@@ -1,0 +1,445 @@
+"""The fit loop's phases on a tiny random Janus: rollout shapes and seeding, scoring, and the update's
+gradient-accumulation and data-parallel contracts."""
+
+import statistics
+
+import pytest
+import torch
+
+from bicot import loop
+from bicot.loop import RowPlacement, image_context, loss_denominator, plan_batch, rollout_phase, score_phase
+from bicot.loss import GRPOConfig
+from bicot.templates import resolve_template
+from datamodules.records import PromptRecord
+from modules.policy import JanusPolicy, SamplingConfig
+from modules.reference import ReferencePolicy
+from modules.rewards.base import RewardExpert
+from modules.rewards.ensemble import RewardEnsemble
+from modules.tiny import TinyJanusSpec
+
+G = 3
+RECORDS = [PromptRecord("a red circle", task_type="color"), PromptRecord("two blue squares", task_type="numeracy")]
+R = len(RECORDS) * G
+PLAN_MAX = 6
+PLAN_LENGTHS = [6, 2, 4, 1, 3, 5]  # forced valid plan tokens per row, so minibatches trim differently
+TEMPLATE = resolve_template("default")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine the threads'
+    spin-waiting makes these tests an order of magnitude slower. Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Brightness(RewardExpert):
+    """Mean pixel value in [0, 1]: deterministic, and different for different images."""
+
+    name = "brightness"
+
+    def score(self, images, prompts):
+        return images.float().mean(dim=(1, 2, 3)) / 255
+
+
+class Table(RewardExpert):
+    """Fixed scores by row."""
+
+    name = "table"
+
+    def __init__(self, values=(0.1, 0.5, 0.9, 0.3, 0.8, 0.6)) -> None:
+        super().__init__()
+        self.values = values
+
+    def score(self, images, prompts):
+        return torch.tensor(self.values[: images.shape[0]])
+
+
+def make_policy(image_logprob: str = "conditional", seed: int = 0, use_plan: bool = True) -> JanusPolicy:
+    sampling = SamplingConfig(plan_max_tokens=PLAN_MAX, image_logprob=image_logprob, cfg_scale=5.0)
+    return JanusPolicy(tiny=TinyJanusSpec(seed=seed), trainable=["all"], sampling=sampling, use_plan=use_plan)
+
+
+def other_reference() -> ReferencePolicy:
+    """A reference with other weights (same tokenizer), so KL terms and their gradients are not zero."""
+    return ReferencePolicy.from_policy(make_policy(seed=1))
+
+
+def make_rollout(policy: JanusPolicy, seed: int = 7, template: str | None = TEMPLATE):
+    return rollout_phase(policy, RECORDS, G, template, RowPlacement(seed))
+
+
+def force_plan_lengths(r, lengths=PLAN_LENGTHS, pad_id: int = 0) -> None:
+    """Give the rows plans of different lengths (a random tiny model rarely samples EOS)."""
+    width = r.plan_tokens.shape[1]
+    assert width == PLAN_MAX
+    mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]  # [R, T]
+    r.plan_mask = mask
+    r.plan_tokens = torch.where(mask, r.plan_tokens, torch.full_like(r.plan_tokens, pad_id))
+    r.plan_logp = torch.where(mask, r.plan_logp, torch.zeros_like(r.plan_logp))
+
+
+def ensemble() -> RewardEnsemble:
+    return RewardEnsemble([Brightness(), Table()], weights={"brightness": 0.5, "table": 2.0})
+
+
+def scored_rollout(policy: JanusPolicy, algo: GRPOConfig, reference: ReferencePolicy | None):
+    r = make_rollout(policy)
+    force_plan_lengths(r, pad_id=policy.pad_id)
+    score_phase(r, ensemble(), algo, policy, reference)
+    return r
+
+
+class GradRecorder:
+    """A ``step`` callable that records a copy of the trainable gradients, then zeroes them."""
+
+    def __init__(self, policy: JanusPolicy) -> None:
+        self.named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+        self.steps: list[dict[str, torch.Tensor | None]] = []
+
+    def __call__(self) -> tuple[float, bool]:
+        self.steps.append({n: None if p.grad is None else p.grad.detach().clone() for n, p in self.named})
+        for _, p in self.named:
+            p.grad = None
+        return 0.0, True
+
+    def flat(self, index: int = -1) -> torch.Tensor:
+        grads = self.steps[index]
+        return torch.cat([(grads[n] if grads[n] is not None else torch.zeros_like(p)).flatten() for n, p in self.named])
+
+
+def backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def run_update(policy, r, algo, minibatch_size=None, world_size=1, global_denominator=None):
+    recorder = GradRecorder(policy)
+    denominator = loss_denominator(r, algo) if global_denominator is None else global_denominator
+    stats = loop.update_phase(policy, r, algo, backward, recorder, denominator, world_size, minibatch_size)
+    return recorder, stats
+
+
+# --------------------------------------------------------------------------- rollout phase
+
+
+def test_rollout_shapes_are_prompt_major_with_records_repeated():
+    policy = make_policy()
+    r = make_rollout(policy)
+    n = policy.num_image_tokens
+    assert r.num_rows == R and r.group_size == G
+    assert all(r.records[p * G + g] is RECORDS[p] for p in range(2) for g in range(G))
+    assert r.image_tokens.shape == (R, n) and r.image_logp.shape == (R, n)
+    assert r.images.dtype == torch.uint8 and r.images.shape[0] == R and r.images.shape[-1] == 3
+    assert r.image_cond_ids.shape == r.image_cond_mask.shape == r.image_uncond_ids.shape
+    assert bool((r.image_cond_ids[:, -1] == policy.boi_id).all())
+    width = r.plan_tokens.shape[1]
+    assert 1 <= width <= PLAN_MAX
+    assert r.plan_mask.shape == r.plan_logp.shape == (R, width)
+    assert len(r.plans) == R and all(isinstance(p, str) for p in r.plans)
+    # prompt-major: the G reasoning contexts of a prompt are identical, the two prompts' differ
+    ctx = r.plan_context_ids
+    assert all(torch.equal(ctx[p * G], ctx[p * G + g]) for p in range(2) for g in range(G))
+    assert not torch.equal(ctx[0], ctx[G])
+    assert r.rewards is None and r.advantages is None and r.ref_image_logp is None
+
+
+def test_rollout_images_are_conditioned_on_prompt_and_plan():
+    policy = make_policy()
+    r = make_rollout(policy)
+    expected = policy.image_context([rec.prompt for rec in r.records], r.plans)
+    torch.testing.assert_close(r.image_cond_ids, expected.cond_ids)
+    torch.testing.assert_close(r.image_uncond_ids, expected.uncond_ids)
+
+
+def test_rollout_without_template_has_no_plans():
+    policy = make_policy(use_plan=False)
+    r = make_rollout(policy, template=None)
+    for name in ("plan_context_ids", "plan_context_mask", "plan_tokens", "plan_mask", "plan_logp", "plans"):
+        assert getattr(r, name) is None, name
+    assert r.image_tokens.shape == (R, policy.num_image_tokens)
+    expected = policy.image_context([rec.prompt for rec in r.records], None)
+    torch.testing.assert_close(r.image_cond_ids, expected.cond_ids)
+
+
+@pytest.mark.parametrize("mode", ["conditional", "guided"])
+def test_rollout_image_logp_follows_the_configured_mode(mode):
+    policy = make_policy(image_logprob=mode)
+    r = make_rollout(policy)
+    # the update recomputes these teacher-forced: at the rollout's weights they must agree
+    torch.testing.assert_close(policy.image_logprobs(image_context(r), r.image_tokens), r.image_logp,
+                               atol=1e-4, rtol=1e-4)
+    other = make_policy(image_logprob="guided" if mode == "conditional" else "conditional")
+    other_logp = other.image_logprobs(image_context(r), r.image_tokens)
+    assert (other_logp - r.image_logp).abs().max() > 1e-2  # CFG 5 makes the two clearly different
+
+
+def test_rollout_modes_sample_the_same_tokens():
+    a = make_rollout(make_policy("conditional"))
+    b = make_rollout(make_policy("guided"))
+    assert torch.equal(a.image_tokens, b.image_tokens)
+    assert not torch.allclose(a.image_logp, b.image_logp)
+
+
+def test_rollout_is_deterministic_for_a_seed_and_differs_for_another():
+    policy = make_policy()
+    a, b, c = make_rollout(policy, seed=3), make_rollout(policy, seed=3), make_rollout(policy, seed=4)
+    assert torch.equal(a.plan_tokens, b.plan_tokens)
+    assert a.plans == b.plans
+    assert torch.equal(a.image_tokens, b.image_tokens)
+    assert torch.equal(a.images, b.images)
+    torch.testing.assert_close(a.image_logp, b.image_logp)
+    assert not torch.equal(a.image_tokens, c.image_tokens)
+    assert a.plans != c.plans
+
+
+def test_rollout_is_split_invariant_across_row_placements():
+    # one process drawing both prompts == two processes each drawing one, placed in the global batch
+    policy = make_policy(use_plan=False)
+    whole = rollout_phase(policy, RECORDS, G, None, RowPlacement(5))
+    first = rollout_phase(policy, RECORDS[:1], G, None, RowPlacement(5, global_rows=R, offset=0))
+    second = rollout_phase(policy, RECORDS[1:], G, None, RowPlacement(5, global_rows=R, offset=G))
+    assert torch.equal(torch.cat([first.image_tokens, second.image_tokens]), whole.image_tokens)
+
+
+# --------------------------------------------------------------------------- score phase
+
+
+def test_score_fills_rewards_per_expert_and_group_advantages():
+    policy = make_policy()
+    r = make_rollout(policy)
+    score_phase(r, ensemble(), GRPOConfig(num_generations=G, beta=0.0), policy, None)
+    brightness = r.images.float().mean(dim=(1, 2, 3)) / 255
+    table = torch.tensor(Table().values)
+    torch.testing.assert_close(r.reward_per_expert["brightness"], brightness)
+    torch.testing.assert_close(r.reward_per_expert["table"], table)
+    torch.testing.assert_close(r.rewards, 0.5 * brightness + 2.0 * table)
+    rewards = r.rewards.tolist()
+    expected = []
+    for p in range(len(RECORDS)):
+        group = rewards[p * G : (p + 1) * G]
+        mean, std = statistics.mean(group), statistics.stdev(group)  # stdev: unbiased, as the paper's torch.std
+        expected += [(x - mean) / (std + 1e-4) for x in group]
+    torch.testing.assert_close(r.advantages, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert r.ref_plan_logp is None and r.ref_image_logp is None
+
+
+def test_score_gives_zero_advantage_to_a_group_of_equal_rewards():
+    policy = make_policy()
+    r = make_rollout(policy)
+    score_phase(r, RewardEnsemble([Table((0.1, 0.5, 0.9, 0.3, 0.3, 0.3))]), GRPOConfig(num_generations=G), policy, None)
+    a = 0.4 / (0.4 + 1e-4)  # group 0: mean 0.5, unbiased std 0.4
+    torch.testing.assert_close(r.advantages, torch.tensor([-a, 0.0, a, 0.0, 0.0, 0.0]), atol=1e-5, rtol=1e-5)
+
+
+def test_score_without_reward_scaling_only_centres():
+    policy = make_policy()
+    r = make_rollout(policy)
+    score_phase(r, ensemble(), GRPOConfig(num_generations=G, beta=0.0, scale_rewards=False), policy, None)
+    centred = r.rewards.view(-1, G) - r.rewards.view(-1, G).mean(1, keepdim=True)
+    torch.testing.assert_close(r.advantages, centred.reshape(-1))
+
+
+@pytest.mark.parametrize("beta, with_reference", [(0.0, True), (0.05, False)])
+def test_score_skips_reference_logprobs_without_beta_or_reference(beta, with_reference):
+    policy = make_policy()
+    r = make_rollout(policy)
+    reference = ReferencePolicy.from_policy(policy) if with_reference else None
+    score_phase(r, ensemble(), GRPOConfig(num_generations=G, beta=beta), policy, reference)
+    assert r.ref_plan_logp is None and r.ref_image_logp is None
+    assert r.advantages is not None
+
+
+def test_score_reference_logprobs_come_from_the_reference_model():
+    policy = make_policy()
+    reference = other_reference()
+    r = scored_rollout(policy, GRPOConfig(num_generations=G, beta=0.05), reference)
+    assert r.ref_plan_logp.shape == r.plan_tokens.shape
+    assert r.ref_image_logp.shape == r.image_tokens.shape
+    expected_plan = policy.plan_logprobs(plan_batch(r), model=reference.model)
+    expected_image = policy.image_logprobs(image_context(r), r.image_tokens, model=reference.model)
+    torch.testing.assert_close(r.ref_plan_logp, expected_plan, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.ref_image_logp, expected_image, atol=1e-5, rtol=1e-5)
+    assert (r.ref_image_logp - r.image_logp).abs().max() > 1e-2
+    assert bool((r.ref_plan_logp[~r.plan_mask] == 0).all())
+
+
+def test_score_reference_equal_to_policy_reproduces_rollout_logprobs():
+    policy = make_policy()
+    r = scored_rollout(policy, GRPOConfig(num_generations=G, beta=0.05), ReferencePolicy.from_policy(policy))
+    torch.testing.assert_close(r.ref_image_logp, r.image_logp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(r.ref_plan_logp, r.plan_logp, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("minibatch_size", [1, 4, 5])
+def test_score_minibatches_give_the_same_reference_logprobs(minibatch_size):
+    policy = make_policy()
+    reference = other_reference()
+    algo = GRPOConfig(num_generations=G, beta=0.05)
+    whole = scored_rollout(policy, algo, reference)
+    split = make_rollout(policy)
+    force_plan_lengths(split, pad_id=policy.pad_id)
+    score_phase(split, ensemble(), algo, policy, reference, minibatch_size=minibatch_size)
+    assert split.ref_plan_logp.shape == whole.ref_plan_logp.shape
+    torch.testing.assert_close(split.ref_plan_logp, whole.ref_plan_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split.ref_image_logp, whole.ref_image_logp, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- update phase
+
+
+def test_minibatches_cover_all_rows_in_order():
+    assert loop.minibatches(6, None) == [slice(0, 6)]
+    assert loop.minibatches(6, 4) == [slice(0, 4), slice(4, 6)]
+    assert loop.minibatches(5, 1) == [slice(i, i + 1) for i in range(5)]
+
+
+def test_loss_denominator_counts_trained_tokens_or_rows():
+    policy = make_policy()
+    r = make_rollout(policy)
+    force_plan_lengths(r, pad_id=policy.pad_id)
+    plan, image = sum(PLAN_LENGTHS), R * policy.num_image_tokens
+    assert loss_denominator(r, GRPOConfig(num_generations=G)) == plan + image
+    assert loss_denominator(r, GRPOConfig(num_generations=G, levels="semantic")) == plan
+    assert loss_denominator(r, GRPOConfig(num_generations=G, levels="token")) == image
+    assert loss_denominator(r, GRPOConfig(num_generations=G, aggregation="sequence_mean")) == R
+
+
+@pytest.mark.parametrize("levels", ["both", "semantic", "token"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_minibatch_accumulation_equals_one_full_batch_step(aggregation, levels):
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.05, aggregation=aggregation, levels=levels, plan_weight=1.5)
+    r = scored_rollout(policy, algo, other_reference())
+    full, full_stats = run_update(policy, r, algo)
+    expected = full.flat()
+    assert len(full.steps) == 1
+    assert expected.norm() > 1e-3  # not a vacuous comparison
+    for size in (1, 4, 5):
+        rec, stats = run_update(policy, r, algo, minibatch_size=size)
+        assert len(rec.steps) == 1  # one optimizer step per epoch, however many minibatches
+        torch.testing.assert_close(rec.flat(), expected, atol=1e-5, rtol=1e-5, msg=f"minibatch_size={size}")
+        assert stats.loss == pytest.approx(full_stats.loss, abs=1e-5)
+        assert stats.policy_loss == pytest.approx(full_stats.policy_loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_data_parallel_scaling_matches_single_process(aggregation):
+    # Contract: every process backwards loss * (local share of the global denominator) * world_size,
+    # and DDP/FSDP then *averages* gradients over the world_size processes. The world_size factor
+    # cancels that average, so the result is sum_k grad_k / global_denominator: the gradient of the
+    # aggregation over the whole global batch, exactly what one process holding every row computes.
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.05, aggregation=aggregation)
+    r = scored_rollout(policy, algo, other_reference())
+    single = run_update(policy, r, algo)[0].flat()
+    # two identical ranks: each holds half of a global denominator twice its own, the average is itself
+    twin = run_update(policy, r, algo, world_size=2, global_denominator=2 * loss_denominator(r, algo))[0].flat()
+    torch.testing.assert_close(twin, single, atol=1e-5, rtol=1e-5)
+    # two ranks holding different rows (one prompt group each), gradients averaged as DDP would
+    halves = [r.rows(slice(0, G)), r.rows(slice(G, R))]
+    total = sum(loss_denominator(h, algo) for h in halves)
+    grads = [run_update(policy, h, algo, world_size=2, global_denominator=total)[0].flat() for h in halves]
+    torch.testing.assert_close((grads[0] + grads[1]) / 2, single, atol=1e-5, rtol=1e-5)
+
+
+def test_mu_epochs_step_each_epoch_and_reuse_first_epoch_logprobs_as_old(monkeypatch):
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.0, mu=2)
+    r = scored_rollout(policy, algo, None)
+    calls = []
+    real = loop.minibatch_loss
+
+    def spy(policy, sub, algo, old):
+        out, current = real(policy, sub, algo, old)
+        calls.append((old, current))
+        return out, current
+
+    monkeypatch.setattr(loop, "minibatch_loss", spy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=200.0)
+    steps = []
+
+    def step():
+        steps.append(1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return 0.0, True
+
+    stats = loop.update_phase(policy, r, algo, backward, step, loss_denominator(r, algo), 1, minibatch_size=4)
+    assert len(steps) == 2
+    assert len(calls) == 4  # 2 epochs x 2 minibatches
+    for i in range(2):
+        first_old, first_current = calls[i]
+        second_old, second_current = calls[2 + i]
+        assert first_old is None  # epoch 1: ratio 1 (the paper's single update)
+        assert set(second_old) == {"plan", "image"}
+        for key in second_old:
+            assert torch.equal(second_old[key], first_current[key])
+            assert not second_old[key].requires_grad
+        # the big step moved the policy: the second epoch's log-probs are not the old ones
+        assert (second_current["image"] - first_current["image"]).abs().max() > 1e-3
+    assert stats.clip_frac > 0
+
+
+def test_single_epoch_never_clips():
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.0)
+    r = scored_rollout(policy, algo, None)
+    _, stats = run_update(policy, r, algo, minibatch_size=4)
+    assert stats.clip_frac == 0.0
+
+
+def test_update_reports_grad_norm_and_skipped_steps():
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.0, mu=3)
+    r = scored_rollout(policy, algo, None)
+    norms = iter([1.0, 2.0, 3.5])
+
+    def step():
+        policy.zero_grad(set_to_none=True)
+        return next(norms), False
+
+    stats = loop.update_phase(policy, r, algo, backward, step, loss_denominator(r, algo))
+    assert stats.skipped == 3
+    assert stats.grad_norm == 3.5
+
+
+# --------------------------------------------------------------------------- single-level ablations
+
+IMAGE_SIDE = ("model.model.generation_head.", "model.model.generation_aligner.", "model.model.generation_embeddings.")
+LM_WEIGHT = "model.model.language_model.layers.0.self_attn.q_proj.weight"
+HEAD_WEIGHT = "model.model.generation_head.proj_out.weight"
+
+
+def _raise(*args, **kwargs):
+    raise AssertionError("this level is not trained: its log-probs must not be computed")
+
+
+def test_semantic_only_never_computes_image_logprobs(monkeypatch):
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.05, levels="semantic")
+    r = scored_rollout(policy, algo, other_reference())
+    monkeypatch.setattr(policy, "image_logprobs", _raise)
+    recorder, stats = run_update(policy, r, algo, minibatch_size=4)
+    grads = recorder.steps[0]
+    image_side = [n for n in grads if n.startswith(IMAGE_SIDE)]
+    assert image_side and all(grads[n] is None for n in image_side)
+    assert grads[LM_WEIGHT].abs().sum() > 0
+    assert stats.kl_image == 0.0 and stats.kl_plan > 0
+
+
+def test_token_only_never_computes_plan_logprobs(monkeypatch):
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.05, levels="token")
+    r = scored_rollout(policy, algo, other_reference())
+    monkeypatch.setattr(policy, "plan_logprobs", _raise)
+    recorder, stats = run_update(policy, r, algo, minibatch_size=4)
+    grads = recorder.steps[0]
+    assert grads[HEAD_WEIGHT].abs().sum() > 0
+    assert stats.kl_plan == 0.0 and stats.kl_image > 0
+

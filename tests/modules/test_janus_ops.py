@@ -1,0 +1,208 @@
+"""Janus forward passes: sampling rules, classifier-free guidance, left padding and split-invariant noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules import janus_ops
+from modules.janus_ops import RowNoise
+from modules.policy import SamplingConfig
+
+SHORT = "a red circle"
+LONG = "two blue squares left of a green star under the sun near the ocean"
+TEMPLATE = "describe {prompt} with every object and colour"
+
+
+def stream(seed: int, global_rows: int | None = None, offset: int = 0) -> RowNoise:
+    return RowNoise(torch.Generator().manual_seed(seed), global_rows, offset)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+def teacher_forced_image_logits(model, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor):
+    """``[B, N, V]`` generation-head logits of one branch, written out from the public building blocks."""
+    image_embeds = model.prepare_embeddings_for_image_generation(tokens[:, :-1])
+    embeds = torch.cat([model.get_input_embeddings()(ids), image_embeds], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)
+    hidden = janus_ops.lm_hidden(model, embeds, full_mask, janus_ops.positions_from_mask(full_mask))
+    return model.model.generation_head(hidden[:, ids.shape[1] - 1 :])
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def test_positions_from_mask_skips_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert janus_ops.positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_scaled_logprobs_tempers_and_greedy_scores_untempered():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    close(janus_ops.scaled_logprobs(logits, 0.5), F.log_softmax(logits * 2, -1), atol=1e-6)
+    close(janus_ops.scaled_logprobs(logits, 0.0), F.log_softmax(logits, -1), atol=1e-6)
+    assert janus_ops.scaled_logprobs(logits.half(), 1.0).dtype == torch.float32
+
+
+def test_sample_tokens_logp_is_the_untruncated_tempered_distribution():
+    logits = torch.randn(64, 20, generator=torch.Generator().manual_seed(1)) * 3
+    tokens, logp = janus_ops.sample_tokens(logits, temperature=0.7, top_k=5, top_p=0.8, noise=stream(2))
+    expected = F.log_softmax(logits / 0.7, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    close(logp, expected, atol=1e-6)
+    assert logp.dtype == torch.float32 and tokens.dtype == torch.long
+
+
+def test_sample_tokens_top_k_restricts_samples_to_the_k_best():
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(3)).expand(500, 30)
+    tokens, _ = janus_ops.sample_tokens(logits, temperature=2.0, top_k=4, noise=stream(4))
+    top4 = set(logits[0].topk(4).indices.tolist())
+    assert set(tokens.tolist()) == top4  # never outside, and every one of the four is reachable
+
+
+@pytest.mark.parametrize(("top_p", "support"), [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.4, {0})])
+def test_sample_tokens_top_p_keeps_the_smallest_prefix_reaching_p(top_p, support):
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(2000, 4)
+    tokens, _ = janus_ops.sample_tokens(logits, top_p=top_p, noise=stream(5))
+    assert set(tokens.tolist()) == support
+
+
+def test_sample_tokens_greedy_ignores_the_noise():
+    logits = torch.randn(8, 12, generator=torch.Generator().manual_seed(6))
+    tokens, logp = janus_ops.sample_tokens(logits, temperature=0.0, noise=stream(7))
+    assert torch.equal(tokens, logits.argmax(-1))
+    close(logp, F.log_softmax(logits, -1).max(-1).values, atol=1e-6)
+
+
+def test_guide_mixes_branches_and_scale_one_is_the_conditional():
+    cond, uncond = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 0.0]])
+    close(janus_ops.guide(cond, uncond, 3.0), torch.tensor([[-1.0, 9.0]]), atol=0)
+    assert torch.equal(janus_ops.guide(cond, uncond, 1.0), cond)
+    assert torch.equal(janus_ops.guide(cond, None, 5.0), cond)
+
+
+def test_row_noise_slices_of_the_global_batch_match_the_whole():
+    whole = stream(8).gumbel(6, 10, torch.device("cpu"))
+    first = stream(8, global_rows=6, offset=0).gumbel(4, 10, torch.device("cpu"))
+    second = stream(8, global_rows=6, offset=4).gumbel(2, 10, torch.device("cpu"))
+    assert torch.equal(torch.cat([first, second]), whole)
+    with pytest.raises(ValueError, match="exceed the global batch of 6"):
+        stream(8, global_rows=6, offset=5).gumbel(2, 10, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- classifier-free guidance
+
+
+def test_cfg_scale_one_samples_exactly_the_conditional_branch(sharp_policy):
+    ctx = sharp_policy.image_context([SHORT, LONG], None)
+    n, model = sharp_policy.num_image_tokens, sharp_policy.model
+    with_uncond = janus_ops.sample_image_tokens(
+        model, ctx.cond_ids, ctx.cond_mask, n, uncond_ids=ctx.uncond_ids, cfg_scale=1.0, noise=stream(9)
+    )
+    alone = janus_ops.sample_image_tokens(
+        model, ctx.cond_ids, ctx.cond_mask, n, uncond_ids=None, noise=stream(9)
+    )
+    assert torch.equal(with_uncond.tokens, alone.tokens)
+    assert torch.equal(with_uncond.logp_conditional, alone.logp_conditional)
+    assert torch.equal(with_uncond.logp_guided, alone.logp_guided)
+    close(alone.logp_guided, alone.logp_conditional, atol=0)  # no guidance: one distribution
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_guided_logprobs_equal_the_mixture_of_two_separate_passes(sharp_policy, temperature):
+    scale = 3.0
+    ctx = sharp_policy.image_context([SHORT, LONG], None)
+    model = sharp_policy.model
+    sample = janus_ops.sample_image_tokens(
+        model,
+        ctx.cond_ids,
+        ctx.cond_mask,
+        sharp_policy.num_image_tokens,
+        uncond_ids=ctx.uncond_ids,
+        cfg_scale=scale,
+        temperature=temperature,
+        noise=stream(10),
+    )
+    with torch.no_grad():
+        c = teacher_forced_image_logits(model, ctx.cond_ids, ctx.cond_mask, sample.tokens)  # [B, N, V]
+        u = teacher_forced_image_logits(model, ctx.uncond_ids, ctx.cond_mask, sample.tokens)
+        guided_tf = janus_ops.image_logprobs(
+            model, ctx.cond_ids, ctx.cond_mask, sample.tokens, temperature, ctx.uncond_ids, scale
+        )
+    picked = sample.tokens[..., None]
+    by_hand = F.log_softmax((u + scale * (c - u)) / temperature, -1).gather(-1, picked)[..., 0]
+    cond_by_hand = F.log_softmax(c / temperature, -1).gather(-1, picked)[..., 0]
+    close(sample.logp_guided, by_hand, atol=1e-4)
+    close(guided_tf, by_hand, atol=1e-5)
+    close(sample.logp_conditional, cond_by_hand, atol=1e-4)
+    assert (by_hand - cond_by_hand).abs().max() > 1e-2  # the two branches really differ
+
+
+# --------------------------------------------------------------------------- left padding
+
+
+def test_left_padding_does_not_change_plan_logprobs(sharp_policy):
+    sharp_policy.sampling = SamplingConfig(plan_max_tokens=12)
+    alone = sharp_policy.sample_plans([SHORT], TEMPLATE, 1, sharp_policy.noise(11))
+    ids, mask = sharp_policy.encode(
+        [sharp_policy.chat(TEMPLATE.replace("{prompt}", p)) for p in (SHORT, LONG)]
+    )
+    assert mask[0, 0] == 0 and mask[1].all()  # the short prompt is left-padded in the batch
+    tokens = alone.tokens.expand(2, -1)
+    token_mask = alone.mask.expand(2, -1)
+    with torch.no_grad():
+        tf_alone = janus_ops.text_logprobs(
+            sharp_policy.model, alone.context_ids, alone.context_mask, alone.tokens, alone.mask
+        )
+        tf_batch = janus_ops.text_logprobs(sharp_policy.model, ids, mask, tokens, token_mask)
+    close(tf_batch[:1], tf_alone, atol=1e-5)
+    close(tf_alone, alone.logp, atol=1e-4)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_left_padding_does_not_change_image_logprobs(sharp_policy, guided):
+    scale = 4.0
+    alone_ctx = sharp_policy.image_context([SHORT], None)
+    batch_ctx = sharp_policy.image_context([SHORT, LONG], None)
+    assert batch_ctx.cond_mask[0, 0] == 0 and batch_ctx.cond_ids.shape[1] > alone_ctx.cond_ids.shape[1]
+    model, n = sharp_policy.model, sharp_policy.num_image_tokens
+    sample = janus_ops.sample_image_tokens(
+        model, alone_ctx.cond_ids, alone_ctx.cond_mask, n, alone_ctx.uncond_ids, scale, noise=stream(12)
+    )
+    tokens = sample.tokens.expand(2, -1)
+    with torch.no_grad():
+        tf_alone = janus_ops.image_logprobs(
+            model, alone_ctx.cond_ids, alone_ctx.cond_mask, sample.tokens, 1.0,
+            alone_ctx.uncond_ids if guided else None, scale,
+        )  # fmt: skip
+        tf_batch = janus_ops.image_logprobs(
+            model, batch_ctx.cond_ids, batch_ctx.cond_mask, tokens, 1.0,
+            batch_ctx.uncond_ids if guided else None, scale,
+        )  # fmt: skip
+    close(tf_batch[:1], tf_alone, atol=1e-5)
+    close(tf_alone, sample.logp_guided if guided else sample.logp_conditional, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- split invariance
+
+
+def test_row_noise_halves_sample_the_same_image_tokens_as_the_whole_batch(sharp_policy):
+    prompts = [SHORT, LONG, "a yellow sun", "three black triangles above a white square"]
+    model, n, scale = sharp_policy.model, sharp_policy.num_image_tokens, 3.0
+
+    def sample(rows: list[str], noise: RowNoise):
+        ctx = sharp_policy.image_context(rows, None)  # each "rank" pads its own rows only
+        return janus_ops.sample_image_tokens(
+            model, ctx.cond_ids, ctx.cond_mask, n, ctx.uncond_ids, scale, top_k=20, noise=noise
+        )
+
+    whole = sample(prompts, stream(13))
+    first = sample(prompts[:2], stream(13, global_rows=4, offset=0))
+    second = sample(prompts[2:], stream(13, global_rows=4, offset=2))
+    assert torch.equal(torch.cat([first.tokens, second.tokens]), whole.tokens)
+    close(torch.cat([first.logp_guided, second.logp_guided]), whole.logp_guided, atol=1e-5)
+    # Without the global view the second half would reuse the first rows' noise and draw other tokens.
+    unaware = sample(prompts[2:], stream(13))
+    assert not torch.equal(unaware.tokens, whole.tokens[2:])
