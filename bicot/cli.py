@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import warnings
+from pathlib import Path
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from bicot.grpo import BiCoTGRPO
+from bicot.checkpointing import read_checkpoint_meta
+from bicot.grpo import BiCoTGRPO, NonFiniteError
 from datamodules.prompts import PromptDataModule
+from modules.rewards.ensemble import RewardExpertError
+
+# Lightning warnings that describe bicot's deliberate choices, not problems: frozen towers stay in eval
+# mode; checkpoints hold the post-step state; batches come from a sized iterable; no val prompts.
+for _message in (
+    r"Found \d+ module\(s\) in eval mode",
+    r"Using ModelCheckpoint with manual optimization",
+    r"Your `IterableDataset` has `__len__` defined",
+    r"Total length of `list` across ranks is zero",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 class SaveConfigToRun(SaveConfigCallback):
@@ -55,11 +72,61 @@ class BiCoTCLI(LightningCLI):
         )
 
 
+    def before_instantiate_classes(self) -> None:
+        """Resolving ``--ckpt_path`` early lets a resumed fit log into the MLflow run that wrote it."""
+        if self.subcommand != "fit":
+            return
+        config = self.config[self.subcommand]
+        if not config.get("ckpt_path"):
+            return
+        path = resolve_checkpoint(config.ckpt_path, config.trainer)
+        config.ckpt_path = str(path)
+        run_id = read_checkpoint_meta(path).get("mlflow_run_id")
+        logger = config.trainer.get("logger")
+        if run_id and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
+            if logger.init_args.get("run_id") is None:
+                logger.init_args.run_id = run_id
+                self._resumed_run = run_id
+
+    def before_fit(self) -> None:
+        run_id = getattr(self, "_resumed_run", None)
+        for logger in self.trainer.loggers:
+            if run_id and isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
+                logger.experiment.update_run(run_id, status="RUNNING")
+                print(f"bicot: resuming MLflow run {run_id}", file=sys.stderr)
+
+
+def resolve_checkpoint(ckpt_path: str, trainer_config: Namespace) -> Path:
+    """``last`` -> ``<ModelCheckpoint dirpath>/last.ckpt`` from the config; otherwise the path itself."""
+    if ckpt_path == "last":
+        for callback in trainer_config.get("callbacks") or []:
+            if isinstance(callback, Namespace) and callback.class_path.endswith("ModelCheckpoint"):
+                dirpath = callback.init_args.get("dirpath")
+                if dirpath and (Path(dirpath) / "last.ckpt").exists():
+                    return Path(dirpath) / "last.ckpt"
+        raise FileNotFoundError(
+            "--ckpt_path=last: no last.ckpt found; give the checkpoint's path, or configure a "
+            "ModelCheckpoint with a fixed dirpath and save_last: true (configs/toy.yaml does)"
+        )
+    path = Path(ckpt_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {str(path)!r}")
+    return path
+
+
+# Failures caused by what the user gave (configs, data, checkpoints): one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException, RewardExpertError, NonFiniteError)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point. Errors in configs or data end with one clear line; ``BICOT_DEBUG=1`` shows tracebacks."""
     try:
         BiCoTCLI(args=args)
-    except (ValueError, FileNotFoundError) as err:
+    except SIGTERMException:
+        # Lightning raises this (a SystemExit without a code, i.e. status 0) after a SIGTERM stop.
+        print("bicot: stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path=last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except USER_ERRORS as err:
         if os.environ.get("BICOT_DEBUG") == "1":
             raise
         print(f"bicot: error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from bicot import loop
+from bicot.checkpointing import CheckpointMismatchError, model_fingerprint
 from bicot.evaluation import ScoreTally
 from bicot.loss import GRPOConfig, group_std
 from bicot.parallel import gathered, parallelize
@@ -22,6 +23,10 @@ from modules.reference import ReferencePolicy
 from modules.rewards.ensemble import RewardEnsemble
 
 LR_SCHEDULES = ("constant", "cosine")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had non-finite rewards, advantages or gradients."""
 
 
 class BiCoTGRPO(pl.LightningModule):
@@ -44,6 +49,8 @@ class BiCoTGRPO(pl.LightningModule):
         accuracy_expert: an expert whose score 1 means "every constraint of the prompt holds"; its rate
             is logged as ``val/accuracy`` and ``val/accuracy/<category>``.
         validate_before_fit: score the starting policy on the validation prompts before the first step.
+        max_consecutive_skips: an update whose rewards, advantages or gradients are not finite is
+            skipped (``train/skipped_steps`` counts them); this many skips in a row stop the run.
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class BiCoTGRPO(pl.LightningModule):
         seed: int = 0,
         accuracy_expert: str | None = None,
         validate_before_fit: bool = False,
+        max_consecutive_skips: int = 3,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -84,6 +92,8 @@ class BiCoTGRPO(pl.LightningModule):
         self.rewards = rewards
         if self.algo.beta > 0 and reference is None:
             reference = ReferencePolicy.from_policy(policy)
+        elif self.algo.beta > 0 and reference.model is None:
+            reference.adopt(policy)  # a reference without a checkpoint is the policy's starting weights
         self.reference = reference if self.algo.beta > 0 else None
         self.template = resolve_template(reasoning_template) if policy.use_plan else None
         self.optim_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
@@ -94,6 +104,13 @@ class BiCoTGRPO(pl.LightningModule):
             raise ValueError(f"accuracy_expert={accuracy_expert!r} is not one of the experts {rewards.names}")
         self.accuracy_expert = accuracy_expert
         self.validate_before_fit = validate_before_fit
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        # Checkpoints hold only what trains (see on_save_checkpoint): load them non-strictly.
+        self.strict_loading = False
         self.last_rollout: Rollout | None = None  # read by callbacks (sample grids, statistics)
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -150,6 +167,10 @@ class BiCoTGRPO(pl.LightningModule):
             )
         with self._phase("score", times), gathered(self.reference.model) if self.reference else _nothing():
             loop.score_phase(rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size)
+        if not self._all_finite(rollout.rewards, rollout.advantages):
+            self._skip(f"non-finite rewards or advantages at step {self.global_step}")
+            self.last_rollout = rollout
+            return
         with self._phase("update", times):
             denominator = self.trainer.strategy.reduce(
                 torch.tensor(loop.loss_denominator(rollout, algo), device=self.device), reduce_op="sum"
@@ -172,10 +193,59 @@ class BiCoTGRPO(pl.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not math.isfinite(float(norm)):  # NaN/inf loss or gradients: never write them into weights
+            optimizer.zero_grad(set_to_none=True)
+            self._skip(f"non-finite gradient norm at step {self.global_step}")
+            return float(norm), False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self.consecutive_skips = 0
         return float(norm), True
+
+    def _all_finite(self, *tensors: torch.Tensor) -> bool:
+        """Whether every tensor is finite on every process (all processes must agree to skip)."""
+        bad = torch.tensor(float(any(not torch.isfinite(t).all() for t in tensors)), device=self.device)
+        return float(self.trainer.strategy.reduce(bad, reduce_op="sum")) == 0
+
+    def _skip(self, why: str) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, sync_dist=True)
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} updates in a row were skipped ({why}); stopping. Lower the "
+                "learning rate, check the reward experts for NaN, or raise model.max_consecutive_skips."
+            )
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to resume here: the trainable parameters and the model's source."""
+        shapes = [(n, tuple(p.shape)) for n, p in self.policy.named_parameters() if p.requires_grad]
+        return model_fingerprint(shapes, self.policy.source or repr(self.policy.tiny))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the trainable weights: the reference, experts and frozen towers reload from source."""
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        run_id = next((getattr(lg, "run_id", None) for lg in self.loggers if hasattr(lg, "run_id")), None)
+        checkpoint["bicot"] = {
+            "fingerprint": self.fingerprint(),
+            "mlflow_run_id": run_id,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("bicot")
+        if meta is None:
+            raise CheckpointMismatchError("this checkpoint was not written by bicot (no 'bicot' section)")
+        if meta["fingerprint"] != self.fingerprint():
+            raise CheckpointMismatchError(
+                "the checkpoint was written by a run with a different model (trainable parameters or "
+                f"model source differ: {meta['fingerprint']} vs {self.fingerprint()}); resume with the config "
+                "that wrote it, or start a new run without --ckpt_path"
+            )
+        self.skipped_steps = meta.get("skipped_steps", 0)
 
     def _log_step(self, r: Rollout, stats: loop.UpdateStats, times: dict[str, float]) -> None:
         mean = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=r.num_rows)

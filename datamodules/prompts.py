@@ -435,7 +435,11 @@ class PromptDataModule(pl.LightningDataModule):
         batches = RankBatches(records, batch_size, shuffle, self.seed, drop_last, rank, world)
         # batch_size=None: the dataset yields whole batches; an iterable dataset also keeps Lightning
         # from injecting a DistributedSampler that would split the batch a second time.
-        return DataLoader(batches, batch_size=None, collate_fn=collate_records)
+        return ResumableLoader(batches, self._batches_done)
+
+    def _batches_done(self) -> int:
+        """Training batches the fit loop has taken this epoch (the loader itself runs one batch ahead)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Leave record batches on the host: they hold text, and Lightning's default cannot copy them.
@@ -493,7 +497,14 @@ class RankBatches(IterableDataset):
     ) -> None:
         self.records, self.batch_size, self.shuffle = records, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world = seed, drop_last, rank, world
-        self.epoch = 0
+        self.epoch = 0  # epochs started; the next __iter__ shuffles with seed + epoch
+        self.start = 0  # batches to skip at the start of the next epoch (set when resuming)
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches_done`` batches."""
+        if batches_done >= len(self):
+            epoch, batches_done = epoch + 1, 0
+        self.epoch, self.start = epoch, batches_done
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.records), self.batch_size)
@@ -506,7 +517,31 @@ class RankBatches(IterableDataset):
         else:
             order = list(range(n))
         self.epoch += 1
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        first, self.start = self.start, 0
+        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             batch = [self.records[i] for i in order[start : start + self.batch_size]]
             share = math.ceil(len(batch) / self.world)
             yield batch[self.rank * share : (self.rank + 1) * share]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over :class:`RankBatches` whose position Lightning saves in checkpoints.
+
+    Lightning stores ``state_dict()`` of stateful train loaders and calls ``load_state_dict`` on resume,
+    so a resumed run continues with the very next batch of the same shuffled order.
+
+    Args:
+        batches: the batches to serve.
+        batches_done: returns how many batches of the current epoch the training loop has consumed
+            (the loader's own count runs ahead because Lightning prefetches).
+    """
+
+    def __init__(self, batches: RankBatches, batches_done) -> None:
+        super().__init__(batches, batch_size=None, collate_fn=collate_records)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": max(self.dataset.epoch - 1, 0), "batches_done": int(self._batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.dataset.resume(int(state["epoch"]), int(state["batches_done"]))

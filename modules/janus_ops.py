@@ -128,7 +128,7 @@ def sample_tokens(
         masked = logp
         if top_k > 0 and top_k < logp.shape[-1]:
             kth = logp.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
-            masked = masked.masked_fill(masked < kth, float("-inf"))
+            masked = masked.masked_fill(masked < kth, float("-inf")).log_softmax(-1)  # top-p sees the top-k
         if top_p < 1.0:
             sorted_lp, order = masked.sort(dim=-1, descending=True)
             probs = sorted_lp.exp()

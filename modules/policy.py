@@ -149,6 +149,7 @@ class JanusPolicy(pl.LightningModule):
         if dtype not in DTYPES:
             raise ValueError(f"policy dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.source = model_name_or_path
+        self.tiny = tiny
         self.sampling = sampling or SamplingConfig()
         self.use_plan = use_plan
         self.reasoning_template = reasoning_template
@@ -263,7 +264,7 @@ class JanusPolicy(pl.LightningModule):
     def plan_logprobs(self, plans: PlanBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """``[R, T]`` log-probs of the plan tokens (``lm_head``); ``model`` defaults to the policy's."""
         return janus_ops.text_logprobs(
-            model or self.model,
+            model if model is not None else self.model,
             plans.context_ids,
             plans.context_mask,
             plans.tokens,
@@ -277,7 +278,7 @@ class JanusPolicy(pl.LightningModule):
         """``[R, N]`` log-probs of image tokens (``generation_head``), per ``sampling.image_logprob``."""
         guided = self.sampling.image_logprob == "guided"
         return janus_ops.image_logprobs(
-            model or self.model,
+            model if model is not None else self.model,
             context.cond_ids,
             context.cond_mask,
             tokens,

@@ -30,14 +30,24 @@ class ReferencePolicy(pl.LightningModule):
                 raise ValueError(f"reference dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             self.model, _ = load_janus(model_name_or_path, None, DTYPES[dtype], trust_remote_code)
             self._freeze()
+        self.train(False)
 
     @classmethod
     def from_policy(cls, policy: JanusPolicy) -> ReferencePolicy:
         """A reference holding a frozen copy of the policy's current weights."""
-        ref = cls()
-        ref.model = copy.deepcopy(policy.model)
-        ref._freeze()
-        return ref
+        return cls().adopt(policy)
+
+    def adopt(self, policy: JanusPolicy) -> ReferencePolicy:
+        """Take a frozen copy of the policy's current weights (when no checkpoint was named)."""
+        self.model = copy.deepcopy(policy.model)
+        self._freeze()
+        return self
+
+    def _require_model(self) -> None:
+        if self.model is None:
+            raise RuntimeError(
+                "reference has no model: give model_name_or_path, or build it with ReferencePolicy.from_policy(policy)"
+            )
 
     def _freeze(self) -> None:
         self.model.requires_grad_(False)
@@ -50,9 +60,11 @@ class ReferencePolicy(pl.LightningModule):
     @torch.no_grad()
     def plan_logprobs(self, policy: JanusPolicy, plans: PlanBatch) -> torch.Tensor:
         """``[R, T]`` reference log-probs of plan tokens, with the policy's sampling settings."""
+        self._require_model()
         return policy.plan_logprobs(plans, model=self.model)
 
     @torch.no_grad()
     def image_logprobs(self, policy: JanusPolicy, context: ImageContext, tokens: torch.Tensor) -> torch.Tensor:
         """``[R, N]`` reference log-probs of image tokens, with the policy's sampling settings."""
+        self._require_model()
         return policy.image_logprobs(context, tokens, model=self.model)
