@@ -161,32 +161,33 @@ class BiCoTGRPO(pl.LightningModule):
 
     def training_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
         algo, times = self.algo, {}
+        lr = self.optimizers().param_groups[0]["lr"]  # the rate this step's update uses
         with self._phase("rollout", times), gathered(self.policy.model):
             rollout = loop.rollout_phase(
                 self.policy, batch, algo.num_generations, self.template, self.placement(len(batch), self.global_step)
             )
         with self._phase("score", times), gathered(self.reference.model) if self.reference else _nothing():
             loop.score_phase(rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size)
-        if not self._all_finite(rollout.rewards, rollout.advantages):
-            self._skip(f"non-finite rewards or advantages at step {self.global_step}")
-            self.last_rollout = rollout
-            return
-        with self._phase("update", times):
-            denominator = self.trainer.strategy.reduce(
-                torch.tensor(loop.loss_denominator(rollout, algo), device=self.device), reduce_op="sum"
-            )
-            stats = loop.update_phase(
-                self.policy,
-                rollout,
-                algo,
-                self.manual_backward,
-                self._optimizer_step,
-                float(denominator),
-                self.trainer.world_size,
-                self.minibatch_size,
-            )
+        stats = None
+        if self._all_finite(rollout.rewards, rollout.advantages):
+            with self._phase("update", times):
+                denominator = self.trainer.strategy.reduce(
+                    torch.tensor(loop.loss_denominator(rollout, algo), device=self.device), reduce_op="sum"
+                )
+                stats = loop.update_phase(
+                    self.policy,
+                    rollout,
+                    algo,
+                    self.manual_backward,
+                    self._optimizer_step,
+                    float(denominator),
+                    self.trainer.world_size,
+                    self.minibatch_size,
+                )
         self.last_rollout = rollout
-        self._log_step(rollout, stats, times)
+        self._log_step(rollout, stats, times, lr)
+        if stats is None:
+            self._skip(f"non-finite rewards or advantages at step {self.global_step}")
 
     def _optimizer_step(self) -> tuple[float, bool]:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -211,7 +212,6 @@ class BiCoTGRPO(pl.LightningModule):
     def _skip(self, why: str) -> None:
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, sync_dist=True)
         if self.consecutive_skips >= self.max_consecutive_skips:
             raise NonFiniteError(
                 f"{self.consecutive_skips} updates in a row were skipped ({why}); stopping. Lower the "
@@ -247,7 +247,11 @@ class BiCoTGRPO(pl.LightningModule):
             )
         self.skipped_steps = meta.get("skipped_steps", 0)
 
-    def _log_step(self, r: Rollout, stats: loop.UpdateStats, times: dict[str, float]) -> None:
+    def _log_step(
+        self, r: Rollout, stats: loop.UpdateStats | None, times: dict[str, float], lr: float
+    ) -> None:
+        """Log the step's metrics. Every key is logged every step (Lightning would otherwise repeat a
+        stale value); a skipped update logs NaN for what the update would have measured."""
         mean = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=r.num_rows)
         summed = dict(mean, reduce_fx="sum")
         self.log("train/reward", r.rewards.mean(), prog_bar=True, **mean)
@@ -256,16 +260,19 @@ class BiCoTGRPO(pl.LightningModule):
             self.log(f"train/reward/{name}", scores.mean(), **mean)
         stds = group_std(r.rewards, r.group_size)
         self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
+        nan = float("nan")
         for key in ("loss", "policy_loss", "kl", "kl_plan", "kl_image", "clip_frac"):
-            self.log(f"train/{key}", getattr(stats, key), prog_bar=key == "kl", **summed)
-        self.log("train/kl_max", stats.kl_max, reduce_fx="max", **{k: v for k, v in mean.items()})
-        self.log("train/grad_norm", stats.grad_norm, **mean)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], **mean)
+            self.log(f"train/{key}", getattr(stats, key) if stats else nan, prog_bar=key == "kl", **summed)
+        self.log("train/kl_max", stats.kl_max if stats else nan, **dict(mean, reduce_fx="max"))
+        self.log("train/grad_norm", stats.grad_norm if stats else nan, **mean)
+        skipped = self.skipped_steps + (0 if stats else 1)  # a reward skip is counted just after
+        self.log("train/skipped_steps", float(skipped), **dict(mean, reduce_fx="max"))
+        self.log("train/lr", lr, **mean)
         self.log("train/advantage_std", r.advantages.std() if r.num_rows > 1 else 0.0, **mean)
         plan_tokens = r.plan_mask.sum(1).float().mean() if r.plan_mask is not None else 0.0
         self.log("train/plan_tokens", plan_tokens, **mean)
-        for phase, seconds in times.items():
-            self.log(f"time/{phase}_s", seconds, reduce_fx="max", **{k: v for k, v in mean.items()})
+        for phase in ("rollout", "score", "update"):
+            self.log(f"time/{phase}_s", times.get(phase, 0.0), **dict(mean, reduce_fx="max"))
         images_per_s = r.num_rows * self.trainer.world_size / max(sum(times.values()), 1e-9)
         self.log("perf/images_per_s", images_per_s, **mean)
 

@@ -111,12 +111,14 @@ def score_phase(
     plan_parts, image_parts = [], []
     for rows in minibatches(r.num_rows, minibatch_size):
         sub = r.rows(rows)
-        if r.plan_tokens is not None:
+        if algo.train_plan and r.plan_tokens is not None:
             lp = reference.plan_logprobs(policy, plan_batch(sub))  # [r, T_sub]
             plan_parts.append(torch.nn.functional.pad(lp, (0, r.plan_tokens.shape[1] - lp.shape[1])))
-        image_parts.append(reference.image_logprobs(policy, image_context(sub), sub.image_tokens))
+        if algo.train_image:
+            image_parts.append(reference.image_logprobs(policy, image_context(sub), sub.image_tokens))
+    # Only the levels that train need the reference (the KL of the other level is not monitored).
     r.ref_plan_logp = torch.cat(plan_parts) if plan_parts else None  # [R, T]
-    r.ref_image_logp = torch.cat(image_parts)  # [R, N]
+    r.ref_image_logp = torch.cat(image_parts) if image_parts else None  # [R, N]
 
 
 # ---------------------------------------------------------------------------------------------

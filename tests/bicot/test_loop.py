@@ -18,7 +18,10 @@ from modules.rewards.ensemble import RewardEnsemble
 from modules.tiny import TinyJanusSpec
 
 G = 3
-RECORDS = [PromptRecord("a red circle", task_type="color"), PromptRecord("two blue squares", task_type="numeracy")]
+RECORDS = [
+    PromptRecord("a red circle", task_type="color"),
+    PromptRecord("two blue squares", task_type="numeracy"),
+]
 R = len(RECORDS) * G
 PLAN_MAX = 6
 PLAN_LENGTHS = [6, 2, 4, 1, 3, 5]  # forced valid plan tokens per row, so minibatches trim differently
@@ -110,7 +113,9 @@ class GradRecorder:
 
     def flat(self, index: int = -1) -> torch.Tensor:
         grads = self.steps[index]
-        return torch.cat([(grads[n] if grads[n] is not None else torch.zeros_like(p)).flatten() for n, p in self.named])
+        return torch.cat(
+            [(grads[n] if grads[n] is not None else torch.zeros_like(p)).flatten() for n, p in self.named]
+        )
 
 
 def backward(loss: torch.Tensor) -> None:
@@ -171,8 +176,9 @@ def test_rollout_image_logp_follows_the_configured_mode(mode):
     policy = make_policy(image_logprob=mode)
     r = make_rollout(policy)
     # the update recomputes these teacher-forced: at the rollout's weights they must agree
-    torch.testing.assert_close(policy.image_logprobs(image_context(r), r.image_tokens), r.image_logp,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        policy.image_logprobs(image_context(r), r.image_tokens), r.image_logp, atol=1e-4, rtol=1e-4
+    )
     other = make_policy(image_logprob="guided" if mode == "conditional" else "conditional")
     other_logp = other.image_logprobs(image_context(r), r.image_tokens)
     assert (other_logp - r.image_logp).abs().max() > 1e-2  # CFG 5 makes the two clearly different
@@ -197,13 +203,34 @@ def test_rollout_is_deterministic_for_a_seed_and_differs_for_another():
     assert a.plans != c.plans
 
 
-def test_rollout_is_split_invariant_across_row_placements():
+@pytest.mark.parametrize("template", [None, TEMPLATE])
+def test_rollout_is_split_invariant_across_row_placements(template):
     # one process drawing both prompts == two processes each drawing one, placed in the global batch
-    policy = make_policy(use_plan=False)
-    whole = rollout_phase(policy, RECORDS, G, None, RowPlacement(5))
-    first = rollout_phase(policy, RECORDS[:1], G, None, RowPlacement(5, global_rows=R, offset=0))
-    second = rollout_phase(policy, RECORDS[1:], G, None, RowPlacement(5, global_rows=R, offset=G))
+    policy = make_policy(use_plan=template is not None)
+    whole = rollout_phase(policy, RECORDS, G, template, RowPlacement(5))
+    first = rollout_phase(policy, RECORDS[:1], G, template, RowPlacement(5, global_rows=R, offset=0))
+    second = rollout_phase(policy, RECORDS[1:], G, template, RowPlacement(5, global_rows=R, offset=G))
+    if template is not None:
+        assert first.plans + second.plans == whole.plans
     assert torch.equal(torch.cat([first.image_tokens, second.image_tokens]), whole.image_tokens)
+    # and the placement matters: the second prompt drawn as if it were first samples other tokens
+    alone = rollout_phase(policy, RECORDS[1:], G, template, RowPlacement(5, global_rows=R, offset=0))
+    assert not torch.equal(alone.image_tokens, second.image_tokens)
+
+
+def test_rollout_draws_plans_and_images_from_distinct_streams(monkeypatch):
+    policy = make_policy()
+    seeds = []
+    real = policy.noise
+
+    def spy(seed, global_rows=None, offset=0):
+        seeds.append(seed)
+        return real(seed, global_rows, offset)
+
+    monkeypatch.setattr(policy, "noise", spy)
+    make_rollout(policy, seed=3)
+    make_rollout(policy, seed=4)
+    assert len(seeds) == 4 and len(set(seeds)) == 4  # plan and image streams, never shared across steps
 
 
 # --------------------------------------------------------------------------- score phase
@@ -222,7 +249,8 @@ def test_score_fills_rewards_per_expert_and_group_advantages():
     expected = []
     for p in range(len(RECORDS)):
         group = rewards[p * G : (p + 1) * G]
-        mean, std = statistics.mean(group), statistics.stdev(group)  # stdev: unbiased, as the paper's torch.std
+        # stdev is the unbiased std, as torch.std in the paper's code
+        mean, std = statistics.mean(group), statistics.stdev(group)
         expected += [(x - mean) / (std + 1e-4) for x in group]
     torch.testing.assert_close(r.advantages, torch.tensor(expected), atol=1e-5, rtol=1e-5)
     assert r.ref_plan_logp is None and r.ref_image_logp is None
@@ -231,7 +259,13 @@ def test_score_fills_rewards_per_expert_and_group_advantages():
 def test_score_gives_zero_advantage_to_a_group_of_equal_rewards():
     policy = make_policy()
     r = make_rollout(policy)
-    score_phase(r, RewardEnsemble([Table((0.1, 0.5, 0.9, 0.3, 0.3, 0.3))]), GRPOConfig(num_generations=G), policy, None)
+    score_phase(
+        r,
+        RewardEnsemble([Table((0.1, 0.5, 0.9, 0.3, 0.3, 0.3))]),
+        GRPOConfig(num_generations=G),
+        policy,
+        None,
+    )
     a = 0.4 / (0.4 + 1e-4)  # group 0: mean 0.5, unbiased std 0.4
     torch.testing.assert_close(r.advantages, torch.tensor([-a, 0.0, a, 0.0, 0.0, 0.0]), atol=1e-5, rtol=1e-5)
 
@@ -338,7 +372,8 @@ def test_data_parallel_scaling_matches_single_process(aggregation):
     r = scored_rollout(policy, algo, other_reference())
     single = run_update(policy, r, algo)[0].flat()
     # two identical ranks: each holds half of a global denominator twice its own, the average is itself
-    twin = run_update(policy, r, algo, world_size=2, global_denominator=2 * loss_denominator(r, algo))[0].flat()
+    twin, _ = run_update(policy, r, algo, world_size=2, global_denominator=2 * loss_denominator(r, algo))
+    twin = twin.flat()
     torch.testing.assert_close(twin, single, atol=1e-5, rtol=1e-5)
     # two ranks holding different rows (one prompt group each), gradients averaged as DDP would
     halves = [r.rows(slice(0, G)), r.rows(slice(G, R))]
@@ -348,8 +383,9 @@ def test_data_parallel_scaling_matches_single_process(aggregation):
 
 
 def test_mu_epochs_step_each_epoch_and_reuse_first_epoch_logprobs_as_old(monkeypatch):
+    # mu = 3, so that "old" staying the first epoch's (not the previous epoch's) is visible
     policy = make_policy()
-    algo = GRPOConfig(num_generations=G, beta=0.0, mu=2)
+    algo = GRPOConfig(num_generations=G, beta=0.0, mu=3)
     r = scored_rollout(policy, algo, None)
     calls = []
     real = loop.minibatch_loss
@@ -371,18 +407,19 @@ def test_mu_epochs_step_each_epoch_and_reuse_first_epoch_logprobs_as_old(monkeyp
         return 0.0, True
 
     stats = loop.update_phase(policy, r, algo, backward, step, loss_denominator(r, algo), 1, minibatch_size=4)
-    assert len(steps) == 2
-    assert len(calls) == 4  # 2 epochs x 2 minibatches
+    assert len(steps) == 3
+    assert len(calls) == 6  # 3 epochs x 2 minibatches
     for i in range(2):
         first_old, first_current = calls[i]
-        second_old, second_current = calls[2 + i]
         assert first_old is None  # epoch 1: ratio 1 (the paper's single update)
-        assert set(second_old) == {"plan", "image"}
-        for key in second_old:
-            assert torch.equal(second_old[key], first_current[key])
-            assert not second_old[key].requires_grad
-        # the big step moved the policy: the second epoch's log-probs are not the old ones
-        assert (second_current["image"] - first_current["image"]).abs().max() > 1e-3
+        for epoch in (1, 2):
+            old, current = calls[2 * epoch + i]
+            assert set(old) == {"plan", "image"}
+            for key in old:
+                assert torch.equal(old[key], first_current[key]), (epoch, key)
+                assert not old[key].requires_grad
+            # the big step moved the policy: later epochs' log-probs are not the old ones
+            assert (current["image"] - first_current["image"]).abs().max() > 1e-3
     assert stats.clip_frac > 0
 
 
@@ -411,7 +448,11 @@ def test_update_reports_grad_norm_and_skipped_steps():
 
 # --------------------------------------------------------------------------- single-level ablations
 
-IMAGE_SIDE = ("model.model.generation_head.", "model.model.generation_aligner.", "model.model.generation_embeddings.")
+IMAGE_SIDE = (
+    "model.model.generation_head.",
+    "model.model.generation_aligner.",
+    "model.model.generation_embeddings.",
+)
 LM_WEIGHT = "model.model.language_model.layers.0.self_attn.q_proj.weight"
 HEAD_WEIGHT = "model.model.generation_head.proj_out.weight"
 
@@ -442,4 +483,3 @@ def test_token_only_never_computes_plan_logprobs(monkeypatch):
     grads = recorder.steps[0]
     assert grads[HEAD_WEIGHT].abs().sum() > 0
     assert stats.kl_plan == 0.0 and stats.kl_image > 0
-

@@ -15,7 +15,9 @@ def make_rollout(with_plans: bool = True, scored: bool = True) -> Rollout:
     plan = dict(
         plan_context_ids=torch.arange(R * 7).view(R, 7),
         plan_context_mask=torch.ones(R, 7, dtype=torch.long),
-        plan_tokens=torch.where(mask, torch.arange(R * T).view(R, T) + 10, torch.zeros(R, T, dtype=torch.long)),
+        plan_tokens=torch.where(
+            mask, torch.arange(R * T).view(R, T) + 10, torch.zeros(R, T, dtype=torch.long)
+        ),
         plan_mask=mask,
         plan_logp=torch.where(mask, -(rows + 1) - torch.arange(T) / 10, torch.zeros(R, T)),
         plans=[f"plan {i}" for i in range(R)],
@@ -54,9 +56,19 @@ def test_rows_slices_every_per_row_field_consistently():
     assert sub.group_size == 2
     assert sub.records == ["record 0", "record 1"]
     assert sub.plans == ["plan 1", "plan 2"]
-    for name in ("plan_context_ids", "plan_context_mask", "image_cond_ids", "image_cond_mask",
-                 "image_uncond_ids", "image_tokens", "image_logp", "images", "rewards", "advantages",
-                 "ref_image_logp"):
+    for name in (
+        "plan_context_ids",
+        "plan_context_mask",
+        "image_cond_ids",
+        "image_cond_mask",
+        "image_uncond_ids",
+        "image_tokens",
+        "image_logp",
+        "images",
+        "rewards",
+        "advantages",
+        "ref_image_logp",
+    ):
         torch.testing.assert_close(getattr(sub, name), getattr(r, name)[1:3], msg=name)
     assert set(sub.reward_per_expert) == {"a", "b"}
     for name, scores in sub.reward_per_expert.items():
@@ -103,8 +115,18 @@ def test_rows_without_plans_or_scores_keeps_them_none():
     r = make_rollout(with_plans=False, scored=False)
     sub = r.rows(slice(0, 3))
     assert sub.num_rows == 3
-    for name in ("plan_context_ids", "plan_context_mask", "plan_tokens", "plan_mask", "plan_logp", "plans",
-                 "rewards", "advantages", "ref_plan_logp", "ref_image_logp"):
+    for name in (
+        "plan_context_ids",
+        "plan_context_mask",
+        "plan_tokens",
+        "plan_mask",
+        "plan_logp",
+        "plans",
+        "rewards",
+        "advantages",
+        "ref_plan_logp",
+        "ref_image_logp",
+    ):
         assert getattr(sub, name) is None, name
     assert sub.reward_per_expert == {}
     torch.testing.assert_close(sub.image_tokens, r.image_tokens[:3])
@@ -114,8 +136,19 @@ def test_to_keeps_values_dtypes_and_fields():
     r = make_rollout()
     moved = r.to(torch.device("cpu"))
     assert moved.records == r.records and moved.plans == r.plans and moved.group_size == r.group_size
-    for name in ("plan_tokens", "plan_mask", "plan_logp", "image_tokens", "image_logp", "images", "rewards",
-                 "advantages", "ref_plan_logp", "ref_image_logp", "image_uncond_ids"):
+    for name in (
+        "plan_tokens",
+        "plan_mask",
+        "plan_logp",
+        "image_tokens",
+        "image_logp",
+        "images",
+        "rewards",
+        "advantages",
+        "ref_plan_logp",
+        "ref_image_logp",
+        "image_uncond_ids",
+    ):
         a, b = getattr(moved, name), getattr(r, name)
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, msg=name)

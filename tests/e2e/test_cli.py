@@ -12,7 +12,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "tests" / "e2e" / "configs" / "tiny.yaml"
+E2E_CONFIGS = REPO / "tests" / "e2e" / "configs"
+TINY = E2E_CONFIGS / "tiny.yaml"
 PROMPTS = REPO / "datamodules" / "fixtures" / "toy_prompts.jsonl"
 
 TRAIN_METRICS = (

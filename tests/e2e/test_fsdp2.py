@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from test_cli import REPO, bicot, tiny_args
 
 COMPARED = ("train/loss", "train/reward", "train/kl", "train/grad_norm", "train/plan_tokens")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-
 from test_cli import REPO, bicot, tiny_args  # noqa: I001
 
 E2E = Path(__file__).resolve().parent

@@ -1,0 +1,274 @@
+"""BiCoTGRPO: construction checks, the learning-rate schedule, and two real Lightning steps on CPU."""
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+
+from bicot.grpo import BiCoTGRPO
+from bicot.loss import GRPOConfig
+from bicot.rollout import Rollout
+from bicot.templates import REASONING_TEMPLATE
+from datamodules.prompts import PromptDataModule
+from modules.policy import JanusPolicy, SamplingConfig
+from modules.reference import ReferencePolicy
+from modules.rewards.base import RewardExpert
+from modules.rewards.ensemble import RewardEnsemble
+from modules.tiny import TinyJanusSpec
+
+REPO = Path(__file__).resolve().parents[2]
+TOY_PROMPTS = REPO / "datamodules" / "fixtures" / "toy_prompts.jsonl"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine the threads'
+    spin-waiting makes these tests an order of magnitude slower. Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Brightness(RewardExpert):
+    name = "brightness"
+
+    def score(self, images, prompts):
+        return images.float().mean(dim=(1, 2, 3)) / 255
+
+
+class PromptLength(RewardExpert):
+    name = "length"
+
+    def score(self, images, prompts):
+        return torch.tensor([min(len(p.prompt) / 100, 1.0) for p in prompts])
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
+def make_policy(use_plan: bool = True) -> JanusPolicy:
+    return JanusPolicy(tiny=TinyJanusSpec(), sampling=SamplingConfig(plan_max_tokens=4), use_plan=use_plan)
+
+
+def rewards() -> RewardEnsemble:
+    return RewardEnsemble([Brightness(), PromptLength()])
+
+
+def make_module(policy: JanusPolicy | None = None, **kwargs) -> BiCoTGRPO:
+    kwargs.setdefault("algo", GRPOConfig(num_generations=2))
+    return BiCoTGRPO(policy or make_policy(), rewards(), **kwargs)
+
+
+# --------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("levels", ["both", "semantic"])
+def test_training_plans_without_plans_raises(levels):
+    with pytest.raises(ValueError, match="use_plan"):
+        make_module(make_policy(use_plan=False), algo=GRPOConfig(num_generations=2, levels=levels))
+
+
+def test_token_level_without_plans_builds_without_template():
+    module = make_module(make_policy(use_plan=False), algo=GRPOConfig(num_generations=2, levels="token"))
+    assert module.template is None
+
+
+def test_template_is_resolved_when_the_policy_plans():
+    assert make_module().template == REASONING_TEMPLATE
+    assert make_module(reasoning_template="Plan {prompt}.").template == "Plan {prompt}."
+    with pytest.raises(ValueError, match="prompt"):
+        make_module(reasoning_template="no slot here")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=0.0), "lr"),
+        (dict(lr=-1e-6), "lr"),
+        (dict(lr=math.nan), "lr"),
+        (dict(lr=math.inf), "lr"),
+        (dict(lr_schedule="linear"), "lr_schedule"),
+        (dict(grad_clip=-1.0), "grad_clip"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(minibatch_size=0), "minibatch_size"),
+    ],
+)
+def test_invalid_hyperparameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_module(**kwargs)
+
+
+def test_valid_edge_hyperparameters_pass():
+    module = make_module(grad_clip=0.0, minibatch_size=1, lr_schedule="cosine", warmup_steps=0)
+    assert module.minibatch_size == 1 and module.grad_clip == 0.0
+
+
+def test_beta_zero_keeps_no_reference():
+    given = ReferencePolicy.from_policy(make_policy())
+    assert make_module(algo=GRPOConfig(num_generations=2, beta=0.0)).reference is None
+    assert make_module(algo=GRPOConfig(num_generations=2, beta=0.0), reference=given).reference is None
+
+
+def test_beta_positive_copies_the_policy_as_frozen_reference():
+    policy = make_policy()
+    module = make_module(policy, algo=GRPOConfig(num_generations=2, beta=0.01))
+    ref = module.reference
+    assert isinstance(ref, ReferencePolicy)
+    own, copied = policy.model.state_dict(), ref.model.state_dict()
+    assert own.keys() == copied.keys()
+    for name, value in own.items():
+        assert torch.equal(copied[name], value), name
+    assert all(not p.requires_grad for p in ref.parameters())
+    # a copy, not the same storage: training the policy must not move the anchor
+    with torch.no_grad():
+        policy.model.model.language_model.norm.weight.add_(1.0)
+    assert not torch.equal(
+        ref.model.model.language_model.norm.weight, policy.model.model.language_model.norm.weight
+    )
+
+
+def test_beta_positive_fills_a_reference_without_a_checkpoint_from_the_policy():
+    policy = make_policy()
+    empty = ReferencePolicy()
+    module = make_module(policy, algo=GRPOConfig(num_generations=2, beta=0.01), reference=empty)
+    assert module.reference is empty and empty.model is not policy.model
+    for name, value in policy.model.state_dict().items():
+        assert torch.equal(empty.model.state_dict()[name], value), name
+    assert all(not p.requires_grad for p in empty.parameters())
+
+
+def test_beta_positive_keeps_a_given_reference():
+    given = ReferencePolicy.from_policy(make_policy())
+    assert make_module(algo=GRPOConfig(num_generations=2, beta=0.01), reference=given).reference is given
+
+
+# --------------------------------------------------------------------------- learning-rate schedule
+
+
+def test_lr_factor_warmup_then_constant():
+    module = make_module(warmup_steps=4, lr_schedule="constant")
+    assert [module._lr_factor(s, 100) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert module._lr_factor(99, 100) == 1.0
+
+
+def test_lr_factor_warmup_then_cosine_to_zero_at_max_steps():
+    module = make_module(warmup_steps=4, lr_schedule="cosine")
+    total = 14  # 10 cosine steps after warm-up
+    assert module._lr_factor(0, total) == pytest.approx(0.25)
+    assert module._lr_factor(3, total) == pytest.approx(1.0)
+    assert module._lr_factor(4, total) == pytest.approx(1.0)  # cosine starts at its top
+    assert module._lr_factor(9, total) == pytest.approx(0.5)  # half-way
+    assert module._lr_factor(6, total) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert module._lr_factor(14, total) == pytest.approx(0.0, abs=1e-12)
+    assert module._lr_factor(20, total) == pytest.approx(0.0, abs=1e-12)  # stays at 0 past the end
+
+
+def test_lr_factor_cosine_without_warmup_and_without_a_known_total():
+    module = make_module(lr_schedule="cosine")
+    assert module._lr_factor(0, 10) == pytest.approx(1.0)
+    assert module._lr_factor(5, 10) == pytest.approx(0.5)
+    assert module._lr_factor(5, None) == 1.0  # no max_steps: cosine has no end to decay to
+
+
+# --------------------------------------------------------------------------- fit
+
+
+EXPECTED_METRICS = {
+    "train/reward",
+    "train/reward/brightness",
+    "train/reward/length",
+    "train/reward_std",
+    "train/kl",
+    "train/loss",
+    "train/clip_frac",
+    "train/plan_tokens",
+    "train/zero_std_frac",
+    "time/rollout_s",
+    "time/score_s",
+    "time/update_s",
+    "perf/images_per_s",
+}
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def fit(module: BiCoTGRPO, max_steps: int = 2) -> tuple[pl.Trainer, MemoryLogger]:
+    logger = MemoryLogger()
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule=PromptDataModule(train_file=str(TOY_PROMPTS), batch_size=2))
+    return trainer, logger
+
+
+def test_fit_two_steps_logs_metrics_and_trains_only_trainable_parameters():
+    policy = make_policy()
+    module = make_module(policy, algo=GRPOConfig(num_generations=2, beta=0.01), lr=1e-3, warmup_steps=1)
+    before_policy, before_ref = _snapshot(policy), _snapshot(module.reference.model)
+    trainer, logger = fit(module)
+
+    assert trainer.global_step == 2
+    assert isinstance(module.last_rollout, Rollout)
+    assert module.last_rollout.num_rows == 4  # 2 prompts x G = 2
+    assert module.last_rollout.rewards is not None and module.last_rollout.ref_image_logp is not None
+
+    logged = [metrics for _, metrics in logger.calls]
+    names = set().union(*logged)
+    assert EXPECTED_METRICS <= names, EXPECTED_METRICS - names
+    steps = [metrics for metrics in logged if "train/reward" in metrics]
+    assert len(steps) == 2
+    assert steps[-1]["train/reward"] == pytest.approx(float(module.last_rollout.rewards.mean()), abs=1e-6)
+    assert steps[-1]["train/plan_tokens"] == pytest.approx(
+        float(module.last_rollout.plan_mask.sum(1).float().mean())
+    )
+    assert all(m["perf/images_per_s"] > 0 and m["time/rollout_s"] > 0 for m in steps)
+
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.model.language_model.") for n in trainable)
+    after = dict(policy.named_parameters())
+    changed = {n for n in trainable if not torch.equal(after[n], before_policy[n])}
+    assert changed == trainable
+    for name, value in before_policy.items():
+        if name not in trainable:
+            assert torch.equal(after[name], value), f"frozen {name} changed"
+    for name, param in module.reference.model.named_parameters():
+        assert torch.equal(param, before_ref[name]), f"reference {name} changed"
+
+
+def test_fit_logs_the_learning_rate_each_step_used():
+    # warm-up over 2 steps: step 0 trains at lr * 0.5, step 1 at lr * 1.0
+    module = make_module(algo=GRPOConfig(num_generations=2, beta=0.0), lr=1e-3, warmup_steps=2)
+    _, logger = fit(module)
+    logged = [metrics["train/lr"] for _, metrics in logger.calls if "train/lr" in metrics]
+    assert logged == pytest.approx([1e-3 * module._lr_factor(0, 2), 1e-3 * module._lr_factor(1, 2)])
