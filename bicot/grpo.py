@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -16,11 +17,13 @@ from bicot.evaluation import ScoreTally
 from bicot.loss import GRPOConfig, group_std
 from bicot.parallel import gathered, parallelize
 from bicot.rollout import Rollout
+from bicot.scoring import ScoreCollector, infer_benchmark, split_records
 from bicot.templates import resolve_template
 from datamodules.records import PromptRecord
 from modules.policy import JanusPolicy
 from modules.reference import ReferencePolicy
 from modules.rewards.ensemble import RewardEnsemble
+from modules.seeding import generate_janus
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -142,12 +145,27 @@ class BiCoTGRPO(pl.LightningModule):
         return 1.0
 
     # ---- training ------------------------------------------------------------------------------
-    def placement(self, local_prompts: int, stream: int, group_size: int | None = None) -> loop.RowPlacement:
-        """This process's rows in the global batch, and the step's sampling seed."""
+    def placement(
+        self, prompts: int, stream: int, group_size: int | None = None, even: bool = True
+    ) -> loop.RowPlacement:
+        """This process's slice of the ``prompts * G`` global rollout rows, and the sampling seed.
+
+        Args:
+            prompts: prompts in the global batch (every process receives the same batch).
+            stream: distinguishes steps (the global step) and evaluation batches.
+            even: require an equal share per process (training); evaluation allows a short last share.
+        """
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        rows = local_prompts * (group_size or self.algo.num_generations)
+        total = prompts * (group_size or self.algo.num_generations)
+        if even and total % world:
+            raise ValueError(
+                f"data.batch_size x algo.num_generations = {total} rollout rows must be divisible by the "
+                f"{world} processes"
+            )
+        share = -(-total // world)  # ceil
+        offset = min(rank * share, total)
         seed = (self.seed * 1_000_003 + stream) % (2**62)
-        return loop.RowPlacement(seed, rows * world, rows * rank)
+        return loop.RowPlacement(seed, total, offset, min(share, total - offset))
 
     @contextmanager
     def _phase(self, name: str, times: dict[str, float]):
@@ -167,7 +185,9 @@ class BiCoTGRPO(pl.LightningModule):
                 self.policy, batch, algo.num_generations, self.template, self.placement(len(batch), self.global_step)
             )
         with self._phase("score", times), gathered(self.reference.model) if self.reference else _nothing():
-            loop.score_phase(rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size)
+            loop.score_phase(
+                rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size, self._gather_rows
+            )
         stats = None
         if self._all_finite(rollout.rewards, rollout.advantages):
             with self._phase("update", times):
@@ -203,6 +223,12 @@ class BiCoTGRPO(pl.LightningModule):
         scheduler.step()
         self.consecutive_skips = 0
         return float(norm), True
+
+    def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """``[R] -> [R_global]``: every process's rows in global order (equal shares in training)."""
+        if self.trainer.world_size == 1:
+            return values
+        return self.all_gather(values).reshape(-1)
 
     def _all_finite(self, *tensors: torch.Tensor) -> bool:
         """Whether every tensor is finite on every process (all processes must agree to skip)."""
@@ -258,7 +284,7 @@ class BiCoTGRPO(pl.LightningModule):
         self.log("train/reward_std", r.rewards.std() if r.num_rows > 1 else 0.0, **mean)
         for name, scores in r.reward_per_expert.items():
             self.log(f"train/reward/{name}", scores.mean(), **mean)
-        stds = group_std(r.rewards, r.group_size)
+        stds = group_std(r.global_rewards, r.group_size)  # the same on every process
         self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
         nan = float("nan")
         for key in ("loss", "policy_loss", "kl", "kl_plan", "kl_image", "clip_frac"):
@@ -279,7 +305,9 @@ class BiCoTGRPO(pl.LightningModule):
     # ---- evaluation and standalone generation --------------------------------------------------
     def evaluate(self, batch: Sequence[PromptRecord], batch_idx: int, tally: ScoreTally) -> None:
         """One image per prompt (with its plan), scored by every expert, added to ``tally``."""
-        placement = self.placement(len(batch), 10**9 + batch_idx, group_size=1)
+        placement = self.placement(len(batch), 10**9 + batch_idx, group_size=1, even=False)
+        if placement.rows == 0:
+            return  # more processes than prompts in this batch
         with gathered(self.policy.model):
             rollout = loop.rollout_phase(self.policy, batch, 1, self.template, placement)
         out = self.rewards(rollout.images, rollout.records)
@@ -323,6 +351,42 @@ class BiCoTGRPO(pl.LightningModule):
             out = self.policy.generate([r.prompt for r in batch], n, self.template, self.seed + 2 * batch_idx)
         out["prompts"] = [r.prompt for r in batch for _ in range(n)]
         return out
+
+    # ---- testing: generate, then score per category (`bicot test`) ---------------------------------
+    def test_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> dict | None:
+        """Draw ``policy.predict_images_per_prompt`` images per prompt and score them with every expert.
+
+        Each image has its own seed (``modules.seeding.image_seed(model.seed, line, sample)``), so the
+        images do not depend on batching. Scores are summed per category (the records' ``task_type``).
+
+        Returns:
+            The predict dict (``images`` uint8 ``[R, H, W, 3]``, ``image_tokens``, ``plans``, ``prompts``,
+            ``seeds``) so that a ``callbacks.prediction_writer.BenchmarkWriter`` writes the images too.
+        """
+        if getattr(self, "_test_scores", None) is None:
+            categories = [r.task_type for r in split_records(self.trainer, "test")]
+            self._test_scores = ScoreCollector(self.rewards.names, categories, self.device)
+        if not batch:
+            return None
+        n = self.policy.predict_images_per_prompt
+        with gathered(self.policy.model):
+            out = generate_janus(self.policy, batch, n, self.template, self.seed)
+        records = [r for r in batch for _ in range(n)]
+        scores = self.rewards(out["images"], records)
+        plans = out["plans"] or [None] * len(records)
+        info = [{"plan": plan, "seed": seed} for plan, seed in zip(plans, out["seeds"], strict=True)]
+        self._test_scores.add(scores.per_expert, records, info)
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/<expert>/<category>``, print the table, write it under ``<default_root_dir>/test_scores``."""
+        records = split_records(self.trainer, "test")
+        collector = getattr(self, "_test_scores", None)
+        if collector is None:  # this process drew no batch; it still takes part in the metric's sync
+            collector = ScoreCollector(self.rewards.names, [r.task_type for r in records], self.device)
+        self._test_scores = None
+        root = Path(self.trainer.default_root_dir)
+        collector.finish(self, root / "test_scores", root.resolve().name, infer_benchmark(records))
 
 
 @contextmanager

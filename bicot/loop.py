@@ -20,12 +20,22 @@ from modules.rewards.ensemble import RewardEnsemble
 
 @dataclass
 class RowPlacement:
-    """Where this process's rows sit in the global batch (so sampling noise is split-invariant)."""
+    """This process's rows of the global rollout, and the step's sampling seed.
+
+    Every process receives the same global batch of P prompts; the ``P * G`` rollout rows are split
+    into equal contiguous slices, one per process. A prompt's G samples may therefore span processes;
+    group statistics are computed on the gathered rewards (:func:`score_phase`). Sampling noise is
+    drawn for the global rows, so any split draws the same samples.
+    """
 
     seed: int
     """seed of this step's sampling streams (plan and image streams derive from it)."""
     global_rows: int | None = None
+    """rows of the global rollout (``None``: this process holds them all)."""
     offset: int = 0
+    """global index of this process's first row."""
+    rows: int | None = None
+    """number of rows this process holds (``None``: all from ``offset``)."""
 
 
 def rollout_phase(
@@ -35,26 +45,33 @@ def rollout_phase(
     template: str | None,
     placement: RowPlacement,
 ) -> Rollout:
-    """Sample G plans per prompt, one image per plan, and decode them.
+    """Sample G plans per prompt, one image per plan, and decode them (this process's rows only).
 
     Args:
-        records: ``P`` prompt records (this process's share of the global batch).
+        records: the global batch of ``P`` prompt records.
         template: the reasoning instruction around ``{prompt}``, or ``None`` to draw without a plan.
 
     Returns:
-        A :class:`Rollout` of ``P * G`` rows without rewards.
+        A :class:`Rollout` of this process's rows (all ``P * G`` on one process), without rewards.
     """
+    start = placement.offset
     repeated = [r for r in records for _ in range(group_size)]
-    noise = lambda stream: policy.noise(placement.seed * 2 + stream, placement.global_rows, placement.offset)  # noqa: E731
+    repeated = repeated[start : start + placement.rows if placement.rows is not None else None]
+    noise = lambda stream: policy.noise(placement.seed * 2 + stream, placement.global_rows, start)  # noqa: E731
     plans = None
+    was_training = policy.model.training
+    policy.model.eval()  # sampling: no dropout, no activation checkpointing, caches on
     if template is not None:
-        plans = policy.sample_plans([r.prompt for r in records], template, group_size, noise(0))
+        plans = policy.sample_plans([r.prompt for r in repeated], template, 1, noise(0))
     context = policy.image_context([r.prompt for r in repeated], plans.texts if plans else None)
     sample = policy.sample_images(context, noise(1))
+    images = policy.decode(sample.tokens)
+    policy.model.train(was_training)
     guided = policy.sampling.image_logprob == "guided"
     return Rollout(
         records=repeated,
         group_size=group_size,
+        row_offset=start,
         plan_context_ids=plans.context_ids if plans else None,
         plan_context_mask=plans.context_mask if plans else None,
         plan_tokens=plans.tokens if plans else None,
@@ -66,7 +83,7 @@ def rollout_phase(
         image_uncond_ids=context.uncond_ids,
         image_tokens=sample.tokens,
         image_logp=sample.logp_guided if guided else sample.logp_conditional,
-        images=policy.decode(sample.tokens),
+        images=images,
     )
 
 
@@ -99,13 +116,21 @@ def score_phase(
     policy: JanusPolicy,
     reference: ReferencePolicy | None,
     minibatch_size: int | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Fill ``r``'s rewards and advantages, and its reference log-probs when ``beta > 0``."""
+    """Fill ``r``'s rewards and advantages, and its reference log-probs when ``beta > 0``.
+
+    Args:
+        gather: ``[R] -> [R_global]``, the rewards of every process in global row order. Only these
+            scalars cross the network; groups split across processes get the right statistics.
+    """
     out = rewards(r.images, r.records)
     device = r.image_tokens.device
     r.rewards = out.total.to(device)  # [R]
     r.reward_per_expert = {name: score.to(device) for name, score in out.per_expert.items()}
-    r.advantages = group_advantages(r.rewards, r.group_size, algo.scale_rewards, algo.adv_eps)  # [R]
+    r.global_rewards = gather(r.rewards) if gather is not None else r.rewards  # [R_global]
+    advantages = group_advantages(r.global_rewards, r.group_size, algo.scale_rewards, algo.adv_eps)
+    r.advantages = advantages[r.row_offset : r.row_offset + r.num_rows]  # [R]
     if reference is None or algo.beta == 0:
         return
     plan_parts, image_parts = [], []

@@ -42,8 +42,12 @@ class Rollout:
     """``[R, N]`` image log-probs under the sampling policy (conditional or guided, as configured)."""
     images: Tensor
     """``[R, H, W, 3]`` uint8 decoded images."""
+    row_offset: int = 0
+    """global index of the first row (rows of a group may sit on several processes)."""
     rewards: Tensor | None = None
     """``[R]`` weighted ensemble reward (filled by the score phase)."""
+    global_rewards: Tensor | None = None
+    """``[R_global]`` rewards of all processes' rows, in global order (group statistics use these)."""
     reward_per_expert: dict[str, Tensor] = field(default_factory=dict)
     """expert name -> ``[R]`` unweighted scores."""
     advantages: Tensor | None = None
@@ -63,11 +67,14 @@ class Rollout:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Tensor) or (isinstance(value, list) and f.name in ("records", "plans")):
+            if f.name == "global_rewards":
+                pass  # global by definition
+            elif isinstance(value, Tensor) or (isinstance(value, list) and f.name in ("records", "plans")):
                 value = value[index]
             elif isinstance(value, dict):
                 value = {k: v[index] for k, v in value.items()}
             out[f.name] = value
+        out["row_offset"] = self.row_offset + range(self.num_rows)[index].start
         sub = replace(self, **out)
         if sub.plan_mask is not None:
             width = max(int(sub.plan_mask.sum(1).max()), 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -425,16 +424,10 @@ class PromptDataModule(pl.LightningDataModule):
         return self.records[split]
 
     def _loader(self, records: list[PromptRecord], batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        rank, world = 0, 1
-        if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-        if drop_last and batch_size % world:
-            raise ValueError(
-                f"data.batch_size={batch_size} prompts per step must be divisible by the {world} processes"
-            )
-        batches = RankBatches(records, batch_size, shuffle, self.seed, drop_last, rank, world)
-        # batch_size=None: the dataset yields whole batches; an iterable dataset also keeps Lightning
-        # from injecting a DistributedSampler that would split the batch a second time.
+        batches = GlobalBatches(records, batch_size, shuffle, self.seed, drop_last)
+        # batch_size=None: the dataset yields whole batches. Every process gets the same global batch
+        # and takes its own rows of the rollout (BiCoTGRPO.placement); an iterable dataset keeps
+        # Lightning from injecting a DistributedSampler that would split the prompts.
         return ResumableLoader(batches, self._batches_done)
 
     def _batches_done(self) -> int:
@@ -468,13 +461,8 @@ class PromptDataModule(pl.LightningDataModule):
         return self._loader(self._split("predict"), self.val_batch_size, False, False)
 
 
-class RankBatches(IterableDataset):
-    """Global batches of prompt records, each cut to this process's contiguous share.
-
-    Every process sees the same global order (seeded by ``seed`` and the epoch), and process ``rank``
-    of ``world`` takes rows ``[rank * k, (rank + 1) * k)`` of each batch, ``k = ceil(batch / world)``.
-    Sampling noise is drawn for the global batch (see ``modules.janus_ops.RowNoise``), so one process
-    and several draw the same samples for the same prompts.
+class GlobalBatches(IterableDataset):
+    """Global batches of prompt records, the same on every process, reshuffled each epoch.
 
     Args:
         records: the split's prompts.
@@ -482,21 +470,13 @@ class RankBatches(IterableDataset):
         shuffle: reshuffle every epoch.
         seed: base seed of the shuffle (epoch ``e`` uses ``seed + e``).
         drop_last: drop a last, incomplete global batch.
-        rank, world: this process's data-parallel rank and the number of processes.
     """
 
     def __init__(
-        self,
-        records: list[PromptRecord],
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        drop_last: bool,
-        rank: int = 0,
-        world: int = 1,
+        self, records: list[PromptRecord], batch_size: int, shuffle: bool, seed: int, drop_last: bool
     ) -> None:
         self.records, self.batch_size, self.shuffle = records, batch_size, shuffle
-        self.seed, self.drop_last, self.rank, self.world = seed, drop_last, rank, world
+        self.seed, self.drop_last = seed, drop_last
         self.epoch = 0  # epochs started; the next __iter__ shuffles with seed + epoch
         self.start = 0  # batches to skip at the start of the next epoch (set when resuming)
 
@@ -519,13 +499,11 @@ class RankBatches(IterableDataset):
         self.epoch += 1
         first, self.start = self.start, 0
         for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            batch = [self.records[i] for i in order[start : start + self.batch_size]]
-            share = math.ceil(len(batch) / self.world)
-            yield batch[self.rank * share : (self.rank + 1) * share]
+            yield [self.records[i] for i in order[start : start + self.batch_size]]
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over :class:`RankBatches` whose position Lightning saves in checkpoints.
+    """A DataLoader over :class:`GlobalBatches` whose position Lightning saves in checkpoints.
 
     Lightning stores ``state_dict()`` of stateful train loaders and calls ``load_state_dict`` on resume,
     so a resumed run continues with the very next batch of the same shuffled order.
@@ -536,7 +514,7 @@ class ResumableLoader(DataLoader):
             (the loader's own count runs ahead because Lightning prefetches).
     """
 
-    def __init__(self, batches: RankBatches, batches_done) -> None:
+    def __init__(self, batches: GlobalBatches, batches_done) -> None:
         super().__init__(batches, batch_size=None, collate_fn=collate_records)
         self._batches_done = batches_done
 

@@ -205,17 +205,21 @@ def test_rollout_is_deterministic_for_a_seed_and_differs_for_another():
 
 @pytest.mark.parametrize("template", [None, TEMPLATE])
 def test_rollout_is_split_invariant_across_row_placements(template):
-    # one process drawing both prompts == two processes each drawing one, placed in the global batch
+    # One process drawing every row == processes drawing contiguous slices of the global rows,
+    # including a split inside a prompt's group (rows 0..1 and 1..R).
     policy = make_policy(use_plan=template is not None)
     whole = rollout_phase(policy, RECORDS, G, template, RowPlacement(5))
-    first = rollout_phase(policy, RECORDS[:1], G, template, RowPlacement(5, global_rows=R, offset=0))
-    second = rollout_phase(policy, RECORDS[1:], G, template, RowPlacement(5, global_rows=R, offset=G))
-    if template is not None:
-        assert first.plans + second.plans == whole.plans
-    assert torch.equal(torch.cat([first.image_tokens, second.image_tokens]), whole.image_tokens)
-    # and the placement matters: the second prompt drawn as if it were first samples other tokens
-    alone = rollout_phase(policy, RECORDS[1:], G, template, RowPlacement(5, global_rows=R, offset=0))
-    assert not torch.equal(alone.image_tokens, second.image_tokens)
+    for cut in (G, 1):
+        first = rollout_phase(policy, RECORDS, G, template, RowPlacement(5, global_rows=R, offset=0, rows=cut))
+        second = rollout_phase(policy, RECORDS, G, template, RowPlacement(5, global_rows=R, offset=cut))
+        assert first.records + second.records == whole.records
+        assert (first.row_offset, second.row_offset) == (0, cut)
+        if template is not None:
+            assert first.plans + second.plans == whole.plans
+        assert torch.equal(torch.cat([first.image_tokens, second.image_tokens]), whole.image_tokens)
+    # and the placement matters: the second prompt's rows drawn with the first rows' noise differ
+    alone = rollout_phase(policy, RECORDS[1:], G, template, RowPlacement(5, global_rows=R, offset=0, rows=G))
+    assert not torch.equal(alone.image_tokens, whole.image_tokens[G:])
 
 
 def test_rollout_draws_plans_and_images_from_distinct_streams(monkeypatch):

@@ -316,15 +316,20 @@ def test_train_batches_are_record_lists(ten_prompts):
     assert [len(b) for b in evaluation.val_dataloader()] == [4, 4, 2]
 
 
-def test_ranks_take_contiguous_shares_of_the_same_global_batch(ten_prompts):
-    from datamodules.prompts import RankBatches
+def test_resume_continues_the_same_shuffled_order(ten_prompts):
+    from datamodules.prompts import GlobalBatches
     from datamodules.prompts import load_prompts as load
 
     records = load(ten_prompts)
-    whole = [[r.prompt for r in b] for b in RankBatches(records, 4, True, 3, True)]
-    shares = [[[r.prompt for r in b] for b in RankBatches(records, 4, True, 3, True, rank, 2)] for rank in (0, 1)]
-    assert [a + b for a, b in zip(*shares, strict=True)] == whole
-    assert all(len(b) == 2 for b in shares[0])
+    whole = GlobalBatches(records, 3, True, 5, True)
+    epochs = [[[r.prompt for r in b] for b in whole] for _ in range(2)]
+    resumed = GlobalBatches(records, 3, True, 5, True)
+    resumed.resume(epoch=0, batches_done=2)
+    assert [[r.prompt for r in b] for b in resumed] == epochs[0][2:]
+    assert [[r.prompt for r in b] for b in resumed] == epochs[1]  # and the next epoch as before
+    at_end = GlobalBatches(records, 3, True, 5, True)
+    at_end.resume(epoch=0, batches_done=3)  # saved after the last batch of epoch 0
+    assert [[r.prompt for r in b] for b in at_end] == epochs[1]
 
 
 def test_train_order_is_seeded(ten_prompts):

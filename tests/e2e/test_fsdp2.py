@@ -17,11 +17,15 @@ def history(db, name: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize(
+    "prompts",
+    [2, 1],  # 1 prompt: its group of 4 samples is split across the 2 processes
+)
+def test_two_processes_match_one_process(tmp_path, prompts):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
-    common = ("--trainer.max_steps=3", "--model.algo.num_generations=4")
+    common = ("--trainer.max_steps=3", "--model.algo.num_generations=4", f"--data.batch_size={prompts}")
     one = bicot("fit", *tiny_args(single, *common), cwd=single)
     assert one.returncode == 0, one.stderr[-3000:]
     fsdp = REPO / "configs" / "strategy" / "fsdp2.yaml"
@@ -34,3 +38,5 @@ def test_two_processes_match_one_process(tmp_path):
         # count: only float summation order differs. Measured differences are ~1e-7.
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), name
     assert history(single / "mlflow.db", "train/kl")[-1] > 0  # the policy moved, so the match is not trivial
+    # group statistics on gathered rewards: the same fraction of all-equal groups either way
+    assert history(single / "mlflow.db", "train/zero_std_frac") == history(double / "mlflow.db", "train/zero_std_frac")
