@@ -1,0 +1,224 @@
+"""Tests for the HPS expert: the open_clip key mapping, open_clip-style preprocessing, loading errors, scores."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.records import PromptRecord
+from modules.rewards.common import ExpertCheckpointError
+from modules.rewards.hps import (
+    CLIP_MEAN,
+    CLIP_STD,
+    HPSExpert,
+    OpenClipArch,
+    clip_preprocess,
+    open_clip_rules,
+    open_clip_to_hf,
+    read_open_clip_state,
+)
+from modules.rewards.tiny import save_tiny_hps
+
+PROMPTS = ["a red ball", "two cats near a tv", "a photo of a zebra below a car"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``(checkpoint, tokenizer dir, arch, source CLIPModel)`` of a tiny random CLIP in open_clip layout."""
+    return save_tiny_hps(tmp_path_factory.mktemp("hps"))
+
+
+@pytest.fixture(scope="module")
+def expert(tiny):
+    checkpoint, tokenizer, arch, _ = tiny
+    return HPSExpert(str(checkpoint), str(tokenizer), arch=arch)
+
+
+def images(n: int, height: int = 30, width: int = 40, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, height, width, 3), dtype=torch.uint8, generator=generator)
+
+
+# ----------------------------------------------------------------------------- an independent open_clip forward
+
+
+def _block(x, state, prefix, heads, mask=None):
+    """One open_clip ResidualAttentionBlock, written against open_clip's own tensor names."""
+    width = x.shape[-1]
+    attn = nn.MultiheadAttention(width, heads, batch_first=True)
+    attn.load_state_dict({k.split("attn.")[1]: v for k, v in state.items() if k.startswith(prefix + "attn.")})
+    h = F.layer_norm(x, (width,), state[prefix + "ln_1.weight"], state[prefix + "ln_1.bias"])
+    x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+    h = F.layer_norm(x, (width,), state[prefix + "ln_2.weight"], state[prefix + "ln_2.bias"])
+    h = F.gelu(F.linear(h, state[prefix + "mlp.c_fc.weight"], state[prefix + "mlp.c_fc.bias"]))
+    return x + F.linear(h, state[prefix + "mlp.c_proj.weight"], state[prefix + "mlp.c_proj.bias"])
+
+
+def reference_image(state, arch: OpenClipArch, pixels):
+    x = F.conv2d(pixels, state["visual.conv1.weight"], stride=arch.patch_size).flatten(2).transpose(1, 2)
+    cls = state["visual.class_embedding"].expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + state["visual.positional_embedding"]
+    x = F.layer_norm(x, (arch.vision_width,), state["visual.ln_pre.weight"], state["visual.ln_pre.bias"])
+    for i in range(arch.vision_layers):
+        x = _block(x, state, f"visual.transformer.resblocks.{i}.", arch.vision_heads)
+    x = F.layer_norm(
+        x[:, 0], (arch.vision_width,), state["visual.ln_post.weight"], state["visual.ln_post.bias"]
+    )
+    return F.normalize(x @ state["visual.proj"], dim=-1)
+
+
+def reference_text(state, arch: OpenClipArch, ids):
+    length = ids.shape[1]
+    x = state["token_embedding.weight"][ids] + state["positional_embedding"][:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    for i in range(arch.text_layers):
+        x = _block(x, state, f"transformer.resblocks.{i}.", arch.text_heads, mask)
+    x = F.layer_norm(x, (arch.text_width,), state["ln_final.weight"], state["ln_final.bias"])
+    return F.normalize(x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)] @ state["text_projection"], dim=-1)
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def test_features_match_open_clip_math_and_the_source_model(tiny, expert):
+    checkpoint, _, arch, source = tiny
+    state = read_open_clip_state(checkpoint)
+    pixels = clip_preprocess(images(2), arch.image_size)
+    tokens = expert.tokenizer(PROMPTS, padding="max_length", max_length=arch.context_length, truncation=True)
+    ids = torch.tensor(tokens.input_ids)
+    with torch.no_grad():
+        got_image = expert.image_features(images(2))
+        got_text = expert.text_features(PROMPTS)
+        torch.testing.assert_close(got_image, reference_image(state, arch, pixels), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got_text, reference_text(state, arch, ids), atol=1e-5, rtol=1e-4)
+        source_image = source.visual_projection(source.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(got_image, F.normalize(source_image, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_every_key_is_used_once(tiny):
+    _, _, arch, source = tiny
+    rules = open_clip_rules(arch.vision_layers, arch.text_layers)
+    hf_keys = [key for _, keys, _ in rules for key in keys]
+    assert len(hf_keys) == len(set(hf_keys))
+    assert set(hf_keys) == set(source.state_dict())
+    assert len({oc for oc, _, _ in rules}) == len(rules)
+
+
+def shapes_of(source):
+    return {k: v.shape for k, v in source.state_dict().items()}
+
+
+def test_leftover_missing_and_misshapen_keys_are_named(tiny):
+    checkpoint, _, arch, source = tiny
+    state = read_open_clip_state(checkpoint)
+    extra = {**state, "visual.head.weight": torch.zeros(2)}
+    with pytest.raises(ExpertCheckpointError, match="visual.head.weight"):
+        open_clip_to_hf(extra, shapes_of(source), arch.vision_layers, arch.text_layers)
+    missing = {k: v for k, v in state.items() if k != "ln_final.bias"}
+    with pytest.raises(ExpertCheckpointError, match="missing from the checkpoint: ln_final.bias"):
+        open_clip_to_hf(missing, shapes_of(source), arch.vision_layers, arch.text_layers)
+    wrong = {**state, "visual.proj": torch.zeros(3, 3)}
+    with pytest.raises(ExpertCheckpointError, match=r"visual.proj has shape \(3, 3\)"):
+        open_clip_to_hf(wrong, shapes_of(source), arch.vision_layers, arch.text_layers)
+    with_mask = {**state, "attn_mask": torch.zeros(77, 77)}  # a buffer older open_clip versions saved
+    assert len(open_clip_to_hf(with_mask, shapes_of(source), arch.vision_layers, arch.text_layers)) == len(
+        shapes_of(source)
+    )
+
+
+def test_arch_that_does_not_fit_the_checkpoint(tiny):
+    checkpoint, tokenizer, arch, _ = tiny
+    shallow = OpenClipArch(**{**vars(arch), "vision_layers": 1})
+    with pytest.raises(ExpertCheckpointError, match=r"HPS_tiny.pt.*visual.transformer.resblocks.1"):
+        HPSExpert(str(checkpoint), str(tokenizer), arch=shallow)
+
+
+def test_bare_state_dict_with_ddp_prefix_is_accepted(tiny, tmp_path):
+    checkpoint, _, _, _ = tiny
+    state = read_open_clip_state(checkpoint)
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "bare.pt")
+    assert read_open_clip_state(tmp_path / "bare.pt").keys() == state.keys()
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "full.pt")
+    with pytest.raises(ExpertCheckpointError, match="weights_only=True"):
+        read_open_clip_state(tmp_path / "full.pt")
+
+
+def test_missing_files_are_named(tiny, tmp_path):
+    checkpoint, tokenizer, arch, _ = tiny
+    with pytest.raises(ExpertCheckpointError, match=r"not found: .*nope.pt.*xswu/HPSv2"):
+        HPSExpert(str(tmp_path / "nope.pt"), str(tokenizer), arch=arch)
+    with pytest.raises(ExpertCheckpointError, match=r"not found: .*no_tokenizer.*tokenizer="):
+        HPSExpert(str(checkpoint), str(tmp_path / "no_tokenizer"), arch=arch)
+
+
+def test_default_arch_is_vit_h_14():
+    arch = OpenClipArch()
+    assert (arch.vision_width, arch.vision_layers, arch.vision_heads, arch.patch_size, arch.image_size) == (
+        1280,
+        32,
+        16,
+        14,
+        224,
+    )
+    assert (arch.text_width, arch.text_layers, arch.text_heads, arch.embed_dim) == (1024, 24, 16, 1024)
+
+
+# ----------------------------------------------------------------------------- preprocessing and scores
+
+
+def test_preprocess_constant_image_is_normalised_exactly():
+    gray = torch.full((1, 50, 70, 3), 128, dtype=torch.uint8)
+    out = clip_preprocess(gray, 28)
+    assert out.shape == (1, 3, 28, 28)
+    expected = (128 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(out[0, :, 5, 9], expected)
+
+
+def test_preprocess_resizes_the_shortest_side_and_crops_the_centre():
+    # A tall image, black above and white below: the centre crop straddles the boundary.
+    tall = torch.zeros(1, 60, 20, 3, dtype=torch.uint8)
+    tall[:, 30:] = 255
+    out = clip_preprocess(tall, 28, mean=(0, 0, 0), std=(1, 1, 1))
+    assert out.shape == (1, 3, 28, 28)
+    assert out[0, :, 0, :].max() < 0.05 and out[0, :, -1, :].min() > 0.95
+
+
+def test_scores_are_cosines_in_range(expert):
+    records = [PromptRecord(prompt=p) for p in PROMPTS]
+    scores = expert(images(3), records)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and scores.device.type == "cpu"
+    assert ((scores >= 0) & (scores <= 1)).all()
+    with torch.no_grad():
+        cos = (expert.image_features(images(3)) * expert.text_features(PROMPTS)).sum(-1)
+    torch.testing.assert_close(scores, cos.clamp(0, 1))
+
+
+def test_batch_size_does_not_change_scores(tiny, expert):
+    checkpoint, tokenizer, arch, _ = tiny
+    records = [PromptRecord(prompt=p) for p in PROMPTS] * 2
+    one_by_one = HPSExpert(str(checkpoint), str(tokenizer), arch=arch, batch_size=1)
+    torch.testing.assert_close(one_by_one(images(6), records), expert(images(6), records))
+
+
+def test_bfloat16_weights(tiny, expert):
+    checkpoint, tokenizer, arch, _ = tiny
+    half = HPSExpert(str(checkpoint), str(tokenizer), arch=arch, dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    records = [PromptRecord(prompt=p) for p in PROMPTS]
+    scores = half(images(3), records)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expert(images(3), records), atol=0.05, rtol=0)
+
+
+def test_empty_images_score_zero_and_are_counted(expert):
+    before = expert.unreadable
+    with pytest.warns(UserWarning, match="empty images"):
+        scores = expert(torch.zeros(2, 0, 5, 3, dtype=torch.uint8), [PromptRecord(prompt="a cat")] * 2)
+    assert scores.tolist() == [0.0, 0.0] and expert.unreadable == before + 2
