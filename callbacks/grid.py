@@ -112,11 +112,15 @@ def caption_text(c: Caption, layout: GridLayout) -> list[tuple[str, tuple[int, i
     """The caption's lines with their colours, exactly ``layout.caption_lines(len(c.per_expert))`` of them."""
     width = layout.cell_size
     prompt = wrap(c.prompt, layout.font, width, layout.prompt_lines)
-    plan = wrap(f"plan: {c.plan}" if c.plan is not None else "(no plan)", layout.font, width, layout.plan_lines)
+    plan = wrap(
+        f"plan: {c.plan}" if c.plan is not None else "(no plan)", layout.font, width, layout.plan_lines
+    )
     lines = [(t, INK) for t in _pad(prompt, layout.prompt_lines)]
     lines += [(t, MUTED) for t in _pad(plan, layout.plan_lines)]
     lines.append((f"reward {c.reward:.3f}  adv {c.advantage:+.2f}", INK))
-    lines += [(_fit(f"{name} {score:.3f}", layout.font, width), MUTED) for name, score in c.per_expert.items()]
+    lines += [
+        (_fit(f"{name} {score:.3f}", layout.font, width), MUTED) for name, score in c.per_expert.items()
+    ]
     return lines
 
 
@@ -124,7 +128,9 @@ def _pad(lines: list[str], n: int) -> list[str]:
     return (lines + [""] * n)[:n]
 
 
-def draw_grid(images: np.ndarray, captions: Sequence[Caption], group_size: int, layout: GridLayout) -> Image.Image:
+def draw_grid(
+    images: np.ndarray, captions: Sequence[Caption], group_size: int, layout: GridLayout
+) -> Image.Image:
     """Draw ``R = P * G`` images, prompt-major, ``G`` per row, each with its caption below.
 
     Args:

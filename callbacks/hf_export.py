@@ -26,6 +26,20 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def without_tied_copies(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` without the second name of each tied parameter (``lm_head.weight`` when it is the
+    input embedding). ``save_pretrained`` drops those itself only when the tensors share storage, which
+    the gathered copies no longer do; loading re-ties them from the config."""
+    first: dict[int, str] = {}
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            copies.add(name)
+    return {k: v for k, v in state_dict.items() if k not in copies}
+
+
 def plain_class_name(model: torch.nn.Module) -> str:
     """The model's class name without FSDP2's dynamic ``FSDP<Name>`` subclass."""
     for cls in type(model).__mro__:
@@ -43,12 +57,13 @@ def save_hf(model, processor, directory: Path, state_dict: dict | None = None) -
         state_dict: full weights to write instead of ``model.state_dict()``.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    kwargs = {"state_dict": without_tied_copies(model, state_dict)} if state_dict is not None else {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers 4.x; 5.x writes safetensors only
     model.save_pretrained(directory, **kwargs)
     processor.save_pretrained(directory)
-    # fully_shard swaps the class for FSDP<Name>, which save_pretrained would record as the architecture
+    # fully_shard swaps the class for FSDP<Name>; transformers 5.24 strips that prefix itself, older
+    # releases record it as the architecture, which AutoModel then cannot resolve
     config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
     if config.get("architectures") != [plain_class_name(model)]:
@@ -62,7 +77,9 @@ def upload(run: MlflowRun, directory: Path, artifact_path: str) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     for path in tqdm(files, desc=f"MLflow {artifact_path}/", unit="file", disable=None):
         parent = path.parent.relative_to(directory).as_posix()
-        run.client.log_artifact(run.run_id, str(path), artifact_path if parent == "." else posixpath.join(artifact_path, parent))
+        run.client.log_artifact(
+            run.run_id, str(path), artifact_path if parent == "." else posixpath.join(artifact_path, parent)
+        )
 
 
 def register(run: MlflowRun, artifact_path: str, name: str) -> str:
@@ -118,16 +135,27 @@ class HFExport(pl.Callback):
         run = find_run(trainer)
         if run is not None and self.log_artifact and self.register_name:
             version = register(run, self.artifact_path, self.register_name)
-            rank_zero_info(f"HFExport: registered {self.artifact_path}/ as {self.register_name!r} version {version}")
+            rank_zero_info(
+                f"HFExport: registered {self.artifact_path}/ as {self.register_name!r} version {version}"
+            )
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
         if not self.every_checkpoint:
             return
         tag = f"step_{logging_step(trainer):06d}"
         final = self.export_dir(trainer)
-        self.export(trainer, pl_module, final.with_name(final.name + "_steps") / tag, f"{self.artifact_path}_steps/{tag}")
+        self.export(
+            trainer,
+            pl_module,
+            final.with_name(final.name + "_steps") / tag,
+            f"{self.artifact_path}_steps/{tag}",
+        )
 
-    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path, artifact_path: str) -> Path | None:
+    def export(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path, artifact_path: str
+    ) -> Path | None:
         """Gather (every rank), then save and upload (rank 0). Returns the folder on rank 0, else ``None``."""
         policy = pl_module.policy
         state = full_state_dict(policy.model)

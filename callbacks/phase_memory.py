@@ -13,7 +13,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 GIB = 2**30
 
 
-def phase_with_memory(original: Callable, device: Callable[[], torch.device], peaks: dict[str, int]) -> Callable:
+def phase_with_memory(
+    original: Callable, device: Callable[[], torch.device], peaks: dict[str, int]
+) -> Callable:
     """Wrap a ``_phase(name, times)`` context manager so it also records the phase's peak memory.
 
     Args:
@@ -64,11 +66,18 @@ class PhaseMemory(pl.Callback):
             vars(self._wrapped).pop("_phase", None)
             self._wrapped = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         peaks = getattr(pl_module, "phase_peak_memory", None) or self.peaks
         for phase, used in sorted(peaks.items()):
             # a float: Lightning makes it a tensor on the module's device, as sync_dist needs
             pl_module.log(
-                f"memory/{phase}_peak_gib", used / GIB, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max"
+                f"memory/{phase}_peak_gib",
+                used / GIB,
+                on_step=True,
+                on_epoch=False,
+                sync_dist=True,
+                reduce_fx="max",
             )
         self.peaks.clear()

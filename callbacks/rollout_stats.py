@@ -64,7 +64,9 @@ class RolloutStatistics(pl.Callback):
     def __init__(self) -> None:
         self._seen: Rollout | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         r = getattr(pl_module, "last_rollout", None)
         # a step that produced no new rollout must not log the previous step's numbers again
         if r is None or r is self._seen or r.advantages is None:

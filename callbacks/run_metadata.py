@@ -54,7 +54,7 @@ def safe_key(key: str) -> str:
         key = key.replace("/", "_")
     if len(key) > MAX_ENTITY_KEY_LENGTH:
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-        key = f"{key[: MAX_ENTITY_KEY_LENGTH - len(digest) - 1]}~{digest}"
+        key = f"{key[: MAX_ENTITY_KEY_LENGTH - len(digest) - 1]}-{digest}"
     return key
 
 
@@ -93,8 +93,8 @@ def version_tags() -> dict[str, str]:
     tags = {}
     for package in ("bicot", "torch", "transformers", "lightning", "mlflow"):
         try:
-            tags[f"bicot.version.{package}" if package != "bicot" else "bicot.version"] = importlib.metadata.version(
-                package
+            tags[f"bicot.version.{package}" if package != "bicot" else "bicot.version"] = (
+                importlib.metadata.version(package)
             )
         except importlib.metadata.PackageNotFoundError:
             continue
@@ -128,7 +128,9 @@ class RunMetadata(pl.Callback):
         ui_port: the port named in the printed link.
     """
 
-    def __init__(self, tags: dict[str, str] | None = None, print_run: bool = True, ui_port: int = 5000) -> None:
+    def __init__(
+        self, tags: dict[str, str] | None = None, print_run: bool = True, ui_port: int = 5000
+    ) -> None:
         self.tags = dict(tags or {})
         self.print_run, self.ui_port = print_run, ui_port
         self._done = False
@@ -147,7 +149,9 @@ class RunMetadata(pl.Callback):
             run.client.set_tag(run.run_id, key, safe_value(str(value)))
         config = resolved_config(trainer)
         if config is None:
-            rank_zero_warn("RunMetadata: not started by the bicot CLI, so no resolved config to log as params")
+            rank_zero_warn(
+                "RunMetadata: not started by the bicot CLI, so no resolved config to log as params"
+            )
             return
         self.log_params(run, flatten_config(config))
 
@@ -171,6 +175,8 @@ class RunMetadata(pl.Callback):
             elif key not in existing:
                 params.append(Param(key, value))
         if clashes:
-            rank_zero_warn(f"RunMetadata: {len(clashes)} params already logged with other values kept: {clashes[:5]}")
+            rank_zero_warn(
+                f"RunMetadata: {len(clashes)} params already logged with other values kept: {clashes[:5]}"
+            )
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             run.client.log_batch(run.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])

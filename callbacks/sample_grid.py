@@ -53,7 +53,9 @@ class SampleGrid(pl.Callback):
         layout: GridLayout | None = None,
     ) -> None:
         if every_n_steps < 1 or num_prompts < 1:
-            raise ValueError(f"every_n_steps and num_prompts must be >= 1, got {every_n_steps}, {num_prompts}")
+            raise ValueError(
+                f"every_n_steps and num_prompts must be >= 1, got {every_n_steps}, {num_prompts}"
+            )
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} or null, got {split!r}")
         if images_per_prompt is not None and images_per_prompt < 1:
@@ -69,7 +71,9 @@ class SampleGrid(pl.Callback):
         self._last_step: int | None = None
 
     # ---- hooks ---------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
         step = logging_step(trainer)
         if step % self.every_n_steps == 0 and step != self._last_step:
             self.log_samples(trainer, pl_module, step)

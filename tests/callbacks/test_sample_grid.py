@@ -1,0 +1,107 @@
+"""SampleGrid: the grids and JSON a fit logs, fixed prompts, real rewards, and no effect on training's randomness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from toyfit import EVERY_N_STEPS, MAX_STEPS
+
+from bicot.loss import group_advantages
+from callbacks.grid import GridLayout
+from callbacks.sample_grid import SampleGrid
+
+GRID_STEPS = list(range(0, MAX_STEPS, EVERY_N_STEPS)) + [MAX_STEPS]  # every N steps, then after the last
+
+
+def sample_json(toy_run, step: int) -> dict:
+    return json.loads(toy_run.download(f"samples/step_{step:06d}.json").read_text())
+
+
+def test_grids_and_json_are_logged_at_every_nth_step_and_at_the_end(toy_run):
+    names = {a.path for a in toy_run.client.list_artifacts(toy_run.run_id, "samples")}
+    for step in GRID_STEPS:
+        assert f"samples/step_{step:06d}.png" in names
+        assert f"samples/step_{step:06d}.json" in names
+    assert len([n for n in names if n.endswith(".png")]) == len(GRID_STEPS)
+
+
+def test_png_opens_with_the_grid_size(toy_run):
+    summary = sample_json(toy_run, 0)
+    prompts, group, experts = (
+        len(summary["prompts"]),
+        summary["group_size"],
+        len(summary["reward_per_expert"]),
+    )
+    with Image.open(toy_run.download("samples/step_000000.png")) as png:
+        assert png.format == "PNG"
+        assert png.size == GridLayout().size(prompts, group, experts)
+        assert png.width == group * 192 + (group + 1) * 8  # the default cell and padding
+
+
+def test_prompts_are_the_first_train_prompts_at_every_step(toy_run):
+    first = [
+        r.prompt for r in toy_run.datamodule.records["train"][:4]
+    ]  # toy.yaml: num_prompts 4, no val file
+    for step in GRID_STEPS:
+        summary = sample_json(toy_run, step)
+        assert summary["prompts"] == first, step
+        assert summary["group_size"] == toy_run.module.algo.num_generations
+
+
+def test_json_holds_plans_rewards_and_group_advantages(toy_run):
+    summary = sample_json(toy_run, EVERY_N_STEPS)
+    rows = len(summary["prompts"]) * summary["group_size"]
+    assert len(summary["plans"]) == len(summary["rewards"]) == len(summary["advantages"]) == rows
+    assert all(isinstance(p, str) for p in summary["plans"])
+    rewards = torch.tensor(summary["rewards"])
+    # one expert (weight 1): the total is that expert's score, and advantages are normalised per group
+    (scores,) = summary["reward_per_expert"].values()
+    torch.testing.assert_close(torch.tensor(scores), rewards)
+    algo = toy_run.module.algo
+    expected = group_advantages(rewards, summary["group_size"], algo.scale_rewards, algo.adv_eps)
+    torch.testing.assert_close(torch.tensor(summary["advantages"]), expected)
+
+
+def test_last_grid_is_what_the_trained_policy_samples(toy_run):
+    """Same prompts, seed and weights: the logged samples are reproduced exactly, and sampling leaves
+    torch's global random stream alone (training draws the same with or without the callback)."""
+    summary = sample_json(toy_run, MAX_STEPS)
+    callback = SampleGrid(prompts=summary["prompts"], seed=summary["seed"])
+    state = torch.random.get_rng_state()
+    rollout = callback.sample(None, toy_run.module)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert rollout.plans == summary["plans"]
+    assert rollout.rewards.tolist() == pytest.approx(summary["rewards"], abs=1e-6)
+    assert callback.sample(None, toy_run.module).image_tokens.equal(rollout.image_tokens)
+
+
+def test_table_has_one_row_per_sample_and_is_registered_for_the_ui(toy_run):
+    table = json.loads(toy_run.download("samples/table.json").read_text())  # pandas "split" orient
+    columns = table["columns"]
+    for column in ("step", "prompt", "plan", "reward", "advantage", "reward/color"):
+        assert column in columns
+    first = sample_json(toy_run, 0)
+    per_grid = len(first["plans"])
+    assert len(table["data"]) == per_grid * len(GRID_STEPS)
+    steps = [row[columns.index("step")] for row in table["data"]]
+    assert steps == [s for s in GRID_STEPS for _ in range(per_grid)]
+    assert [row[columns.index("plan")] for row in table["data"][:per_grid]] == first["plans"]
+    logged = json.loads(toy_run.run.data.tags["mlflow.loggedArtifacts"])
+    assert {"path": "samples/table.json", "type": "table"} in logged
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"split": "test"}, "split"),
+        ({"prompts": []}, "at least one prompt"),
+        ({"images_per_prompt": 0}, "images_per_prompt"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SampleGrid(**kwargs)
