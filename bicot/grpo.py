@@ -15,7 +15,7 @@ from bicot import loop
 from bicot.checkpointing import CheckpointMismatchError, model_fingerprint
 from bicot.evaluation import ScoreTally
 from bicot.loss import GRPOConfig, group_std
-from bicot.parallel import gathered, parallelize
+from bicot.parallel import ParallelConfig, gathered, parallelize
 from bicot.rollout import Rollout
 from bicot.scoring import ScoreCollector, infer_benchmark, split_records
 from bicot.templates import resolve_template
@@ -23,7 +23,7 @@ from datamodules.records import PromptRecord
 from modules.policy import JanusPolicy
 from modules.reference import ReferencePolicy
 from modules.rewards.ensemble import RewardEnsemble
-from modules.seeding import generate_janus
+from modules.seeding import generate_janus, rank_share
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -54,6 +54,8 @@ class BiCoTGRPO(pl.LightningModule):
         validate_before_fit: score the starting policy on the validation prompts before the first step.
         max_consecutive_skips: an update whose rewards, advantages or gradients are not finite is
             skipped (``train/skipped_steps`` counts them); this many skips in a row stop the run.
+        parallel: activation checkpointing, FSDP2 mixed precision, reference placement, compile
+            (see :class:`bicot.parallel.ParallelConfig`).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class BiCoTGRPO(pl.LightningModule):
         accuracy_expert: str | None = None,
         validate_before_fit: bool = False,
         max_consecutive_skips: int = 3,
+        parallel: ParallelConfig | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -110,6 +113,9 @@ class BiCoTGRPO(pl.LightningModule):
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         self.max_consecutive_skips = max_consecutive_skips
+        self.parallel = parallel or ParallelConfig()
+        self._laid_out = False
+        self.phase_peak_memory: dict[str, int] = {}  # bytes, per phase, on CUDA
         self.skipped_steps = 0
         self.consecutive_skips = 0
         # Checkpoints hold only what trains (see on_save_checkpoint): load them non-strictly.
@@ -118,14 +124,16 @@ class BiCoTGRPO(pl.LightningModule):
 
     # ---- set-up --------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Shard policy and reference with FSDP2 when the strategy gives a device mesh."""
-        mesh = self.device_mesh
-        if mesh is None:
+        """Lay out policy and reference (checkpointing, compile, FSDP2 when the strategy gives a mesh)."""
+        if self._laid_out:
             return
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        parallelize(self.policy.model, dp_mesh)
-        if self.reference is not None:
-            parallelize(self.reference.model, dp_mesh)
+        mesh = self.device_mesh
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            mesh = mesh["data_parallel"]
+        parallelize(self.policy.model, mesh, self.parallel)
+        if self.reference is not None and self.reference.model is not None:  # None: shares the policy (LoRA)
+            parallelize(self.reference.model, mesh, self.parallel, offload=self.parallel.reference == "cpu")
+        self._laid_out = True
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -169,12 +177,15 @@ class BiCoTGRPO(pl.LightningModule):
 
     @contextmanager
     def _phase(self, name: str, times: dict[str, float]):
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         yield
-        if self.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(self.device)
+            self.phase_peak_memory[name] = torch.cuda.max_memory_allocated(self.device)
         times[name] = time.perf_counter() - start
 
     def training_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
@@ -184,7 +195,10 @@ class BiCoTGRPO(pl.LightningModule):
             rollout = loop.rollout_phase(
                 self.policy, batch, algo.num_generations, self.template, self.placement(len(batch), self.global_step)
             )
-        with self._phase("score", times), gathered(self.reference.model) if self.reference else _nothing():
+        ref_model = None
+        if self.reference is not None:  # with LoRA the reference is the policy's model, adapters off
+            ref_model = self.reference.model if self.reference.model is not None else self.policy.model
+        with self._phase("score", times), gathered(ref_model) if ref_model is not None else _nothing():
             loop.score_phase(
                 rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size, self._gather_rows
             )
@@ -284,6 +298,8 @@ class BiCoTGRPO(pl.LightningModule):
         self.log("train/reward_std", r.rewards.std() if r.num_rows > 1 else 0.0, **mean)
         for name, scores in r.reward_per_expert.items():
             self.log(f"train/reward/{name}", scores.mean(), **mean)
+            unreadable = getattr(self.rewards.experts[name], "unreadable", 0)
+            self.log(f"train/unreadable/{name}", float(unreadable), **dict(mean, reduce_fx="sum"))
         stds = group_std(r.global_rewards, r.group_size)  # the same on every process
         self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
         nan = float("nan")
@@ -366,6 +382,8 @@ class BiCoTGRPO(pl.LightningModule):
         if getattr(self, "_test_scores", None) is None:
             categories = [r.task_type for r in split_records(self.trainer, "test")]
             self._test_scores = ScoreCollector(self.rewards.names, categories, self.device)
+        # Every process receives the same global batch and draws its own share of whole prompts.
+        batch = rank_share(batch, self.trainer.global_rank, self.trainer.world_size)
         if not batch:
             return None
         n = self.policy.predict_images_per_prompt

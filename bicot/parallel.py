@@ -5,26 +5,104 @@ from __future__ import annotations
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parallelize(model: torch.nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> torch.nn.Module:
-    """Apply ``fully_shard`` to a ``JanusForConditionalGeneration``: each decoder layer is its own unit,
-    then the root takes the rest (embeddings, heads, vision and VQ towers, which are small or frozen).
+@dataclass
+class ParallelConfig:
+    """How the models are laid out for training, applied once from ``configure_model``.
+
+    Attributes:
+        activation_checkpointing: recompute each decoder layer's activations in the backward pass
+            (saves activation memory of the update for about a third more update compute).
+        param_dtype: FSDP2 mixed precision: gather and compute in this dtype (``bfloat16``) while the
+            sharded master weights and optimizer stay in their own dtype; ``None`` keeps the weights'.
+        reduce_dtype: FSDP2 gradient reduction dtype (``float32`` keeps reductions exact enough).
+        reference: ``shard`` (the reference sharded like the policy) or ``cpu`` (sharded and
+            CPU-offloaded with FSDP2's CPUOffloadPolicy; without FSDP2 the reference stays where the
+            module is, use the memory plan to decide).
+        compile_update: ``torch.compile`` each decoder layer for the update (the rollout keeps eager
+            or its own engine).
+    """
+
+    activation_checkpointing: bool = False
+    param_dtype: str | None = None
+    reduce_dtype: str | None = "float32"
+    reference: str = "shard"
+    compile_update: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"parallel.{name} must be one of {sorted(DTYPES)} or null, got {value!r}")
+        if self.reference not in ("shard", "cpu"):
+            raise ValueError(f"parallel.reference must be 'shard' or 'cpu', got {self.reference!r}")
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Checkpoint every decoder layer (non-reentrant, so it composes with FSDP2 and frozen inputs)."""
+    lm = model.model.language_model
+    # transformers renamed the method (5.2x); the GPU machines run 5.17, which has only the old name.
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def parallelize(
+    model: torch.nn.Module,
+    mesh: DeviceMesh | None,
+    config: ParallelConfig | None = None,
+    offload: bool = False,
+    reshard_after_forward: bool = True,
+) -> torch.nn.Module:
+    """Lay out a ``JanusForConditionalGeneration`` in the fixed order: activation checkpointing,
+    compile, then ``fully_shard`` (each decoder layer its own unit, then the root takes the rest:
+    embeddings, heads, vision and VQ towers, which are small or frozen).
 
     Args:
         model: the Janus model (policy or reference).
-        mesh: the data-parallel mesh (``LightningModule.device_mesh["data_parallel"]``).
+        mesh: the data-parallel mesh (``LightningModule.device_mesh["data_parallel"]``), or ``None``
+            on one device (checkpointing and compile still apply).
+        config: see :class:`ParallelConfig`.
+        offload: keep the sharded parameters on CPU (FSDP2 CPUOffloadPolicy), e.g. for the reference.
     """
+    config = config or ParallelConfig()
+    trains = any(p.requires_grad for p in model.parameters())
+    if config.activation_checkpointing and trains:
+        apply_activation_checkpointing(model)
+    if config.compile_update and trains:
+        for layer in model.model.language_model.layers:
+            layer.compile()
+    if mesh is None:
+        return model
+    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if config.param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=DTYPES[config.param_dtype],
+            reduce_dtype=DTYPES[config.reduce_dtype] if config.reduce_dtype else None,
+        )
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.language_model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     # bicot's teacher-forced passes call embeddings and heads directly, not model.forward: route them
     # through one method that FSDP2 treats as a forward (see modules.janus_ops.model_entry).
     model.bicot_forward = types.MethodType(lambda self, fn, *args, **kwargs: fn(self, *args, **kwargs), model)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from bicot.parallel import fsdp_units
 from callbacks._run import MlflowRun, find_run, logging_step
+from modules.lora import merge_lora_state_dict
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -159,6 +160,11 @@ class HFExport(pl.Callback):
         """Gather (every rank), then save and upload (rank 0). Returns the folder on rank 0, else ``None``."""
         policy = pl_module.policy
         state = full_state_dict(policy.model)
+        lora = getattr(policy, "lora", None)
+        if lora is not None and trainer.is_global_zero:
+            # Stock transformers knows no adapters: write the merged weights under stock names.
+            full = state if state is not None else {k: v.detach().cpu() for k, v in policy.model.state_dict().items()}
+            state = merge_lora_state_dict(full, lora)
         saved = None
         if trainer.is_global_zero:
             saved = save_hf(policy.model, policy.processor, directory, state)

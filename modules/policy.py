@@ -14,6 +14,8 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
+from modules.engine import RolloutEngine
+from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
 
 # Parts of JanusForConditionalGeneration that `trainable` may name.
@@ -29,6 +31,7 @@ PARTS = (
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGE_LOGPROB_MODES = ("conditional", "guided")
+ENGINES = ("eager", "static")
 
 
 class CheckpointError(ValueError):
@@ -50,6 +53,8 @@ class SamplingConfig:
         cfg_scale: classifier-free guidance weight (1 turns guidance off; the paper uses 5).
         image_logprob: ``conditional`` (the paper: log-probs from the conditional logits) or
             ``guided`` (from the CFG mixture actually sampled from; costs a second branch in the update).
+        engine: ``eager`` (the KV-cached loop of ``janus_ops``) or ``static`` (``modules.engine``: static
+            KV cache, one decode-step function, CUDA graphs on GPU; same tokens and log-probs).
     """
 
     plan_max_tokens: int = 64
@@ -61,6 +66,7 @@ class SamplingConfig:
     image_top_p: float = 1.0
     cfg_scale: float = 5.0
     image_logprob: str = "conditional"
+    engine: str = "eager"
 
     def __post_init__(self) -> None:
         if self.plan_max_tokens < 1:
@@ -79,6 +85,8 @@ class SamplingConfig:
             raise ValueError(f"sampling.cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}")
         if self.image_logprob not in IMAGE_LOGPROB_MODES:
             raise ValueError(f"sampling.image_logprob must be one of {IMAGE_LOGPROB_MODES}, got {self.image_logprob!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"sampling.engine must be one of {ENGINES}, got {self.engine!r}")
 
 
 @dataclass
@@ -129,6 +137,9 @@ class JanusPolicy(pl.LightningModule):
         reasoning_template: the instruction around ``{prompt}`` that :meth:`predict_step` uses.
         predict_images_per_prompt: images per prompt in :meth:`predict_step`.
         seed: base seed of :meth:`predict_step` sampling.
+        lora: train LoRA adapters on the language model instead of the parts in ``trainable``; the
+            reference is then the same model with adapters off (no second copy), and
+            :meth:`export_model` merges the adapters.
     """
 
     def __init__(
@@ -144,6 +155,7 @@ class JanusPolicy(pl.LightningModule):
         reasoning_template: str | None = None,
         predict_images_per_prompt: int = 1,
         seed: int = 0,
+        lora: LoraSpec | None = None,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -155,11 +167,13 @@ class JanusPolicy(pl.LightningModule):
         self.reasoning_template = reasoning_template
         self.predict_images_per_prompt = predict_images_per_prompt
         self.seed = seed
+        self._engine = None  # the static rollout engine, built on first use (it holds per-shape buffers)
         self.model, self.processor = load_janus(
             model_name_or_path, tiny, DTYPES[dtype], trust_remote_code, attn_implementation
         )
         self.tokenizer = self.processor.tokenizer
-        self.trainable = set_trainable(self.model, trainable)
+        self.lora = lora
+        self.trainable = add_lora(self.model, lora) if lora is not None else set_trainable(self.model, trainable)
         self.num_image_tokens = self.model.config.vision_config.num_image_tokens
         self.boi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
         self.pad_id = self.tokenizer.pad_token_id
@@ -224,7 +238,7 @@ class JanusPolicy(pl.LightningModule):
         s = self.sampling
         contexts = [self.chat(_fill(template, p)) for p in prompts for _ in range(num_samples)]
         ids, mask = self.encode(contexts)
-        out = janus_ops.sample_text(
+        out = self._sampler().sample_text(
             self.model,
             ids,
             mask,
@@ -243,7 +257,7 @@ class JanusPolicy(pl.LightningModule):
     def sample_images(self, context: ImageContext, noise: janus_ops.RowNoise | None = None):
         """Stage 2, the token-level CoT: image tokens with CFG. Returns a ``janus_ops.ImageSample``."""
         s = self.sampling
-        return janus_ops.sample_image_tokens(
+        return self._sampler().sample_image_tokens(
             self.model,
             context.cond_ids,
             context.cond_mask,
@@ -255,6 +269,14 @@ class JanusPolicy(pl.LightningModule):
             s.image_top_p,
             noise,
         )
+
+    def _sampler(self):
+        """Where sampling runs, per ``sampling.engine``: ``janus_ops`` or the static engine (same signatures)."""
+        if self.sampling.engine == "eager":
+            return janus_ops
+        if self._engine is None:
+            self._engine = RolloutEngine()
+        return self._engine
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """VQ-decode image tokens ``[B, N]`` to uint8 ``[B, H, W, 3]``."""
@@ -286,6 +308,10 @@ class JanusPolicy(pl.LightningModule):
             context.uncond_ids if guided else None,
             self.sampling.cfg_scale,
         )
+
+    def export_model(self) -> JanusForConditionalGeneration:
+        """The model to save for stock transformers: adapters merged into a copy when LoRA trains."""
+        return merged_copy(self.model) if self.lora is not None else self.model
 
     # ---- standalone use ------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import lightning.pytorch as pl
 import torch
 
+from modules.lora import adapters_disabled
 from modules.policy import DTYPES, ImageContext, JanusPolicy, PlanBatch, load_janus
 
 
@@ -25,6 +27,7 @@ class ReferencePolicy(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.model = None
+        self._shared: tuple = ()
         if model_name_or_path is not None:
             if dtype not in DTYPES:
                 raise ValueError(f"reference dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -38,13 +41,27 @@ class ReferencePolicy(pl.LightningModule):
         return cls().adopt(policy)
 
     def adopt(self, policy: JanusPolicy) -> ReferencePolicy:
-        """Take a frozen copy of the policy's current weights (when no checkpoint was named)."""
+        """Take the policy's starting weights: with LoRA, the policy's own model with adapters off
+        (no copy); otherwise a frozen deep copy."""
+        if policy.lora is not None:
+            self._shared = (policy.model,)  # a tuple, so the model is not registered a second time
+            return self
         self.model = copy.deepcopy(policy.model)
         self._freeze()
         return self
 
+    @contextmanager
+    def _weights(self):
+        """Yield the model to score with (adapters off when it is the policy's own model)."""
+        if self._shared:
+            with adapters_disabled(self._shared[0]):
+                yield self._shared[0]
+        else:
+            self._require_model()
+            yield self.model
+
     def _require_model(self) -> None:
-        if self.model is None:
+        if self.model is None and not self._shared:
             raise RuntimeError(
                 "reference has no model: give model_name_or_path, or build it with ReferencePolicy.from_policy(policy)"
             )
@@ -60,11 +77,11 @@ class ReferencePolicy(pl.LightningModule):
     @torch.no_grad()
     def plan_logprobs(self, policy: JanusPolicy, plans: PlanBatch) -> torch.Tensor:
         """``[R, T]`` reference log-probs of plan tokens, with the policy's sampling settings."""
-        self._require_model()
-        return policy.plan_logprobs(plans, model=self.model)
+        with self._weights() as model:
+            return policy.plan_logprobs(plans, model=model)
 
     @torch.no_grad()
     def image_logprobs(self, policy: JanusPolicy, context: ImageContext, tokens: torch.Tensor) -> torch.Tensor:
         """``[R, N]`` reference log-probs of image tokens, with the policy's sampling settings."""
-        self._require_model()
-        return policy.image_logprobs(context, tokens, model=self.model)
+        with self._weights() as model:
+            return policy.image_logprobs(context, tokens, model=model)

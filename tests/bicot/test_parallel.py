@@ -76,3 +76,43 @@ def test_rollout_gathers_each_unit_once_per_rollout():
         assert 1 <= counts["gathered"][0] <= units  # one all-gather per FSDP unit for the whole rollout
         assert counts["plain"][0] >= NUM_TOKENS * (units - 1)  # without it: every layer, every step
         assert counts["gathered"][1] == counts["plain"][1]  # same samples either way
+
+
+def _layer_calls(config) -> tuple[int, torch.Tensor]:
+    """Forward calls of decoder layer 0 during one training forward + backward, and the gradient."""
+    from bicot.parallel import parallelize
+    from modules import janus_ops
+    from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+    model, _ = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
+    model.requires_grad_(False)
+    model.model.language_model.requires_grad_(True)
+    parallelize(model, None, config)
+    model.train()
+    calls = []
+    # A submodule inside the layer: transformers checkpoints the layer's forward, not its hooks.
+    model.model.language_model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.tensor([[1, 7, 11, 61, 74, 8, 11, 5]])
+    logp = janus_ops.image_logprobs(model, ids, torch.ones_like(ids), torch.arange(16)[None])
+    logp.sum().backward()
+    return len(calls), model.model.language_model.layers[0].mlp.up_proj.weight.grad.clone()
+
+
+def test_activation_checkpointing_recomputes_layers_and_keeps_gradients():
+    from bicot.parallel import ParallelConfig
+
+    plain_calls, plain_grad = _layer_calls(ParallelConfig())
+    ckpt_calls, ckpt_grad = _layer_calls(ParallelConfig(activation_checkpointing=True))
+    assert plain_calls == 1
+    assert ckpt_calls == 2  # the backward pass ran the layer again instead of storing its activations
+    torch.testing.assert_close(ckpt_grad, plain_grad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("param_dtype", "bf16"), ("reduce_dtype", "double"), ("reference", "gpu")]
+)
+def test_parallel_config_validation_names_the_field(field, value):
+    from bicot.parallel import ParallelConfig
+
+    with pytest.raises(ValueError, match=field):
+        ParallelConfig(**{field: value})

@@ -1,4 +1,4 @@
-"""FSDP2 on 2 CPU processes (gloo) takes the same steps as one process with the same seed."""
+"""FSDP2 on 2 and 4 CPU processes (gloo) takes the same steps as one process with the same seed."""
 
 from __future__ import annotations
 
@@ -16,20 +16,33 @@ def history(db, name: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
 
 
+LORA_AND_CHECKPOINTING = (
+    "--model.policy.init_args.lora.r=4",
+    "--model.policy.init_args.lora.alpha=8",
+    "--model.parallel.activation_checkpointing=true",
+    "--model.lr=1e-2",
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "prompts",
-    [2, 1],  # 1 prompt: its group of 4 samples is split across the 2 processes
+    ("prompts", "processes", "extra"),
+    [
+        (2, 2, ()),
+        (1, 2, ()),  # 1 prompt: its group of 4 samples is split across the 2 processes
+        (2, 4, ()),
+        (2, 2, LORA_AND_CHECKPOINTING),  # LoRA (reference = adapters off) with activation checkpointing
+    ],
 )
-def test_two_processes_match_one_process(tmp_path, prompts):
+def test_several_processes_match_one_process(tmp_path, prompts, processes, extra):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
-    common = ("--trainer.max_steps=3", "--model.algo.num_generations=4", f"--data.batch_size={prompts}")
+    common = ("--trainer.max_steps=3", "--model.algo.num_generations=4", f"--data.batch_size={prompts}", *extra)
     one = bicot("fit", *tiny_args(single, *common), cwd=single)
     assert one.returncode == 0, one.stderr[-3000:]
     fsdp = REPO / "configs" / "strategy" / "fsdp2.yaml"
-    two = bicot("fit", *tiny_args(double, *common), "-c", str(fsdp), "--trainer.devices=2", cwd=double)
+    two = bicot("fit", *tiny_args(double, *common), "-c", str(fsdp), f"--trainer.devices={processes}", cwd=double)
     assert two.returncode == 0, two.stderr[-3000:]
     for name in COMPARED:
         a, b = history(single / "mlflow.db", name), history(double / "mlflow.db", name)
