@@ -42,7 +42,7 @@ class SaveConfigToRun(SaveConfigCallback):
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_text(logger.run_id, text, "config/config.yaml")
                 return
-        if trainer.log_dir is not None:
+        if trainer.loggers and trainer.log_dir is not None:  # no logger: no run folder to write into
             os.makedirs(trainer.log_dir, exist_ok=True)
             with open(os.path.join(trainer.log_dir, self.config_filename), "w") as f:
                 f.write(text)

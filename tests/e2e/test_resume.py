@@ -176,8 +176,8 @@ def _launch(tmp_path: Path, *args: str) -> subprocess.Popen:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_save_a_checkpoint_and_mark_the_run_killed(tmp_path, sig):
     # Checkpoints every 1000 steps, so the only checkpoint can come from the signal handler.
-    args = [*tiny_args(tmp_path, "--trainer.max_steps=100000"), *checkpointing(tmp_path, "ckpt", every=1000)]
-    proc = _launch(tmp_path, *args)
+    fragment = checkpointing(tmp_path, "ckpt", every=1000)
+    proc = _launch(tmp_path, *tiny_args(tmp_path, "--trainer.max_steps=100000"), *fragment)
     _wait_for_steps(tmp_path / "mlflow.db", proc, steps=2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
@@ -187,8 +187,9 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_mark_the_run_killed(tmp_path, 
     assert run.info.status == "KILLED"
     steps = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert steps >= 1
-    resumed = bicot("fit", *tiny_args(tmp_path, f"--trainer.max_steps={steps + 1}"), *args[len(tiny_args(tmp_path)) :],
-                    "--ckpt_path=last", cwd=tmp_path)  # fmt: skip
+    resumed = bicot(
+        "fit", *tiny_args(tmp_path, f"--trainer.max_steps={steps + 1}"), *fragment, "--ckpt_path=last", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, (run,) = runs(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
@@ -196,15 +197,14 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_mark_the_run_killed(tmp_path, 
 
 @pytest.mark.slow
 def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
-    args = [*tiny_args(tmp_path, "--trainer.max_steps=100000"), *checkpointing(tmp_path, "ckpt", every=2)]
-    proc = _launch(tmp_path, *args)
+    fragment = checkpointing(tmp_path, "ckpt", every=2)
+    proc = _launch(tmp_path, *tiny_args(tmp_path, "--trainer.max_steps=100000"), *fragment)
     _wait_for(tmp_path / "ckpt" / "last.ckpt", proc)
     time.sleep(3)
     proc.kill()
     proc.communicate(timeout=60)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert saved >= 2 and saved % 2 == 0
-    extra = args[len(tiny_args(tmp_path)) :]
-    r = bicot("fit", *tiny_args(tmp_path, f"--trainer.max_steps={saved + 2}"), *extra, "--ckpt_path=last", cwd=tmp_path)
+    r = bicot("fit", *tiny_args(tmp_path, f"--trainer.max_steps={saved + 2}"), *fragment, "--ckpt_path=last", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == saved + 2
