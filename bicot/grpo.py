@@ -17,7 +17,7 @@ from bicot.evaluation import ScoreTally
 from bicot.loss import GRPOConfig, group_std
 from bicot.parallel import ParallelConfig, gathered, parallelize
 from bicot.rollout import Rollout
-from bicot.scoring import ScoreCollector, infer_benchmark, split_records
+from bicot.scoring import ScoreCollector, folder_benchmark, split_records
 from bicot.templates import resolve_template
 from datamodules.records import PromptRecord
 from modules.policy import JanusPolicy
@@ -300,6 +300,8 @@ class BiCoTGRPO(pl.LightningModule):
             self.log(f"train/reward/{name}", scores.mean(), **mean)
             unreadable = getattr(self.rewards.experts[name], "unreadable", 0)
             self.log(f"train/unreadable/{name}", float(unreadable), **dict(mean, reduce_fx="sum"))
+            errors = getattr(self.rewards, "errors", {}).get(name, 0)
+            self.log(f"train/expert_errors/{name}", float(errors), **dict(mean, reduce_fx="sum"))
         stds = group_std(r.global_rewards, r.group_size)  # the same on every process
         self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
         nan = float("nan")
@@ -397,14 +399,18 @@ class BiCoTGRPO(pl.LightningModule):
         return out
 
     def on_test_epoch_end(self) -> None:
-        """Log ``test/<expert>/<category>``, print the table, write it under ``<default_root_dir>/test_scores``."""
+        """Log ``test/<expert>/<category>``, print the table, write it under ``<default_root_dir>/test_scores``.
+
+        The benchmark is the one ``<default_root_dir>/prediction.json`` names, else inferred from the prompts.
+        """
         records = split_records(self.trainer, "test")
         collector = getattr(self, "_test_scores", None)
         if collector is None:  # this process drew no batch; it still takes part in the metric's sync
             collector = ScoreCollector(self.rewards.names, [r.task_type for r in records], self.device)
         self._test_scores = None
         root = Path(self.trainer.default_root_dir)
-        collector.finish(self, root / "test_scores", root.resolve().name, infer_benchmark(records))
+        # A BenchmarkWriter writing into the same folder has already named the benchmark in prediction.json.
+        collector.finish(self, root / "test_scores", root.resolve().name, folder_benchmark(root, records))
 
 
 @contextmanager

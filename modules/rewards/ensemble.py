@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.records import PromptRecord
@@ -56,6 +57,8 @@ class RewardEnsemble(pl.LightningModule):
         experts: the experts; each ``expert.name`` must be unique (it keys metrics and weights).
         weights: expert name -> weight >= 0; experts left out weigh 1.0.
         normalize_weights: divide the weights by their sum, so the total stays in ``[0, 1]``.
+        on_error: ``raise`` (stop the run, naming the expert and the batch) or ``zero`` (score that
+            expert 0 for the batch, warn, and count it in ``errors[name]``).
 
     Raises:
         ValueError: no experts, a duplicate or unusable name, or a weight that is unknown,
@@ -67,8 +70,13 @@ class RewardEnsemble(pl.LightningModule):
         experts: list[RewardExpert],
         weights: dict[str, float] | None = None,
         normalize_weights: bool = False,
+        on_error: str = "raise",
     ) -> None:
         super().__init__()
+        if on_error not in ("raise", "zero"):
+            raise ValueError(f"rewards.on_error must be 'raise' or 'zero', got {on_error!r}")
+        self.on_error = on_error
+        self.errors: dict[str, int] = {e.name: 0 for e in experts if isinstance(e, RewardExpert)}
         if not experts:
             raise ValueError("RewardEnsemble needs at least one reward expert")
         self.experts = nn.ModuleDict()
@@ -126,10 +134,15 @@ class RewardEnsemble(pl.LightningModule):
                 scores = expert(images, prompts)
             except Exception as err:
                 first = repr(prompts[0].prompt) if len(prompts) else "<none>"
-                raise RewardExpertError(
+                message = (
                     f"reward expert {name!r} failed on a batch of {n} images (first prompt {first}): "
                     f"{type(err).__name__}: {err}"
-                ) from err
+                )
+                if self.on_error == "raise":
+                    raise RewardExpertError(message) from err
+                rank_zero_warn(f"{message}; scoring it 0 for this batch (rewards.on_error=zero)")
+                self.errors[name] = self.errors.get(name, 0) + 1
+                scores = torch.zeros(n)
             per_expert[name] = scores.detach().float().cpu()
             total = total + self.weights[name] * per_expert[name]
         return RewardOutput(total=total, per_expert=per_expert)

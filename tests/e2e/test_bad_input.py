@@ -213,3 +213,30 @@ def test_fuzzed_prompt_files_through_the_cli(capsys, tmp_path, seed):
     path.write_bytes(bytes(rng.randrange(256) for _ in range(64)) if seed == 0 else b'{"prompt": ["x"]}\n')
     code, err = run_in_process(capsys, tmp_path, f"--data.train_file={path}")
     assert code != 0 and "fuzz.jsonl" in err and "Traceback" not in err
+
+
+def test_a_failing_expert_can_score_zero_and_be_counted(tmp_path):
+    fragment = tmp_path / "explode_zero.yaml"
+    fragment.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "rewards": {
+                        "on_error": "zero",
+                        "experts": [
+                            {"class_path": "modules.rewards.color.ColorMatchExpert"},
+                            {"class_path": "fault_experts.Exploding"},
+                        ],
+                    }
+                }
+            }
+        )
+    )
+    env = {"PYTHONPATH": str(E2E_CONFIGS.parent)}
+    result = bicot("fit", *tiny_args(tmp_path), "-c", str(fragment), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bicot").experiment_id])
+    errors = sorted(client.get_metric_history(run.info.run_id, "train/expert_errors/exploding"), key=lambda m: m.step)
+    assert [m.value for m in errors] == [1.0, 2.0]
+    assert all(m.value == 0 for m in client.get_metric_history(run.info.run_id, "train/reward/exploding"))
