@@ -1,0 +1,224 @@
+"""Rollout speed: the eager KV-cache loop (janus_ops) against the static-cache engine, same process, same shapes.
+
+Image-token sampling with classifier-free guidance (both branches in one batch), random weights, the same
+contexts and the same seed for both. Prints one JSON line per measurement and one with the ratio:
+
+    nice python benchmarks/rollout.py --shape toy                 # CPU, a small Janus (hidden 128, 4 layers)
+    python benchmarks/rollout.py --shape 1b --prompts 16          # GPU, Janus-Pro-1B language-model shape, bf16
+    python benchmarks/rollout.py --shape 7b --prompts 16          # GPU, Janus-Pro-7B shape, bf16
+
+Shapes (checked against deepseek's Janus-Pro configs): 1B is LLaMA hidden 2048, 24 layers, 16 heads (16 KV
+heads), MLP 5632, text vocab 102400; 7B hidden 4096, 30 layers, 32 heads (32 KV heads), MLP 11008; both
+with head dim 128, an image vocabulary of 16384 (VQ code width 8) and 576 image tokens. The vision
+tower and the VQ decoder are kept tiny: image sampling never runs them.
+
+``ms_per_step`` is the wall time of one sampling call divided by the image tokens (the prefill
+included); ``bandwidth_fraction`` is the time one step needs to read the language model, the generation
+head and the filled KV cache once at the measured copy bandwidth, divided by ``ms_per_step`` (GPU only:
+on a CPU the toy weights sit in cache and the figure means nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from transformers import JanusConfig, JanusForConditionalGeneration
+
+from modules import janus_ops
+from modules.engine import RolloutEngine
+from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+LM_SHAPES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+               intermediate_size=5632),
+    "7b": dict(hidden_size=4096, num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=32,
+               intermediate_size=11008),
+}
+
+
+def janus_at_shape(shape: str, device: torch.device, dtype: torch.dtype) -> JanusForConditionalGeneration:
+    """A random Janus whose language model and generation parts have the real shape; tiny vision and VQ towers."""
+    if shape == "toy":
+        spec = TinyJanusSpec(hidden_size=128, num_layers=4, num_heads=4, image_size=64, patch_size=8,
+                             codebook_size=256)
+        return build_tiny_janus(spec)[0].to(device, dtype).eval()
+    hidden = LM_SHAPES[shape]["hidden_size"]
+    text = dict(model_type="llama", vocab_size=102400, head_dim=128, max_position_embeddings=16384,
+                rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001, pad_token_id=100002, **LM_SHAPES[shape])
+    vision = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=384, patch_size=16,
+                  projection_dim=hidden, num_image_tokens=576, mlp_ratio=2.0)
+    vq = dict(embed_dim=8, num_embeddings=16384, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=2)
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=100581)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype, on the device: no fp32 copy on the host
+    try:
+        with device:
+            model = JanusForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def contexts(model, prompts: int, length: int, seed: int):
+    """Left-padded conditional contexts ending in a begin-of-image id, and the paper's unconditional branch.
+
+    Rows get between 3/4 and all of ``length`` real tokens, so the masks and positions matter.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cfg = model.config.text_config
+    ids = torch.randint(4, cfg.vocab_size, (prompts, length), generator=generator)
+    real = torch.randint(max(2, 3 * length // 4), length + 1, (prompts, 1), generator=generator)
+    mask = (torch.arange(length)[None] >= length - real).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, cfg.pad_token_id))
+    first = length - real  # [P, 1]
+    col = torch.arange(length)[None]
+    keep = (col == first) | (col == length - 1) | (mask == 0)
+    uncond = torch.where(keep, ids, torch.full_like(ids, cfg.pad_token_id))
+    device = model.device
+    return ids.to(device), mask.to(device), uncond.to(device)
+
+
+def lm_bytes(model) -> int:
+    """Bytes one image-token step must read: decoder layers, final norm, generation head and aligner."""
+    parts = [model.model.language_model.layers, model.model.language_model.norm, model.model.generation_head,
+             model.model.generation_aligner]
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write), or None on CPU."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return 2 * 10 * src.numel() / (time.perf_counter() - start)
+
+
+def timed(fn, device: torch.device) -> tuple[float, float, object]:
+    """``(wall s, process CPU s, output)`` of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process high-water mark (KiB -> GiB)
+
+
+def best_of(calls: dict, device: torch.device, rounds: int) -> dict:
+    """Interleaved rounds of every call; per call the best wall and CPU seconds, the peak memory, an output.
+
+    Interleaving and taking the best is the fairest reading on a shared machine: a burst of other jobs
+    slows one round of every call, not every round of one.
+    """
+    best = {name: dict(wall=float("inf"), cpu=float("inf"), peak=0.0, out=None) for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            wall, cpu, out = timed(call, device)
+            b = best[name]
+            b.update(wall=min(b["wall"], wall), cpu=min(b["cpu"], cpu), peak=max(b["peak"], peak_gib(device)), out=out)
+    return best
+
+
+def record(name: str, best: dict, args, device, n_tokens: int, bandwidth, step_bytes: float, extra=None) -> dict:
+    """Print one JSON line for a measured call and return it."""
+    ms = 1e3 * best["wall"] / n_tokens
+    out = dict(
+        measure=name, shape=args.shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        dtype=args.dtype, prompts=args.prompts, rows=2 * args.prompts, prompt_tokens=args.prompt_tokens,
+        image_tokens=n_tokens, ms_per_step=round(ms, 4),
+        cpu_ms_per_step=round(1e3 * best["cpu"] / n_tokens, 4) if device.type == "cpu" else None,
+        images_per_s=round(args.prompts / best["wall"], 3), peak_gib=round(best["peak"], 3),
+        peak_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        bandwidth_fraction=round(1e3 * step_bytes / bandwidth / ms, 4) if bandwidth else None,
+        copy_bandwidth_tb_s=round(bandwidth / 1e12, 3) if bandwidth else None,
+    )
+    out.update(extra or {})
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["toy", "1b", "7b"], default="toy")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts (rows double with CFG)")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--image-tokens", type=int, default=None, help="default: the model's (64 toy, 576)")
+    parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
+    parser.add_argument("--compile", default="auto",
+                        help="engine compile modes, comma-separated: auto, off, default, reduce-overhead")
+    parser.add_argument("--chunk", type=int, default=None, help="engine capacity/window granularity (slots)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: fp32 toy, bf16 GPU")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.shape != "toy" and not torch.cuda.is_available():
+        parser.error(f"--shape {args.shape} needs a CUDA device (random weights at the real shape, bf16)")
+    args.dtype = args.dtype or ("float32" if args.shape == "toy" else "bfloat16")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = janus_at_shape(args.shape, device, getattr(torch, args.dtype))
+    n_tokens = args.image_tokens or model.config.vision_config.num_image_tokens
+    ids, mask, uncond = contexts(model, args.prompts, args.prompt_tokens, args.seed)
+    cfg = model.config.text_config
+    kv_bytes_per_slot = 2 * cfg.num_hidden_layers * 2 * args.prompts * cfg.num_key_value_heads * cfg.head_dim * (
+        2 if args.dtype == "bfloat16" else 4)
+    # the least a step must read: the weights once and the filled cache (mean over the image) once
+    step_bytes = lm_bytes(model) + kv_bytes_per_slot * (args.prompt_tokens + n_tokens / 2)
+    bandwidth = copy_bandwidth(device)
+
+    def sampler(fn):
+        noise = lambda: janus_ops.RowNoise(torch.Generator(device=device).manual_seed(args.seed))  # noqa: E731
+        return lambda: fn(model, ids, mask, n_tokens, uncond, args.cfg_scale, noise=noise())
+
+    engines = {f"static[{m}]": RolloutEngine(compile=m, chunk=args.chunk) for m in args.compile.split(",")}
+    calls = {"eager": sampler(janus_ops.sample_image_tokens)}
+    first_s = {}
+    for name, engine in engines.items():
+        calls[name] = sampler(engine.sample_image_tokens)
+        first_s[name] = timed(calls[name], device)[0]  # compiles and captures every window of this shape
+    best = best_of(calls, device, args.rounds)
+    common = (args, device, n_tokens, bandwidth, step_bytes)
+    eager = record("eager", best["eager"], *common)
+    for name, engine in engines.items():
+        static = record(name, best[name], *common, extra=dict(
+            compile_mode=engine.mode(device), compile_s=round(engine.stats.compile_s, 2),
+            first_call_s=round(first_s[name], 2), variants=engine.stats.variants))
+        a, b = best["eager"]["out"], best[name]["out"]
+        print(json.dumps(dict(
+            measure="ratio", engine=name, shape=args.shape, device=static["device"],
+            images_per_s_ratio=round(static["images_per_s"] / eager["images_per_s"], 2),
+            cpu_time_ratio=round(best["eager"]["cpu"] / best[name]["cpu"], 2) if device.type == "cpu" else None,
+            same_tokens=torch.equal(a.tokens, b.tokens),
+            max_logp_diff=float((a.logp_guided - b.logp_guided).abs().max()),
+        )), flush=True)
+
+
+if __name__ == "__main__":
+    main()

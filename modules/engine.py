@@ -1,0 +1,472 @@
+"""Static-KV-cache rollout engine: plans and CFG image tokens with one (optionally compiled) decode step per shape.
+
+The eager loop in :mod:`modules.janus_ops` pays, per token, a full ``LlamaModel.forward`` (mask building,
+``DynamicCache`` concatenation, output dataclasses): on a GPU it is bound by that host overhead, not by
+the weights it reads. This engine keeps the semantics (same Gumbel-max sampling with the same
+:class:`~modules.janus_ops.RowNoise` draws, same left padding and positions, same outputs) and changes
+how a step runs:
+
+* **Cache layout.** Per decoder layer one key and one value buffer ``[R, kv_heads, capacity, head_dim]``
+  (``R`` = rows, both CFG branches: conditional rows first). Slot ``j`` of every row holds the token at
+  column ``j`` of the left-padded context, then the sampled tokens; a row's position is
+  ``slot - pad`` (``pad`` = its left padding), exactly what ``positions_from_mask`` gives the eager loop.
+  The prompt is prefilled with the model's own forward (bit-identical to the eager loop), copied in,
+  and its pad slots zeroed (a pad slot must hold finite numbers: masked attention still multiplies it).
+* **Buckets.** ``capacity`` is ``context + new tokens`` rounded up to ``chunk`` (64 on CPU, 128 on CUDA) and
+  never shrinks for a given row count, so contexts of different lengths reuse one buffer and one set of
+  compiled steps. Attention reads only a *window* of the cache, ``chunk * 2^k`` slots (the last window
+  is the capacity), the smallest that covers the filled part: at most 2x the filled slots, never the
+  whole preallocated length, with a handful of windows per capacity.
+* **The step.** Generation head (or ``lm_head``), CFG mix, sampling, embedding of the sampled token and
+  one decoder step over all layers are one function whose state (cache, hidden, slot, outputs, noise)
+  lives in preallocated buffers that it updates in place. Only the uniform draw of the noise runs outside
+  it, from the caller's generator, into a fixed buffer. On CUDA the function is compiled once per
+  (rows, capacity, window, sampling settings) with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs:
+  fixed buffer addresses are what make replay possible); on CPU it runs uncompiled by default (faster
+  at the toy shape once compile time counts, see ``benchmarks/README_rollout.md``).
+
+**Agreement with the eager loop.** Given the same noise, float32 gives the same tokens and per-token
+log-probs within 1e-4 of the eager loop and of the teacher-forced ``janus_ops`` passes (measured: ~3e-6).
+bfloat16 agrees within 0.1 per token with the teacher-forced pass, as the eager loop itself does (0.06 on
+the deliberately sharp test model): rounding differs between one-token and whole-sequence matmuls, so a
+bf16 rollout can also pick a different token where two are within rounding of each other.
+
+**FSDP2.** The engine calls the decoder's projections directly, so it needs the full weights: it runs
+inside ``bicot.parallel.gathered(model)`` (weights gathered once per rollout; the training step already
+rolls out inside it) and refuses sharded weights with a message naming it. It enters through
+:func:`janus_ops.model_entry`, so the root's FSDP2 state is initialised and its own parameters gathered.
+Memory while rolling out: one unsharded copy of the model per process (Janus-Pro-1B in bf16 ~4 GB, 7B
+~15 GB with the vision and VQ towers), plus the KV buffers, ``2 * layers * rows * kv_heads * head_dim *
+capacity * bytes``: 1B shape, 16 prompts with CFG (32 rows), capacity 768: 4.8 GB (7B: 12 GB), and the
+plan stage's (16 rows, capacity 256: 0.8 GB at 1B). Buffers stay allocated between rollouts (stable
+addresses keep CUDA graphs valid); :meth:`RolloutEngine.release` frees them. When FSDP2 re-gathers the
+weights to other addresses, CUDA-graph trees re-record the graphs (a capture, not a compile; torch stops
+re-recording a graph after ``torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit`` times).
+Compiling raises ``torch._dynamo.config.recompile_limit`` to at least 64 for the whole process: every
+(rows, capacity, window) variant is a recompile of the same step code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from modules.janus_ops import (
+    ImageSample,
+    RowNoise,
+    TextSample,
+    guide,
+    lm_hidden,
+    model_entry,
+    positions_from_mask,
+    sample_tokens,
+    scaled_logprobs,
+)
+
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
+# Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
+RECOMPILE_LIMIT = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-n // multiple) * multiple
+
+
+def window_ladder(capacity: int, chunk: int) -> list[int]:
+    """Attention windows for a cache of ``capacity`` slots: ``chunk, 2 chunk, 4 chunk, ...``, then ``capacity``."""
+    ladder, w = [], chunk
+    while w < capacity:
+        ladder.append(w)
+        w *= 2
+    return [*ladder, capacity]
+
+
+def window_for(filled: int, ladder: list[int]) -> int:
+    """The smallest window of ``ladder`` that covers ``filled`` slots."""
+    return next(w for w in ladder if w >= filled)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode step: pure tensor code over preallocated buffers (what torch.compile sees).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DrawnNoise:
+    """Stands in for ``RowNoise`` inside the step: the uniforms were drawn outside, the transform is here.
+
+    The formula is ``RowNoise.gumbel``'s; ``tests/modules/test_engine.py`` checks they agree bit for bit.
+    """
+
+    uniform: torch.Tensor  # [rows, V]
+
+    def gumbel(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        return -torch.log(-torch.log(self.uniform.clamp(min=1e-20)))
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    # LlamaRMSNorm's arithmetic (float32 statistics, cast, then the weight) in one fused call.
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated): 4 ops instead of 7.
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def _rotary(rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin with its first half negated)``, ``[R, 1, 1, D]``: LlamaRotaryEmbedding's arithmetic.
+
+    Written out rather than called so the step has no decorators or autocast regions to trace.
+    """
+    freqs = positions[:, None].float() * rotary.inv_freq.float()[None]  # [R, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [R, D]
+    cos = (emb.cos() * rotary.attention_scaling).to(dtype)
+    sin = (emb.sin() * rotary.attention_scaling).to(dtype)
+    half = emb.shape[-1] // 2
+    sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    return cos[:, None, None], sin[:, None, None]
+
+
+def decode_layers(lm, x: torch.Tensor, kv: list[torch.Tensor], slot: torch.Tensor, pad: torch.Tensor, window: int):
+    """One new token per row through every decoder layer, writing its keys and values at ``slot``.
+
+    Args:
+        lm: the ``LlamaModel`` (``model.model.language_model``).
+        x: ``[R, H]`` input embeddings of the new tokens.
+        kv: ``2 * layers`` buffers ``[R, kv_heads, capacity, head_dim]``: keys then values of each layer.
+        slot: ``[1]`` long, the cache slot of the new token (the same for every row).
+        pad: ``[R]`` long, left padding of each row.
+        window: attend over slots ``[0, window)``; ``slot < window``.
+
+    Returns:
+        ``[R, H]`` final-norm hidden states of the new tokens.
+    """
+    rows, dim = x.shape[0], kv[0].shape[-1]
+    kv_heads = kv[0].shape[1]
+    cos, sin = _rotary(lm.rotary_emb, slot - pad, x.dtype)  # position = slot - left padding
+    cols = torch.arange(window, device=x.device)[None]  # [1, W]
+    allowed = (cols >= pad[:, None]) & (cols <= slot)  # [R, W]: the row's real context and tokens so far
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(~allowed, float("-inf"))
+    bias = bias.view(rows, 1, 1, window)
+    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+        attn, keys, values = layer.self_attn, kv[2 * i], kv[2 * i + 1]
+        h = _rms_norm(layer.input_layernorm, x)
+        # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
+        q = _rope(attn.q_proj(h).view(rows, kv_heads, -1, dim), cos, sin)
+        # .to: under autocast the projections and the cache need not share a dtype
+        keys.index_copy_(2, slot, _rope(attn.k_proj(h).view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
+        values.index_copy_(2, slot, attn.v_proj(h).view(rows, kv_heads, 1, dim).to(values.dtype))
+        scores = (q @ keys[:, :, :window].transpose(-1, -2)).float() * attn.scaling  # [R, kv_heads, groups, W]
+        probs = (scores + bias).softmax(-1).to(q.dtype)
+        out = probs @ values[:, :, :window]  # [R, kv_heads, groups, D]
+        x = x + attn.o_proj(out.reshape(rows, -1))
+        mlp = layer.mlp
+        h = _rms_norm(layer.post_attention_layernorm, x)
+        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    return _rms_norm(lm.norm, x)
+
+
+def image_step(model, state: dict, *, window: int, batch: int, use_cfg: bool, cfg_scale: float, sampling: tuple):
+    """Sample one image token per row from ``state["hidden"]`` and advance every buffer by one slot.
+
+    ``state`` holds ``kv``, ``hidden [R, H]``, ``slot [1]``, ``col [1]``, ``pad [R]``, ``uniform [B, V]`` (or
+    ``None`` when greedy) and the outputs ``tokens``/``lp_cond``/``lp_guided`` ``[B, N]``, written at ``col``.
+    """
+    temperature, top_k, top_p = sampling
+    logits = model.model.generation_head(state["hidden"])  # [R, V]
+    cond = logits[:batch]
+    guided = guide(cond, logits[batch:] if use_cfg else None, cfg_scale)
+    noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
+    tok, lp = sample_tokens(guided, temperature, top_k, top_p, noise)  # [B], [B]
+    lp_cond = scaled_logprobs(cond, temperature).gather(-1, tok[:, None])  # [B, 1]
+    col = state["col"]
+    state["tokens"].index_copy_(1, col, tok[:, None])
+    state["lp_guided"].index_copy_(1, col, lp[:, None])
+    state["lp_cond"].index_copy_(1, col, lp_cond)
+    step_ids = torch.cat([tok, tok]) if use_cfg else tok  # [R]
+    x = model.prepare_embeddings_for_image_generation(step_ids)  # [R, H]
+    hidden = decode_layers(model.model.language_model, x, state["kv"], state["slot"], state["pad"], window)
+    state["hidden"].copy_(hidden)
+    state["slot"].add_(1)
+    col.add_(1)
+
+
+def text_step(model, state: dict, *, window: int, eos_id: int, pad_id: int, sampling: tuple):
+    """Sample one text token per row (pad after a row's EOS) and advance every buffer by one slot.
+
+    ``state`` as in :func:`image_step` plus ``finished [R]`` bool; outputs ``tokens``/``logp``/``valid``
+    ``[R, T]``. Finished rows keep decoding pad tokens: rows never see each other, so this only costs
+    compute, and it keeps one graph for the whole stage.
+    """
+    temperature, top_k, top_p = sampling
+    noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
+    tok, lp = sample_tokens(model.lm_head(state["hidden"]), temperature, top_k, top_p, noise)  # [R], [R]
+    live = ~state["finished"]
+    tok = torch.where(live, tok, torch.full_like(tok, pad_id))
+    col = state["col"]
+    state["tokens"].index_copy_(1, col, tok[:, None])
+    state["logp"].index_copy_(1, col, torch.where(live, lp, torch.zeros_like(lp))[:, None])
+    state["valid"].index_copy_(1, col, live[:, None])
+    state["finished"].logical_or_(tok == eos_id)
+    x = model.get_input_embeddings()(tok)  # [R, H]
+    hidden = decode_layers(model.model.language_model, x, state["kv"], state["slot"], state["pad"], window)
+    state["hidden"].copy_(hidden)
+    state["slot"].add_(1)
+    col.add_(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: buffers, prefill, compiled-step cache, the two sampling loops.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EngineStats:
+    """What the engine spent. ``compile_s``: first calls of each new step (compile and graph capture)."""
+
+    compile_s: float = 0.0
+    variants: int = 0
+    steps: int = 0
+
+
+class RolloutEngine:
+    """Samples plans and image tokens like :mod:`modules.janus_ops`, with a static KV cache.
+
+    Args:
+        compile: ``auto`` (``reduce-overhead`` on CUDA, ``off`` on CPU), ``off``, or a ``torch.compile`` mode.
+        chunk: capacity and window granularity in slots (default 128 on CUDA, 64 on CPU).
+    """
+
+    def __init__(self, compile: str = "auto", chunk: int | None = None) -> None:
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"engine chunk must be >= 1, got {chunk}")
+        self.compile, self.chunk = compile, chunk
+        self.stats = EngineStats()
+        self._buffers: dict[tuple, dict] = {}
+        self._steps: dict[tuple, list] = {}  # key -> [callable, calls so far]
+
+    def __getstate__(self) -> dict:
+        # Compiled callables do not pickle and buffers are per process: a copy starts empty.
+        return {"compile": self.compile, "chunk": self.chunk, "stats": EngineStats(), "_buffers": {}, "_steps": {}}
+
+    def release(self) -> None:
+        """Free the KV and step buffers (the compiled steps stay; new buffers mean a graph re-record)."""
+        self._buffers.clear()
+
+    def mode(self, device: torch.device) -> str:
+        """The compile mode used on ``device`` (``off`` means plain eager calls of the step)."""
+        if self.compile != "auto":
+            return self.compile
+        return "reduce-overhead" if device.type == "cuda" else "off"
+
+    def sample_text(self, model, ids, mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
+                    noise=None) -> TextSample:
+        """Same contract as :func:`janus_ops.sample_text` (``ids``/``mask`` ``[B, Lc]`` left-padded)."""
+        return _run_text(model, self, ids, mask, max_new_tokens, eos_id, pad_id, (temperature, top_k, top_p), noise)
+
+    def sample_image_tokens(self, model, cond_ids, cond_mask, num_tokens, uncond_ids=None, cfg_scale=1.0,
+                            temperature=1.0, top_k=0, top_p=1.0, noise=None) -> ImageSample:
+        """Same contract as :func:`janus_ops.sample_image_tokens` (``cond_ids``/``cond_mask`` ``[B, L]``)."""
+        sampling = (temperature, top_k, top_p)
+        return _run_image(model, self, cond_ids, cond_mask, num_tokens, uncond_ids, cfg_scale, sampling, noise)
+
+    # ---- buffers -------------------------------------------------------------------------------
+    def _chunk(self, device: torch.device) -> int:
+        return self.chunk or DEFAULT_CHUNK.get(device.type, DEFAULT_CHUNK["cuda"])
+
+    def buffers(self, model, kind: str, rows: int, needed: int, outputs: dict, device, dtype) -> dict:
+        """The state of one stage, reused across rollouts; capacity grows to ``needed`` slots, never shrinks.
+
+        Args:
+            outputs: name -> ``(shape, dtype)`` of the per-token output buffers.
+            dtype: of the hidden state (the model's); the cache takes autocast's dtype when autocast is on.
+        """
+        cfg = model.model.language_model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+        key = (kind, rows, device, dtype, kv_dtype, tuple((n, s, d) for n, (s, d) in sorted(outputs.items())))
+        state = self._buffers.get(key)
+        capacity = round_up(needed, self._chunk(device))
+        if state is None or state["kv"][0].shape[2] < capacity:
+            shape = (rows, cfg.num_key_value_heads, capacity, head_dim)
+            # zeros, not empty: masked slots are still multiplied by 0 in attention, so they must be finite
+            kv = [torch.zeros(shape, device=device, dtype=kv_dtype) for _ in range(2 * cfg.num_hidden_layers)]
+            state = dict(
+                kv=kv,
+                hidden=torch.zeros(rows, cfg.hidden_size, device=device, dtype=dtype),
+                slot=torch.zeros(1, dtype=torch.long, device=device),
+                col=torch.zeros(1, dtype=torch.long, device=device),
+                pad=torch.zeros(rows, dtype=torch.long, device=device),
+                finished=torch.zeros(rows, dtype=torch.bool, device=device),
+                **{n: torch.zeros(s, dtype=d, device=device) for n, (s, d) in outputs.items()},
+            )
+            if self.mode(device) != "off":
+                for t in [*state["kv"], *(v for k, v in state.items() if k != "kv")]:
+                    torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update them in place
+            self._buffers[key] = state
+        return state
+
+    def noise_buffer(self, noise: RowNoise | None, rows: int, vocab: int, device, greedy: bool):
+        """``(full [global_rows, V], view [rows, V])``: where :meth:`draw` puts each step's uniforms."""
+        if greedy:
+            return None, None
+        noise = noise or RowNoise()
+        total = noise.global_rows or rows
+        if noise.offset + rows > total:
+            raise ValueError(f"noise rows {noise.offset}+{rows} exceed the global batch of {total}")
+        key = ("noise", total, vocab, device)
+        if key not in self._buffers:
+            self._buffers[key] = {"full": torch.empty(total, vocab, device=device), "views": {}}
+        entry = self._buffers[key]
+        view = entry["views"].get((noise.offset, rows))
+        if view is None:
+            # one view object per slice: the step sees the same tensor every call
+            view = entry["views"][(noise.offset, rows)] = entry["full"][noise.offset : noise.offset + rows]
+            if self.mode(device) != "off":
+                torch._dynamo.mark_static_address(view)
+        return entry["full"], view
+
+    @staticmethod
+    def draw(noise: RowNoise | None, full: torch.Tensor | None) -> None:
+        """This step's uniforms, the same numbers ``RowNoise.gumbel`` draws (global batch, then sliced)."""
+        if full is not None:
+            generator = noise.generator if noise is not None else None
+            torch.rand(*full.shape, generator=generator, device=full.device, out=full)
+
+    # ---- compiled steps ------------------------------------------------------------------------
+    def run_step(self, fn, model, state: dict, key: tuple, **consts) -> None:
+        """Run ``fn(model, state, **consts)``, compiled once per key; times the first calls of each variant."""
+        device = state["hidden"].device
+        mode = self.mode(device)
+        full_key = (fn.__name__, id(model), mode, *key, tuple(sorted(consts.items())))
+        entry = self._steps.get(full_key)
+        if entry is None:
+            entry = [self._make(fn, model, consts, mode), 0]
+            self._steps[full_key] = entry
+            self.stats.variants += 1
+        # CUDA graphs are recorded on the 2nd or 3rd call (warm-up first): count those as capture time.
+        timed = entry[1] < (3 if mode == "reduce-overhead" else 1) and mode != "off"
+        if timed:
+            _sync(device)
+            start = time.perf_counter()
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        entry[0](state)
+        if timed:
+            _sync(device)
+            self.stats.compile_s += time.perf_counter() - start
+        entry[1] += 1
+        self.stats.steps += 1
+
+    @staticmethod
+    def _make(fn, model, consts: dict, mode: str):
+        def step(state: dict) -> None:
+            fn(model, state, **consts)
+
+        if mode == "off":
+            return step
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        # dynamic=False: each window is its own static graph (CUDA graphs need fixed shapes).
+        return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_model(model) -> None:
+    """Refuse what the step cannot reproduce: sharded weights, rotary embeddings that change with length."""
+    from torch.distributed.tensor import DTensor
+
+    lm = model.model.language_model
+    rope_type = getattr(lm.rotary_emb, "rope_type", "default")
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise NotImplementedError(f"the static engine supports fixed rotary frequencies, not rope_type={rope_type!r}")
+    weight = lm.layers[0].self_attn.q_proj.weight
+    if isinstance(weight, DTensor):
+        raise RuntimeError(
+            "the static rollout engine needs the full weights: under FSDP2 call it inside "
+            "bicot.parallel.gathered(model) (the training step does), or set sampling.engine: eager"
+        )
+
+
+def _prefill(model, state: dict, embeds: torch.Tensor, mask: torch.Tensor) -> None:
+    """Run the context with the model's own forward (as the eager loop) and copy its keys/values in."""
+    cache = DynamicCache()
+    hidden = lm_hidden(model, embeds, mask, positions_from_mask(mask), cache)[:, -1]  # [R, H]
+    length = mask.shape[1]
+    real = mask.bool()[:, None, :, None]  # [R, 1, L, 1]
+    for i, layer in enumerate(cache.layers):
+        state["kv"][2 * i][:, :, :length].copy_(layer.keys.masked_fill(~real, 0))
+        state["kv"][2 * i + 1][:, :, :length].copy_(layer.values.masked_fill(~real, 0))
+    state["hidden"].copy_(hidden)
+    state["pad"].copy_(length - mask.long().sum(1))
+    state["slot"].fill_(length)
+    state["col"].fill_(0)
+
+
+def _shape_key(state: dict) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
+@model_entry
+@torch.no_grad()
+def _run_text(model, engine: RolloutEngine, ids, mask, max_new_tokens, eos_id, pad_id, sampling, noise) -> TextSample:
+    """The plan stage (see :func:`janus_ops.sample_text`): stops after the step where every row has ended."""
+    _check_model(model)
+    rows, length = ids.shape
+    embeds = model.get_input_embeddings()(ids)  # [R, Lc, H]
+    shape = (rows, max_new_tokens)
+    outputs = {"tokens": (shape, torch.long), "logp": (shape, torch.float32), "valid": (shape, torch.bool)}
+    state = engine.buffers(model, "text", rows, length + max_new_tokens, outputs, ids.device, embeds.dtype)
+    _prefill(model, state, embeds, mask)
+    state["finished"].zero_()
+    vocab = model.config.text_config.vocab_size
+    full, state["uniform"] = engine.noise_buffer(noise, rows, vocab, ids.device, greedy=sampling[0] <= 0)
+    ladder = window_ladder(state["kv"][0].shape[2], engine._chunk(ids.device))
+    key, steps = _shape_key(state), 0
+    for step in range(max_new_tokens):
+        engine.draw(noise, full)
+        window = window_for(length + step + 1, ladder)
+        engine.run_step(text_step, model, state, key, window=window, eos_id=eos_id, pad_id=pad_id, sampling=sampling)
+        steps = step + 1
+        if bool(state["finished"].all()):  # the eager loop's stopping rule (one host sync per step)
+            break
+    return TextSample(*(state[n][:, :steps].clone() for n in ("tokens", "logp", "valid")))
+
+
+@model_entry
+@torch.no_grad()
+def _run_image(model, engine: RolloutEngine, cond_ids, cond_mask, num_tokens, uncond_ids, cfg_scale, sampling, noise):
+    """The image stage (see :func:`janus_ops.sample_image_tokens`): both CFG branches in one batch."""
+    _check_model(model)
+    use_cfg = uncond_ids is not None and cfg_scale != 1.0
+    batch = cond_ids.shape[0]
+    ids = torch.cat([cond_ids, uncond_ids]) if use_cfg else cond_ids  # [R, L], R = B or 2B
+    mask = torch.cat([cond_mask, cond_mask]) if use_cfg else cond_mask
+    rows, length = ids.shape
+    embeds = model.get_input_embeddings()(ids)  # [R, L, H]
+    shape = (batch, num_tokens)
+    outputs = {"tokens": (shape, torch.long), "lp_cond": (shape, torch.float32), "lp_guided": (shape, torch.float32)}
+    state = engine.buffers(model, "image", rows, length + num_tokens, outputs, ids.device, embeds.dtype)
+    _prefill(model, state, embeds, mask)
+    vocab = model.config.vq_config.num_embeddings
+    full, state["uniform"] = engine.noise_buffer(noise, batch, vocab, ids.device, greedy=sampling[0] <= 0)
+    ladder = window_ladder(state["kv"][0].shape[2], engine._chunk(ids.device))
+    key = _shape_key(state)
+    consts = dict(batch=batch, use_cfg=use_cfg, cfg_scale=float(cfg_scale), sampling=sampling)
+    for step in range(num_tokens):
+        engine.draw(noise, full)
+        engine.run_step(image_step, model, state, key, window=window_for(length + step + 1, ladder), **consts)
+    return ImageSample(*(state[n].clone() for n in ("tokens", "lp_cond", "lp_guided")))

@@ -1,0 +1,352 @@
+"""The static-cache rollout engine against the eager loop: same tokens, same log-probs, buckets, policy wiring."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bicot.loop import RowPlacement, rollout_phase
+from datamodules.records import PromptRecord
+from modules import janus_ops
+from modules.engine import RolloutEngine, _DrawnNoise, window_for, window_ladder
+from modules.policy import JanusPolicy, SamplingConfig
+
+PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
+TEMPLATE = "describe {prompt} with every object and colour"
+FP32_ATOL = 1e-4  # per-token log-prob tolerance in float32 (measured differences are ~3e-6)
+BF16_ATOL = 0.1  # in bfloat16 the eager loop itself is ~0.06 from the teacher-forced pass on this sharp model
+
+
+def stream(seed: int, global_rows: int | None = None, offset: int = 0) -> janus_ops.RowNoise:
+    return janus_ops.RowNoise(torch.Generator().manual_seed(seed), global_rows, offset)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = FP32_ATOL) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+def images(sample_fn, policy, ctx, seed, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0, uncond=True, n=None):
+    return sample_fn(
+        policy.model, ctx.cond_ids, ctx.cond_mask, n or policy.num_image_tokens, ctx.uncond_ids if uncond else None,
+        cfg, temperature, top_k, top_p, stream(seed),
+    )
+
+
+def plans(sample_fn, policy, ids, mask, seed, max_tokens=12, temperature=1.0, top_k=0, top_p=1.0):
+    tok = policy.tokenizer
+    return sample_fn(policy.model, ids, mask, max_tokens, tok.eos_token_id, policy.pad_id, temperature, top_k, top_p,
+                     stream(seed))
+
+
+def plan_contexts(policy, prompts=PROMPTS):
+    return policy.encode([policy.chat(TEMPLATE.replace("{prompt}", p)) for p in prompts])
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def test_window_ladder_doubles_from_the_chunk_and_ends_at_the_capacity():
+    assert window_ladder(128, 64) == [64, 128]
+    assert window_ladder(704, 128) == [128, 256, 512, 704]
+    assert window_ladder(64, 64) == [64]
+    ladder = window_ladder(704, 128)
+    assert [window_for(f, ladder) for f in (1, 128, 129, 300, 513, 704)] == [128, 128, 256, 512, 704, 704]
+
+
+def test_drawn_noise_is_row_noise_bit_for_bit():
+    engine = RolloutEngine()
+    for global_rows, offset in ((None, 0), (7, 3)):
+        expected = stream(5, global_rows, offset).gumbel(4, 11, torch.device("cpu"))
+        noise = stream(5, global_rows, offset)
+        full, view = engine.noise_buffer(noise, 4, 11, torch.device("cpu"), greedy=False)
+        engine.draw(noise, full)
+        assert torch.equal(_DrawnNoise(view).gumbel(4, 11, view.device), expected)
+
+
+def test_noise_rows_beyond_the_global_batch_are_refused():
+    with pytest.raises(ValueError, match="exceed the global batch"):
+        RolloutEngine().noise_buffer(stream(0, 4, 3), 2, 11, torch.device("cpu"), greedy=False)
+
+
+def test_unknown_compile_mode_and_engine_are_refused():
+    with pytest.raises(ValueError, match="compile"):
+        RolloutEngine(compile="fast")
+    with pytest.raises(ValueError, match="sampling.engine"):
+        SamplingConfig(engine="vllm")
+
+
+# --------------------------------------------------------------------------- same samples as the eager loop
+
+
+def test_greedy_decoding_gives_the_eager_tokens(sharp_policy):
+    engine = RolloutEngine()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    a = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 0, temperature=0.0)
+    b = images(engine.sample_image_tokens, sharp_policy, ctx, 0, temperature=0.0)
+    assert torch.equal(a.tokens, b.tokens)
+    close(b.logp_guided, a.logp_guided)
+    ids, mask = plan_contexts(sharp_policy)
+    a, b = (plans(f, sharp_policy, ids, mask, 0, temperature=0.0) for f in (janus_ops.sample_text, engine.sample_text))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_sampling_with_the_same_noise_gives_the_eager_tokens_and_logprobs(sharp_policy, temperature, top_k, top_p):
+    engine = RolloutEngine()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    a = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 1, 3.0, temperature, top_k, top_p)
+    b = images(engine.sample_image_tokens, sharp_policy, ctx, 1, 3.0, temperature, top_k, top_p)
+    assert torch.equal(a.tokens, b.tokens)
+    close(b.logp_guided, a.logp_guided)
+    close(b.logp_conditional, a.logp_conditional)
+    ids, mask = plan_contexts(sharp_policy)
+    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 2, 12, temperature, top_k, top_p)
+    b = plans(engine.sample_text, sharp_policy, ids, mask, 2, 12, temperature, top_k, top_p)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    close(b.logp, a.logp)
+
+
+def test_cfg_scale_one_is_conditional_sampling(sharp_policy):
+    engine = RolloutEngine()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    scale_one = images(engine.sample_image_tokens, sharp_policy, ctx, 3, cfg=1.0)
+    conditional = images(engine.sample_image_tokens, sharp_policy, ctx, 3, cfg=1.0, uncond=False)
+    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 3, cfg=1.0, uncond=False)
+    assert torch.equal(scale_one.tokens, conditional.tokens) and torch.equal(scale_one.tokens, eager.tokens)
+    close(scale_one.logp_guided, scale_one.logp_conditional, atol=0)
+
+
+def test_left_padded_mixed_lengths_sample_as_each_row_alone(sharp_policy):
+    engine = RolloutEngine()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    assert len(set(ctx.cond_mask.sum(1).tolist())) == 3  # three different lengths, two rows padded
+    batch = images(engine.sample_image_tokens, sharp_policy, ctx, 4)
+    ids, mask = plan_contexts(sharp_policy)
+    plan_batch = plans(engine.sample_text, sharp_policy, ids, mask, 5)
+    for row, prompt in enumerate(PROMPTS):
+        one = sharp_policy.image_context([prompt], None)
+        alone = engine.sample_image_tokens(sharp_policy.model, one.cond_ids, one.cond_mask, sharp_policy.num_image_tokens,
+                                           one.uncond_ids, 3.0, noise=stream(4, len(PROMPTS), row))
+        assert torch.equal(alone.tokens[0], batch.tokens[row])
+        close(alone.logp_guided[0], batch.logp_guided[row])
+        one_ids, one_mask = plan_contexts(sharp_policy, [prompt])
+        tok = sharp_policy.tokenizer
+        plan = engine.sample_text(sharp_policy.model, one_ids, one_mask, 12, tok.eos_token_id, sharp_policy.pad_id,
+                                  noise=stream(5, len(PROMPTS), row))
+        width = plan.tokens.shape[1]
+        assert torch.equal(plan.tokens[0], plan_batch.tokens[row, :width])
+        assert not plan_batch.mask[row, width:].any()
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_image_logprobs_equal_the_teacher_forced_pass(sharp_policy, guided):
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    out = images(RolloutEngine().sample_image_tokens, sharp_policy, ctx, 6)
+    forced = janus_ops.image_logprobs(sharp_policy.model, ctx.cond_ids, ctx.cond_mask, out.tokens, 1.0,
+                                      ctx.uncond_ids if guided else None, 3.0)
+    close(out.logp_guided if guided else out.logp_conditional, forced.detach())
+
+
+def test_plan_logprobs_equal_the_teacher_forced_pass(sharp_policy):
+    ids, mask = plan_contexts(sharp_policy)
+    out = plans(RolloutEngine().sample_text, sharp_policy, ids, mask, 7, temperature=0.8)
+    forced = janus_ops.text_logprobs(sharp_policy.model, ids, mask, out.tokens, out.mask, 0.8)
+    close(out.logp, forced.detach())
+
+
+def test_bfloat16_logprobs_stay_within_the_stated_tolerance(tiny_janus_dir):
+    policy = JanusPolicy(str(tiny_janus_dir), dtype="bfloat16")
+    ctx = policy.image_context(PROMPTS, None)
+    out = images(RolloutEngine().sample_image_tokens, policy, ctx, 8)
+    forced = janus_ops.image_logprobs(policy.model, ctx.cond_ids, ctx.cond_mask, out.tokens, 1.0, ctx.uncond_ids, 3.0)
+    close(out.logp_guided, forced.detach(), atol=BF16_ATOL)
+
+
+def test_float32_weights_under_bfloat16_autocast_as_in_mixed_precision_training(sharp_policy):
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    ids, mask = plan_contexts(sharp_policy)
+    engine = RolloutEngine()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Lightning's bf16-mixed wraps training_step like this
+        out = images(engine.sample_image_tokens, sharp_policy, ctx, 10)
+        forced = janus_ops.image_logprobs(sharp_policy.model, ctx.cond_ids, ctx.cond_mask, out.tokens, 1.0, None, 3.0)
+        plan = plans(engine.sample_text, sharp_policy, ids, mask, 10)
+        forced_plan = janus_ops.text_logprobs(sharp_policy.model, ids, mask, plan.tokens, plan.mask)
+    close(out.logp_conditional, forced.detach(), atol=BF16_ATOL)
+    close(plan.logp, forced_plan.detach(), atol=BF16_ATOL)
+    assert all(t.dtype == torch.bfloat16 for state in engine._buffers.values() for t in state.get("kv", []))
+
+
+def test_lora_adapters_are_applied_like_the_eager_loop(tiny_janus_dir):
+    from modules.lora import LoraSpec
+
+    policy = JanusPolicy(str(tiny_janus_dir), lora=LoraSpec(r=2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op adapter): make the adapters matter
+                param.copy_(torch.randn(param.shape, generator=generator))
+    ctx = policy.image_context(PROMPTS, None)
+    a = images(janus_ops.sample_image_tokens, policy, ctx, 13)
+    b = images(RolloutEngine().sample_image_tokens, policy, ctx, 13)
+    assert torch.equal(a.tokens, b.tokens)
+    close(b.logp_guided, a.logp_guided)
+
+
+def test_plans_stop_at_eos_like_the_eager_loop(sharp_policy):
+    model, eos = sharp_policy.model, sharp_policy.tokenizer.eos_token_id
+    head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[eos] = 2.5  # plans end early, at different steps per row
+    model.lm_head = head
+    ids, mask = plan_contexts(sharp_policy, PROMPTS * 2)
+    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 9, max_tokens=40)
+    b = plans(RolloutEngine().sample_text, sharp_policy, ids, mask, 9, max_tokens=40)
+    assert a.tokens.shape == b.tokens.shape and a.tokens.shape[1] < 40  # every row ended: stopped early
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    assert len(set(b.mask.sum(1).tolist())) > 1
+    assert (b.tokens[~b.mask] == sharp_policy.pad_id).all() and (b.logp[~b.mask] == 0).all()
+
+
+# --------------------------------------------------------------------------- buffers, buckets, entry point
+
+
+def test_contexts_of_other_lengths_reuse_the_buffers_and_the_steps(sharp_policy):
+    engine = RolloutEngine()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    images(engine.sample_image_tokens, sharp_policy, ctx, 0)
+    kv = [t.data_ptr() for state in engine._buffers.values() if "kv" in state for t in state["kv"]]
+    variants = engine.stats.variants
+    shorter = sharp_policy.image_context(["a sun", "a red circle", "a tomato"], None)
+    assert shorter.cond_ids.shape[1] < ctx.cond_ids.shape[1]
+    images(engine.sample_image_tokens, sharp_policy, shorter, 1)
+    assert [t.data_ptr() for state in engine._buffers.values() if "kv" in state for t in state["kv"]] == kv
+    assert engine.stats.variants == variants  # same capacity bucket and windows: nothing new to compile
+
+
+def test_the_engine_enters_through_model_entry(sharp_policy):
+    model, calls = sharp_policy.model, []
+
+    def forward(fn, *args, **kwargs):
+        calls.append(fn.__name__)
+        return fn(model, *args, **kwargs)
+
+    model.bicot_forward = forward
+    ctx = sharp_policy.image_context(PROMPTS[:1], None)
+    images(RolloutEngine().sample_image_tokens, sharp_policy, ctx, 0, n=4)
+    assert calls == ["_run_image"]
+
+
+def test_policy_with_the_static_engine_runs_the_rollout_phase(sharp_policy):
+    records = [PromptRecord("a red circle", task_type="color"), PromptRecord("two blue squares", task_type="numeracy")]
+    out = {}
+    for engine in ("eager", "static"):
+        sharp_policy.sampling = SamplingConfig(plan_max_tokens=8, cfg_scale=3.0, engine=engine)
+        out[engine] = rollout_phase(sharp_policy, records, 2, TEMPLATE, RowPlacement(seed=11))
+    eager, static = out["eager"], out["static"]
+    assert sharp_policy._engine is not None and sharp_policy._engine.stats.steps > 0
+    assert static.plans == eager.plans and torch.equal(static.plan_tokens, eager.plan_tokens)
+    close(static.plan_logp, eager.plan_logp)
+    assert torch.equal(static.image_tokens, eager.image_tokens) and torch.equal(static.images, eager.images)
+    close(static.image_logp, eager.image_logp)
+
+
+def _fsdp2_rank(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from bicot.parallel import gathered, parallelize
+        from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+        model, processor = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
+        boi = processor.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+        ids = torch.tensor([[1, 7, 11, 61, 74, 8, 11, boi]])
+        mask = torch.ones_like(ids)
+        plain = janus_ops.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
+        parallelize(model, init_device_mesh("cpu", (world,)))
+        engine = RolloutEngine()
+        try:
+            engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
+            refused = ""
+        except RuntimeError as err:
+            refused = str(err)
+        with gathered(model):
+            out = engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
+        results[rank] = (refused, torch.equal(out.tokens, plain.tokens), float((out.logp_guided - plain.logp_guided).abs().max()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_model_samples_inside_gathered_and_is_refused_outside():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_fsdp2_rank, args=(2, port, results), nprocs=2, join=True)
+        results = dict(results)
+    for refused, same, diff in results.values():
+        assert "bicot.parallel.gathered" in refused
+        assert same and diff < FP32_ATOL
+
+
+# --------------------------------------------------------------------------- compiled steps
+
+
+@pytest.mark.slow
+def test_compiled_cpu_step_samples_the_eager_tokens_and_compiles_once_per_bucket(sharp_policy):
+    engine = RolloutEngine(compile="default")
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 12)
+    first = images(engine.sample_image_tokens, sharp_policy, ctx, 12)
+    compile_s, variants = engine.stats.compile_s, engine.stats.variants
+    again = images(engine.sample_image_tokens, sharp_policy, ctx, 12)
+    assert torch.equal(first.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+    close(first.logp_guided, eager.logp_guided)
+    assert engine.stats.variants == variants and engine.stats.compile_s == compile_s and compile_s > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype):
+    policy = JanusPolicy(str(tiny_janus_dir), dtype=dtype).to("cuda")
+    engine = RolloutEngine()  # auto: torch.compile(mode="reduce-overhead") on CUDA
+    assert engine.mode(torch.device("cuda")) == "reduce-overhead"
+    ctx = policy.image_context(PROMPTS, None)
+
+    def cuda_stream(seed):
+        return janus_ops.RowNoise(torch.Generator(device="cuda").manual_seed(seed))
+
+    def run(fn):
+        return fn(policy.model, ctx.cond_ids, ctx.cond_mask, policy.num_image_tokens, ctx.uncond_ids, 3.0,
+                  noise=cuda_stream(0))
+
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    eager = run(janus_ops.sample_image_tokens)
+    first = run(engine.sample_image_tokens)
+    variants, compile_s = engine.stats.variants, engine.stats.compile_s
+    replayed = [run(engine.sample_image_tokens) for _ in range(3)]
+    assert engine.stats.variants == variants and engine.stats.compile_s == compile_s  # captured once, replayed
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the step really runs as a CUDA graph
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 0  # no per-replay input copies
+    forced = janus_ops.image_logprobs(policy.model, ctx.cond_ids, ctx.cond_mask, first.tokens, 1.0, None, 3.0)
+    if dtype == "float32":
+        assert all(torch.equal(r.tokens, eager.tokens) for r in [first, *replayed])
+        close(first.logp_guided, eager.logp_guided)
+        close(first.logp_conditional, forced.detach())
+    else:
+        assert all(torch.equal(r.tokens, first.tokens) for r in replayed)  # replay is deterministic
+        close(first.logp_conditional, forced.detach(), atol=BF16_ATOL)
