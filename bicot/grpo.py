@@ -123,6 +123,15 @@ class BiCoTGRPO(pl.LightningModule):
         self.last_rollout: Rollout | None = None  # read by callbacks (sample grids, statistics)
 
     # ---- set-up --------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """On a GPU, warn before the first step when the memory plan says this run cannot fit."""
+        if stage != "fit" or self.device.type != "cuda":
+            return
+        from bicot.memory import plan, recipe_from_module, warn_if_too_big
+
+        total_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        warn_if_too_big(plan(recipe_from_module(self)), total_gib)
+
     def configure_model(self) -> None:
         """Lay out policy and reference (checkpointing, compile, FSDP2 when the strategy gives a mesh)."""
         if self._laid_out:
