@@ -31,7 +31,7 @@ def prompt_file(tmp_path, lines: list[str], name: str = "prompts.jsonl"):
 
 BAD_PROMPT_FILES = [
     ([], "holds no prompts"),
-    ([json.dumps(GOOD), "{not json"], ":2"),
+    ([json.dumps(GOOD), "{not json"], "line 2"),
     ([json.dumps({**GOOD, "prompt": 3})], "prompt"),
     ([json.dumps({**GOOD, "numeracy_info": {"obj_name": "cup", "num": 2}})], "numeracy_info"),
     ([json.dumps({**GOOD, "spatial_info": {"obj1": "a", "obj2": "b", "locality": "inside"}})], "locality"),

@@ -167,6 +167,9 @@ def _wait_for_steps(db: Path, proc: subprocess.Popen, steps: int, timeout: float
 
 
 def _launch(tmp_path: Path, *args: str) -> subprocess.Popen:
+    # Create the MLflow store first: the test polls it while the run works, and two processes creating
+    # the same SQLite schema at once can leave a half-migrated database.
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "bicot.cli", "fit", *args]
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
