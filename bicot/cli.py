@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
@@ -60,9 +61,15 @@ class BiCoTCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True) -> None:
         # Keep `${seed_everything}` meaning the top of the config file, not of the subcommand namespace.
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        # A config may name its own root classes (`model.class_path`: a folder scorer, a diffusers
+        # baseline); otherwise BiCoTGRPO and PromptDataModule take their init args directly.
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        other_model, other_data = names_class(argv, "model"), names_class(argv, "data")
         super().__init__(
-            BiCoTGRPO,
-            PromptDataModule,
+            None if other_model else BiCoTGRPO,
+            None if other_data else PromptDataModule,
+            subclass_mode_model=other_model,
+            subclass_mode_data=other_data,
             parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
             save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
@@ -94,6 +101,24 @@ class BiCoTCLI(LightningCLI):
             if run_id and isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
                 logger.experiment.update_run(run_id, status="RUNNING")
                 print(f"bicot: resuming MLflow run {run_id}", file=sys.stderr)
+
+
+def names_class(argv: list[str], key: str) -> bool:
+    """Whether the command line or a ``-c``/``--config`` file gives ``<key>.class_path``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith((f"--{key}.class_path", f"--{key}=")):
+            return True
+        config = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        if config and Path(config).is_file():
+            try:
+                node = yaml.safe_load(Path(config).read_text())
+            except yaml.YAMLError:
+                continue  # the parser reports the file's problem itself
+            if isinstance(node, dict) and isinstance(node.get(key), dict) and "class_path" in node[key]:
+                return True
+    return False
 
 
 def resolve_checkpoint(ckpt_path: str, trainer_config: Namespace) -> Path:

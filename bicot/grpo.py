@@ -372,12 +372,14 @@ class BiCoTGRPO(pl.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=self.global_step)
 
-    def predict_step(self, batch: Sequence[PromptRecord], batch_idx: int = 0) -> dict:
-        n = self.policy.predict_images_per_prompt
+    def predict_step(self, batch: Sequence[PromptRecord], batch_idx: int = 0) -> dict | None:
+        """Images (with their plans) for this process's share of the batch; seeds per prompt and sample,
+        so reruns and any number of processes draw the same images (see ``modules.seeding``)."""
+        batch = rank_share(batch, self.trainer.global_rank, self.trainer.world_size)
+        if not batch:
+            return None
         with gathered(self.policy.model):
-            out = self.policy.generate([r.prompt for r in batch], n, self.template, self.seed + 2 * batch_idx)
-        out["prompts"] = [r.prompt for r in batch for _ in range(n)]
-        return out
+            return generate_janus(self.policy, batch, self.policy.predict_images_per_prompt, self.template, self.seed)
 
     # ---- testing: generate, then score per category (`bicot test`) ---------------------------------
     def test_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> dict | None:

@@ -281,6 +281,74 @@ def _load_text(path: Path, task_type: str | None) -> list[PromptRecord]:
     ]
 
 
+# WISE (arXiv 2503.07265) ships no license, so bicot never includes its prompts: users point at their
+# own copy of its JSON files (a JSON array of {"prompt_id", "Prompt", "Explanation", "Subcategory", ...}).
+_WISE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class _Record(_Where):
+    """A position in a JSON array file: errors name the record (1-based), not a line."""
+
+    def error(self, field: str | None, problem: str) -> PromptDataError:
+        at = f"{self.path}, record {self.line}"
+        return PromptDataError(f"{at}: {problem}" if field is None else f"{at}: field {field!r}: {problem}")
+
+
+def _is_json_array(path: Path) -> bool:
+    """Whether a ``.json`` file holds one JSON array (WISE) rather than JSON Lines."""
+    text = "".join(_read_lines(path)[:50]).lstrip()
+    return text.startswith("[")
+
+
+def _wise_record(obj: Any, where: _Record, category: str, seen: dict[str, int]) -> PromptRecord:
+    if not isinstance(obj, dict) or "prompt_id" not in obj or "Prompt" not in obj:
+        raise where.error(
+            None,
+            "not a WISE record (an object with 'prompt_id' and 'Prompt'); bicot reads JSON Lines files "
+            "and WISE's JSON arrays",
+        )
+    pid = obj["prompt_id"]
+    if isinstance(pid, bool) or not isinstance(pid, (int, str)) or not _WISE_ID.fullmatch(str(pid)):
+        raise where.error("prompt_id", f"must be an integer or a name of letters, digits, '_' or '-', got {pid!r}")
+    if str(pid) in seen:
+        raise where.error("prompt_id", f"{pid!r} repeats record {seen[str(pid)]}; each names one image file")
+    seen[str(pid)] = where.line
+    category_field = obj.get("Category")
+    return PromptRecord(
+        prompt=_text(obj["Prompt"], where, "Prompt"),
+        task_type=category if category_field is None else _text(category_field, where, "Category"),
+        source=where.source,
+        extra={key: value for key, value in obj.items() if key != "Prompt"},
+    )
+
+
+def load_wise(path: str | Path, task_type: str | None = None) -> list[PromptRecord]:
+    """Read a WISE JSON file (a JSON array) supplied by the user.
+
+    Args:
+        path: e.g. ``WISE/data/cultural_common_sense.json``.
+        task_type: category of records without ``Category`` (default: the file's stem).
+
+    Returns:
+        Records in file order: ``prompt`` from ``Prompt``, ``task_type`` from ``Category`` (or the
+        default), every other field (``prompt_id``, ``Explanation``, ``Subcategory``) in ``extra``,
+        ``source = "path:<record number>"``.
+
+    Raises:
+        PromptDataError: malformed JSON, not an array of WISE records, or a bad or repeated ``prompt_id``.
+    """
+    path = Path(path)
+    try:
+        data = json.loads("\n".join(_read_lines(path)))
+    except json.JSONDecodeError as err:
+        raise PromptDataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(data, list):
+        raise PromptDataError(f"{path}: expected a JSON array of WISE records, got {type(data).__name__}")
+    category = task_type if task_type is not None else path.stem
+    seen: dict[str, int] = {}
+    return [_wise_record(obj, _Record(path, i), category, seen) for i, obj in enumerate(data, start=1)]
+
+
 def load_prompts(path: str | Path, task_type: str | None = None) -> list[PromptRecord]:
     """Read a prompt file into records, choosing the format by suffix.
 
@@ -288,6 +356,7 @@ def load_prompts(path: str | Path, task_type: str | None = None) -> list[PromptR
       ``attr_nouns``, ``spatial_info``, ``numeracy_info``; other keys go to ``extra``), or GenEval
       ``evaluation_metadata.jsonl`` records (recognised by ``include``), mapped to the same schema.
     * ``.txt``: one prompt a line (T2I-CompBench).
+    * ``.json`` holding one JSON array: a WISE file (see :func:`load_wise`).
 
     Args:
         path: the prompt file.
@@ -306,7 +375,9 @@ def load_prompts(path: str | Path, task_type: str | None = None) -> list[PromptR
     if not path.is_file():
         raise PromptDataError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
+    if suffix == ".json" and _is_json_array(path):
+        records = load_wise(path, task_type)
+    elif suffix in JSON_SUFFIXES:
         records = _load_json_lines(path, "non" if task_type is None else task_type)
     elif suffix in TEXT_SUFFIXES:
         records = _load_text(path, task_type)
@@ -458,7 +529,10 @@ class PromptDataModule(pl.LightningDataModule):
         return self._loader(self._split("test"), self.val_batch_size, False, False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._split("predict"), self.val_batch_size, False, False)
+        # A plain DataLoader: Lightning rebuilds every predict loader to track batch indices, which
+        # ResumableLoader (no sampler arguments) refuses; predictions never resume mid-epoch anyway.
+        batches = GlobalBatches(self._split("predict"), self.val_batch_size, False, self.seed, False)
+        return DataLoader(batches, batch_size=None, collate_fn=collate_records)
 
 
 class GlobalBatches(IterableDataset):

@@ -1,0 +1,99 @@
+"""The side-by-side report from hand-made score files: one table per benchmark, published rows labelled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bicot.report import PUBLISHED, ReportError, build_report, main, read_scores
+
+HEADER = "run,benchmark,category,images,unreadable"
+
+
+def scores_file(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    janus = scores_file(
+        tmp_path / "janus" / "scores.csv",
+        f"{HEADER},hps,gdino\n"
+        "janus,compbench,color,300,0,0.251000,0.610000\n"
+        "janus,compbench,non_spatial,300,0,0.262000,\n"
+        "janus,compbench,numeracy,300,0,0.240000,0.500000\n"
+        "janus,compbench,all,900,0,0.251000,0.555000\n",
+    )
+    bicot = scores_file(
+        tmp_path / "bicot" / "scores.csv",
+        f"{HEADER},hps\nbicot,compbench,color,300,2,0.281234,\nbicot,compbench,all,300,2,0.281234,\n",
+    )
+    toy = scores_file(
+        tmp_path / "toy" / "scores.csv",
+        f"{HEADER},toy_orm\ntoy_start,toy,color,80,0,0.125000\ntoy_start,toy,all,80,0,0.125000\n",
+    )
+    return [janus, bicot, toy]
+
+
+def section(report: str, title: str) -> str:
+    return report.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_one_table_per_benchmark_with_published_rows(runs):
+    report = build_report(runs)
+    assert report.count("\n## ") == 2
+    compbench = section(report, "T2I-CompBench")
+    lines = [line for line in compbench.splitlines() if line.startswith("|")]
+    header = lines[0]
+    assert (
+        header
+        == "| run | scored by | color | shape | texture | spatial | non-spatial | complex | numeracy | all |"
+    )
+    published = [line for line in lines if "(published)" in line]
+    assert len(published) == len(PUBLISHED["compbench"].rows)
+    assert (
+        "| T2I-R1 (published) | published | 0.8130 | 0.5852 | 0.7243 | 0.3378 | 0.3090 | 0.3993 | – | – |"
+        in lines
+    )
+    assert "| janus | hps | 0.2510 | – | – | – | 0.2620 | – | 0.2400 | 0.2510 |" in lines
+    assert "| janus | gdino | 0.6100 | – | – | – | – | – | 0.5000 | 0.5550 |" in lines  # empty cell -> –
+    assert "| bicot | hps | 0.2812 | – | – | – | – | – | – | 0.2812 |" in lines
+    assert (
+        "scored by T2I-CompBench's own metrics" in compbench and "not the benchmark's own scorer" in compbench
+    )
+    toy = section(report, "Toy world")
+    assert "(published)" not in toy and "| toy_start | toy_orm | 0.1250 | 0.1250 |" in toy
+
+
+def test_benchmark_filter_names_and_cli(runs, tmp_path):
+    report = build_report(runs[:2], benchmarks=["compbench"], names=["Janus-Pro (ours)", "bicot-trained"])
+    assert "## Toy world" not in report and "| bicot-trained | hps |" in report
+    wise = build_report(runs[2:], benchmarks=["wise"])
+    assert (
+        "| T2I-R1 (published) | published | 0.5400 |" in wise
+    )  # a requested benchmark keeps its reference rows
+    out = tmp_path / "report" / "report.md"
+    main([str(p) for p in runs] + ["--benchmark", "toy", "--out", str(out)])
+    assert out.read_text().startswith("# Evaluation report\n\n## Toy world")
+    main([str(runs[2]), "--no-published", "--benchmark", "wise"])
+
+
+def test_bad_score_files_are_named(tmp_path, runs, capsys):
+    with pytest.raises(ReportError, match="score file not found"):
+        read_scores(tmp_path / "missing.csv")
+    bad = scores_file(tmp_path / "bad.csv", f"{HEADER},hps\nr,toy,color,many,0,0.5\n")
+    with pytest.raises(ReportError, match=r"bad.csv, line 2: column 'images': not a number: 'many'"):
+        read_scores(bad)
+    other = scores_file(tmp_path / "other.csv", "category,hps\ncolor,0.5\n")
+    with pytest.raises(
+        ReportError, match=r"line 1: columns \['run', 'benchmark', 'images', 'unreadable'\] are missing"
+    ):
+        read_scores(other)
+    with pytest.raises(ReportError, match="2 names for 3 score files"):
+        build_report(runs, names=["a", "b"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(other)])
+    assert exit_info.value.code == 2 and "bicot.report: error:" in capsys.readouterr().err
