@@ -171,8 +171,8 @@ def relation_holds(kind: str, c1: tuple[float, float], c2: tuple[float, float]) 
     return {
         "left": dx < 0 and horizontal,
         "right": dx > 0 and horizontal,
-        "above": dy < 0 and not horizontal and abs(dy) > abs(dx),
-        "below": dy > 0 and not horizontal and abs(dy) > abs(dx),
+        "above": dy < 0 and abs(dy) > abs(dx),
+        "below": dy > 0 and abs(dy) > abs(dx),
     }[kind]
 
 
@@ -197,19 +197,39 @@ def concrete(spec: SceneSpec, rng: random.Random, allowed: Callable[[str, str], 
     return SceneSpec(tuple(groups), spec.relation)
 
 
-def sample_layout(spec: SceneSpec, rng: random.Random, tries: int = 500) -> list[Placed]:
+def drawing_order(spec: SceneSpec) -> list[int]:
+    """The order a careful illustrator draws the groups in, reading the grid row by row: the order the
+    plan names them, except that the second object of a "right of" or "below" relation comes first."""
+    order = list(range(len(spec.groups)))
+    r = spec.relation
+    if r is not None:
+        rest = [i for i in order if i not in (r.a, r.b)]
+        first = [r.b, r.a] if RELATIONS[r.locality] in ("right", "below") else [r.a, r.b]
+        order = first + rest
+    return order
+
+
+def sample_layout(spec: SceneSpec, rng: random.Random, ordered: bool = False, tries: int = 2000) -> list[Placed]:
     """Random distinct cells for the objects of a concrete ``spec`` such that its relation holds.
 
+    Args:
+        ordered: also require that, read row by row, the objects come group by group in
+            :func:`drawing_order` (the convention of the supervised drawings; any layout is valid).
+
     Raises:
-        ValueError: a group has no colour, or no layout satisfied the relation within ``tries``.
+        ValueError: a group has no colour, or no layout satisfied the constraints within ``tries``.
     """
     if any(g.color is None for g in spec.groups):
         raise ValueError("sample_layout needs a concrete spec: call concrete() first")
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    order = drawing_order(spec) if ordered else list(range(len(spec.groups)))
     for _ in range(tries):
         chosen = rng.sample(cells, spec.total)
+        if ordered:
+            chosen.sort()
         placed, start = [], 0
-        for g in spec.groups:
+        for i in order:
+            g = spec.groups[i]
             placed += [Placed(g.shape, g.color, r, c) for r, c in chosen[start : start + g.count]]
             start += g.count
         if spec.relation is None or _layout_relation(spec, placed):
