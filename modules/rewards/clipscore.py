@@ -12,7 +12,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from datamodules.records import PromptRecord
 from modules.rewards.base import RewardExpert
-from modules.rewards.common import check_batch_size, chunks, freeze, load_pretrained, resolve_dtype
+from modules.rewards.common import check_batch_size, chunks, load_model_and_processor
 
 
 def _features(output: object) -> torch.Tensor:
@@ -74,20 +74,10 @@ class CLIPScoreExpert(RewardExpert):
     ) -> None:
         super().__init__(placement)
         self.batch_size = check_batch_size(batch_size, self.name)
-        kwargs = {"trust_remote_code": trust_remote_code}
-        arg = "model_name_or_path"
-        model = load_pretrained(
-            CLIPModel.from_pretrained,
-            model_name_or_path,
-            arg,
-            self.name,
-            dtype=resolve_dtype(dtype, self.name),
-            **kwargs,
+        model, processor = load_model_and_processor(
+            CLIPModel, CLIPProcessor, model_name_or_path, self.name, dtype, trust_remote_code
         )
-        processor = load_pretrained(
-            CLIPProcessor.from_pretrained, model_name_or_path, arg, self.name, **kwargs
-        )
-        adapter = FeatureTensors(freeze(model))
+        adapter = FeatureTensors(model)
         # torchmetrics accepts only a few hub ids by name; a loader callable lets any path through.
         self.metric = CLIPScore(model_name_or_path=lambda: (adapter, processor))
 

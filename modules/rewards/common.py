@@ -91,6 +91,24 @@ def load_pretrained(load: Callable[..., Any], source: str, arg: str, expert: str
         ) from err
 
 
+def load_model_and_processor(
+    model_cls: Any, processor_cls: Any, source: str, expert: str, dtype: str, trust_remote_code: bool, **model_kwargs: Any
+) -> tuple[torch.nn.Module, Any]:
+    """A frozen model and its processor from one folder or hub id (the expert's ``model_name_or_path``).
+
+    Args:
+        model_cls, processor_cls: classes with ``from_pretrained``.
+        **model_kwargs: extra ``from_pretrained`` arguments for the model (``attn_implementation`` ...).
+    """
+    kwargs = {"trust_remote_code": trust_remote_code}
+    arg = "model_name_or_path"
+    processor = load_pretrained(processor_cls.from_pretrained, source, arg, expert, **kwargs)
+    model = load_pretrained(
+        model_cls.from_pretrained, source, arg, expert, dtype=resolve_dtype(dtype, expert), **model_kwargs, **kwargs
+    )
+    return freeze(model), processor
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode and no gradients: experts only score."""
     model.requires_grad_(False)

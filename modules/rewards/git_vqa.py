@@ -13,10 +13,8 @@ from modules.rewards.common import (
     answer_token_ids,
     check_batch_size,
     chunks,
-    freeze,
     last_token_logits,
-    load_pretrained,
-    resolve_dtype,
+    load_model_and_processor,
     right_pad,
     to_pil,
     unique,
@@ -87,19 +85,9 @@ class GitVQAExpert(RewardExpert):
     ) -> None:
         super().__init__(placement)
         self.batch_size = check_batch_size(batch_size, self.name)
-        kwargs = {"trust_remote_code": trust_remote_code}
-        self.processor = load_pretrained(
-            AutoProcessor.from_pretrained, model_name_or_path, "model_name_or_path", self.name, **kwargs
+        self.model, self.processor = load_model_and_processor(
+            GitForCausalLM, AutoProcessor, model_name_or_path, self.name, dtype, trust_remote_code
         )
-        model = load_pretrained(
-            GitForCausalLM.from_pretrained,
-            model_name_or_path,
-            "model_name_or_path",
-            self.name,
-            dtype=resolve_dtype(dtype, self.name),
-            **kwargs,
-        )
-        self.model = freeze(model)
         tokenizer = self.processor.tokenizer
         self.yes_ids = answer_token_ids(tokenizer, ("yes",))
         self.no_ids = answer_token_ids(tokenizer, ("no",))

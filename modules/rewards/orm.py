@@ -14,10 +14,8 @@ from modules.rewards.common import (
     answer_token_ids,
     check_batch_size,
     chunks,
-    freeze,
     last_token_logits,
-    load_pretrained,
-    resolve_dtype,
+    load_model_and_processor,
     to_pil,
     yes_probability,
 )
@@ -104,20 +102,15 @@ class ORMExpert(RewardExpert):
             raise ValueError(f"reward expert 'orm': question must contain '{{prompt}}', got {question!r}")
         self.question = question
         self.batch_size = check_batch_size(batch_size, self.name)
-        kwargs = {"trust_remote_code": trust_remote_code}
-        self.processor = load_pretrained(
-            ImageTextProcessor.from_pretrained, model_name_or_path, "model_name_or_path", self.name, **kwargs
-        )
-        model = load_pretrained(
-            LlavaOnevisionForConditionalGeneration.from_pretrained,
+        self.model, self.processor = load_model_and_processor(
+            LlavaOnevisionForConditionalGeneration,
+            ImageTextProcessor,
             model_name_or_path,
-            "model_name_or_path",
             self.name,
-            dtype=resolve_dtype(dtype, self.name),
+            dtype,
+            trust_remote_code,
             attn_implementation=attn_implementation,
-            **kwargs,
         )
-        self.model = freeze(model)
         tokenizer = self.processor.tokenizer
         self.yes_ids = answer_token_ids(tokenizer, ("Yes", "yes"))
         self.no_ids = answer_token_ids(tokenizer, ("No", "no"))
