@@ -122,18 +122,23 @@ def peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process high-water mark (KiB -> GiB)
 
 
-def best_of(calls: dict, device: torch.device, rounds: int) -> dict:
+def best_of(calls: dict, device: torch.device, rounds: int, limits: dict | None = None) -> dict:
     """Interleaved rounds of every call; per call the best wall and CPU seconds, the peak memory, an output.
 
     Interleaving and taking the best is the fairest reading on a shared machine: a burst of other jobs
-    slows one round of every call, not every round of one.
+    slows one round of every call, not every round of one. ``limits`` caps the rounds of named calls (the
+    eager loop at the GPU shapes takes tens of seconds per call).
     """
     best = {name: dict(wall=float("inf"), cpu=float("inf"), peak=0.0, out=None) for name in calls}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, call in calls.items():
+            if round_ >= (limits or {}).get(name, rounds):
+                continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             wall, cpu, out = timed(call, device)
+            # progress as it comes: a run cut short by a time limit still shows what it measured
+            print(json.dumps(dict(measure="round", call=name, round=round_, wall_s=round(wall, 3))), flush=True)
             b = best[name]
             b.update(wall=min(b["wall"], wall), cpu=min(b["cpu"], cpu), peak=max(b["peak"], peak_gib(device)), out=out)
     return best
@@ -165,6 +170,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-tokens", type=int, default=None, help="default: the model's (64 toy, 576)")
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
+    parser.add_argument("--eager-rounds", type=int, default=None, help="rounds of the eager loop (default: --rounds)")
     parser.add_argument("--compile", default="auto",
                         help="engine compile modes, comma-separated: auto, off, default, reduce-overhead")
     parser.add_argument("--chunk", type=int, default=None, help="engine capacity/window granularity (slots)")
@@ -203,7 +209,9 @@ def main() -> None:
     for name, engine in engines.items():
         calls[name] = sampler(engine.sample_image_tokens)
         first_s[name] = timed(calls[name], device)[0]  # compiles and captures every window of this shape
-    best = best_of(calls, device, args.rounds)
+        print(json.dumps(dict(measure="first_call", call=name, wall_s=round(first_s[name], 2),
+                              compile_s=round(engine.stats.compile_s, 2), variants=engine.stats.variants)), flush=True)
+    best = best_of(calls, device, args.rounds, {"eager": args.eager_rounds or args.rounds})
     common = (args, device, n_tokens, bandwidth, step_bytes)
     eager = record("eager", best["eager"], *common)
     for name, engine in engines.items():

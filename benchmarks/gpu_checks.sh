@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU figures of the README, in one script: rollout speed at the 1B and 7B shapes (eager loop vs the
+# static-cache engine, same process), one full GRPO step of the 1B recipe phase by phase, and the GPU-only
+# tests. Run from the repository root on a machine with one CUDA GPU:
+#
+#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests
+#
+# Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
+# time does not stop the others.
+set -u
+out=${1:-gpu_checks}
+shift || true
+parts=${*:-env rollout1b step1b rollout7b tests}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+run() {  # name limit_s command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s) $(date +%T)"
+    local start=$SECONDS
+    timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start))s"
+    grep -E '^\{|passed|failed|error|Error' "$out/$name.log" | tail -n 25
+}
+
+for part in $parts; do
+    case $part in
+    env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
+    rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts 16 --rounds 3 --eager-rounds 1 ;;
+    step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 ;;
+    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts 16 --rounds 3 --eager-rounds 1 ;;
+    tests) run tests "${LIMIT_TESTS:-150}" $py -m pytest -q -p no:cacheprovider -m gpu tests/modules/test_engine.py tests/modules/rewards/test_base.py ;;
+    *) echo "unknown part $part" >&2 ;;
+    esac
+done
