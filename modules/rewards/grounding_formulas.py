@@ -1,28 +1,43 @@
-"""The GroundingDINO reward's scoring rules (REWARDS.md) as pure functions of detections and metadata.
+"""The GroundingDINO reward's scoring rules (REWARDS.md) as pure functions of detections and prompt metadata.
 
-Shared by the open-vocabulary detector expert and the toy world's programmatic detector, so both score
-object presence, counts and spatial relations the same way. Boxes are ``(x0, y0, x1, y1)`` in
-normalised ``[0, 1]`` image coordinates, y growing downward.
+The one home of these formulas: the open-vocabulary detector expert (:mod:`modules.rewards.grounding`)
+and the toy world's programmatic detector (:mod:`modules.rewards.toy_detector`) both turn their output
+into :class:`Detection` lists and call :func:`grounding_score`, so they score object presence, counts and
+spatial relations identically. Boxes are ``(x0, y0, x1, y1)`` in normalised ``[0, 1]`` image
+coordinates, y growing downward.
 
-Two defects of the public T2I-R1 code are fixed here (REWARDS.md): "above" and "on top of" have a
-branch (the vertical twin of left/right), and the "near" distance threshold is a fraction of the image
-side, like the boxes, instead of a pixel count.
+* spatial (``spatial``, GenEval ``position``): 0.2 for each of obj1, obj2 detected; with both, plus
+  half the position score of the most confident box of each (:func:`position_score`);
+* numeracy (``numeracy``, GenEval ``counting``): after NMS at IoU 0.5, each item weighs 1/n; the exact
+  count earns the weight, a wrong non-zero count 0.2 of it, absent 0;
+* anything else: the fraction of ``nouns`` detected; no nouns scores 1.
+
+A detection answers a phrase when its label is that phrase (case and spacing aside): the detector, not
+the formulas, decides which asked phrase a box shows, one phrase per box.
+
+Defects of the public T2I-R1 code fixed here (REWARDS.md): "above", "on top of" and "on the top of"
+have a branch (the vertical twin of left/right); the "near" distance threshold is a fraction of the
+image side, like the boxes, not a pixel count; and a relation between two objects of the same name
+("a cat left of a cat") is scored on two distinct boxes of that name instead of failing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
+
+from datamodules.records import LOCALITIES, PromptRecord
 
 BOX_THRESHOLD = 0.3
 """detections below this confidence are ignored (GroundingDINO's box threshold)."""
 NMS_IOU = 0.5
-"""numeracy counts boxes after non-maximum suppression at this IoU."""
+"""boxes of one phrase overlapping more than this are one object (numeracy counts after this NMS)."""
 NEAR_THRESHOLD = 0.3
-""""near" when the centres are within this fraction of the image side on one axis."""
+""""near" when the centres are within this fraction of the image side on one axis (T2I-CompBench:
+150 px on 512 px images, 0.29)."""
 OVERLAP_IOU = 0.1
-"""left/right/above/below score 1 only when the boxes overlap less than this."""
+"""left/right/above/below: boxes overlapping with IoU >= this earn ``OVERLAP_IOU / IoU`` instead of 1."""
 DETECTED_WEIGHT = 0.2
 """spatial prompts: credit for each of obj1 and obj2 being detected."""
 POSITION_WEIGHT = 0.5
@@ -47,15 +62,50 @@ LOCALITY_BRANCH: dict[str, tuple[str, int] | str] = {
     "next to": "near",
     "on side of": "near",
 }
+assert set(LOCALITY_BRANCH) == set(LOCALITIES), "every locality of the data needs a branch"
+
+# task_type values scored by position / by count (T2I-R1's names and GenEval's tags); all others by presence.
+SPATIAL_TASKS: tuple[str, ...] = ("spatial", "position")
+NUMERACY_TASKS: tuple[str, ...] = ("numeracy", "counting")
 
 
 @dataclass(frozen=True)
 class Detection:
-    """One box: the phrase it answers (``label``), its confidence and its normalised box."""
+    """One box: the phrase it answers (``label``), its confidence and its normalised ``(x0, y0, x1, y1)``."""
 
     label: str
     score: float
     box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The formulas' thresholds, each in ``(0, 1]`` (see the module constants)."""
+
+    box_threshold: float = BOX_THRESHOLD
+    iou_threshold: float = OVERLAP_IOU
+    near_threshold: float = NEAR_THRESHOLD
+    nms_iou: float = NMS_IOU
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{f.name} must be in (0, 1], got {value!r}")
+
+
+def normalise(text: str) -> str:
+    """Lower case, single spaces, no outer spaces: how phrases, labels, task types and localities compare."""
+    return " ".join(text.lower().split())
+
+
+def distinct(phrases: Iterable[str]) -> list[str]:
+    """Stripped, non-empty phrases, one per :func:`normalise` form (the first spelling), in order."""
+    seen: dict[str, str] = {}
+    for phrase in phrases:
+        if normalise(phrase):
+            seen.setdefault(normalise(phrase), phrase.strip())
+    return list(seen.values())
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -72,18 +122,25 @@ def centre(box: Sequence[float]) -> tuple[float, float]:
 
 
 def phrase_matches(label: str, phrase: str) -> bool:
-    """Whether a detection label answers a noun phrase: every word of the phrase is in the label."""
+    """Whether ``phrase`` describes a thing called ``label``: every word of the phrase is in the label.
+
+    For detectors that name what they see ("red circle") and must say which asked phrase ("circle") a
+    box answers; the formulas themselves compare labels with phrases exactly (:func:`matching`).
+    """
     return set(phrase.lower().split()) <= set(label.lower().split())
 
 
-def matching(detections: Sequence[Detection], phrase: str, threshold: float = BOX_THRESHOLD) -> list[Detection]:
-    """Detections of ``phrase`` at or above ``threshold``, most confident first."""
-    hits = [d for d in detections if d.score >= threshold and phrase_matches(d.label, phrase)]
+def matching(
+    detections: Sequence[Detection], phrase: str, box_threshold: float = BOX_THRESHOLD
+) -> list[Detection]:
+    """Detections labelled ``phrase`` (see :func:`normalise`) at or above ``box_threshold``, most confident first."""
+    wanted = normalise(phrase)
+    hits = [d for d in detections if d.score >= box_threshold and normalise(d.label) == wanted]
     return sorted(hits, key=lambda d: -d.score)
 
 
 def nms(detections: Sequence[Detection], iou: float = NMS_IOU) -> list[Detection]:
-    """Greedy non-maximum suppression: keep the most confident box, drop boxes overlapping it > ``iou``."""
+    """Greedy non-maximum suppression: keep the most confident box, drop boxes overlapping a kept one by > ``iou``."""
     kept: list[Detection] = []
     for d in sorted(detections, key=lambda d: -d.score):
         if all(box_iou(d.box, k.box) <= iou for k in kept):
@@ -91,56 +148,85 @@ def nms(detections: Sequence[Detection], iou: float = NMS_IOU) -> list[Detection
     return kept
 
 
-def position_score(box1: Sequence[float], box2: Sequence[float], locality: str, near: float = NEAR_THRESHOLD) -> float:
-    """How well ``box1`` stands ``locality`` of ``box2``, in ``[0, 1]``.
+def position_score(
+    box1: Sequence[float],
+    box2: Sequence[float],
+    locality: str,
+    iou_threshold: float = OVERLAP_IOU,
+    near_threshold: float = NEAR_THRESHOLD,
+) -> float:
+    """How well ``box1`` (obj1) stands ``locality`` of ``box2`` (obj2), in ``[0, 1]``.
 
-    left/right (above/below on the vertical axis): 0 when the centre offset points the wrong way;
-    ``0.1 / IoU`` when the boxes overlap with IoU >= 0.1; 1 when the offset is mostly along the axis;
-    otherwise 0. near / next to / on side of: 1 when ``|dx|`` or ``|dy|`` is under ``near`` (a fraction
-    of the image side), else ``near / max(|dx|, |dy|)``.
+    left/right (above/below on the vertical axis): 0 when the centre offset points the wrong way or
+    is not mostly along the axis (``|along| <= |across|``); otherwise 1 when the boxes overlap little
+    (IoU < ``iou_threshold``), else ``iou_threshold / IoU``. near / next to / on side of: 1 when
+    ``|dx|`` or ``|dy|`` is under ``near_threshold`` (a fraction of the image side), else
+    ``near_threshold / max(|dx|, |dy|)``.
 
     Raises:
         ValueError: an unknown locality.
     """
-    branch = LOCALITY_BRANCH.get(locality.lower())
+    branch = LOCALITY_BRANCH.get(normalise(locality))
     if branch is None:
         raise ValueError(f"unknown locality {locality!r}; expected one of {sorted(LOCALITY_BRANCH)}")
     (x1, y1), (x2, y2) = centre(box1), centre(box2)
     dx, dy = x1 - x2, y1 - y2
     if branch == "near":
-        if abs(dx) < near or abs(dy) < near:
+        if abs(dx) < near_threshold or abs(dy) < near_threshold:
             return 1.0
-        return near / max(abs(dx), abs(dy))
+        return near_threshold / max(abs(dx), abs(dy))
     axis, sign = branch
     along, across = (dx, dy) if axis == "x" else (dy, dx)
-    if along * sign <= 0:
+    if along * sign <= 0 or abs(along) <= abs(across):
         return 0.0
     iou = box_iou(box1, box2)
-    if iou >= OVERLAP_IOU:
-        return OVERLAP_IOU / iou
-    return 1.0 if abs(along) > abs(across) else 0.0
+    return 1.0 if iou < iou_threshold else iou_threshold / iou
 
 
 def spatial_score(
-    detections: Sequence[Detection], spatial_info: Mapping[str, str], near: float = NEAR_THRESHOLD
+    detections: Sequence[Detection], spatial_info: Mapping[str, str], thresholds: Thresholds = Thresholds()
 ) -> float:
-    """0.2 for each of obj1 and obj2 detected, plus half the position score of their best boxes (max 0.9)."""
-    first = matching(detections, spatial_info["obj1"])
-    second = matching(detections, spatial_info["obj2"])
+    """0.2 for each of obj1 and obj2 detected, plus half the position score of their best boxes (max 0.9).
+
+    When obj1 and obj2 have the same name, they must be two objects: the two most confident boxes of
+    that name left after NMS play both parts (in the better of the two orders), and one box is one
+    object found (0.2).
+    """
+    t = thresholds
+    locality = spatial_info["locality"]
+    first = matching(detections, spatial_info["obj1"], t.box_threshold)
+    if normalise(spatial_info["obj1"]) == normalise(spatial_info["obj2"]):
+        objects = nms(first, t.nms_iou)[:2]
+        if len(objects) < 2:
+            return DETECTED_WEIGHT * len(objects)
+        a, b = (o.box for o in objects)
+        pos = max(
+            position_score(p, q, locality, t.iou_threshold, t.near_threshold) for p, q in ((a, b), (b, a))
+        )
+        return 2 * DETECTED_WEIGHT + POSITION_WEIGHT * pos
+    second = matching(detections, spatial_info["obj2"], t.box_threshold)
     score = DETECTED_WEIGHT * (bool(first) + bool(second))
     if first and second:
-        score += POSITION_WEIGHT * position_score(first[0].box, second[0].box, spatial_info["locality"], near)
+        pos = position_score(first[0].box, second[0].box, locality, t.iou_threshold, t.near_threshold)
+        score += POSITION_WEIGHT * pos
     return score
 
 
-def numeracy_score(detections: Sequence[Detection], numeracy_info: Sequence[Mapping[str, Any]]) -> float:
-    """Each of the n items weighs 1/n: the exact count (after NMS) earns it, a wrong non-zero count 0.2 of it."""
+def numeracy_score(
+    detections: Sequence[Detection],
+    numeracy_info: Sequence[Mapping[str, Any]],
+    thresholds: Thresholds = Thresholds(),
+) -> float:
+    """Each of the n items weighs 1/n: the exact count (after NMS) earns it, a wrong non-zero count 0.2 of it.
+
+    An empty list scores 1 (nothing to count).
+    """
     if not numeracy_info:
         return 1.0
     weight = 1.0 / len(numeracy_info)
     score = 0.0
     for item in numeracy_info:
-        found = len(nms(matching(detections, item["obj_name"])))
+        found = len(nms(matching(detections, item["obj_name"], thresholds.box_threshold), thresholds.nms_iou))
         if found == int(item["num"]):
             score += weight
         elif found > 0:
@@ -148,28 +234,43 @@ def numeracy_score(detections: Sequence[Detection], numeracy_info: Sequence[Mapp
     return score
 
 
-def object_score(detections: Sequence[Detection], nouns: Sequence[str]) -> float:
-    """The fraction of ``nouns`` detected; 1 when there are none."""
-    if not nouns:
+def object_score(
+    detections: Sequence[Detection], nouns: Sequence[str], thresholds: Thresholds = Thresholds()
+) -> float:
+    """The fraction of ``nouns`` (each entry, repeats included) detected; 1 when there are none."""
+    wanted = [noun for noun in nouns if normalise(noun)]
+    if not wanted:
         return 1.0
-    return sum(bool(matching(detections, noun)) for noun in nouns) / len(nouns)
+    return sum(bool(matching(detections, noun, thresholds.box_threshold)) for noun in wanted) / len(wanted)
+
+
+def score_kind(record: PromptRecord) -> str:
+    """Which formula scores ``record``: ``spatial``, ``numeracy`` (each needs its metadata) or ``object``."""
+    task = normalise(record.task_type)
+    if task in SPATIAL_TASKS and record.spatial_info:
+        return "spatial"
+    if task in NUMERACY_TASKS and record.numeracy_info is not None:
+        return "numeracy"
+    return "object"
+
+
+def query_phrases(record: PromptRecord) -> list[str]:
+    """The phrases a detector is asked for: the objects the record's formula reads, distinct, in order."""
+    kind = score_kind(record)
+    if kind == "spatial":
+        return distinct([record.spatial_info["obj1"], record.spatial_info["obj2"]])
+    if kind == "numeracy":
+        return distinct(item["obj_name"] for item in record.numeracy_info)
+    return distinct(record.nouns)
 
 
 def grounding_score(
-    detections: Sequence[Detection],
-    task_type: str,
-    nouns: Sequence[str],
-    spatial_info: Mapping[str, str] | None = None,
-    numeracy_info: Sequence[Mapping[str, Any]] | None = None,
-    near: float = NEAR_THRESHOLD,
+    record: PromptRecord, detections: Sequence[Detection], thresholds: Thresholds = Thresholds()
 ) -> float:
-    """The GroundingDINO reward of one image, dispatched on ``task_type`` as in T2I-R1.
-
-    ``spatial`` uses :func:`spatial_score`, ``numeracy`` :func:`numeracy_score` (each needs its metadata
-    field; without it, the object score applies); every other type :func:`object_score`.
-    """
-    if task_type == "spatial" and spatial_info is not None:
-        return spatial_score(detections, spatial_info, near)
-    if task_type == "numeracy" and numeracy_info is not None:
-        return numeracy_score(detections, numeracy_info)
-    return object_score(detections, nouns)
+    """The GroundingDINO reward of one image, by :func:`score_kind`: spatial, numeracy or object presence."""
+    kind = score_kind(record)
+    if kind == "spatial":
+        return spatial_score(detections, record.spatial_info, thresholds)
+    if kind == "numeracy":
+        return numeracy_score(detections, record.numeracy_info, thresholds)
+    return object_score(detections, record.nouns, thresholds)

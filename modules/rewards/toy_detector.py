@@ -9,13 +9,31 @@ import torch
 from datamodules.records import PromptRecord
 from datamodules.toyworld.scene import NEAR
 from modules.rewards.base import RewardExpert
-from modules.rewards.grounding_formulas import SPATIAL_MAX, Detection, grounding_score
+from modules.rewards.grounding_formulas import (
+    SPATIAL_MAX,
+    Detection,
+    Thresholds,
+    grounding_score,
+    phrase_matches,
+    query_phrases,
+    score_kind,
+)
 from modules.rewards.toy_vision import Parse, parse_batch
 
 
-def detections(parse: Parse) -> list[Detection]:
-    """The parse's objects as detections labelled ``"<colour> <shape>"`` (they answer either word)."""
-    return [Detection(o.label, o.confidence, o.box) for o in parse.objects]
+def detections(parse: Parse, phrases: Sequence[str]) -> list[Detection]:
+    """The parse's objects as an open-vocabulary detector asked for ``phrases`` reports them.
+
+    Like GroundingDINO, each object is labelled with one asked phrase: the most specific (most words)
+    of those that describe its ``"<colour> <shape>"`` (first on a tie); an object no phrase describes
+    is not reported.
+    """
+    found = []
+    for o in parse.objects:
+        fitting = [p for p in phrases if phrase_matches(o.label, p)]
+        if fitting:
+            found.append(Detection(max(fitting, key=lambda p: len(p.split())), o.confidence, o.box))
+    return found
 
 
 class ToyDetectorExpert(RewardExpert):
@@ -34,24 +52,18 @@ class ToyDetectorExpert(RewardExpert):
 
     def __init__(self, near_threshold: float = NEAR, normalize_spatial: bool = True) -> None:
         super().__init__()
-        if not 0 < near_threshold <= 1:
-            raise ValueError(f"near_threshold is a fraction of the image side in (0, 1], got {near_threshold}")
-        self.near_threshold = near_threshold
+        try:
+            self.thresholds = Thresholds(near_threshold=near_threshold)
+        except ValueError as err:
+            raise ValueError(f"reward expert {self.name!r}: {err} (a fraction of the image side)") from None
         self.normalize_spatial = normalize_spatial
 
     def score(self, images: torch.Tensor, prompts: Sequence[PromptRecord]) -> torch.Tensor:
         """float32 ``[N]`` in ``[0, 1]`` for uint8 images ``[N, H, W, 3]``."""
         scores = []
         for parse, record in zip(parse_batch(images), prompts, strict=True):
-            value = grounding_score(
-                detections(parse),
-                record.task_type,
-                record.nouns,
-                record.spatial_info,
-                record.numeracy_info,
-                self.near_threshold,
-            )
-            if self.normalize_spatial and record.task_type == "spatial" and record.spatial_info is not None:
+            value = grounding_score(record, detections(parse, query_phrases(record)), self.thresholds)
+            if self.normalize_spatial and score_kind(record) == "spatial":
                 value /= SPATIAL_MAX
             scores.append(min(1.0, value))
         return torch.tensor(scores, dtype=torch.float32)

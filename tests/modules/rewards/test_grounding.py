@@ -1,4 +1,7 @@
-"""Tests for the GroundingDINO expert: hand-checked formulas (no model), box assignment, and a tiny model end to end."""
+"""Tests for the GroundingDINO expert: prompting, boxes, a tiny model, and parity with the toy detector.
+
+The scoring formulas themselves are tested in ``test_grounding_formulas.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,181 +9,19 @@ import pytest
 import torch
 
 from datamodules.prompts import load_prompts
-from datamodules.records import LOCALITIES, PromptRecord
+from datamodules.records import PromptRecord
+from datamodules.toyworld.scene import Placed, render
+from modules.rewards import toy_detector
 from modules.rewards.common import ExpertCheckpointError
-from modules.rewards.grounding import (
-    RELATION_OF,
-    Box,
-    GroundingDinoExpert,
-    assign_boxes,
-    box_iou,
-    caption,
-    grounding_score,
-    nms,
-    numeracy_score,
-    object_score,
-    phrase_spans,
-    position_score,
-    query_phrases,
-    spatial_score,
-)
+from modules.rewards.grounding import GroundingDinoExpert, assign_boxes, caption, phrase_spans
+from modules.rewards.grounding_formulas import query_phrases
 from modules.rewards.tiny import save_tiny_grounding_dino
+from modules.rewards.toy_vision import parse_image
 
 SAMPLE = "datamodules/fixtures/t2i_r1_sample.jsonl"
 
 
-def at(cx: float, cy: float, half: float = 0.05, score: float = 0.9) -> Box:
-    """A square box of side ``2 * half`` centred at ``(cx, cy)``."""
-    return Box(cx - half, cy - half, cx + half, cy + half, score)
-
-
-# Where obj2 must lie relative to obj1 (which sits at the centre) for each relation.
-CORRECT = {"left": (0.8, 0.5), "right": (0.2, 0.5), "above": (0.5, 0.8), "below": (0.5, 0.2)}
-WRONG = {"left": (0.2, 0.5), "right": (0.8, 0.5), "above": (0.5, 0.2), "below": (0.5, 0.8)}
-
-
-# ----------------------------------------------------------------------------- position
-
-
-def test_every_locality_of_the_data_has_a_relation():
-    assert set(RELATION_OF) == set(LOCALITIES) and len(LOCALITIES) == 12
-    for record in load_prompts(SAMPLE):
-        if record.spatial_info:
-            assert record.spatial_info["locality"] in RELATION_OF
-
-
-@pytest.mark.parametrize("locality", [loc for loc in LOCALITIES if RELATION_OF[loc] != "near"])
-def test_directional_localities_both_sides(locality):
-    relation = RELATION_OF[locality]
-    obj1 = at(0.5, 0.5)
-    assert position_score(obj1, at(*CORRECT[relation]), locality) == 1.0
-    assert position_score(obj1, at(*WRONG[relation]), locality) == 0.0
-
-
-@pytest.mark.parametrize("locality", ["above", "on top of", "on the top of"])
-def test_above_family_can_earn_full_spatial_score(locality):
-    # The public code has no branch for "above"/"on top of": such prompts never passed 0.4.
-    detections = {"book": [at(0.5, 0.2)], "tv": [at(0.5, 0.8)]}
-    assert spatial_score(detections, {"obj1": "book", "obj2": "tv", "locality": locality}) == pytest.approx(
-        0.9
-    )
-
-
-def test_overlapping_boxes_earn_iou_threshold_over_iou():
-    box1, box2 = Box(0.2, 0.4, 0.6, 0.6), Box(0.4, 0.4, 0.8, 0.6)  # IoU = 0.04 / 0.12 = 1/3
-    assert box_iou(box1, box2) == pytest.approx(1 / 3)
-    assert position_score(box1, box2, "left of") == pytest.approx(0.1 / (1 / 3))
-    assert position_score(box2, box1, "left of") == 0.0  # overlap does not rescue the wrong side
-
-
-def test_correct_side_but_mostly_along_the_other_axis_scores_zero():
-    assert position_score(at(0.4, 0.1), at(0.5, 0.9), "left of") == 0.0
-    assert position_score(at(0.1, 0.4), at(0.9, 0.5), "below") == 0.0
-
-
-@pytest.mark.parametrize("locality", ["near", "next to", "on side of"])
-def test_near_is_relative_to_image_size(locality):
-    assert position_score(at(0.4, 0.5), at(0.6, 0.52), locality) == 1.0
-    # Far on both axes: the distance threshold (0.3 of the image side) decides, so far boxes score
-    # below 1. The public code compared 150 px with normalised offsets, so everything was "near".
-    far = position_score(at(0.1, 0.1), at(0.9, 0.9), locality)
-    assert far == pytest.approx(0.3 / 0.8)
-    assert position_score(at(0.1, 0.1), at(0.9, 0.9), locality, near_threshold=0.1) == pytest.approx(
-        0.1 / 0.8
-    )
-
-
-def test_unknown_locality_is_refused():
-    with pytest.raises(ValueError, match="unknown locality 'inside'"):
-        position_score(at(0.5, 0.5), at(0.5, 0.5), "inside")
-
-
-# ----------------------------------------------------------------------------- spatial score
-
-
-INFO = {"obj1": "car", "obj2": "zebra", "locality": "below"}
-
-
-def test_spatial_score_by_what_is_found():
-    assert spatial_score({}, INFO) == 0.0
-    assert spatial_score({"car": [at(0.5, 0.8)]}, INFO) == pytest.approx(0.2)
-    assert spatial_score({"zebra": [at(0.5, 0.2)]}, INFO) == pytest.approx(0.2)
-    wrong = {"car": [at(0.5, 0.2)], "zebra": [at(0.5, 0.8)]}
-    assert spatial_score(wrong, INFO) == pytest.approx(0.4)
-    right = {"car": [at(0.5, 0.8)], "zebra": [at(0.5, 0.2)]}
-    assert spatial_score(right, INFO) == pytest.approx(0.9)
-
-
-def test_spatial_score_uses_the_most_confident_boxes():
-    zebra = [at(0.5, 0.2)]
-    confident_right = {"car": [at(0.5, 0.1, score=0.35), at(0.5, 0.8, score=0.95)], "zebra": zebra}
-    confident_wrong = {"car": [at(0.5, 0.1, score=0.95), at(0.5, 0.8, score=0.35)], "zebra": zebra}
-    assert spatial_score(confident_right, INFO) == pytest.approx(0.9)
-    assert spatial_score(confident_wrong, INFO) == pytest.approx(0.4)
-
-
-def test_spatial_score_with_the_same_object_twice():
-    info = {"obj1": "cat", "obj2": "cat", "locality": "left of"}
-    assert spatial_score({"cat": [at(0.5, 0.5)]}, info) == pytest.approx(0.2)
-    assert spatial_score({"cat": [at(0.8, 0.5, score=0.9), at(0.2, 0.5, score=0.8)]}, info) == pytest.approx(
-        0.9
-    )
-
-
-# ----------------------------------------------------------------------------- numeracy and objects
-
-
-def items(**counts):
-    return [{"obj_name": name, "num": num} for name, num in counts.items()]
-
-
-def test_numeracy_exact_wrong_absent():
-    two = [at(0.2, 0.5), at(0.8, 0.5)]
-    assert numeracy_score({"cup": two}, items(cup=2)) == 1.0
-    assert numeracy_score({"cup": two + [at(0.5, 0.2)]}, items(cup=2)) == pytest.approx(0.2)
-    assert numeracy_score({}, items(cup=2)) == 0.0
-    assert numeracy_score({"cup": two, "dog": [at(0.5, 0.5)]}, items(cup=2, dog=3)) == pytest.approx(
-        0.5 + 0.1
-    )
-    assert numeracy_score({"cup": two}, items(cup=2, dog=1)) == pytest.approx(0.5)
-    assert numeracy_score({}, []) == 1.0
-
-
-def test_numeracy_counts_after_nms():
-    duplicate = Box(0.21, 0.41, 0.31, 0.51, 0.5)  # IoU with the first box ~0.68 > 0.5: the same cup
-    boxes = [at(0.25, 0.45, score=0.9), duplicate, at(0.75, 0.45, score=0.8)]
-    assert len(nms(boxes)) == 2 and nms(boxes)[0].score == 0.9
-    assert numeracy_score({"cup": boxes}, items(cup=2)) == 1.0
-    assert numeracy_score({"cup": boxes}, items(cup=3)) == pytest.approx(0.2)
-
-
-def test_object_fraction_and_no_nouns():
-    found = {"cat": [at(0.5, 0.5)], "dog": [at(0.2, 0.2)]}
-    assert object_score(found, ["cat", "dog", "car"]) == pytest.approx(2 / 3)
-    assert object_score(found, ["cat", "cat", "car"]) == pytest.approx(1 / 2)
-    assert object_score({}, []) == 1.0
-
-
-def test_grounding_score_dispatches_on_task_type():
-    right = {"car": [at(0.5, 0.8)], "zebra": [at(0.5, 0.2)]}
-    spatial = PromptRecord("a car below a zebra", "spatial", ("car", "zebra"), spatial_info=INFO)
-    assert grounding_score(spatial, right) == pytest.approx(0.9)
-    position = PromptRecord("a car below a zebra", "position", ("car", "zebra"), spatial_info=INFO)
-    assert grounding_score(position, right) == pytest.approx(0.9)
-    counting = PromptRecord("two cars", "counting", ("car",), numeracy_info=tuple(items(car=2)))
-    assert grounding_score(counting, right) == pytest.approx(0.2)
-    # "complex" prompts are scored by presence even when they carry spatial_info (REWARDS.md: by task_type).
-    complex_ = PromptRecord("a car below a zebra", "complex", ("car", "zebra", "tree"), spatial_info=INFO)
-    assert grounding_score(complex_, right) == pytest.approx(2 / 3)
-    assert grounding_score(PromptRecord("a sunset", "non"), {}) == 1.0
-
-
-def test_query_phrases_and_caption():
-    spatial = PromptRecord("x", "spatial", ("car", "zebra", "road"), spatial_info=INFO)
-    assert query_phrases(spatial) == ["car", "zebra"]
-    counting = PromptRecord("x", "numeracy", ("cup",), numeracy_info=tuple(items(cup=2, dog=1)))
-    assert query_phrases(counting) == ["cup", "dog"]
-    assert query_phrases(PromptRecord("x", "color", ("Teddy Bear", "cat", "cat"))) == ["Teddy Bear", "cat"]
+def test_caption_and_phrase_spans():
     text = caption(["Teddy Bear", "cat"])
     assert text == "teddy bear . cat ."
     assert phrase_spans(text, ["Teddy Bear", "cat"]) == [(0, 10), (13, 16)]
@@ -193,11 +34,12 @@ def test_assign_boxes_picks_each_querys_best_phrase_above_threshold():
     probs[1, 4], probs[1, 1] = 0.5, 0.4  # query 1: cat beats teddy
     probs[2, 4] = 0.29  # query 2: under the 0.3 box threshold
     boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.2, 0.3, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]])
-    found = assign_boxes(probs, boxes, [[1, 2], [4]], ["teddy bear", "cat"], 0.3)
-    assert set(found) == {"teddy bear", "cat"}
-    (bear,) = found["teddy bear"]
-    assert (bear.x0, bear.y0, bear.x1, bear.y1) == pytest.approx((0.4, 0.3, 0.6, 0.7))
-    assert bear.score == pytest.approx(0.9) and found["cat"][0].score == pytest.approx(0.5)
+    bear, cat = assign_boxes(probs, boxes, [[1, 2], [4]], ["teddy bear", "cat"], 0.3)
+    assert (bear.label, cat.label) == ("teddy bear", "cat")
+    assert bear.box == pytest.approx((0.4, 0.3, 0.6, 0.7)) and cat.box == pytest.approx(
+        (0.15, 0.25, 0.25, 0.35)
+    )
+    assert bear.score == pytest.approx(0.9) and cat.score == pytest.approx(0.5)
 
 
 # ----------------------------------------------------------------------------- tiny model
@@ -245,10 +87,11 @@ def test_detected_boxes_are_normalised_and_belong_to_asked_phrases(tiny_dir):
     found = expert.detect(
         torch.randint(0, 256, (2, 20, 30, 3), dtype=torch.uint8), [["teddy bear", "cat"], ["zebra"]]
     )
-    assert set(found[0]) <= {"teddy bear", "cat"} and set(found[1]) <= {"zebra"}
-    assert sum(len(b) for f in found for b in f.values()) > 0
-    for boxes in (b for f in found for b in f.values()):
-        assert all(0.01 <= box.score <= 1 and box.x0 <= box.x1 and box.y0 <= box.y1 for box in boxes)
+    assert {d.label for d in found[0]} <= {"teddy bear", "cat"} and {d.label for d in found[1]} <= {"zebra"}
+    assert sum(len(f) for f in found) > 0
+    for d in (d for f in found for d in f):
+        x0, y0, x1, y1 = d.box
+        assert 0.01 <= d.score <= 1 and x0 <= x1 and y0 <= y1
 
 
 def test_bad_arguments_and_missing_checkpoint(tiny_dir, tmp_path):
@@ -256,3 +99,71 @@ def test_bad_arguments_and_missing_checkpoint(tiny_dir, tmp_path):
         GroundingDinoExpert(str(tiny_dir), box_threshold=0)
     with pytest.raises(ExpertCheckpointError, match=r"gdino.*not found: .*missing_gdino.*model_name_or_path"):
         GroundingDinoExpert(str(tmp_path / "missing_gdino"))
+
+
+# ----------------------------------------------------------------------------- parity with the toy detector
+
+# Two red circles stacked in column 1, a purple triangle above-left of a blue square, two green triangles.
+SCENE = render(
+    [
+        Placed("circle", "red", 0, 1),
+        Placed("circle", "red", 3, 1),
+        Placed("triangle", "purple", 0, 2),
+        Placed("square", "blue", 3, 3),
+        Placed("triangle", "green", 1, 3),
+        Placed("triangle", "green", 2, 0),
+    ]
+)
+
+
+def spatial(obj1: str, locality: str, obj2: str, task: str = "spatial") -> PromptRecord:
+    info = {"obj1": obj1, "obj2": obj2, "locality": locality}
+    return PromptRecord(f"a {obj1} {locality} a {obj2}", task, (obj1, obj2), spatial_info=info)
+
+
+# Each record with its score, computed by hand from the scene's cells (a cell is 1/4 of the side).
+PARITY = [
+    (spatial("blue square", "below", "purple triangle"), 0.9),  # dy 0.75 > dx 0.25
+    (spatial("purple triangle", "left of", "blue square", "position"), 0.4),  # mostly vertical: 0.4
+    (spatial("red circle", "above", "Red Circle"), 0.9),  # the same object twice: two circles, stacked
+    (spatial("yellow circle", "left of", "blue square"), 0.2),
+    (
+        PromptRecord(
+            "two green triangles and a red circle",
+            "numeracy",
+            ("triangle", "circle"),
+            numeracy_info=({"obj_name": "green triangle", "num": 2}, {"obj_name": "red circle", "num": 1}),
+        ),
+        0.5 + 0.5 * 0.2,
+    ),
+    (PromptRecord("a circle, a square and a star", "shape", ("circle", "square", "star")), 2 / 3),
+    (
+        PromptRecord(
+            "a square by a tree",
+            "complex",
+            ("square", "tree"),
+            spatial_info={"obj1": "square", "obj2": "tree", "locality": "near"},
+        ),
+        0.5,
+    ),
+    (PromptRecord("a quiet evening", "non"), 1.0),
+]
+
+
+def test_real_expert_and_toy_detector_score_the_same_detections_alike(tiny_dir, monkeypatch):
+    parse = parse_image(SCENE)
+    records, expected = zip(*PARITY, strict=True)
+    asked = []
+
+    def detect(images, phrases):  # the toy detector's detections stand in for the model's
+        asked.extend(phrases)
+        return [toy_detector.detections(parse, p) for p in phrases]
+
+    expert = GroundingDinoExpert(str(tiny_dir))
+    monkeypatch.setattr(expert, "detect", detect)
+    images = torch.from_numpy(SCENE).expand(len(records), *SCENE.shape).contiguous()
+    real = expert(images, list(records)).tolist()
+    toy = toy_detector.ToyDetectorExpert(normalize_spatial=False)(images, list(records)).tolist()
+    assert real == toy
+    assert real == pytest.approx(list(expected))
+    assert asked == [query_phrases(r) for r in records if query_phrases(r)]
