@@ -84,6 +84,8 @@ def rollout_phase(
         image_tokens=sample.tokens,
         image_logp=sample.logp_guided if guided else sample.logp_conditional,
         images=images,
+        plan_entropy=plans.entropy if plans else None,
+        image_entropy=sample.entropy,
     )
 
 

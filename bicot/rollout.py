@@ -42,6 +42,10 @@ class Rollout:
     """``[R, N]`` image log-probs under the sampling policy (conditional or guided, as configured)."""
     images: Tensor
     """``[R, H, W, 3]`` uint8 decoded images."""
+    plan_entropy: Tensor | None = None
+    """``[R, T]`` exact entropy of each plan step's sampling distribution (0 off ``plan_mask``)."""
+    image_entropy: Tensor | None = None
+    """``[R, N]`` exact entropy of each image step's sampling distribution (the CFG mixture)."""
     row_offset: int = 0
     """global index of the first row (rows of a group may sit on several processes)."""
     rewards: Tensor | None = None
@@ -78,7 +82,7 @@ class Rollout:
         sub = replace(self, **out)
         if sub.plan_mask is not None:
             width = max(int(sub.plan_mask.sum(1).max()), 1)
-            for name in ("plan_tokens", "plan_mask", "plan_logp", "ref_plan_logp"):
+            for name in ("plan_tokens", "plan_mask", "plan_logp", "ref_plan_logp", "plan_entropy"):
                 if getattr(sub, name) is not None:
                     setattr(sub, name, getattr(sub, name)[:, :width])
         return sub

@@ -34,8 +34,9 @@ def rollout_statistics(r: Rollout) -> dict[str, torch.Tensor]:
     """The statistics of one scored rollout, by metric name.
 
     Returns:
-        ``train/advantage_mean``, ``train/reward_std/<expert>``, ``train/sampled_nll/image`` and,
-        with plans, ``train/sampled_nll/plan``; scalar tensors.
+        ``train/advantage_mean``, ``train/reward_std/<expert>``, ``train/sampled_nll/image``,
+        ``train/entropy/image`` and, with plans, ``train/sampled_nll/plan`` and ``train/entropy/plan``;
+        scalar tensors.
     """
     out = {"train/advantage_mean": r.advantages.float().mean()}
     for name, scores in r.reward_per_expert.items():
@@ -43,6 +44,10 @@ def rollout_statistics(r: Rollout) -> dict[str, torch.Tensor]:
     if r.plan_logp is not None:
         out["train/sampled_nll/plan"] = sampled_nll(r.plan_logp, r.plan_mask)
     out["train/sampled_nll/image"] = sampled_nll(r.image_logp)
+    if r.plan_entropy is not None:
+        out["train/entropy/plan"] = sampled_nll(-r.plan_entropy, r.plan_mask)  # masked mean of the entropies
+    if r.image_entropy is not None:
+        out["train/entropy/image"] = r.image_entropy.float().mean()
     return out
 
 
@@ -56,7 +61,10 @@ class RolloutStatistics(pl.Callback):
     - ``train/advantage_mean``: mean advantage (about 0 by construction; drifts flag a bug);
     - ``train/reward_std/<expert>``: spread of each expert's scores over the step's samples;
     - ``train/sampled_nll/plan`` and ``train/sampled_nll/image``: mean ``-log p`` of the sampled
-      tokens, the Monte-Carlo entropy estimate (see :func:`sampled_nll` for when it is exact).
+      tokens, the Monte-Carlo entropy estimate (see :func:`sampled_nll` for when it is exact);
+    - ``train/entropy/plan`` and ``train/entropy/image``: the exact mean per-token entropy (nats) of the
+      distributions the rollout sampled from (a sum over the vocabulary at every step; for image tokens
+      the CFG mixture), from the temperature-scaled logits before top-k/top-p.
 
     Metrics are averaged over data-parallel ranks like the module's own, and written by rank 0.
     """

@@ -65,6 +65,7 @@ from modules.janus_ops import (
     positions_from_mask,
     sample_tokens,
     scaled_logprobs,
+    token_entropy,
 )
 
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
@@ -134,7 +135,9 @@ def _rotary(rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.
     return cos[:, None, None], sin[:, None, None]
 
 
-def decode_layers(lm, x: torch.Tensor, kv: list[torch.Tensor], slot: torch.Tensor, pad: torch.Tensor, window: int):
+def decode_layers(
+    lm, x: torch.Tensor, kv: list[torch.Tensor], slot: torch.Tensor, pad: torch.Tensor, window: int
+):
     """One new token per row through every decoder layer, writing its keys and values at ``slot``.
 
     Args:
@@ -153,7 +156,9 @@ def decode_layers(lm, x: torch.Tensor, kv: list[torch.Tensor], slot: torch.Tenso
     cos, sin = _rotary(lm.rotary_emb, slot - pad, x.dtype)  # position = slot - left padding
     cols = torch.arange(window, device=x.device)[None]  # [1, W]
     allowed = (cols >= pad[:, None]) & (cols <= slot)  # [R, W]: the row's real context and tokens so far
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(~allowed, float("-inf"))
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(
+        ~allowed, float("-inf")
+    )
     bias = bias.view(rows, 1, 1, window)
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         attn, keys, values = layer.self_attn, kv[2 * i], kv[2 * i + 1]
@@ -163,7 +168,9 @@ def decode_layers(lm, x: torch.Tensor, kv: list[torch.Tensor], slot: torch.Tenso
         # .to: under autocast the projections and the cache need not share a dtype
         keys.index_copy_(2, slot, _rope(attn.k_proj(h).view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
         values.index_copy_(2, slot, attn.v_proj(h).view(rows, kv_heads, 1, dim).to(values.dtype))
-        scores = (q @ keys[:, :, :window].transpose(-1, -2)).float() * attn.scaling  # [R, kv_heads, groups, W]
+        scores = (
+            q @ keys[:, :, :window].transpose(-1, -2)
+        ).float() * attn.scaling  # [R, kv_heads, groups, W]
         probs = (scores + bias).softmax(-1).to(q.dtype)
         out = probs @ values[:, :, :window]  # [R, kv_heads, groups, D]
         x = x + attn.o_proj(out.reshape(rows, -1))
@@ -173,11 +180,14 @@ def decode_layers(lm, x: torch.Tensor, kv: list[torch.Tensor], slot: torch.Tenso
     return _rms_norm(lm.norm, x)
 
 
-def image_step(model, state: dict, *, window: int, batch: int, use_cfg: bool, cfg_scale: float, sampling: tuple):
+def image_step(
+    model, state: dict, *, window: int, batch: int, use_cfg: bool, cfg_scale: float, sampling: tuple
+):
     """Sample one image token per row from ``state["hidden"]`` and advance every buffer by one slot.
 
     ``state`` holds ``kv``, ``hidden [R, H]``, ``slot [1]``, ``col [1]``, ``pad [R]``, ``uniform [B, V]`` (or
-    ``None`` when greedy) and the outputs ``tokens``/``lp_cond``/``lp_guided`` ``[B, N]``, written at ``col``.
+    ``None`` when greedy) and the outputs ``tokens``/``lp_cond``/``lp_guided``/``entropy`` ``[B, N]``, written at
+    ``col``.
     """
     temperature, top_k, top_p = sampling
     logits = model.model.generation_head(state["hidden"])  # [R, V]
@@ -190,6 +200,7 @@ def image_step(model, state: dict, *, window: int, batch: int, use_cfg: bool, cf
     state["tokens"].index_copy_(1, col, tok[:, None])
     state["lp_guided"].index_copy_(1, col, lp[:, None])
     state["lp_cond"].index_copy_(1, col, lp_cond)
+    state["entropy"].index_copy_(1, col, token_entropy(guided, temperature)[:, None])
     step_ids = torch.cat([tok, tok]) if use_cfg else tok  # [R]
     x = model.prepare_embeddings_for_image_generation(step_ids)  # [R, H]
     hidden = decode_layers(model.model.language_model, x, state["kv"], state["slot"], state["pad"], window)
@@ -201,18 +212,21 @@ def image_step(model, state: dict, *, window: int, batch: int, use_cfg: bool, cf
 def text_step(model, state: dict, *, window: int, eos_id: int, pad_id: int, sampling: tuple):
     """Sample one text token per row (pad after a row's EOS) and advance every buffer by one slot.
 
-    ``state`` as in :func:`image_step` plus ``finished [R]`` bool; outputs ``tokens``/``logp``/``valid``
+    ``state`` as in :func:`image_step` plus ``finished [R]`` bool; outputs ``tokens``/``logp``/``valid``/``entropy``
     ``[R, T]``. Finished rows keep decoding pad tokens: rows never see each other, so this only costs
     compute, and it keeps one graph for the whole stage.
     """
     temperature, top_k, top_p = sampling
     noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
-    tok, lp = sample_tokens(model.lm_head(state["hidden"]), temperature, top_k, top_p, noise)  # [R], [R]
+    logits = model.lm_head(state["hidden"])  # [R, V]
+    tok, lp = sample_tokens(logits, temperature, top_k, top_p, noise)  # [R], [R]
     live = ~state["finished"]
     tok = torch.where(live, tok, torch.full_like(tok, pad_id))
     col = state["col"]
     state["tokens"].index_copy_(1, col, tok[:, None])
     state["logp"].index_copy_(1, col, torch.where(live, lp, torch.zeros_like(lp))[:, None])
+    entropy = token_entropy(logits, temperature)
+    state["entropy"].index_copy_(1, col, torch.where(live, entropy, torch.zeros_like(entropy))[:, None])
     state["valid"].index_copy_(1, col, live[:, None])
     state["finished"].logical_or_(tok == eos_id)
     x = model.get_input_embeddings()(tok)  # [R, H]
@@ -256,7 +270,13 @@ class RolloutEngine:
 
     def __getstate__(self) -> dict:
         # Compiled callables do not pickle and buffers are per process: a copy starts empty.
-        return {"compile": self.compile, "chunk": self.chunk, "stats": EngineStats(), "_buffers": {}, "_steps": {}}
+        return {
+            "compile": self.compile,
+            "chunk": self.chunk,
+            "stats": EngineStats(),
+            "_buffers": {},
+            "_steps": {},
+        }
 
     def release(self) -> None:
         """Free the KV and step buffers (the compiled steps stay; new buffers mean a graph re-record)."""
@@ -268,16 +288,42 @@ class RolloutEngine:
             return self.compile
         return "reduce-overhead" if device.type == "cuda" else "off"
 
-    def sample_text(self, model, ids, mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
-                    noise=None) -> TextSample:
+    def sample_text(
+        self,
+        model,
+        ids,
+        mask,
+        max_new_tokens,
+        eos_id,
+        pad_id,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        noise=None,
+    ) -> TextSample:
         """Same contract as :func:`janus_ops.sample_text` (``ids``/``mask`` ``[B, Lc]`` left-padded)."""
-        return _run_text(model, self, ids, mask, max_new_tokens, eos_id, pad_id, (temperature, top_k, top_p), noise)
+        return _run_text(
+            model, self, ids, mask, max_new_tokens, eos_id, pad_id, (temperature, top_k, top_p), noise
+        )
 
-    def sample_image_tokens(self, model, cond_ids, cond_mask, num_tokens, uncond_ids=None, cfg_scale=1.0,
-                            temperature=1.0, top_k=0, top_p=1.0, noise=None) -> ImageSample:
+    def sample_image_tokens(
+        self,
+        model,
+        cond_ids,
+        cond_mask,
+        num_tokens,
+        uncond_ids=None,
+        cfg_scale=1.0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        noise=None,
+    ) -> ImageSample:
         """Same contract as :func:`janus_ops.sample_image_tokens` (``cond_ids``/``cond_mask`` ``[B, L]``)."""
         sampling = (temperature, top_k, top_p)
-        return _run_image(model, self, cond_ids, cond_mask, num_tokens, uncond_ids, cfg_scale, sampling, noise)
+        return _run_image(
+            model, self, cond_ids, cond_mask, num_tokens, uncond_ids, cfg_scale, sampling, noise
+        )
 
     # ---- buffers -------------------------------------------------------------------------------
     def _chunk(self, device: torch.device) -> int:
@@ -392,7 +438,9 @@ def _check_model(model) -> None:
     lm = model.model.language_model
     rope_type = getattr(lm.rotary_emb, "rope_type", "default")
     if "dynamic" in rope_type or rope_type == "longrope":
-        raise NotImplementedError(f"the static engine supports fixed rotary frequencies, not rope_type={rope_type!r}")
+        raise NotImplementedError(
+            f"the static engine supports fixed rotary frequencies, not rope_type={rope_type!r}"
+        )
     weight = lm.layers[0].self_attn.q_proj.weight
     if isinstance(weight, DTensor):
         raise RuntimeError(
@@ -422,13 +470,20 @@ def _shape_key(state: dict) -> tuple:
 
 @model_entry
 @torch.no_grad()
-def _run_text(model, engine: RolloutEngine, ids, mask, max_new_tokens, eos_id, pad_id, sampling, noise) -> TextSample:
+def _run_text(
+    model, engine: RolloutEngine, ids, mask, max_new_tokens, eos_id, pad_id, sampling, noise
+) -> TextSample:
     """The plan stage (see :func:`janus_ops.sample_text`): stops after the step where every row has ended."""
     _check_model(model)
     rows, length = ids.shape
     embeds = model.get_input_embeddings()(ids)  # [R, Lc, H]
     shape = (rows, max_new_tokens)
-    outputs = {"tokens": (shape, torch.long), "logp": (shape, torch.float32), "valid": (shape, torch.bool)}
+    outputs = {
+        "tokens": (shape, torch.long),
+        "logp": (shape, torch.float32),
+        "valid": (shape, torch.bool),
+        "entropy": (shape, torch.float32),
+    }
     state = engine.buffers(model, "text", rows, length + max_new_tokens, outputs, ids.device, embeds.dtype)
     _prefill(model, state, embeds, mask)
     state["finished"].zero_()
@@ -439,16 +494,20 @@ def _run_text(model, engine: RolloutEngine, ids, mask, max_new_tokens, eos_id, p
     for step in range(max_new_tokens):
         engine.draw(noise, full)
         window = window_for(length + step + 1, ladder)
-        engine.run_step(text_step, model, state, key, window=window, eos_id=eos_id, pad_id=pad_id, sampling=sampling)
+        engine.run_step(
+            text_step, model, state, key, window=window, eos_id=eos_id, pad_id=pad_id, sampling=sampling
+        )
         steps = step + 1
         if bool(state["finished"].all()):  # the eager loop's stopping rule (one host sync per step)
             break
-    return TextSample(*(state[n][:, :steps].clone() for n in ("tokens", "logp", "valid")))
+    return TextSample(*(state[n][:, :steps].clone() for n in ("tokens", "logp", "valid", "entropy")))
 
 
 @model_entry
 @torch.no_grad()
-def _run_image(model, engine: RolloutEngine, cond_ids, cond_mask, num_tokens, uncond_ids, cfg_scale, sampling, noise):
+def _run_image(
+    model, engine: RolloutEngine, cond_ids, cond_mask, num_tokens, uncond_ids, cfg_scale, sampling, noise
+):
     """The image stage (see :func:`janus_ops.sample_image_tokens`): both CFG branches in one batch."""
     _check_model(model)
     use_cfg = uncond_ids is not None and cfg_scale != 1.0
@@ -458,7 +517,12 @@ def _run_image(model, engine: RolloutEngine, cond_ids, cond_mask, num_tokens, un
     rows, length = ids.shape
     embeds = model.get_input_embeddings()(ids)  # [R, L, H]
     shape = (batch, num_tokens)
-    outputs = {"tokens": (shape, torch.long), "lp_cond": (shape, torch.float32), "lp_guided": (shape, torch.float32)}
+    outputs = {
+        "tokens": (shape, torch.long),
+        "lp_cond": (shape, torch.float32),
+        "lp_guided": (shape, torch.float32),
+        "entropy": (shape, torch.float32),
+    }
     state = engine.buffers(model, "image", rows, length + num_tokens, outputs, ids.device, embeds.dtype)
     _prefill(model, state, embeds, mask)
     vocab = model.config.vq_config.num_embeddings
@@ -469,4 +533,4 @@ def _run_image(model, engine: RolloutEngine, cond_ids, cond_mask, num_tokens, un
     for step in range(num_tokens):
         engine.draw(noise, full)
         engine.run_step(image_step, model, state, key, window=window_for(length + step + 1, ladder), **consts)
-    return ImageSample(*(state[n].clone() for n in ("tokens", "lp_cond", "lp_guided")))
+    return ImageSample(*(state[n].clone() for n in ("tokens", "lp_cond", "lp_guided", "entropy")))

@@ -45,7 +45,9 @@ def lm_hidden(
         ``[B, L, H]`` last hidden states.
     """
     kwargs = {_CACHE_KWARG: cache, "use_cache": cache is not None}
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
+    out = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs
+    )
     return out.last_hidden_state
 
 
@@ -99,7 +101,9 @@ class RowNoise:
         total = self.global_rows or rows
         if self.offset + rows > total:
             raise ValueError(f"noise rows {self.offset}+{rows} exceed the global batch of {total}")
-        u = torch.rand(total, vocab, generator=self.generator, device=device)[self.offset : self.offset + rows]
+        u = torch.rand(total, vocab, generator=self.generator, device=device)[
+            self.offset : self.offset + rows
+        ]
         return -torch.log(-torch.log(u.clamp(min=1e-20)))
 
 
@@ -139,13 +143,25 @@ def sample_tokens(
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[B]`` float32 entropy (nats) of the tempered distribution whose log-probs :func:`sample_tokens` returns.
+
+    Exact (a sum over the vocabulary), not a sampled estimate; untruncated like those log-probs.
+    """
+    logp = scaled_logprobs(logits, temperature)
+    return -(logp.exp() * logp).sum(-1)
+
+
 @dataclass
 class TextSample:
-    """Sampled text continuations. ``tokens``/``logp``/``mask``: ``[B, T]``; pad after EOS, EOS kept."""
+    """Sampled text continuations. ``tokens``/``logp``/``mask``: ``[B, T]``; pad after EOS, EOS kept.
+
+    ``entropy`` ``[B, T]``: the exact entropy of each step's distribution (0 off the mask)."""
 
     tokens: torch.Tensor
     logp: torch.Tensor
     mask: torch.Tensor
+    entropy: torch.Tensor | None = None
 
 
 @model_entry
@@ -175,13 +191,15 @@ def sample_text(
     hidden = lm_hidden(model, model.get_input_embeddings()(ids), mask, positions, cache)[:, -1]  # [B, H]
     pos = positions[:, -1:]  # [B, 1]
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    tokens, logps, valid = [], [], []
+    tokens, logps, valid, entropies = [], [], [], []
     for step in range(max_new_tokens):
-        tok, lp = sample_tokens(model.lm_head(hidden), temperature, top_k, top_p, noise)
+        logits = model.lm_head(hidden)
+        tok, lp = sample_tokens(logits, temperature, top_k, top_p, noise)
         live = ~finished
         tok = torch.where(live, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
         logps.append(torch.where(live, lp, torch.zeros_like(lp)))
+        entropies.append(torch.where(live, token_entropy(logits, temperature), torch.zeros_like(lp)))
         valid.append(live)
         finished = finished | (tok == eos_id)
         if bool(finished.all()) or step == max_new_tokens - 1:
@@ -189,16 +207,20 @@ def sample_text(
         mask = torch.cat([mask, live[:, None].to(mask.dtype)], dim=1)
         pos = pos + 1
         hidden = lm_hidden(model, model.get_input_embeddings()(tok[:, None]), mask, pos, cache)[:, -1]
-    return TextSample(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1))
+    return TextSample(
+        torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1), torch.stack(entropies, 1)
+    )
 
 
 @dataclass
 class ImageSample:
-    """Sampled image tokens, ``[B, N]`` each: ids, log-probs of the conditional and of the guided logits."""
+    """Sampled image tokens, ``[B, N]`` each: ids, log-probs of the conditional and of the guided logits, and
+    the exact entropy of the guided distribution (the one sampled from) at each step."""
 
     tokens: torch.Tensor
     logp_conditional: torch.Tensor
     logp_guided: torch.Tensor
+    entropy: torch.Tensor | None = None
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -241,7 +263,7 @@ def sample_image_tokens(
     hidden = lm_hidden(model, model.get_input_embeddings()(ids), mask, positions, cache)[:, -1]  # [R, H]
     pos = positions[:, -1:]
     ones = torch.ones_like(mask[:, :1])
-    tokens, lp_cond, lp_guided = [], [], []
+    tokens, lp_cond, lp_guided, entropies = [], [], [], []
     for step in range(num_tokens):
         logits = model.model.generation_head(hidden)  # [R, V]
         cond = logits[:batch]
@@ -249,6 +271,7 @@ def sample_image_tokens(
         tok, lp = sample_tokens(guided, temperature, top_k, top_p, noise)
         tokens.append(tok)
         lp_guided.append(lp)
+        entropies.append(token_entropy(guided, temperature))
         lp_cond.append(scaled_logprobs(cond, temperature).gather(-1, tok[:, None]).squeeze(-1))
         if step == num_tokens - 1:
             break
@@ -257,7 +280,9 @@ def sample_image_tokens(
         mask = torch.cat([mask, ones], dim=1)
         pos = pos + 1
         hidden = lm_hidden(model, embeds, mask, pos, cache)[:, -1]
-    return ImageSample(torch.stack(tokens, 1), torch.stack(lp_cond, 1), torch.stack(lp_guided, 1))
+    return ImageSample(
+        torch.stack(tokens, 1), torch.stack(lp_cond, 1), torch.stack(lp_guided, 1), torch.stack(entropies, 1)
+    )
 
 
 @model_entry

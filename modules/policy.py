@@ -98,6 +98,7 @@ class PlanBatch:
         tokens: ``[R, T]`` plan tokens, pad after EOS; ``mask`` ``[R, T]`` bool, EOS included.
         logp: ``[R, T]`` log-probs under the sampling policy (0 off the mask).
         texts: ``R`` decoded plans.
+        entropy: ``[R, T]`` exact entropy of each step's sampling distribution (0 off the mask), or ``None``.
     """
 
     context_ids: torch.Tensor
@@ -106,6 +107,7 @@ class PlanBatch:
     mask: torch.Tensor
     logp: torch.Tensor
     texts: list[str]
+    entropy: torch.Tensor | None = None
 
 
 @dataclass
@@ -251,7 +253,7 @@ class JanusPolicy(pl.LightningModule):
             noise,
         )
         texts = self.tokenizer.batch_decode(out.tokens * out.mask, skip_special_tokens=True)
-        return PlanBatch(ids, mask, out.tokens, out.mask, out.logp, [t.strip() for t in texts])
+        return PlanBatch(ids, mask, out.tokens, out.mask, out.logp, [t.strip() for t in texts], out.entropy)
 
     @torch.no_grad()
     def sample_images(self, context: ImageContext, noise: janus_ops.RowNoise | None = None):

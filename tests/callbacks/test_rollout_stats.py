@@ -17,15 +17,18 @@ ISSUE_METRICS = (
     "train/kl_plan",
     "train/kl_image",
     "train/reward",
-    "train/reward/color",
+    "train/reward/toy_orm",
+    "train/reward/toy_detector",
     "train/reward_std",
-    "train/reward_std/color",
+    "train/reward_std/toy_orm",
     "train/zero_std_frac",
     "train/advantage_mean",
     "train/advantage_std",
     "train/clip_frac",
     "train/sampled_nll/plan",
     "train/sampled_nll/image",
+    "train/entropy/plan",
+    "train/entropy/image",
     "train/plan_tokens",
     "train/lr",
     "train/grad_norm",
@@ -57,6 +60,8 @@ def hand_rollout(with_plan: bool = True) -> Rollout:
         rewards=torch.tensor([0.0, 1.0]),
         reward_per_expert={"color": torch.tensor([0.0, 1.0]), "count": torch.tensor([0.5, 0.5])},
         advantages=torch.tensor([0.5, -0.1]),
+        plan_entropy=torch.tensor([[0.5, 1.5, 0.0], [4.0, 0.0, 0.0]]) if with_plan else None,
+        image_entropy=torch.tensor([[1.0, 2.0], [3.0, 6.0]]),
     )
 
 
@@ -68,12 +73,14 @@ def test_statistics_by_hand():
     # masked tokens (the -9s) do not count: (1 + 2 + 3) / 3 valid tokens
     assert stats["train/sampled_nll/plan"].item() == pytest.approx(2.0)
     assert stats["train/sampled_nll/image"].item() == pytest.approx(1.5)
+    assert stats["train/entropy/plan"].item() == pytest.approx(2.0)  # (0.5 + 1.5 + 4) / 3 valid tokens
+    assert stats["train/entropy/image"].item() == pytest.approx(3.0)
 
 
 def test_no_plan_metric_without_plans():
     stats = rollout_statistics(hand_rollout(with_plan=False))
-    assert "train/sampled_nll/plan" not in stats
-    assert "train/sampled_nll/image" in stats
+    assert "train/sampled_nll/plan" not in stats and "train/entropy/plan" not in stats
+    assert "train/sampled_nll/image" in stats and "train/entropy/image" in stats
 
 
 def test_sampled_nll_estimates_the_entropy_of_the_sampling_distribution():
@@ -93,7 +100,7 @@ def test_fit_logs_every_metric_of_the_issue_at_every_step(toy_run):
     for name in ISSUE_METRICS:
         history = toy_run.client.get_metric_history(toy_run.run_id, name)
         assert [m.step for m in history] == list(range(MAX_STEPS)), name
-    for name in ("train/sampled_nll/plan", "train/sampled_nll/image"):
+    for name in ("train/sampled_nll/plan", "train/sampled_nll/image", "train/entropy/plan", "train/entropy/image"):
         assert all(m.value > 0 for m in toy_run.client.get_metric_history(toy_run.run_id, name)), name
 
 

@@ -105,11 +105,14 @@ def test_sampling_with_the_same_noise_gives_the_eager_tokens_and_logprobs(sharp_
     assert torch.equal(a.tokens, b.tokens)
     close(b.logp_guided, a.logp_guided)
     close(b.logp_conditional, a.logp_conditional)
+    close(b.entropy, a.entropy)
     ids, mask = plan_contexts(sharp_policy)
     a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 2, 12, temperature, top_k, top_p)
     b = plans(engine.sample_text, sharp_policy, ids, mask, 2, 12, temperature, top_k, top_p)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
     close(b.logp, a.logp)
+    close(b.entropy, a.entropy)
+    assert (b.entropy[~b.mask] == 0).all() and (b.entropy[b.mask] > 0).all()
 
 
 def test_cfg_scale_one_is_conditional_sampling(sharp_policy):

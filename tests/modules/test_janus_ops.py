@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,37 @@ def test_sample_tokens_logp_is_the_untruncated_tempered_distribution():
     expected = F.log_softmax(logits / 0.7, -1).gather(-1, tokens[:, None]).squeeze(-1)
     close(logp, expected, atol=1e-6)
     assert logp.dtype == torch.float32 and tokens.dtype == torch.long
+
+
+def test_token_entropy_is_the_exact_entropy_of_the_tempered_distribution():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, -1.0, -30.0]])
+    entropy = janus_ops.token_entropy(logits, 0.5)
+    assert entropy[0].item() == pytest.approx(math.log(4))  # uniform over 4: log 4 at any temperature
+    p = F.softmax(logits[1] * 2, -1)
+    assert entropy[1].item() == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    assert janus_ops.token_entropy(logits, 0.0)[1].item() > entropy[1].item()  # greedy scores the untempered
+
+
+def test_sampled_image_entropy_is_the_guided_mixtures_entropy(sharp_policy):
+    """Step 0's entropy, recomputed from a plain forward of the contexts: of the CFG mixture sampled from."""
+    model = sharp_policy.model
+    ctx = sharp_policy.image_context(["a red circle", "two blue squares"], None)
+    out = janus_ops.sample_image_tokens(
+        model, ctx.cond_ids, ctx.cond_mask, 6, ctx.uncond_ids, 3.0, 0.8, noise=stream(5)
+    )
+    assert out.entropy.shape == out.tokens.shape and (out.entropy > 0).all()
+    assert (out.entropy <= math.log(model.config.vq_config.num_embeddings) + 1e-5).all()
+    with torch.no_grad():
+        last = []
+        for ids in (ctx.cond_ids, ctx.uncond_ids):
+            positions = janus_ops.positions_from_mask(ctx.cond_mask)
+            hidden = model.model.language_model(
+                input_ids=ids, attention_mask=ctx.cond_mask, position_ids=positions
+            ).last_hidden_state
+            last.append(model.model.generation_head(hidden[:, -1]))
+        guided = last[1] + 3.0 * (last[0] - last[1])
+        p = F.softmax(guided.float() / 0.8, -1)
+    close(out.entropy[:, 0], -(p * p.log()).sum(-1), atol=1e-4)
 
 
 def test_sample_tokens_top_k_restricts_samples_to_the_k_best():
