@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     so a reader sees either the old file or the complete new one. Loads use ``weights_only=True``.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
@@ -44,15 +47,72 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(dir_fd)
 
-    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict:
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The ``bicot`` section of a checkpoint (run id, model fingerprint), read with ``weights_only``."""
+DISTRIBUTED_META = "meta.pt"
+"""the file of a distributed (FSDP2) checkpoint folder that holds everything but the tensors (Lightning's name)."""
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def previous_version(path: str | Path) -> Path:
+    """Where :func:`swap_into_place` keeps the checkpoint it replaces until the new one is in place."""
     path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
+def swap_into_place(written: Path, path: Path) -> None:
+    """Move a completely written checkpoint (file or distributed folder) to ``path``, replacing what is there.
+
+    A folder cannot be renamed over another, so the old checkpoint is first renamed aside
+    (:func:`previous_version`) and deleted only once the new one is in place: a crash at any point leaves
+    either the old or the new checkpoint complete, and :func:`recover_checkpoint` puts the old one back.
+    """
+    for item in [written, *(written.rglob("*") if written.is_dir() else [])]:
+        if item.is_file():
+            fsync_path(item)
+    old = previous_version(path)
+    if old.exists():  # a leftover of an earlier crash after the new checkpoint was in place
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if path.exists():
+        os.replace(path, old)
+    os.replace(written, path)
+    fsync_path(path.parent)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def recover_checkpoint(path: str | Path) -> None:
+    """Put back the checkpoint that a crash inside :func:`swap_into_place` left renamed aside."""
+    path, old = Path(path), previous_version(path)
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The ``bicot`` section of a checkpoint (run id, model fingerprint), read with ``weights_only``.
+
+    ``path`` is a checkpoint file or a distributed checkpoint folder (its ``meta.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / DISTRIBUTED_META).is_file():
+            raise CheckpointMismatchError(
+                f"{str(path)!r} is a folder but not a distributed checkpoint (no {DISTRIBUTED_META} in it)"
+            )
+        path = path / DISTRIBUTED_META
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
     try:

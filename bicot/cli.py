@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from bicot.checkpointing import read_checkpoint_meta
+from bicot.checkpointing import read_checkpoint_meta, recover_checkpoint
 from bicot.grpo import BiCoTGRPO, NonFiniteError
 from datamodules.prompts import PromptDataModule
 from modules.rewards.ensemble import RewardExpertError
@@ -78,7 +78,6 @@ class BiCoTCLI(LightningCLI):
             run=run,
         )
 
-
     def before_instantiate_classes(self) -> None:
         """Resolving ``--ckpt_path`` early lets a resumed fit log into the MLflow run that wrote it."""
         if self.subcommand != "fit":
@@ -122,18 +121,24 @@ def names_class(argv: list[str], key: str) -> bool:
 
 
 def resolve_checkpoint(ckpt_path: str, trainer_config: Namespace) -> Path:
-    """``last`` -> ``<ModelCheckpoint dirpath>/last.ckpt`` from the config; otherwise the path itself."""
+    """``last`` -> the newest ``last.ckpt`` (or Lightning's versioned ``last-vN.ckpt``, written when a fresh run
+    found an older run's ``last.ckpt``) in the config's ModelCheckpoint dirpath; otherwise the path itself."""
     if ckpt_path == "last":
         for callback in trainer_config.get("callbacks") or []:
             if isinstance(callback, Namespace) and callback.class_path.endswith("ModelCheckpoint"):
                 dirpath = callback.init_args.get("dirpath")
-                if dirpath and (Path(dirpath) / "last.ckpt").exists():
-                    return Path(dirpath) / "last.ckpt"
+                if not dirpath:
+                    continue
+                recover_checkpoint(Path(dirpath) / "last.ckpt")  # a crash mid-swap left it renamed aside
+                found = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+                if found:
+                    return found[-1]
         raise FileNotFoundError(
             "--ckpt_path=last: no last.ckpt found; give the checkpoint's path, or configure a "
             "ModelCheckpoint with a fixed dirpath and save_last: true (configs/toy.yaml does)"
         )
     path = Path(ckpt_path).expanduser()
+    recover_checkpoint(path)
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {str(path)!r}")
     return path
@@ -149,7 +154,10 @@ def main(args: list[str] | None = None) -> None:
         BiCoTCLI(args=args)
     except SIGTERMException:
         # Lightning raises this (a SystemExit without a code, i.e. status 0) after a SIGTERM stop.
-        print("bicot: stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path=last", file=sys.stderr)
+        print(
+            "bicot: stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path=last",
+            file=sys.stderr,
+        )
         sys.exit(128 + signal.SIGTERM)
     except USER_ERRORS as err:
         if os.environ.get("BICOT_DEBUG") == "1":

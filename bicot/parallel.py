@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -19,6 +21,8 @@ from torch.distributed.fsdp import (
     fully_shard,
     register_fsdp_forward_method,
 )
+
+from bicot.checkpointing import DISTRIBUTED_META, recover_checkpoint, swap_into_place
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,3 +157,61 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Distributed checkpoints are written to a temporary folder, then swapped into place by rank 0.
+
+        Lightning writes a distributed checkpoint's shards into the target folder in place, so a process
+        killed mid-save would leave the last checkpoint half old, half new. Here the previous checkpoint
+        stays whole until the new one is complete (:func:`bicot.checkpointing.swap_into_place`).
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        written = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0 and written.exists():
+            shutil.rmtree(written) if written.is_dir() else written.unlink()
+        self.barrier("bicot_checkpoint_start")
+        super().save_checkpoint(checkpoint, written, storage_options)
+        self.barrier("bicot_checkpoint_written")
+        if self.global_rank == 0:
+            swap_into_place(written, path)
+        self.barrier("bicot_checkpoint_in_place")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Distributed checkpoints hold only the trainable weights (``BiCoTGRPO.on_save_checkpoint``): load those
+        into the sharded model, leave the frozen parts as they were loaded from their sources."""
+        if self.global_rank == 0:
+            recover_checkpoint(checkpoint_path)
+        self.barrier("bicot_checkpoint_recovered")
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only)
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        metadata = torch.load(path / DISTRIBUTED_META, map_location="cpu", weights_only=True)
+        module = self.lightning_module
+        # a checkpoint of another model is refused before any shard is read (BiCoTGRPO's own check)
+        if hasattr(module, "on_load_checkpoint"):
+            module.on_load_checkpoint(metadata)
+        state = {"state_dict": get_model_state_dict(self.model)}
+        load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        self.model.load_state_dict(state["state_dict"], strict=False)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                self.model,
+                optimizer,
+                optim_state_dict=optim_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        return metadata

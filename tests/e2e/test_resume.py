@@ -47,7 +47,10 @@ def runs(db: Path):
 def metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
     client, (run,) = runs(db)
     return {
-        name: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+        name: [
+            (m.step, m.value)
+            for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        ]
         for name in COMPARED
     }
 
@@ -67,7 +70,11 @@ def test_two_steps_resume_two_steps_equals_four_steps(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     two = trainable_state(part / "ckpt" / "last.ckpt")
     r = bicot(
-        "fit", *tiny_args(part, "--trainer.max_steps=4"), *checkpointing(part, "ckpt"), "--ckpt_path=last", cwd=part
+        "fit",
+        *tiny_args(part, "--trainer.max_steps=4"),
+        *checkpointing(part, "ckpt"),
+        "--ckpt_path=last",
+        cwd=part,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming MLflow run" in r.stderr
@@ -82,7 +89,9 @@ def test_two_steps_resume_two_steps_equals_four_steps(tmp_path):
 
 
 def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(tmp_path):
-    r = bicot("fit", *tiny_args(tmp_path, "--trainer.max_steps=1"), *checkpointing(tmp_path, "ckpt"), cwd=tmp_path)
+    r = bicot(
+        "fit", *tiny_args(tmp_path, "--trainer.max_steps=1"), *checkpointing(tmp_path, "ckpt"), cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = checkpoint["state_dict"].keys()
@@ -104,7 +113,13 @@ def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(tmp_path):
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_a_clear_error(tmp_path):
-    r = bicot("fit", *tiny_args(tmp_path), *checkpointing(tmp_path, "nothing_here"), "--ckpt_path=last", cwd=tmp_path)
+    r = bicot(
+        "fit",
+        *tiny_args(tmp_path),
+        *checkpointing(tmp_path, "nothing_here"),
+        "--ckpt_path=last",
+        cwd=tmp_path,
+    )
     assert r.returncode != 0
     assert "no last.ckpt" in r.stderr and "Traceback" not in r.stderr
 
@@ -172,7 +187,9 @@ def _launch(tmp_path: Path, *args: str) -> subprocess.Popen:
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "bicot.cli", "fit", *args]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 @pytest.mark.slow
@@ -191,7 +208,11 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_mark_the_run_killed(tmp_path, 
     steps = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert steps >= 1
     resumed = bicot(
-        "fit", *tiny_args(tmp_path, f"--trainer.max_steps={steps + 1}"), *fragment, "--ckpt_path=last", cwd=tmp_path
+        "fit",
+        *tiny_args(tmp_path, f"--trainer.max_steps={steps + 1}"),
+        *fragment,
+        "--ckpt_path=last",
+        cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, (run,) = runs(tmp_path / "mlflow.db")
@@ -208,6 +229,66 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     proc.communicate(timeout=60)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert saved >= 2 and saved % 2 == 0
-    r = bicot("fit", *tiny_args(tmp_path, f"--trainer.max_steps={saved + 2}"), *fragment, "--ckpt_path=last", cwd=tmp_path)
+    r = bicot(
+        "fit",
+        *tiny_args(tmp_path, f"--trainer.max_steps={saved + 2}"),
+        *fragment,
+        "--ckpt_path=last",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == saved + 2
+
+
+@pytest.mark.slow
+def test_fsdp2_distributed_checkpoint_resumes_exactly(tmp_path):
+    """2 FSDP2 processes: 2 steps + resume from the sharded checkpoint folder + 2 steps equals 4 steps."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    full.mkdir()
+    part.mkdir()
+    fsdp = ("-c", str(REPO / "configs" / "strategy" / "fsdp2.yaml"), "--trainer.devices=2")
+    common = ("--model.algo.num_generations=4", "--data.batch_size=2")
+    r = bicot(
+        "fit",
+        *tiny_args(full, "--trainer.max_steps=4", *common),
+        *checkpointing(full, "ckpt"),
+        *fsdp,
+        cwd=full,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = bicot(
+        "fit",
+        *tiny_args(part, "--trainer.max_steps=2", *common),
+        *checkpointing(part, "ckpt"),
+        *fsdp,
+        cwd=part,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = part / "ckpt" / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file()  # a distributed checkpoint: one shard per process
+    assert len(list(last.glob("*.distcp"))) == 2
+    assert sorted(p.name for p in (part / "ckpt").iterdir()) == ["last.ckpt"]  # no temporary or old copy left
+    r = bicot(
+        "fit",
+        *tiny_args(part, "--trainer.max_steps=4", *common),
+        *checkpointing(part, "ckpt"),
+        *fsdp,
+        "--ckpt_path=last",
+        cwd=part,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming MLflow run" in r.stderr
+    assert metrics(full / "mlflow.db") == metrics(part / "mlflow.db")  # bit-exact on CPU, same steps
+    _, (run,) = runs(part / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    # a sharded checkpoint of another model is refused before any shard is read, with a message
+    r = bicot(
+        "fit",
+        *tiny_args(part, "--trainer.max_steps=6", "--model.policy.init_args.tiny.hidden_size=64", *common),
+        *checkpointing(part, "ckpt"),
+        *fsdp,
+        "--ckpt_path=last",
+        cwd=part,
+    )
+    assert r.returncode != 0
+    assert "different model" in r.stderr
