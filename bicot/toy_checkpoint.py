@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from bicot.templates import REASONING_TEMPLATE
 from datamodules.prompts import load_prompts
@@ -153,7 +154,7 @@ def train_vq(vq: torch.nn.Module, cfg: BuildConfig, rng: random.Random, log) -> 
     vq.train()
     opt = torch.optim.Adam(vq.parameters(), cfg.vq_lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.vq_lr, total_steps=cfg.vq_steps, pct_start=0.1)
-    for step in range(cfg.vq_steps):
+    for step in tqdm(range(cfg.vq_steps), desc="toy checkpoint 1/3: VQ", unit="step", dynamic_ncols=True):
         scenes = [random_scene(rng) for _ in range(cfg.vq_batch)]
         x = to_pixels(np.stack([render(s) for s in scenes]))  # [B, 3, H, W]
         codes = cell_codes(scenes)  # [B, N]
@@ -185,7 +186,9 @@ def vq_round_trip(model, rng: random.Random, n: int = 128) -> dict[str, float]:
     from modules.rewards.toy_vision import parse_image
 
     scenes = [random_scene(rng) for _ in range(n)]
-    tokens = model.model.vqmodel.encode(to_pixels(np.stack([render(s) for s in scenes]))).image_tokens.view(n, -1)
+    tokens = model.model.vqmodel.encode(to_pixels(np.stack([render(s) for s in scenes]))).image_tokens.view(
+        n, -1
+    )
     images = janus_ops.decode_images(model, tokens).numpy()
     exact = 0
     for image, scene in zip(images, scenes, strict=True):
@@ -211,8 +214,13 @@ def draw_examples(records: Sequence[PromptRecord], rng: random.Random):
 
 def plan_loss(policy: JanusPolicy, prompts: Sequence[str], plans: Sequence[str]) -> torch.Tensor:
     """Mean negative log-prob of plan tokens (EOS included) after the reasoning context, as RL samples them."""
-    ctx_ids, ctx_mask = policy.encode([policy.chat(REASONING_TEMPLATE.replace("{prompt}", p)) for p in prompts])
-    rows = [policy.tokenizer(plan, add_special_tokens=False).input_ids + [policy.tokenizer.eos_token_id] for plan in plans]
+    ctx_ids, ctx_mask = policy.encode(
+        [policy.chat(REASONING_TEMPLATE.replace("{prompt}", p)) for p in prompts]
+    )
+    rows = [
+        policy.tokenizer(plan, add_special_tokens=False).input_ids + [policy.tokenizer.eos_token_id]
+        for plan in plans
+    ]
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), policy.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -224,7 +232,12 @@ def plan_loss(policy: JanusPolicy, prompts: Sequence[str], plans: Sequence[str])
 
 
 def image_loss(
-    policy: JanusPolicy, prompts: Sequence[str], plans: Sequence[str], tokens: torch.Tensor, cfg: BuildConfig, rng
+    policy: JanusPolicy,
+    prompts: Sequence[str],
+    plans: Sequence[str],
+    tokens: torch.Tensor,
+    cfg: BuildConfig,
+    rng,
 ) -> torch.Tensor:
     """Mean negative log-prob of image tokens ``[B, N]`` after ``policy.image_context``.
 
@@ -240,7 +253,9 @@ def image_loss(
     return -logp.mean()
 
 
-def train_lm(policy: JanusPolicy, records: list[PromptRecord], cfg: BuildConfig, rng: random.Random, log) -> None:
+def train_lm(
+    policy: JanusPolicy, records: list[PromptRecord], cfg: BuildConfig, rng: random.Random, log
+) -> None:
     """Supervised steps on fresh random renderings of training prompts (AdamW, warm-up then cosine)."""
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lm_lr, weight_decay=0.01)
@@ -250,7 +265,9 @@ def train_lm(policy: JanusPolicy, records: list[PromptRecord], cfg: BuildConfig,
     )
     policy.model.train()
     vq = policy.model.model.vqmodel
-    for step in range(cfg.lm_steps):
+    for step in tqdm(
+        range(cfg.lm_steps), desc="toy checkpoint 2/3: language model", unit="step", dynamic_ncols=True
+    ):
         batch = rng.sample(records, cfg.lm_batch)
         prompts = [r.prompt for r in batch]
         plans, images = draw_examples(batch, rng)
@@ -275,11 +292,15 @@ def train_lm(policy: JanusPolicy, records: list[PromptRecord], cfg: BuildConfig,
 
 
 @torch.no_grad()
-def accuracy_by_category(policy: JanusPolicy, records: list[PromptRecord], seed: int, batch: int = 60) -> dict:
+def accuracy_by_category(
+    policy: JanusPolicy, records: list[PromptRecord], seed: int, batch: int = 60
+) -> dict:
     """Share of prompts whose one sampled image (with a sampled plan) meets every constraint."""
     orm = ToyORMExpert()
     hits: dict[str, list[float]] = defaultdict(list)
-    for start in range(0, len(records), batch):
+    for start in tqdm(
+        range(0, len(records), batch), desc="toy checkpoint 3/3: accuracy", unit="batch", leave=False
+    ):
         chunk = records[start : start + batch]
         out = policy.generate([r.prompt for r in chunk], 1, REASONING_TEMPLATE, seed + start)
         for record, ok in zip(chunk, orm(out["images"], chunk).tolist(), strict=True):
