@@ -2,7 +2,7 @@
 
     python benchmarks/toy_ablation.py                 # 3 configs x seeds 0 1 2, one fit after another
     python benchmarks/toy_ablation.py --seeds 0       # quicker, one seed
-    python benchmarks/toy_ablation.py --reuse         # tabulate finished runs already in the store
+    python benchmarks/toy_ablation.py --reuse         # reuse finished runs of the same name (toy_learning.py's too)
 
 Runs ``configs/toy.yaml`` alone and composed with ``configs/toy_semantic_only.yaml`` and
 ``configs/toy_token_only.yaml``, reads validation accuracy after training from MLflow and writes a
@@ -18,10 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_learning import CATEGORIES, REPO, mean_std, run_seeds  # noqa: E402
 
-VARIANTS: dict[str, list[str]] = {
-    "both levels (toy.yaml)": ["configs/toy.yaml"],
-    "semantic only": ["configs/toy.yaml", "configs/toy_semantic_only.yaml"],
-    "token only": ["configs/toy.yaml", "configs/toy_token_only.yaml"],
+# name -> (run-name tag, configs). The main job's tag is toy_learning.py's, so --reuse shares its runs.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "both levels (toy.yaml)": ("toy-learning", ["configs/toy.yaml"]),
+    "semantic only": ("toy-semantic-only", ["configs/toy.yaml", "configs/toy_semantic_only.yaml"]),
+    "token only": ("toy-token-only", ["configs/toy.yaml", "configs/toy_token_only.yaml"]),
 }
 
 
@@ -49,8 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/toy_ablation.md")
     args = parser.parse_args()
     results = {}
-    for name, configs in VARIANTS.items():
-        tag = "toy-" + Path(configs[-1]).stem.replace("_", "-")
+    for name, (tag, configs) in VARIANTS.items():
         results[name] = run_seeds(configs, args.seeds, args.tracking_uri, tag, args.reuse, [])
     text = (
         f"Validation accuracy (%) per category before and after training, seeds {args.seeds}, mean ± std over "

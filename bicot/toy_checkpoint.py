@@ -318,7 +318,10 @@ def build(out: str | Path, cfg: BuildConfig, log=print) -> dict:
     splits = {s: load_prompts(Path(cfg.data_dir) / f"{s}.jsonl") for s in ("train", "val")}
     model, processor = build_tiny_janus(toy_spec(cfg, vocabulary(splits)))
     train_vq(model.model.vqmodel, cfg, rng, log)
-    report: dict = {"config": asdict(cfg), "vq": vq_round_trip(model, random.Random(cfg.seed + 1))}
+    config = asdict(cfg)
+    if Path(cfg.data_dir).resolve() == DATA_DIR.resolve():
+        config["data_dir"] = "datamodules/toyworld/data"  # the shipped splits: no machine-specific path
+    report: dict = {"config": config, "vq": vq_round_trip(model, random.Random(cfg.seed + 1))}
     log(f"vq round trip: {report['vq']}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -31,7 +31,8 @@ class SampleGrid(pl.Callback):
     Args:
         every_n_steps: draw when the logging step is a multiple of this.
         num_prompts: take the first ``num_prompts`` prompts of ``split``.
-        prompts: explicit prompt texts instead (overrides ``num_prompts`` and ``split``).
+        prompts: explicit prompt texts instead (overrides ``num_prompts`` and ``split``); a text found in a
+            loaded split keeps that record's metadata.
         split: ``val`` or ``train``; ``None`` takes the validation prompts, else the training ones.
         images_per_prompt: G of the grid; ``None`` uses the algorithm's ``num_generations``.
         seed: the sampling seed, the same at every step.
@@ -88,10 +89,12 @@ class SampleGrid(pl.Callback):
         """The grid's prompt records: explicit texts, or the first ``num_prompts`` of a loaded split."""
         if self._records is not None:
             return self._records
+        loaded = getattr(getattr(trainer, "datamodule", None), "records", None) or {}
         if self.prompts is not None:
-            self._records = [PromptRecord(prompt=p) for p in self.prompts]
+            # a text that is one of the loaded prompts keeps its metadata (experts such as the toy ORM need it)
+            known = {r.prompt: r for records in loaded.values() for r in records or ()}
+            self._records = [known.get(p, PromptRecord(prompt=p)) for p in self.prompts]
             return self._records
-        loaded = getattr(trainer.datamodule, "records", None) or {}
         splits = [self.split] if self.split is not None else list(SPLITS)
         for split in splits:
             if loaded.get(split):

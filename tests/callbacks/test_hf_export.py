@@ -14,6 +14,7 @@ from toyfit import REGISTERED
 from transformers import JanusForConditionalGeneration
 
 from callbacks.hf_export import plain_class_name, save_hf
+from modules import janus_ops
 
 # Runs in a fresh interpreter that imports only torch and transformers: the HF image-token log-prob
 # (the language model on [context; image-token embeddings], then generation_head), written from scratch.
@@ -68,7 +69,10 @@ def stock_logprobs_match(policy, folder, tmp_path) -> torch.Tensor:
     vocab = policy.model.config.vq_config.num_embeddings
     tokens = torch.randint(vocab, (2, policy.num_image_tokens), generator=generator)
     with torch.no_grad():
-        expected = policy.image_logprobs(context, tokens)  # the trainer's own pass
+        # the trainer's own pass, conditional (what the stock script computes), whatever the config's mode
+        expected = janus_ops.image_logprobs(
+            policy.model, context.cond_ids, context.cond_mask, tokens, policy.sampling.image_temperature or 1.0, None, 1.0
+        )
     inputs, output = tmp_path / "inputs.pt", tmp_path / "output.pt"
     temperature = policy.sampling.image_temperature or 1.0
     data = dict(

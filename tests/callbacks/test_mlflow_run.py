@@ -144,7 +144,11 @@ def faulty_overlay(kind: str) -> dict:
     if kind == "expert":
         # calls: grid@0, step 0, step 1, grid@2, then step 2's scoring raises
         expert = {"class_path": "bicot_test_faults.FlakyColor", "init_args": {"fail_on_call": 5}}
-        return {"trainer": {"callbacks": callbacks}, "model": {"rewards": {"experts": [expert]}}}
+        # the one expert replaces toy.yaml's four, so their weights and the accuracy expert go too
+        rewards = {"experts": [expert], "weights": None}
+        # no validation pass before training either: it would call the expert too
+        model = {"rewards": rewards, "accuracy_expert": None, "validate_before_fit": False}
+        return {"trainer": {"callbacks": callbacks}, "model": model}
     return {"trainer": {"callbacks": [*callbacks, {"class_path": "bicot_test_faults.RaiseAt"}]}}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,10 +42,8 @@ def test_png_opens_with_the_grid_size(toy_run):
         assert png.width == group * 192 + (group + 1) * 8  # the default cell and padding
 
 
-def test_prompts_are_the_first_train_prompts_at_every_step(toy_run):
-    first = [
-        r.prompt for r in toy_run.datamodule.records["train"][:4]
-    ]  # toy.yaml: num_prompts 4, no val file
+def test_prompts_are_the_first_validation_prompts_at_every_step(toy_run):
+    first = [r.prompt for r in toy_run.datamodule.records["val"][:4]]  # toy.yaml: num_prompts 4, a val file
     for step in GRID_STEPS:
         summary = sample_json(toy_run, step)
         assert summary["prompts"] == first, step
@@ -57,9 +56,11 @@ def test_json_holds_plans_rewards_and_group_advantages(toy_run):
     assert len(summary["plans"]) == len(summary["rewards"]) == len(summary["advantages"]) == rows
     assert all(isinstance(p, str) for p in summary["plans"])
     rewards = torch.tensor(summary["rewards"])
-    # one expert (weight 1): the total is that expert's score, and advantages are normalised per group
-    (scores,) = summary["reward_per_expert"].values()
-    torch.testing.assert_close(torch.tensor(scores), rewards)
+    # the total is the weighted sum of the experts' scores (toy.yaml weighs toy_orm 2), advantages per group
+    weights = toy_run.module.rewards.weights
+    assert set(summary["reward_per_expert"]) == set(weights)
+    total = sum(weights[name] * torch.tensor(scores) for name, scores in summary["reward_per_expert"].items())
+    torch.testing.assert_close(total, rewards)
     algo = toy_run.module.algo
     expected = group_advantages(rewards, summary["group_size"], algo.scale_rewards, algo.adv_eps)
     torch.testing.assert_close(torch.tensor(summary["advantages"]), expected)
@@ -70,18 +71,19 @@ def test_last_grid_is_what_the_trained_policy_samples(toy_run):
     torch's global random stream alone (training draws the same with or without the callback)."""
     summary = sample_json(toy_run, MAX_STEPS)
     callback = SampleGrid(prompts=summary["prompts"], seed=summary["seed"])
+    trainer = SimpleNamespace(datamodule=toy_run.datamodule)  # the texts get their records' metadata back
     state = torch.random.get_rng_state()
-    rollout = callback.sample(None, toy_run.module)
+    rollout = callback.sample(trainer, toy_run.module)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert rollout.plans == summary["plans"]
     assert rollout.rewards.tolist() == pytest.approx(summary["rewards"], abs=1e-6)
-    assert callback.sample(None, toy_run.module).image_tokens.equal(rollout.image_tokens)
+    assert callback.sample(trainer, toy_run.module).image_tokens.equal(rollout.image_tokens)
 
 
 def test_table_has_one_row_per_sample_and_is_registered_for_the_ui(toy_run):
     table = json.loads(toy_run.download("samples/table.json").read_text())  # pandas "split" orient
     columns = table["columns"]
-    for column in ("step", "prompt", "plan", "reward", "advantage", "reward/color"):
+    for column in ("step", "prompt", "plan", "reward", "advantage", "reward/toy_orm"):
         assert column in columns
     first = sample_json(toy_run, 0)
     per_grid = len(first["plans"])

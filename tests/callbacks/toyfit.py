@@ -35,10 +35,16 @@ def fit_args(workdir: Path, overlay: dict | None = None, *extra: str) -> list[st
         overlay: a config fragment composed after toy.yaml (lists in it replace toy.yaml's lists).
     """
     args = ["fit", "-c", str(TOY)]
-    if overlay is not None:
-        path = workdir / "overlay.yaml"
-        path.write_text(yaml.safe_dump(overlay))
-        args += ["-c", str(path)]
+    # Checkpoints go to the test's folder, never the repository's checkpoints/runs/toy.
+    overlay = dict(overlay or {})
+    trainer = overlay["trainer"] = dict(overlay.get("trainer", {}))
+    trainer.setdefault("callbacks", toy_callbacks())
+    for callback in trainer["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback.setdefault("init_args", {})["dirpath"] = str(workdir / "checkpoints")
+    path = workdir / "overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    args += ["-c", str(path)]
     return [
         *args,
         f"--trainer.max_steps={MAX_STEPS}",
@@ -56,6 +62,7 @@ def default_overlay(workdir: Path) -> dict:
     callbacks = toy_callbacks(
         SampleGrid={"every_n_steps": EVERY_N_STEPS},
         HFExport={"dirpath": str(workdir / "export"), "register_name": REGISTERED},
+        ModelCheckpoint={"dirpath": str(workdir / "checkpoints")},
     )
     return {"trainer": {"callbacks": callbacks}}
 
