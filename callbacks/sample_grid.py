@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -133,7 +134,7 @@ class SampleGrid(pl.Callback):
         run.client.log_image(run.run_id, grid, artifact_file=f"{name}.png")
         run.client.log_dict(run.run_id, self.summary(rollout, step), f"{name}.json")
         if self.table_file is not None:
-            run.client.log_table(run.run_id, table_rows(rollout, step), self.table_file)
+            log_table_quietly(run.client, run.run_id, table_rows(rollout, step), self.table_file)
 
     def summary(self, r: Rollout, step: int) -> dict:
         """The JSON next to the grid: prompts ``[P]`` and, prompt-major ``[P*G]``, plans, rewards, advantages."""
@@ -147,6 +148,24 @@ class SampleGrid(pl.Callback):
             "advantages": r.advantages.tolist(),
             "reward_per_expert": {name: s.tolist() for name, s in r.reward_per_expert.items()},
         }
+
+
+def log_table_quietly(client, run_id: str, data: dict[str, list], artifact_file: str) -> None:
+    """``MlflowClient.log_table`` without MLflow's artifact-download progress bar.
+
+    Appending to a table downloads the rows logged so far; MLflow would print a "Downloading artifacts"
+    bar for it at every grid, in the middle of the training output.
+    """
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        client.log_table(run_id, data, artifact_file)
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def captions_of(r: Rollout) -> list[Caption]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,23 @@ def test_table_has_one_row_per_sample_and_is_registered_for_the_ui(toy_run):
 def test_bad_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SampleGrid(**kwargs)
+
+
+def test_table_appends_without_a_download_progress_bar(tmp_path, capfd):
+    from mlflow import MlflowClient
+
+    from callbacks.sample_grid import log_table_quietly
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    for step in range(2):  # plain MLflow: appending downloads the rows so far, with a progress bar
+        client.log_table(run_id, {"step": [step]}, "plain.json")
+    assert "Downloading artifacts" in capfd.readouterr().err
+    for step in range(3):
+        log_table_quietly(client, run_id, {"step": [step], "plan": ["p"]}, "samples/table.json")
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    table = json.loads(
+        Path(client.download_artifacts(run_id, "samples/table.json", str(tmp_path))).read_text()
+    )
+    assert [row[0] for row in table["data"]] == [0, 1, 2]  # every append kept
