@@ -1,0 +1,145 @@
+"""Printing a memory plan and the command line ``python -m bicot.memory -c CONFIG [...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bicot.memory.plan import MemoryPlan, plan_for, rows, update_tokens
+from bicot.memory.recipe import Lengths
+from bicot.memory.shapes import PRESETS
+
+_ALL = ("rollout", "score", "update")
+
+
+def _table_rows(p: MemoryPlan) -> list[tuple[str, float, tuple[str, ...]]]:
+    r = p.recipe
+    shard = f"1/{r.world_size} shard" if r.sharded and r.world_size > 1 else "not sharded"
+    reference = {"none": "none: beta = 0", "adapters": "none: LoRA, adapters off"}.get(
+        r.reference,
+        f"{r.reference_dtype}, {shard if r.reference_placement == 'device' else r.reference_placement}",
+    )
+    rollout_rows, m, m_image = rows(r)
+    device = [e.name.removesuffix("Expert") for e in r.experts if e.placement == "device"]
+    offload = [e.name.removesuffix("Expert") for e in r.experts if e.placement == "offload"]
+    ckpt = "with" if r.activation_checkpointing else "without"
+    return [
+        (f"policy weights ({r.policy_dtype}, {shard})", p.policy_weights_gib, _ALL),
+        (f"AdamW state ({r.trainable_params / 1e9:.2f} B trainable)", p.optimizer_gib, _ALL),
+        (f"reference ({reference})", p.reference_gib, _ALL),
+        (f"experts on the GPU ({', '.join(device) or 'none'})", p.experts_resident_gib, _ALL),
+        ("CUDA context, NCCL (allowance)", p.runtime_gib, _ALL),
+        ("full policy copy gathered for sampling", p.rollout_gather_gib, ("rollout",)),
+        (f"KV cache ({rollout_rows} rows{', x2 for CFG' if r.cfg else ''})", p.kv_cache_gib, ("rollout",)),
+        ("VQ decode (after the KV cache; larger counts)", p.vq_decode_gib, ("rollout",)),
+        ("reference gathered for its log-probs", p.score_gather_gib, ("score",)),
+        (f"experts moved in to score ({', '.join(offload) or 'none'})", p.experts_offloaded_gib, ("score",)),
+        ("reference logits (one minibatch)", p.reference_logits_gib, ("score",)),
+        ("gradients", p.gradients_gib, ("update",)),
+        ("FSDP2 gathered root + layers (update)", p.update_gather_gib, ("update",)),
+        (f"activations ({m} rows, {ckpt} checkpointing)", p.activations_gib, ("update",)),
+        ("bf16 weight copies held by autocast", p.weight_casts_gib, ("update",)),
+        (f"logits ({m} plan rows, {m_image} image rows)", p.logits_gib, ("update",)),
+    ]
+
+
+def format_plan(p: MemoryPlan, device_gib: float | None = None) -> str:
+    """The plan as a table (GiB per GPU, per phase), with a WARNING line when it exceeds ``device_gib``."""
+    r, width = p.recipe, 50
+    text, image = update_tokens(r)
+    lines = [
+        f"bicot memory plan: {r.shape.name} ({r.shape.total_params / 1e9:.2f} B parameters), {r.world_size} "
+        f"GPU(s), {'FSDP2' if r.sharded else 'no sharding'}, precision {r.precision}",
+        f"step: {r.prompts} prompts x {r.group_size} samples; per GPU {rows(r)[0]} rollout rows, minibatch "
+        f"{rows(r)[1]}; tokens: prompt {r.lengths.prompt_tokens}, template {r.lengths.template_tokens}, plan "
+        f"<= {r.plan_tokens}, image {r.shape.image_tokens}; update forwards {text} (plan) + {image} (image) tokens a row",
+        "",
+        f"{'GiB per GPU':<{width}}" + "".join(f"{phase:>9}" for phase in _ALL),
+    ]
+    for label, value, phases in _table_rows(p):
+        if value > 0 or label.startswith("reference ("):
+            lines.append(
+                f"{label:<{width}}" + "".join(f"{value:9.2f}" if ph in phases else f"{'':9}" for ph in _ALL)
+            )
+    lines.append(f"{'phase total':<{width}}" + "".join(f"{v:9.2f}" for v in p.phases().values()))
+    phase = max(p.phases(), key=p.phases().get)
+    lines += [
+        "",
+        f"peak per GPU: {p.total_gib:.1f} GiB ({phase} phase)"
+        + (f" of {device_gib:.1f} GiB" if device_gib else ""),
+        f"update activations: {p.activations_without_checkpointing_gib:.1f} GiB without activation checkpointing, "
+        f"{p.activations_with_checkpointing_gib:.1f} GiB with (this recipe: "
+        f"{'with' if r.activation_checkpointing else 'without'})",
+        "not counted: allocator fragmentation, the experts' working memory, Python-side rollout tensors",
+    ]
+    lines += [
+        f"expert {e.name}: ~{e.params / 1e9:.2f} B parameters ({e.source})" for e in r.experts if e.source
+    ]
+    if device_gib is not None and p.total_gib > device_gib:
+        lines.append(
+            f"WARNING: {p.total_gib:.1f} GiB per GPU exceeds the {device_gib:.1f} GiB GPU: this run will not fit"
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def parse_config(args: list[str]) -> Any:
+    """Parse ``-c CONFIG ...`` exactly as ``bicot fit`` does, without instantiating anything."""
+    import logging
+
+    from bicot.cli import BiCoTCLI
+
+    class ParseOnly(BiCoTCLI):
+        def before_instantiate_classes(self) -> None:  # resolving --ckpt_path reads a checkpoint: not here
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def after_instantiate_classes(self) -> None:
+            pass
+
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level, seed_log.level = seed_log.level, logging.WARNING  # LightningCLI seeds while parsing: keep it quiet
+    argv, sys.argv = sys.argv, sys.argv[:1]  # our own options are not LightningCLI's (it warns on both)
+    try:
+        return ParseOnly(args=args, run=False).config
+    finally:
+        seed_log.setLevel(level)
+        sys.argv = argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bicot.memory -c CONFIG [-c MORE] [--world-size N] [--gpu-gib 80] [--dotted.overrides]``."""
+    from bicot import memory  # the package's docstring describes the command
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bicot.memory", description=memory.__doc__.splitlines()[0]
+    )
+    parser.add_argument("-c", "--config", action="append", required=True, help="a bicot config (repeatable)")
+    parser.add_argument("--world-size", type=int, help="GPUs in all (default: trainer.devices x num_nodes)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    parser.add_argument(
+        "--shape", help=f"replace the config's model: {' or '.join(PRESETS)} or a checkpoint folder"
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=Lengths.prompt_tokens)
+    parser.add_argument("--template-tokens", type=int, default=Lengths.template_tokens)
+    parser.add_argument("--activation-checkpointing", choices=("on", "off"), help="override the config")
+    parser.add_argument("--json", action="store_true", help="print the plan's numbers as JSON")
+    args, overrides = parser.parse_known_args(argv)
+    config = parse_config([a for path in args.config for a in ("-c", path)] + overrides)
+    checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "on"
+    memory_plan = plan_for(
+        config,
+        args.world_size,
+        shape=args.shape,
+        activation_checkpointing=checkpointing,
+        lengths=Lengths(args.prompt_tokens, args.template_tokens),
+    )
+    if args.json:
+        numbers = {k: round(v, 3) for k, v in vars(memory_plan).items() if isinstance(v, float)}
+        print(json.dumps(numbers | {"world_size": memory_plan.recipe.world_size, "gpu_gib": args.gpu_gib}))
+    else:
+        print(format_plan(memory_plan, args.gpu_gib))
+    return 0
