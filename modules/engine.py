@@ -65,7 +65,6 @@ from modules.janus_ops import (
     positions_from_mask,
     sample_tokens,
     scaled_logprobs,
-    token_entropy,
 )
 
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
@@ -194,13 +193,13 @@ def image_step(
     cond = logits[:batch]
     guided = guide(cond, logits[batch:] if use_cfg else None, cfg_scale)
     noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
-    tok, lp = sample_tokens(guided, temperature, top_k, top_p, noise)  # [B], [B]
+    tok, lp, entropy = sample_tokens(guided, temperature, top_k, top_p, noise)  # [B] each
     lp_cond = scaled_logprobs(cond, temperature).gather(-1, tok[:, None])  # [B, 1]
     col = state["col"]
     state["tokens"].index_copy_(1, col, tok[:, None])
     state["lp_guided"].index_copy_(1, col, lp[:, None])
     state["lp_cond"].index_copy_(1, col, lp_cond)
-    state["entropy"].index_copy_(1, col, token_entropy(guided, temperature)[:, None])
+    state["entropy"].index_copy_(1, col, entropy[:, None])
     step_ids = torch.cat([tok, tok]) if use_cfg else tok  # [R]
     x = model.prepare_embeddings_for_image_generation(step_ids)  # [R, H]
     hidden = decode_layers(model.model.language_model, x, state["kv"], state["slot"], state["pad"], window)
@@ -218,14 +217,14 @@ def text_step(model, state: dict, *, window: int, eos_id: int, pad_id: int, samp
     """
     temperature, top_k, top_p = sampling
     noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
-    logits = model.lm_head(state["hidden"])  # [R, V]
-    tok, lp = sample_tokens(logits, temperature, top_k, top_p, noise)  # [R], [R]
+    tok, lp, entropy = sample_tokens(
+        model.lm_head(state["hidden"]), temperature, top_k, top_p, noise
+    )  # [R] each
     live = ~state["finished"]
     tok = torch.where(live, tok, torch.full_like(tok, pad_id))
     col = state["col"]
     state["tokens"].index_copy_(1, col, tok[:, None])
     state["logp"].index_copy_(1, col, torch.where(live, lp, torch.zeros_like(lp))[:, None])
-    entropy = token_entropy(logits, temperature)
     state["entropy"].index_copy_(1, col, torch.where(live, entropy, torch.zeros_like(entropy))[:, None])
     state["valid"].index_copy_(1, col, live[:, None])
     state["finished"].logical_or_(tok == eos_id)

@@ -113,17 +113,18 @@ def sample_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     noise: RowNoise | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row (Gumbel-max) and return its log-prob under the tempered distribution.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one token per row (Gumbel-max); return its log-prob and the entropy of the tempered distribution.
 
     Top-k/top-p only restrict where samples may fall; the log-prob is the untruncated one that a
-    teacher-forced pass computes, so rollout and update ratios agree.
+    teacher-forced pass computes, so rollout and update ratios agree. The entropy is exact (a sum over
+    the vocabulary, from the same log-softmax) and untruncated like the log-prob.
 
     Args:
         logits: ``[B, V]``.
 
     Returns:
-        ``(tokens [B] long, logp [B] float32)``.
+        ``(tokens [B] long, logp [B] float32, entropy [B] float32 nats)``.
     """
     logp = scaled_logprobs(logits, temperature)  # [B, V]
     if temperature <= 0:
@@ -140,16 +141,7 @@ def sample_tokens(
             masked = masked.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
         noise = noise or RowNoise()
         tokens = (masked + noise.gumbel(*masked.shape, masked.device)).argmax(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[B]`` float32 entropy (nats) of the tempered distribution whose log-probs :func:`sample_tokens` returns.
-
-    Exact (a sum over the vocabulary), not a sampled estimate; untruncated like those log-probs.
-    """
-    logp = scaled_logprobs(logits, temperature)
-    return -(logp.exp() * logp).sum(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 @dataclass
@@ -193,13 +185,12 @@ def sample_text(
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens, logps, valid, entropies = [], [], [], []
     for step in range(max_new_tokens):
-        logits = model.lm_head(hidden)
-        tok, lp = sample_tokens(logits, temperature, top_k, top_p, noise)
+        tok, lp, entropy = sample_tokens(model.lm_head(hidden), temperature, top_k, top_p, noise)
         live = ~finished
         tok = torch.where(live, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
         logps.append(torch.where(live, lp, torch.zeros_like(lp)))
-        entropies.append(torch.where(live, token_entropy(logits, temperature), torch.zeros_like(lp)))
+        entropies.append(torch.where(live, entropy, torch.zeros_like(entropy)))
         valid.append(live)
         finished = finished | (tok == eos_id)
         if bool(finished.all()) or step == max_new_tokens - 1:
@@ -268,10 +259,10 @@ def sample_image_tokens(
         logits = model.model.generation_head(hidden)  # [R, V]
         cond = logits[:batch]
         guided = guide(cond, logits[batch:] if use_cfg else None, cfg_scale)
-        tok, lp = sample_tokens(guided, temperature, top_k, top_p, noise)
+        tok, lp, entropy = sample_tokens(guided, temperature, top_k, top_p, noise)
         tokens.append(tok)
         lp_guided.append(lp)
-        entropies.append(token_entropy(guided, temperature))
+        entropies.append(entropy)
         lp_cond.append(scaled_logprobs(cond, temperature).gather(-1, tok[:, None]).squeeze(-1))
         if step == num_tokens - 1:
             break

@@ -51,19 +51,20 @@ def test_scaled_logprobs_tempers_and_greedy_scores_untempered():
 
 def test_sample_tokens_logp_is_the_untruncated_tempered_distribution():
     logits = torch.randn(64, 20, generator=torch.Generator().manual_seed(1)) * 3
-    tokens, logp = janus_ops.sample_tokens(logits, temperature=0.7, top_k=5, top_p=0.8, noise=stream(2))
+    tokens, logp, _ = janus_ops.sample_tokens(logits, temperature=0.7, top_k=5, top_p=0.8, noise=stream(2))
     expected = F.log_softmax(logits / 0.7, -1).gather(-1, tokens[:, None]).squeeze(-1)
     close(logp, expected, atol=1e-6)
     assert logp.dtype == torch.float32 and tokens.dtype == torch.long
 
 
-def test_token_entropy_is_the_exact_entropy_of_the_tempered_distribution():
+def test_sample_tokens_entropy_is_the_exact_entropy_of_the_tempered_untruncated_distribution():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, -1.0, -30.0]])
-    entropy = janus_ops.token_entropy(logits, 0.5)
-    assert entropy[0].item() == pytest.approx(math.log(4))  # uniform over 4: log 4 at any temperature
+    _, _, entropy = janus_ops.sample_tokens(logits, 0.5, top_k=2, noise=stream(1))
+    assert entropy[0].item() == pytest.approx(math.log(4))  # uniform over 4 (top-k does not truncate it)
     p = F.softmax(logits[1] * 2, -1)
     assert entropy[1].item() == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
-    assert janus_ops.token_entropy(logits, 0.0)[1].item() > entropy[1].item()  # greedy scores the untempered
+    _, _, greedy = janus_ops.sample_tokens(logits, 0.0)
+    assert greedy[1].item() > entropy[1].item()  # greedy scores the untempered distribution
 
 
 def test_sampled_image_entropy_is_the_guided_mixtures_entropy(sharp_policy):
@@ -90,7 +91,7 @@ def test_sampled_image_entropy_is_the_guided_mixtures_entropy(sharp_policy):
 
 def test_sample_tokens_top_k_restricts_samples_to_the_k_best():
     logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(3)).expand(500, 30)
-    tokens, _ = janus_ops.sample_tokens(logits, temperature=2.0, top_k=4, noise=stream(4))
+    tokens, _, _ = janus_ops.sample_tokens(logits, temperature=2.0, top_k=4, noise=stream(4))
     top4 = set(logits[0].topk(4).indices.tolist())
     assert set(tokens.tolist()) == top4  # never outside, and every one of the four is reachable
 
@@ -98,13 +99,13 @@ def test_sample_tokens_top_k_restricts_samples_to_the_k_best():
 @pytest.mark.parametrize(("top_p", "support"), [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.4, {0})])
 def test_sample_tokens_top_p_keeps_the_smallest_prefix_reaching_p(top_p, support):
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(2000, 4)
-    tokens, _ = janus_ops.sample_tokens(logits, top_p=top_p, noise=stream(5))
+    tokens, _, _ = janus_ops.sample_tokens(logits, top_p=top_p, noise=stream(5))
     assert set(tokens.tolist()) == support
 
 
 def test_sample_tokens_greedy_ignores_the_noise():
     logits = torch.randn(8, 12, generator=torch.Generator().manual_seed(6))
-    tokens, logp = janus_ops.sample_tokens(logits, temperature=0.0, noise=stream(7))
+    tokens, logp, _ = janus_ops.sample_tokens(logits, temperature=0.0, noise=stream(7))
     assert torch.equal(tokens, logits.argmax(-1))
     close(logp, F.log_softmax(logits, -1).max(-1).values, atol=1e-6)
 
