@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_learning import CATEGORIES, REPO, mean_std, run_seeds  # noqa: E402
+from toy_learning import CATEGORIES, mean_std, run_seeds, write_report  # noqa: E402
 
 # name -> (run-name tag, configs). The main job's tag is toy_learning.py's, so --reuse shares its runs.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -56,10 +56,7 @@ def main() -> None:
         f"Validation accuracy (%) per category before and after training, seeds {args.seeds}, mean ± std over "
         "seeds. Token only draws without a plan, so its starting point differs.\n\n" + ablation_table(results) + "\n"
     )
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,14 @@ def run_seeds(configs: list[str], seeds: list[int], tracking_uri: str, tag: str,
     return per_seed
 
 
+def write_report(path: str, text: str) -> None:
+    """Write a Markdown report under the repository (creating its folder) and print it."""
+    out = REPO / path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="+", default=["configs/toy.yaml"], help="one or more -c files, in order")
@@ -130,10 +138,7 @@ def main() -> None:
         + learning_table(per_seed)
         + "\n"
     )
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":
