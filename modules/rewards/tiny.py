@@ -119,6 +119,10 @@ def _bert_tokenizer(path: Path, extra: Iterable[str] = ()) -> BertTokenizer:
     return BertTokenizer(str(path / "vocab.txt"))
 
 
+TINY_LAYERS = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+"""the width and depth of every tiny transformer tower below (text, vision, detector text encoder)."""
+
+
 def save_tiny_grounding_dino(path: str | Path, seed: int = 0) -> Path:
     """A random tiny ``GroundingDinoForObjectDetection`` (Swin + BERT, 8 queries) with its processor."""
     path = Path(path)
@@ -136,10 +140,7 @@ def save_tiny_grounding_dino(path: str | Path, seed: int = 0) -> Path:
     text = dict(
         model_type="bert",
         vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
+        **TINY_LAYERS,
         max_position_embeddings=64,
     )
     config = GroundingDinoConfig(
@@ -171,18 +172,12 @@ def save_tiny_git(path: str | Path, seed: int = 0) -> Path:
     tokenizer = _bert_tokenizer(path)
     config = GitConfig(
         vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **TINY_LAYERS,
             image_size=32,
             patch_size=16,
         ),
         vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
+        **TINY_LAYERS,
         max_position_embeddings=64,
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
@@ -233,20 +228,14 @@ def save_tiny_orm(path: str | Path, seed: int = 0) -> Path:
     config = LlavaOnevisionConfig(
         vision_config=dict(
             model_type="siglip_vision_model",
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **TINY_LAYERS,
             image_size=32,
             patch_size=8,
         ),
         text_config=dict(
             model_type="qwen2",
             vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **TINY_LAYERS,
             num_key_value_heads=1,
             max_position_embeddings=512,
         ),
