@@ -24,10 +24,15 @@ def sampled_nll(logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     Returns:
         A scalar tensor (0 when no token is valid).
     """
+    return masked_mean(-logp, mask)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 mean of ``values`` over the positions where ``mask`` is set (all when ``None``; 0 when none)."""
     if mask is None:
-        return -logp.float().mean()
+        return values.float().mean()
     weight = mask.to(torch.float32)
-    return -(logp.float() * weight).sum() / weight.sum().clamp(min=1.0)
+    return (values.float() * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def rollout_statistics(r: Rollout) -> dict[str, torch.Tensor]:
@@ -45,9 +50,9 @@ def rollout_statistics(r: Rollout) -> dict[str, torch.Tensor]:
         out["train/sampled_nll/plan"] = sampled_nll(r.plan_logp, r.plan_mask)
     out["train/sampled_nll/image"] = sampled_nll(r.image_logp)
     if r.plan_entropy is not None:
-        out["train/entropy/plan"] = sampled_nll(-r.plan_entropy, r.plan_mask)  # masked mean of the entropies
+        out["train/entropy/plan"] = masked_mean(r.plan_entropy, r.plan_mask)
     if r.image_entropy is not None:
-        out["train/entropy/image"] = r.image_entropy.float().mean()
+        out["train/entropy/image"] = masked_mean(r.image_entropy)
     return out
 
 
