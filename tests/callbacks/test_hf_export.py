@@ -27,7 +27,7 @@ STOCK_SCRIPT = textwrap.dedent(
     folder, inputs, output = sys.argv[1:]
     model = JanusForConditionalGeneration.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    d = torch.load(inputs)
+    d = torch.load(inputs, weights_only=True)
     ids, mask, tokens = d["cond_ids"], d["cond_mask"], d["tokens"]
     with torch.no_grad():
         embeds = torch.cat(
@@ -89,7 +89,7 @@ def stock_logprobs_match(policy, folder, tmp_path) -> torch.Tensor:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    got = torch.load(output)
+    got = torch.load(output, weights_only=True)
     assert got["ours"] == []
     torch.testing.assert_close(got["logp"], expected, rtol=1e-5, atol=1e-5)
     assert got["text_ids"] == policy.tokenizer(prompts[0], add_special_tokens=False).input_ids

@@ -59,23 +59,23 @@ def trainable_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def fit(workdir: Path, *overrides: str, resume: bool = False, extra: tuple[str, ...] = ()):
+    """``bicot fit`` of the tiny config in ``workdir``, checkpointing every step into ``workdir/ckpt``."""
+    args = [*tiny_args(workdir, *overrides), *checkpointing(workdir, "ckpt"), *extra]
+    return bicot("fit", *args, *(["--ckpt_path=last"] if resume else []), cwd=workdir)
+
+
 @pytest.mark.slow
 def test_two_steps_resume_two_steps_equals_four_steps(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir()
     part.mkdir()
-    r = bicot("fit", *tiny_args(full, "--trainer.max_steps=4"), *checkpointing(full, "ckpt"), cwd=full)
+    r = fit(full, "--trainer.max_steps=4")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = bicot("fit", *tiny_args(part, "--trainer.max_steps=2"), *checkpointing(part, "ckpt"), cwd=part)
+    r = fit(part, "--trainer.max_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     two = trainable_state(part / "ckpt" / "last.ckpt")
-    r = bicot(
-        "fit",
-        *tiny_args(part, "--trainer.max_steps=4"),
-        *checkpointing(part, "ckpt"),
-        "--ckpt_path=last",
-        cwd=part,
-    )
+    r = fit(part, "--trainer.max_steps=4", resume=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming MLflow run" in r.stderr
     a, b = trainable_state(full / "ckpt" / "last.ckpt"), trainable_state(part / "ckpt" / "last.ckpt")
@@ -248,47 +248,28 @@ def test_fsdp2_distributed_checkpoint_resumes_exactly(tmp_path):
     part.mkdir()
     fsdp = ("-c", str(REPO / "configs" / "strategy" / "fsdp2.yaml"), "--trainer.devices=2")
     common = ("--model.algo.num_generations=4", "--data.batch_size=2")
-    r = bicot(
-        "fit",
-        *tiny_args(full, "--trainer.max_steps=4", *common),
-        *checkpointing(full, "ckpt"),
-        *fsdp,
-        cwd=full,
-    )
+    r = fit(full, "--trainer.max_steps=4", *common, extra=fsdp)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = bicot(
-        "fit",
-        *tiny_args(part, "--trainer.max_steps=2", *common),
-        *checkpointing(part, "ckpt"),
-        *fsdp,
-        cwd=part,
-    )
+    r = fit(part, "--trainer.max_steps=2", *common, extra=fsdp)
     assert r.returncode == 0, r.stderr[-3000:]
     last = part / "ckpt" / "last.ckpt"
     assert last.is_dir() and (last / "meta.pt").is_file()  # a distributed checkpoint: one shard per process
     assert len(list(last.glob("*.distcp"))) == 2
     assert sorted(p.name for p in (part / "ckpt").iterdir()) == ["last.ckpt"]  # no temporary or old copy left
-    r = bicot(
-        "fit",
-        *tiny_args(part, "--trainer.max_steps=4", *common),
-        *checkpointing(part, "ckpt"),
-        *fsdp,
-        "--ckpt_path=last",
-        cwd=part,
-    )
+    r = fit(part, "--trainer.max_steps=4", *common, resume=True, extra=fsdp)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming MLflow run" in r.stderr
     assert metrics(full / "mlflow.db") == metrics(part / "mlflow.db")  # bit-exact on CPU, same steps
     _, (run,) = runs(part / "mlflow.db")
     assert run.info.status == "FINISHED"
     # a sharded checkpoint of another model is refused before any shard is read, with a message
-    r = bicot(
-        "fit",
-        *tiny_args(part, "--trainer.max_steps=6", "--model.policy.init_args.tiny.hidden_size=64", *common),
-        *checkpointing(part, "ckpt"),
-        *fsdp,
-        "--ckpt_path=last",
-        cwd=part,
+    r = fit(
+        part,
+        "--trainer.max_steps=6",
+        "--model.policy.init_args.tiny.hidden_size=64",
+        *common,
+        resume=True,
+        extra=fsdp,
     )
     assert r.returncode != 0
     assert "different model" in r.stderr
