@@ -100,7 +100,9 @@ def build_policy(shape: str, device: torch.device, sampling: SamplingConfig) -> 
 
 def run_engine(args, engine: str, steps: int, device: torch.device) -> dict:
     pl.seed_everything(0, verbose=False)
-    sampling = SamplingConfig(plan_max_tokens=args.plan_tokens, cfg_scale=5.0, engine=engine)
+    sampling = SamplingConfig(
+        plan_max_tokens=args.plan_tokens, cfg_scale=5.0, engine=engine, engine_compile=args.compile
+    )
     policy = build_policy(args.shape, device, sampling)
     module = BiCoTGRPO(
         policy=policy,
@@ -139,6 +141,10 @@ def run_engine(args, engine: str, steps: int, device: torch.device) -> dict:
         **{f"steady_{p}_s": round(statistics.fmean(s[f"{p}_s"] for s in later), 3) for p in PHASES},
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     )
+    if engine == "static":
+        summary["engine_compile"] = policy._engine.mode(device)
+        summary["engine_capture_s"] = round(policy._engine.stats.compile_s, 2)
+        summary["engine_captures"] = policy._engine.stats.captures
     summary["steady_images_per_s"] = round(images / summary["steady_step_s"], 3)
     # bicot.memory's estimate against the measured per-phase peaks (torch.cuda.max_memory_allocated; GPU only)
     summary["memory_plan_gib"] = timer.plan_gib
@@ -160,6 +166,7 @@ def main() -> None:
     )
     parser.add_argument("--shape", choices=["toy", "1b", "7b"], default="toy")
     parser.add_argument("--engines", default="eager,static", help="comma-separated: eager, static")
+    parser.add_argument("--compile", default="auto", help="the static engine's sampling.engine_compile")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps of the static engine")
     parser.add_argument("--eager-steps", type=int, default=2, help="optimizer steps of the eager loop")
     parser.add_argument("--prompts", type=int, default=4)

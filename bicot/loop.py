@@ -65,6 +65,7 @@ def rollout_phase(
         plans = policy.sample_plans([r.prompt for r in repeated], template, 1, noise(0))
     context = policy.image_context([r.prompt for r in repeated], plans.texts if plans else None)
     sample = policy.sample_images(context, noise(1))
+    policy.end_rollout()  # before decoding: the engine's KV buffers need not outlive the sampling
     images = policy.decode(sample.tokens)
     policy.model.train(was_training)
     guided = policy.sampling.image_logprob == "guided"

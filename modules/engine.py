@@ -48,6 +48,7 @@ Compiling raises ``torch._dynamo.config.recompile_limit`` to at least 64 for the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ from modules.janus_ops import (
     scaled_logprobs,
 )
 
-COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "off", "cudagraphs", "default", "reduce-overhead", "max-autotune")
 DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
 # Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
 RECOMPILE_LIMIT = 64
@@ -78,12 +79,16 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def window_ladder(capacity: int, chunk: int) -> list[int]:
-    """Attention windows for a cache of ``capacity`` slots: ``chunk, 2 chunk, 4 chunk, ...``, then ``capacity``."""
+def window_ladder(capacity: int, chunk: int, linear: bool = False) -> list[int]:
+    """Attention windows for a cache of ``capacity`` slots, ending at ``capacity``.
+
+    Doubling (``chunk, 2 chunk, 4 chunk, ...``) keeps compiled variants few; ``linear`` (every ``chunk``)
+    reads at most ``chunk - 1`` unfilled slots per step, for steps whose variants are cheap to make.
+    """
     ladder, w = [], chunk
     while w < capacity:
         ladder.append(w)
-        w *= 2
+        w = w + chunk if linear else 2 * w
     return [*ladder, capacity]
 
 
@@ -247,45 +252,126 @@ class EngineStats:
     compile_s: float = 0.0
     variants: int = 0
     steps: int = 0
+    captures: int = 0  # hand-captured CUDA graphs (``compile="cudagraphs"``), re-captures included
 
 
 class RolloutEngine:
     """Samples plans and image tokens like :mod:`modules.janus_ops`, with a static KV cache.
 
     Args:
-        compile: ``auto`` (``reduce-overhead`` on CUDA, ``off`` on CPU), ``off``, or a ``torch.compile`` mode.
+        compile: how the decode step runs. ``auto``: ``cudagraphs`` on CUDA, ``off`` on CPU. ``off``: plain
+            calls. ``cudagraphs``: the plain step captured by hand as one CUDA graph per window (capture
+            costs about two steps, so every run is ahead of the eager loop from its first rollout).
+            ``default``/``reduce-overhead``/``max-autotune``: ``torch.compile`` modes (``reduce-overhead``
+            fuses the step with inductor and replays it as CUDA graphs: faster steps, minutes of compiling).
         chunk: capacity and window granularity in slots (default 128 on CUDA, 64 on CPU).
+        weight_copy: under autocast (bf16-mixed training: fp32 master weights), the step's linear layers
+            read a copy of their weights in the autocast dtype, refreshed at every sampling call, instead
+            of casting every weight at every token. Same values as autocast's own casts; costs one
+            autocast-dtype copy of those weights (Janus-Pro-1B: 2.6 GB, 7B: 13 GB) while buffers are held.
     """
 
-    def __init__(self, compile: str = "auto", chunk: int | None = None) -> None:
+    def __init__(self, compile: str = "auto", chunk: int | None = None, weight_copy: bool = True) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
         if chunk is not None and chunk < 1:
             raise ValueError(f"engine chunk must be >= 1, got {chunk}")
-        self.compile, self.chunk = compile, chunk
+        self.compile, self.chunk, self.weight_copy = compile, chunk, weight_copy
         self.stats = EngineStats()
+        self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
         self._steps: dict[tuple, list] = {}  # key -> [callable, calls so far]
+        self._addresses: tuple = ()  # what the hand-captured graphs of the current call read
 
     def __getstate__(self) -> dict:
-        # Compiled callables do not pickle and buffers are per process: a copy starts empty.
+        # Compiled callables and CUDA graphs do not pickle and buffers are per process: a copy starts empty.
         return {
             "compile": self.compile,
             "chunk": self.chunk,
+            "weight_copy": self.weight_copy,
             "stats": EngineStats(),
+            "graphs": CudaGraphs(),
             "_buffers": {},
             "_steps": {},
+            "_addresses": (),
         }
 
     def release(self) -> None:
-        """Free the KV and step buffers (the compiled steps stay; new buffers mean a graph re-record)."""
+        """Free the KV and step buffers and the hand-captured graphs that read them.
+
+        Compiled steps stay; with new buffers ``reduce-overhead`` re-records its graphs and ``cudagraphs``
+        captures again.
+        """
         self._buffers.clear()
+        for step, _ in self._steps.values():
+            if isinstance(step, _CapturedStep):
+                step.drop()  # stays warm: the next call captures straight away
+
+    @property
+    def releases_between_rollouts(self) -> bool:
+        """Whether :meth:`end_rollout` frees the buffers: yes unless the step is compiled with ``torch.compile``.
+
+        Plain and hand-captured steps rebuild cheaply (a capture is about one step), so the KV buffers
+        and weight copy need not sit in memory through the update. ``torch.compile``'s CUDA-graph trees
+        would re-record at every rollout and stop graphing after a limit, so compiled modes keep them.
+        """
+        return self.compile in ("auto", "off", "cudagraphs")
+
+    def end_rollout(self) -> None:
+        """Called after a training rollout's last sampling call: frees the buffers where that is cheap."""
+        if self.releases_between_rollouts:
+            self.release()
 
     def mode(self, device: torch.device) -> str:
         """The compile mode used on ``device`` (``off`` means plain eager calls of the step)."""
         if self.compile != "auto":
             return self.compile
-        return "reduce-overhead" if device.type == "cuda" else "off"
+        return "cudagraphs" if device.type == "cuda" else "off"
+
+    def ladder(self, capacity: int, device: torch.device) -> list[int]:
+        """The attention windows of a cache: one per chunk when a variant costs a capture, doubling when a compile."""
+        return window_ladder(capacity, self._chunk(device), linear=self.mode(device) in ("off", "cudagraphs"))
+
+    @contextlib.contextmanager
+    def autocast_weights(self, model, device: torch.device):
+        """Inside: the step's linear layers hold copies of their weights in the autocast dtype (see ``weight_copy``).
+
+        The copies live in the engine's buffers (fixed addresses, so captured graphs stay valid across
+        optimizer steps and FSDP2 re-gathers) and are refreshed from the live weights on entry; the
+        modules get their own weights back on exit.
+        """
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        linears = [] if not self.weight_copy or dtype is None else _step_linears(model, dtype)
+        if not linears:
+            yield
+            return
+        weights = [m._parameters["weight"] for m in linears]
+        key = ("weight_copy", id(model), dtype, device)
+        entry = self._buffers.get(key)
+        if entry is None or [c.shape for c in entry["copies"]] != [w.shape for w in weights]:
+            entry = self._buffers[key] = {"copies": [torch.empty_like(w, dtype=dtype) for w in weights]}
+        copies = entry["copies"]
+        with torch.no_grad():
+            torch._foreach_copy_(copies, [w.detach() for w in weights])
+        try:
+            for module, copy in zip(linears, copies, strict=True):
+                module._parameters["weight"] = copy
+            yield
+        finally:
+            for module, weight in zip(linears, weights, strict=True):
+                module._parameters["weight"] = weight
+
+    def bind(self, model, state: dict) -> None:
+        """Note the addresses a captured step reads (weights, buffers); a step captured at others is re-captured.
+
+        Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
+        optimizer updates weights in place, so after a step the graphs read the new values.
+        """
+        if self.mode(state["hidden"].device) != "cudagraphs":
+            return
+        tensors = [*model.parameters(), *model.buffers(), *state["kv"]]
+        tensors += [v for k, v in state.items() if k != "kv" and isinstance(v, torch.Tensor)]
+        self._addresses = tuple(t.data_ptr() for t in tensors)
 
     def sample_text(
         self,
@@ -354,7 +440,7 @@ class RolloutEngine:
                 finished=torch.zeros(rows, dtype=torch.bool, device=device),
                 **{n: torch.zeros(s, dtype=d, device=device) for n, (s, d) in outputs.items()},
             )
-            if self.mode(device) != "off":
+            if self.mode(device) not in ("off", "cudagraphs"):
                 for t in [*state["kv"], *(v for k, v in state.items() if k != "kv")]:
                     torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update them in place
             self._buffers[key] = state
@@ -376,7 +462,7 @@ class RolloutEngine:
         if view is None:
             # one view object per slice: the step sees the same tensor every call
             view = entry["views"][(noise.offset, rows)] = entry["full"][noise.offset : noise.offset + rows]
-            if self.mode(device) != "off":
+            if self.mode(device) not in ("off", "cudagraphs"):
                 torch._dynamo.mark_static_address(view)
         return entry["full"], view
 
@@ -395,17 +481,24 @@ class RolloutEngine:
         full_key = (fn.__name__, id(model), mode, *key, tuple(sorted(consts.items())))
         entry = self._steps.get(full_key)
         if entry is None:
-            entry = [self._make(fn, model, consts, mode), 0]
+            entry = [self._make(fn, model, consts, mode, self.graphs), 0]
             self._steps[full_key] = entry
             self.stats.variants += 1
-        # CUDA graphs are recorded on the 2nd or 3rd call (warm-up first): count those as capture time.
-        timed = entry[1] < (3 if mode == "reduce-overhead" else 1) and mode != "off"
+        if mode == "cudagraphs":
+            step = entry[0]
+            timed = not step.ready(self._addresses)  # a warm-up or a capture
+        else:
+            # CUDA graphs are recorded on the 2nd or 3rd call (warm-up first): count those as capture time.
+            timed = entry[1] < (3 if mode == "reduce-overhead" else 1) and mode != "off"
         if timed:
             _sync(device)
             start = time.perf_counter()
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        entry[0](state)
+        if mode == "cudagraphs":
+            self.stats.captures += step(state, self._addresses)
+        else:
+            entry[0](state)
         if timed:
             _sync(device)
             self.stats.compile_s += time.perf_counter() - start
@@ -413,16 +506,129 @@ class RolloutEngine:
         self.stats.steps += 1
 
     @staticmethod
-    def _make(fn, model, consts: dict, mode: str):
+    def _make(fn, model, consts: dict, mode: str, graphs: CudaGraphs):
         def step(state: dict) -> None:
             fn(model, state, **consts)
 
         if mode == "off":
             return step
+        if mode == "cudagraphs":
+            return _CapturedStep(step, graphs)
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         # dynamic=False: each window is its own static graph (CUDA graphs need fixed shapes).
         return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
+
+
+class CudaGraphs:
+    """How ``compile="cudagraphs"`` warms a step up and captures it (swappable: the CPU tests use a stand-in).
+
+    All graphs of an engine share one memory pool: they run one after another and keep nothing alive
+    between replays (every result goes into the engine's buffers), so their temporaries can share memory.
+    """
+
+    def __init__(self) -> None:
+        self.pool = None
+
+    def warmup(self, run, device: torch.device) -> None:
+        """Run ``run()`` once on a side stream, as CUDA graph capture asks (lazy library set-up happens here)."""
+        _require_cuda(device)
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side), _uncached_autocast(device):
+            run()
+        current.wait_stream(side)
+
+    def capture(self, run, device: torch.device):
+        """Record ``run()`` into a CUDA graph without executing it; returns the graph's ``replay``.
+
+        ``torch.cuda.graph``'s steps by hand, minus its ``empty_cache``: captures happen at every rollout
+        when the buffers are released between rollouts, and emptying the allocator each time would cost
+        fresh ``cudaMalloc`` calls afterwards.
+        """
+        _require_cuda(device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(side), _uncached_autocast(device):
+            graph.capture_begin(pool=self.pool)
+            try:
+                run()
+            finally:
+                graph.capture_end()
+        current.wait_stream(side)
+        return graph.replay
+
+
+def _require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise RuntimeError(f"engine compile='cudagraphs' needs a CUDA device, got {device}; use 'off' or 'default'")
+
+
+def _uncached_autocast(device: torch.device):
+    """Autocast as it is, without its weight-cast cache: a captured graph must do its own casts.
+
+    A cast cached outside the graph is freed when the caller's autocast region ends, and the graph would
+    go on reading it; cast inside the graph, the bf16 copy of each weight is remade at every replay.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
+
+
+class _CapturedStep:
+    """One step variant under ``compile="cudagraphs"``: warm-up, capture, then replays.
+
+    The first call runs the step eagerly on a side stream: that is both the warm-up capture needs and the
+    step itself. The second call captures the step (capture executes nothing) and replays it once; later
+    calls replay. When the weights or buffers sit at other addresses than at capture, the next call
+    captures again.
+    """
+
+    def __init__(self, step, graphs: CudaGraphs) -> None:
+        self.step, self.graphs = step, graphs
+        self.warm = False
+        self.replay = None
+        self.addresses: tuple = ()
+
+    def drop(self) -> None:
+        """Forget the graph (its buffers are gone); the next call captures again."""
+        self.replay, self.addresses = None, ()
+
+    def ready(self, addresses: tuple) -> bool:
+        """Whether the next call only replays."""
+        return self.replay is not None and self.addresses == addresses
+
+    def __call__(self, state: dict, addresses: tuple) -> int:
+        """Run one step; returns 1 when it captured a graph, else 0."""
+        device = state["hidden"].device
+        if self.ready(addresses):
+            self.replay()
+            return 0
+        if not self.warm:
+            self.graphs.warmup(lambda: self.step(state), device)
+            self.warm = True
+            return 0
+        self.replay = self.graphs.capture(lambda: self.step(state), device)
+        self.addresses = addresses
+        self.replay()
+        return 1
+
+
+def _step_linears(model, dtype: torch.dtype) -> list[torch.nn.Linear]:
+    """The linear layers a decode step runs (LoRA's included) whose weights autocast would cast to ``dtype``."""
+    parts = [model.model.language_model, model.model.generation_head, model.model.generation_aligner, model.lm_head]
+    return [
+        m
+        for part in parts
+        for m in part.modules()
+        if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and m.weight.dtype != dtype
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -469,11 +675,26 @@ def _shape_key(state: dict) -> tuple:
 
 @model_entry
 @torch.no_grad()
-def _run_text(
+def _run_text(model, engine: RolloutEngine, ids, *args) -> TextSample:
+    """The plan stage (see :func:`janus_ops.sample_text`)."""
+    _check_model(model)
+    with engine.autocast_weights(model, ids.device):
+        return _text_stage(model, engine, ids, *args)
+
+
+@model_entry
+@torch.no_grad()
+def _run_image(model, engine: RolloutEngine, cond_ids, *args) -> ImageSample:
+    """The image stage (see :func:`janus_ops.sample_image_tokens`)."""
+    _check_model(model)
+    with engine.autocast_weights(model, cond_ids.device):
+        return _image_stage(model, engine, cond_ids, *args)
+
+
+def _text_stage(
     model, engine: RolloutEngine, ids, mask, max_new_tokens, eos_id, pad_id, sampling, noise
 ) -> TextSample:
-    """The plan stage (see :func:`janus_ops.sample_text`): stops after the step where every row has ended."""
-    _check_model(model)
+    """Plans: stops after the step where every row has ended."""
     rows, length = ids.shape
     embeds = model.get_input_embeddings()(ids)  # [R, Lc, H]
     shape = (rows, max_new_tokens)
@@ -488,7 +709,8 @@ def _run_text(
     state["finished"].zero_()
     vocab = model.config.text_config.vocab_size
     full, state["uniform"] = engine.noise_buffer(noise, rows, vocab, ids.device, greedy=sampling[0] <= 0)
-    ladder = window_ladder(state["kv"][0].shape[2], engine._chunk(ids.device))
+    ladder = engine.ladder(state["kv"][0].shape[2], ids.device)
+    engine.bind(model, state)
     key, steps = _shape_key(state), 0
     for step in range(max_new_tokens):
         engine.draw(noise, full)
@@ -502,13 +724,10 @@ def _run_text(
     return TextSample(*(state[n][:, :steps].clone() for n in ("tokens", "logp", "valid", "entropy")))
 
 
-@model_entry
-@torch.no_grad()
-def _run_image(
+def _image_stage(
     model, engine: RolloutEngine, cond_ids, cond_mask, num_tokens, uncond_ids, cfg_scale, sampling, noise
-):
-    """The image stage (see :func:`janus_ops.sample_image_tokens`): both CFG branches in one batch."""
-    _check_model(model)
+) -> ImageSample:
+    """Image tokens, both CFG branches in one batch."""
     use_cfg = uncond_ids is not None and cfg_scale != 1.0
     batch = cond_ids.shape[0]
     ids = torch.cat([cond_ids, uncond_ids]) if use_cfg else cond_ids  # [R, L], R = B or 2B
@@ -526,7 +745,8 @@ def _run_image(
     _prefill(model, state, embeds, mask)
     vocab = model.config.vq_config.num_embeddings
     full, state["uniform"] = engine.noise_buffer(noise, batch, vocab, ids.device, greedy=sampling[0] <= 0)
-    ladder = window_ladder(state["kv"][0].shape[2], engine._chunk(ids.device))
+    ladder = engine.ladder(state["kv"][0].shape[2], ids.device)
+    engine.bind(model, state)
     key = _shape_key(state)
     consts = dict(batch=batch, use_cfg=use_cfg, cfg_scale=float(cfg_scale), sampling=sampling)
     for step in range(num_tokens):

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bicot.memory.plan import MemoryPlan, plan_for, rows, update_tokens
+from bicot.memory.plan import MemoryPlan, engine_holds_buffers, plan_for, rows, update_tokens
 from bicot.memory.recipe import Lengths
 from bicot.memory.shapes import PRESETS
 
@@ -32,7 +32,13 @@ def _table_rows(p: MemoryPlan) -> list[tuple[str, float, tuple[str, ...]]]:
         (f"experts on the GPU ({', '.join(device) or 'none'})", p.experts_resident_gib, _ALL),
         ("CUDA context, NCCL (allowance)", p.runtime_gib, _ALL),
         ("full policy copy gathered for sampling", p.rollout_gather_gib, ("rollout",)),
-        (f"KV cache ({rollout_rows} rows{', x2 for CFG' if r.cfg else ''})", p.kv_cache_gib, ("rollout",)),
+        (
+            f"static engine buffers ({'held' if engine_holds_buffers(r) else 'freed before VQ decode'})",
+            p.engine_buffers_gib,
+            _ALL if engine_holds_buffers(r) else ("rollout",),
+        ),
+        (f"KV cache ({rollout_rows} rows{', x2 for CFG' if r.cfg else ''})", 0.0 if r.engine == "static" else p.kv_cache_gib,
+         ("rollout",)),
         ("VQ decode (after the KV cache; larger counts)", p.vq_decode_gib, ("rollout",)),
         ("reference gathered for its log-probs", p.score_gather_gib, ("score",)),
         (f"experts moved in to score ({', '.join(offload) or 'none'})", p.experts_offloaded_gib, ("score",)),

@@ -19,6 +19,13 @@ VQ_LIVE_MAPS = 4
 RUNTIME_GIB = 1.0  # CUDA context, cuBLAS workspaces and NCCL buffers: an allowance, not measured here
 
 
+ENGINE_CHUNK = 128  # modules.engine's capacity granularity on CUDA
+
+def engine_holds_buffers(r: Recipe) -> bool:
+    """The static engine keeps its buffers between rollouts under ``torch.compile`` modes only."""
+    return r.engine == "static" and r.engine_compile not in ("auto", "off", "cudagraphs")
+
+
 # ---- the components, in bytes ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Numerics:
@@ -151,7 +158,11 @@ class MemoryPlan:
     rollout_gather_gib: float
     """the full policy copy FSDP2 gathers for the rollout; rollout."""
     kv_cache_gib: float
-    """KV cache of the longest sampling stage; rollout."""
+    """KV cache of the longest sampling stage; rollout (eager loop: freed after each stage)."""
+    engine_buffers_gib: float
+    """the static engine's buffers: the KV buffers of both stages (both in the compute dtype, capacity
+    rounded up to 128 slots) and, when autocast would cast fp32 weights, a compute-dtype copy of the linear
+    weights; rollout until VQ decoding, or all phases under a ``torch.compile`` mode (0: eager loop)."""
     vq_decode_gib: float
     """VQ decoding of the rollout's images, after the KV cache is freed; rollout (the larger of the two)."""
     score_gather_gib: float
@@ -209,6 +220,15 @@ def plan(r: Recipe) -> MemoryPlan:
         kv_cache_bytes(shape, rollout_rows, plan_kv, num.residual, num.compute),
         kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), image_kv, num.residual, num.compute),
     )
+    engine_buffers = 0
+    if r.engine == "static":
+        slots = [math.ceil(n / ENGINE_CHUNK) * ENGINE_CHUNK for n in (plan_kv, image_kv)]
+        engine_buffers = kv_cache_bytes(shape, rollout_rows, slots[0], num.compute, num.compute)
+        engine_buffers += kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), slots[1], num.compute, num.compute)
+        if num.casts:  # modules.engine's weight_copy: the decoder's, both heads' and the aligner's linear layers
+            linear = shape.layers * shape.layer_linear_params + sum(shape.head_params.values())
+            linear += shape.part_params["generation_aligner"]  # biases counted too: < 0.1 % over
+            engine_buffers += linear * num.compute
     on_device = r.reference_placement not in ("cpu", "offload")
     score_gather = 0
     if r.reference == "copy" and (r.reference_placement == "offload" or r.sharded):
@@ -229,6 +249,7 @@ def plan(r: Recipe) -> MemoryPlan:
         runtime_gib=RUNTIME_GIB,
         rollout_gather_gib=(gathered_policy if r.sharded else 0) / g,
         kv_cache_gib=kv / g,
+        engine_buffers_gib=engine_buffers / g,
         vq_decode_gib=vq_decode_bytes(r, num) / g,
         score_gather_gib=score_gather / g,
         experts_offloaded_gib=sum(
@@ -250,7 +271,13 @@ def plan(r: Recipe) -> MemoryPlan:
     resident = (
         p.policy_weights_gib + p.optimizer_gib + p.reference_gib + p.experts_resident_gib + p.runtime_gib
     )
-    p.rollout_gib = resident + p.rollout_gather_gib + max(p.kv_cache_gib, p.vq_decode_gib)
+    if engine_holds_buffers(r):  # held through every phase, VQ decoding included
+        resident += p.engine_buffers_gib
+        p.rollout_gib = resident + p.rollout_gather_gib + p.vq_decode_gib
+    elif r.engine == "static":  # freed after sampling, before VQ decoding
+        p.rollout_gib = resident + p.rollout_gather_gib + max(p.engine_buffers_gib, p.vq_decode_gib)
+    else:
+        p.rollout_gib = resident + p.rollout_gather_gib + max(p.kv_cache_gib, p.vq_decode_gib)
     p.score_gib = resident + p.score_gather_gib + p.experts_offloaded_gib + p.reference_logits_gib
     p.update_gib = (
         resident

@@ -75,6 +75,12 @@ class Recipe:
     """FSDP2 mixed precision (``model.parallel.param_dtype``): gathered copies and compute in this dtype."""
     experts: list[ExpertSpec] = field(default_factory=list)
     lengths: Lengths = field(default_factory=Lengths)
+    engine: str = "eager"
+    """``sampling.engine``: ``static`` allocates the KV buffers of both stages at once (and, under autocast
+    with fp32 weights, a bf16 copy of the linear weights)."""
+    engine_compile: str = "auto"
+    """``sampling.engine_compile``: ``torch.compile`` modes hold the static engine's buffers through the
+    score and update phases; ``auto``/``off``/``cudagraphs`` free them before VQ decoding."""
 
 
 # ---- reading a config ------------------------------------------------------------------------------
@@ -180,6 +186,8 @@ def recipe_from_config(
         plan_tokens=int(_get(sampling, "plan_max_tokens", default=64)),
         cfg=float(_get(sampling, "cfg_scale", default=5.0)) != 1.0,
         guided=_get(sampling, "image_logprob", default="conditional") == "guided",
+        engine=str(_get(sampling, "engine", default="eager")),
+        engine_compile=str(_get(sampling, "engine_compile", default="auto")),
         activation_checkpointing=bool(
             _get(c, "model", "parallel", "activation_checkpointing", default=False)
             if activation_checkpointing is None
@@ -237,6 +245,8 @@ def recipe_from_module(
         plan_tokens=policy.sampling.plan_max_tokens,
         cfg=policy.sampling.cfg_scale != 1.0,
         guided=policy.sampling.image_logprob == "guided",
+        engine=policy.sampling.engine,
+        engine_compile=policy.sampling.engine_compile,
         lora_params=lora,
         activation_checkpointing=module.parallel.activation_checkpointing,
         param_dtype=module.parallel.param_dtype,

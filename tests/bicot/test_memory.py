@@ -266,6 +266,36 @@ def test_kv_cache_matches_the_dynamic_cache(monkeypatch):
     assert measured == kv_cache_bytes(shape, 2 * len(PROMPTS), tokens, num.residual, num.compute)
 
 
+def test_static_engine_buffers_match_the_plan(monkeypatch):
+    """The static engine's KV buffers of both stages and its bf16 weight copy, under bf16 autocast with fp32
+    weights, at the capacity the plan rounds to (128 slots, the CUDA chunk), against what the engine holds."""
+    from modules.engine import RolloutEngine
+
+    monkeypatch.setattr("modules.engine.DEFAULT_CHUNK", {"cpu": 128, "cuda": 128})
+    policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC), sampling=SamplingConfig(
+        plan_max_tokens=12, cfg_scale=3.0, engine="static"))
+    policy._engine = engine = RolloutEngine(compile="off")
+    with MixedPrecision("bf16-mixed", "cpu").forward_context():
+        r = loop.rollout_phase(policy, PROMPTS, G, resolve_template("default"), loop.RowPlacement(seed=0))
+        # rollout_phase freed the buffers before decoding (end_rollout); sample again to see them held
+        assert not engine._buffers
+        policy.sample_plans([p.prompt for p in PROMPTS for _ in range(G)], resolve_template("default"), 1)
+        policy.sample_images(loop.image_context(r))
+    held = sum(t.nbytes for state in engine._buffers.values() for t in [*state.get("kv", []), *state.get("copies", [])])
+    shape = load_shape(tiny=TinyJanusSpec(**MEASURE_SPEC))
+    config = tiny_config(dataclasses.asdict(TinyJanusSpec(**MEASURE_SPEC)), "bf16-mixed")
+    config["model"]["policy"]["sampling"]["engine"] = "static"
+    lengths = exact_lengths(r)
+    planned = memory.plan(dataclasses.replace(memory.recipe_from_config(config, 1), lengths=lengths, shape=shape))
+    assert held == pytest.approx(planned.engine_buffers_gib * GIB, rel=1e-3)  # the plan counts a few biases too
+    assert planned.rollout_gib > planned.engine_buffers_gib and planned.update_gib < plan_for(
+        {**config, "model": {**config["model"], "policy": {**config["model"]["policy"], "sampling": {
+            **config["model"]["policy"]["sampling"], "engine_compile": "reduce-overhead"}}}}, 1).update_gib
+    # the eager loop holds nothing between stages
+    config["model"]["policy"]["sampling"]["engine"] = "eager"
+    assert plan_for(config, 1).engine_buffers_gib == 0
+
+
 def test_tiny_states_after_one_step_match_the_plan():
     """Weights, gradients and AdamW state after one real optimizer step equal the plan (to 0.1 %)."""
     policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC), sampling=SamplingConfig(plan_max_tokens=12, cfg_scale=3.0))

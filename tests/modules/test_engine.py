@@ -14,7 +14,7 @@ from torch import nn
 from bicot.loop import RowPlacement, rollout_phase
 from datamodules.records import PromptRecord
 from modules import janus_ops
-from modules.engine import RolloutEngine, _DrawnNoise, window_for, window_ladder
+from modules.engine import RolloutEngine, _DrawnNoise, _uncached_autocast, window_for, window_ladder
 from modules.policy import JanusPolicy, SamplingConfig
 
 PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
@@ -57,6 +57,21 @@ def test_window_ladder_doubles_from_the_chunk_and_ends_at_the_capacity():
     assert window_ladder(64, 64) == [64]
     ladder = window_ladder(704, 128)
     assert [window_for(f, ladder) for f in (1, 128, 129, 300, 513, 704)] == [128, 128, 256, 512, 704, 704]
+
+
+def test_linear_window_ladder_steps_by_the_chunk():
+    assert window_ladder(704, 128, linear=True) == [128, 256, 384, 512, 640, 704]
+    assert window_ladder(128, 128, linear=True) == [128]
+    ladder = window_ladder(704, 128, linear=True)
+    assert [window_for(f, ladder) for f in (1, 129, 300, 513, 641)] == [128, 256, 384, 640, 704]
+
+
+def test_engine_ladder_is_linear_for_plain_and_captured_steps_and_doubling_when_compiled():
+    cpu = torch.device("cpu")
+    assert RolloutEngine().ladder(320, cpu) == [64, 128, 192, 256, 320]  # auto: off on CPU
+    assert RolloutEngine(compile="cudagraphs").ladder(320, cpu) == [64, 128, 192, 256, 320]
+    assert RolloutEngine(compile="default").ladder(320, cpu) == [64, 128, 256, 320]
+    assert RolloutEngine().mode(torch.device("cuda")) == "cudagraphs"
 
 
 def test_drawn_noise_is_row_noise_bit_for_bit():
@@ -185,6 +200,39 @@ def test_float32_weights_under_bfloat16_autocast_as_in_mixed_precision_training(
     assert all(t.dtype == torch.bfloat16 for state in engine._buffers.values() for t in state.get("kv", []))
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_autocast_weight_copy_gives_autocasts_own_results_and_follows_updates(tiny_janus_dir, lora):
+    from modules.lora import LoraSpec
+
+    policy = JanusPolicy(str(tiny_janus_dir), lora=LoraSpec(r=2) if lora else None)
+    ctx = policy.image_context(PROMPTS, None)
+    ids, mask = plan_contexts(policy)
+    copied, casting = RolloutEngine(), RolloutEngine(weight_copy=False)
+    weights = {n: p for n, p in policy.model.named_parameters()}
+
+    def both(seed):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return [
+                (images(e.sample_image_tokens, policy, ctx, seed, n=10), plans(e.sample_text, policy, ids, mask, seed))
+                for e in (copied, casting)
+            ]
+
+    for seed in (0, 1):
+        (a_img, a_plan), (b_img, b_plan) = both(seed)
+        assert torch.equal(a_img.tokens, b_img.tokens) and torch.equal(a_img.logp_guided, b_img.logp_guided)
+        assert torch.equal(a_plan.tokens, b_plan.tokens) and torch.equal(a_plan.logp, b_plan.logp)
+        with torch.no_grad():  # an optimizer step in place: the next call's copy must follow it
+            for name, param in policy.model.named_parameters():
+                if "lora_B" in name or (not lora and "proj" in name):
+                    param.add_(0.3 * torch.randn_like(param))
+    copies = [t for state in copied._buffers.values() for t in state.get("copies", [])]
+    assert copies and all(t.dtype == torch.bfloat16 for t in copies)
+    assert not any("copies" in state for state in casting._buffers.values())
+    # the modules hold their own fp32 parameters again
+    assert {n: p for n, p in policy.model.named_parameters()} == weights
+    assert all(p.dtype == torch.float32 and isinstance(p, nn.Parameter) for p in weights.values())
+
+
 def test_lora_adapters_are_applied_like_the_eager_loop(tiny_janus_dir):
     from modules.lora import LoraSpec
 
@@ -303,6 +351,97 @@ def test_fsdp2_sharded_model_samples_inside_gathered_and_is_refused_outside():
         assert same and diff < FP32_ATOL
 
 
+# --------------------------------------------------------------------------- hand-captured steps
+
+
+class StandInGraphs:
+    """``CudaGraphs`` on CPU: a "capture" records the step without running it, a replay runs it."""
+
+    def __init__(self) -> None:
+        self.warmups, self.captures = 0, 0
+
+    def warmup(self, run, device) -> None:
+        self.warmups += 1
+        run()
+
+    def capture(self, run, device):
+        self.captures += 1
+        return run
+
+
+def test_captured_steps_warm_up_capture_once_per_window_and_replay(sharp_policy):
+    engine = RolloutEngine(compile="cudagraphs")
+    engine.graphs = graphs = StandInGraphs()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 3, n=12)
+    first = images(engine.sample_image_tokens, sharp_policy, ctx, 3, n=12)
+    assert torch.equal(first.tokens, eager.tokens)  # warm-up, capture and replay each ran the step exactly once
+    close(first.logp_guided, eager.logp_guided)
+    windows = engine.stats.variants
+    assert graphs.warmups == graphs.captures == engine.stats.captures == windows >= 1
+    again = images(engine.sample_image_tokens, sharp_policy, ctx, 3, n=12)
+    assert torch.equal(again.tokens, eager.tokens)
+    assert graphs.captures == windows and graphs.warmups == windows  # only replays now
+    assert engine.stats.steps == 24
+
+
+def test_captured_steps_capture_again_when_the_weights_move_but_not_when_they_change_in_place(sharp_policy):
+    engine = RolloutEngine(compile="cudagraphs")
+    engine.graphs = graphs = StandInGraphs()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    images(engine.sample_image_tokens, sharp_policy, ctx, 3, n=8)
+    windows = graphs.captures
+    head = sharp_policy.model.model.generation_head.proj_out.weight
+    with torch.no_grad():
+        head.mul_(0.5)  # what an optimizer step does: same address, new values
+    images(engine.sample_image_tokens, sharp_policy, ctx, 3, n=8)
+    assert graphs.captures == windows
+    head.data = head.data.clone()  # what a re-gather under FSDP2 may do: same values, another address
+    moved = images(engine.sample_image_tokens, sharp_policy, ctx, 3, n=8)
+    assert graphs.captures == 2 * windows and graphs.warmups == windows  # captured again, no second warm-up
+    assert torch.equal(moved.tokens, images(janus_ops.sample_image_tokens, sharp_policy, ctx, 3, n=8).tokens)
+    engine.release()  # the buffers go, and the graphs that read them; the steps stay warm
+    released = images(engine.sample_image_tokens, sharp_policy, ctx, 3, n=8)
+    assert graphs.captures == 3 * windows and graphs.warmups == windows
+    assert torch.equal(released.tokens, moved.tokens)
+
+
+def test_captured_plan_steps_sample_the_eager_plans(sharp_policy):
+    ids, mask = plan_contexts(sharp_policy)
+    engine = RolloutEngine(compile="cudagraphs")
+    engine.graphs = StandInGraphs()
+    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 9, max_tokens=20)
+    b = plans(engine.sample_text, sharp_policy, ids, mask, 9, max_tokens=20)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    close(b.logp, a.logp)
+
+
+def test_cudagraphs_on_cpu_says_it_needs_cuda(sharp_policy):
+    ctx = sharp_policy.image_context(PROMPTS[:1], None)
+    with pytest.raises(RuntimeError, match="compile='cudagraphs' needs a CUDA device"):
+        images(RolloutEngine(compile="cudagraphs").sample_image_tokens, sharp_policy, ctx, 0, n=2)
+
+
+def test_capture_autocast_keeps_the_dtype_and_drops_the_cast_cache():
+    cpu = torch.device("cpu")
+    with _uncached_autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")  # no autocast outside: none inside
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        with _uncached_autocast(cpu):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert not torch.is_autocast_cache_enabled()
+        assert torch.is_autocast_cache_enabled()
+
+
+def test_sampling_config_chooses_the_engine_compile_mode(sharp_policy):
+    with pytest.raises(ValueError, match="sampling.engine_compile must be one of"):
+        SamplingConfig(engine="static", engine_compile="fast")
+    sharp_policy.sampling = SamplingConfig(engine="static", engine_compile="cudagraphs")
+    sharp_policy._engine = None
+    assert sharp_policy._sampler().compile == "cudagraphs"
+
+
 # --------------------------------------------------------------------------- compiled steps
 
 
@@ -319,32 +458,37 @@ def test_compiled_cpu_step_samples_the_eager_tokens_and_compiles_once_per_bucket
     assert engine.stats.variants == variants and engine.stats.compile_s == compile_s and compile_s > 0
 
 
+def cuda_stream(seed):
+    return janus_ops.RowNoise(torch.Generator(device="cuda").manual_seed(seed))
+
+
+def cuda_images(fn, policy, ctx, seed=0):
+    return fn(policy.model, ctx.cond_ids, ctx.cond_mask, policy.num_image_tokens, ctx.uncond_ids, 3.0,
+              noise=cuda_stream(seed))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["cudagraphs", "reduce-overhead"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype):
+def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode):
     policy = JanusPolicy(str(tiny_janus_dir), dtype=dtype).to("cuda")
-    engine = RolloutEngine()  # auto: torch.compile(mode="reduce-overhead") on CUDA
-    assert engine.mode(torch.device("cuda")) == "reduce-overhead"
+    engine = RolloutEngine(compile=mode)
     ctx = policy.image_context(PROMPTS, None)
-
-    def cuda_stream(seed):
-        return janus_ops.RowNoise(torch.Generator(device="cuda").manual_seed(seed))
-
-    def run(fn):
-        return fn(policy.model, ctx.cond_ids, ctx.cond_mask, policy.num_image_tokens, ctx.uncond_ids, 3.0,
-                  noise=cuda_stream(0))
 
     from torch._dynamo.utils import counters
 
     counters.clear()
-    eager = run(janus_ops.sample_image_tokens)
-    first = run(engine.sample_image_tokens)
-    variants, compile_s = engine.stats.variants, engine.stats.compile_s
-    replayed = [run(engine.sample_image_tokens) for _ in range(3)]
+    eager = cuda_images(janus_ops.sample_image_tokens, policy, ctx)
+    first = cuda_images(engine.sample_image_tokens, policy, ctx)
+    variants, compile_s, captures = engine.stats.variants, engine.stats.compile_s, engine.stats.captures
+    replayed = [cuda_images(engine.sample_image_tokens, policy, ctx) for _ in range(3)]
     assert engine.stats.variants == variants and engine.stats.compile_s == compile_s  # captured once, replayed
-    assert counters["inductor"]["cudagraph_skips"] == 0  # the step really runs as a CUDA graph
-    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 0  # no per-replay input copies
+    if mode == "cudagraphs":
+        assert captures == variants > 0 and engine.stats.captures == captures
+    else:
+        assert counters["inductor"]["cudagraph_skips"] == 0  # the step really runs as a CUDA graph
+        assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 0  # no per-replay input copies
     forced = janus_ops.image_logprobs(policy.model, ctx.cond_ids, ctx.cond_mask, first.tokens, 1.0, None, 3.0)
     if dtype == "float32":
         assert all(torch.equal(r.tokens, eager.tokens) for r in [first, *replayed])
@@ -353,3 +497,28 @@ def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtyp
     else:
         assert all(torch.equal(r.tokens, first.tokens) for r in replayed)  # replay is deterministic
         close(first.logp_conditional, forced.detach(), atol=BF16_ATOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir):
+    """bf16-mixed training: fp32 weights, autocast rollouts, an optimizer step between rollouts."""
+    policy = JanusPolicy(str(tiny_janus_dir), dtype="float32").to("cuda")
+    engine = RolloutEngine(compile="cudagraphs")
+    ctx = policy.image_context(PROMPTS, None)
+
+    def rollout():
+        # a fresh autocast region per rollout, as in training: a cast cached in an earlier region is gone
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = cuda_images(engine.sample_image_tokens, policy, ctx)
+            forced = janus_ops.image_logprobs(policy.model, ctx.cond_ids, ctx.cond_mask, out.tokens, 1.0, None, 3.0)
+        close(out.logp_conditional, forced.detach().float(), atol=BF16_ATOL)
+        return out
+
+    rollout(), rollout()
+    captures = engine.stats.captures
+    head = policy.model.model.generation_head.proj_out.weight
+    with torch.no_grad():
+        head.copy_(torch.randn_like(head) * head.std() * 4)  # in place, as Adam does
+    rollout()  # log-probs of the new weights: the graphs cast the live fp32 weights, not a stale bf16 copy
+    assert engine.stats.captures == captures  # replayed, not captured again
