@@ -306,6 +306,8 @@ class RolloutEngine:
         for step, _ in self._steps.values():
             if isinstance(step, _CapturedStep):
                 step.drop()  # stays warm: the next call captures straight away
+        # every graph of the pool is gone, and CUDA's allocator frees a pool with its last graph: a new one
+        self.graphs.pool = None
 
     @property
     def releases_between_rollouts(self) -> bool:

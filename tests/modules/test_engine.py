@@ -406,6 +406,15 @@ def test_captured_steps_capture_again_when_the_weights_move_but_not_when_they_ch
     assert torch.equal(released.tokens, moved.tokens)
 
 
+def test_release_starts_a_new_graph_memory_pool():
+    # CUDA's caching allocator frees a graph pool with its last graph; capturing into it again fails
+    # (an INTERNAL ASSERT in CUDACachingAllocator, seen on an H200 when a training rollout released)
+    engine = RolloutEngine(compile="cudagraphs")
+    engine.graphs.pool = (0, 1)
+    engine.release()
+    assert engine.graphs.pool is None
+
+
 def test_captured_plan_steps_sample_the_eager_plans(sharp_policy):
     ids, mask = plan_contexts(sharp_policy)
     engine = RolloutEngine(compile="cudagraphs")
