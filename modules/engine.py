@@ -14,16 +14,20 @@ how a step runs:
   and its pad slots zeroed (a pad slot must hold finite numbers: masked attention still multiplies it).
 * **Buckets.** ``capacity`` is ``context + new tokens`` rounded up to ``chunk`` (64 on CPU, 128 on CUDA) and
   never shrinks for a given row count, so contexts of different lengths reuse one buffer and one set of
-  compiled steps. Attention reads only a *window* of the cache, ``chunk * 2^k`` slots (the last window
-  is the capacity), the smallest that covers the filled part: at most 2x the filled slots, never the
-  whole preallocated length, with a handful of windows per capacity.
+  compiled steps. Attention reads only a *window* of the cache (the last window is the capacity), the
+  smallest that covers the filled part, never the whole preallocated length: one window per ``chunk``
+  when a new window costs a capture (``off``, ``cudagraphs``), ``chunk * 2^k`` when it costs a compile.
 * **The step.** Generation head (or ``lm_head``), CFG mix, sampling, embedding of the sampled token and
   one decoder step over all layers are one function whose state (cache, hidden, slot, outputs, noise)
   lives in preallocated buffers that it updates in place. Only the uniform draw of the noise runs outside
-  it, from the caller's generator, into a fixed buffer. On CUDA the function is compiled once per
-  (rows, capacity, window, sampling settings) with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs:
-  fixed buffer addresses are what make replay possible); on CPU it runs uncompiled by default (faster
-  at the toy shape once compile time counts, see ``benchmarks/README_rollout.md``).
+  it, from the caller's generator, into a fixed buffer. On CUDA the function is, by default, captured by
+  hand as one CUDA graph per (rows, capacity, window, sampling settings) and replayed (``cudagraphs``:
+  about one step's time to capture); ``torch.compile(mode="reduce-overhead")`` fuses it with inductor
+  first (faster steps, minutes of compiling). Fixed buffer addresses are what make replay possible. On
+  CPU it runs uncompiled by default (faster at the toy shape once compile time counts).
+* **Mixed precision.** Under autocast with fp32 weights the step's linear layers read a copy of their
+  weights in the autocast dtype, refreshed per sampling call (``weight_copy``), instead of a cast per
+  weight per token.
 
 **Agreement with the eager loop.** Given the same noise, float32 gives the same tokens and per-token
 log-probs within 1e-4 of the eager loop and of the teacher-forced ``janus_ops`` passes (measured: ~3e-6).
@@ -38,10 +42,12 @@ rolls out inside it) and refuses sharded weights with a message naming it. It en
 Memory while rolling out: one unsharded copy of the model per process (Janus-Pro-1B in bf16 ~4 GB, 7B
 ~15 GB with the vision and VQ towers), plus the KV buffers, ``2 * layers * rows * kv_heads * head_dim *
 capacity * bytes``: 1B shape, 16 prompts with CFG (32 rows), capacity 768: 4.8 GB (7B: 12 GB), and the
-plan stage's (16 rows, capacity 256: 0.8 GB at 1B). Buffers stay allocated between rollouts (stable
-addresses keep CUDA graphs valid); :meth:`RolloutEngine.release` frees them. When FSDP2 re-gathers the
-weights to other addresses, CUDA-graph trees re-record the graphs (a capture, not a compile; torch stops
-re-recording a graph after ``torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit`` times).
+plan stage's (16 rows, capacity 256: 0.8 GB at 1B). Buffers stay allocated across sampling calls (stable
+addresses keep CUDA graphs valid); :meth:`RolloutEngine.release` frees them, and a training rollout calls
+:meth:`RolloutEngine.end_rollout`, which releases them unless a ``torch.compile`` mode would have to
+re-record its graphs. When FSDP2 re-gathers the weights to other addresses, hand-captured graphs are
+captured again and CUDA-graph trees re-record theirs (a capture, not a compile; torch stops re-recording
+a graph after ``torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit`` times).
 Compiling raises ``torch._dynamo.config.recompile_limit`` to at least 64 for the whole process: every
 (rows, capacity, window) variant is a recompile of the same step code.
 """
@@ -268,7 +274,7 @@ class RolloutEngine:
         weight_copy: under autocast (bf16-mixed training: fp32 master weights), the step's linear layers
             read a copy of their weights in the autocast dtype, refreshed at every sampling call, instead
             of casting every weight at every token. Same values as autocast's own casts; costs one
-            autocast-dtype copy of those weights (Janus-Pro-1B: 2.6 GB, 7B: 13 GB) while buffers are held.
+            autocast-dtype copy of those weights (Janus-Pro-1B: 2.8 GiB, 7B: 12.3 GiB) while buffers are held.
     """
 
     def __init__(self, compile: str = "auto", chunk: int | None = None, weight_copy: bool = True) -> None:
@@ -675,24 +681,6 @@ def _shape_key(state: dict) -> tuple:
     return tuple((k, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor))
 
 
-@model_entry
-@torch.no_grad()
-def _run_text(model, engine: RolloutEngine, ids, *args) -> TextSample:
-    """The plan stage (see :func:`janus_ops.sample_text`)."""
-    _check_model(model)
-    with engine.autocast_weights(model, ids.device):
-        return _text_stage(model, engine, ids, *args)
-
-
-@model_entry
-@torch.no_grad()
-def _run_image(model, engine: RolloutEngine, cond_ids, *args) -> ImageSample:
-    """The image stage (see :func:`janus_ops.sample_image_tokens`)."""
-    _check_model(model)
-    with engine.autocast_weights(model, cond_ids.device):
-        return _image_stage(model, engine, cond_ids, *args)
-
-
 def _text_stage(
     model, engine: RolloutEngine, ids, mask, max_new_tokens, eos_id, pad_id, sampling, noise
 ) -> TextSample:
@@ -755,3 +743,20 @@ def _image_stage(
         engine.draw(noise, full)
         engine.run_step(image_step, model, state, key, window=window_for(length + step + 1, ladder), **consts)
     return ImageSample(*(state[n].clone() for n in ("tokens", "lp_cond", "lp_guided", "entropy")))
+
+
+def _entry(stage, name: str):
+    """``stage`` as a forward of the model (:func:`janus_ops.model_entry`), checked and under the weight copy."""
+
+    def run(model, engine: RolloutEngine, ids, *args):
+        _check_model(model)
+        with engine.autocast_weights(model, ids.device):
+            return stage(model, engine, ids, *args)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = stage.__doc__
+    return model_entry(torch.no_grad()(run))
+
+
+_run_text = _entry(_text_stage, "_run_text")  # the plan stage (see janus_ops.sample_text)
+_run_image = _entry(_image_stage, "_run_image")  # the image stage (see janus_ops.sample_image_tokens)
