@@ -76,6 +76,14 @@ def kv_cache_bytes(shape: ModelShape, rows: int, tokens: int, k_bytes: int, v_by
     return shape.layers * rows * tokens * shape.kv_heads * shape.head_dim * (k_bytes + v_bytes)
 
 
+def eager_cache_bytes(r: Recipe, num: Numerics) -> tuple[int, int]:
+    """Bytes per element of the eager loop's ``(K, V)`` cache. K follows the residual stream (RoPE promotes
+    it to the embeddings' dtype), V the matmul outputs. Under FSDP2 with ``param_dtype`` the gathered
+    embeddings are in that dtype, so K is too (measured on CPU with a gloo process group)."""
+    k = dtype_bytes(r.param_dtype) if r.sharded and r.param_dtype is not None else num.residual
+    return k, num.compute
+
+
 def layer_activation_bytes(shape: ModelShape, num: Numerics, lora_rank: int = 0) -> int:
     """Bytes one LLaMA decoder layer keeps for its backward, per token (SDPA/flash attention, no dropout).
 
@@ -217,8 +225,8 @@ def plan(r: Recipe) -> MemoryPlan:
     plan_kv = r.lengths.template_tokens + r.lengths.prompt_tokens + r.plan_tokens if r.use_plan else 0
     image_kv = r.lengths.prompt_tokens + (r.plan_tokens if r.use_plan else 0) + shape.image_tokens
     kv = max(
-        kv_cache_bytes(shape, rollout_rows, plan_kv, num.residual, num.compute),
-        kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), image_kv, num.residual, num.compute),
+        kv_cache_bytes(shape, rollout_rows, plan_kv, *eager_cache_bytes(r, num)),
+        kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), image_kv, *eager_cache_bytes(r, num)),
     )
     engine_buffers = 0
     if r.engine == "static":
