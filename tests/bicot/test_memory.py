@@ -266,52 +266,36 @@ def test_kv_cache_matches_the_dynamic_cache(monkeypatch):
     assert measured == kv_cache_bytes(shape, 2 * len(PROMPTS), tokens, num.residual, num.compute)
 
 
-def _fsdp2_bf16_cache(rank: int, port: int, results) -> None:
-    import os
-
-    import torch.distributed as dist
+def _fsdp2_bf16_cache(rank: int, world: int, results) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from bicot.parallel import ParallelConfig, gathered, parallelize
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=1)
-    try:
-        caches = []
+    caches = []
 
-        class Recorded(janus_ops.DynamicCache):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                caches.append(self)
+    class Recorded(janus_ops.DynamicCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
 
-        janus_ops.DynamicCache = Recorded
-        policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC))
-        parallelize(policy.model, init_device_mesh("cpu", (1,)), ParallelConfig(param_dtype="bfloat16"))
-        context = policy.image_context([r.prompt for r in PROMPTS], None)
-        with MixedPrecision("bf16-mixed", "cpu").forward_context(), gathered(policy.model):
-            policy.sample_images(context)
-        layers = caches[-1].layers
-        results["dtypes"] = (str(layers[0].keys.dtype), str(layers[0].values.dtype))
-        results["bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-        results["tokens"] = context.cond_ids.shape[1] + policy.num_image_tokens - 1
-    finally:
-        dist.destroy_process_group()
+    janus_ops.DynamicCache = Recorded
+    policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC))
+    parallelize(policy.model, init_device_mesh("cpu", (world,)), ParallelConfig(param_dtype="bfloat16"))
+    context = policy.image_context([r.prompt for r in PROMPTS], None)
+    with MixedPrecision("bf16-mixed", "cpu").forward_context(), gathered(policy.model):
+        policy.sample_images(context)
+    layers = caches[-1].layers
+    results["dtypes"] = (str(layers[0].keys.dtype), str(layers[0].values.dtype))
+    results["bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+    results["tokens"] = context.cond_ids.shape[1] + policy.num_image_tokens - 1
 
 
 @pytest.mark.slow
 def test_kv_cache_under_fsdp2_bf16_gathers_is_all_bf16():
     """With ``model.parallel.param_dtype: bfloat16`` the gathered embeddings are bf16, so K is too."""
-    import socket
+    from gloo import run_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_fsdp2_bf16_cache, args=(port, results), nprocs=1, join=True)
-        results = dict(results)
+    results = run_ranks(_fsdp2_bf16_cache, 1)
     assert results["dtypes"] == ("torch.bfloat16", "torch.bfloat16")
     config = tiny_config(dataclasses.asdict(TinyJanusSpec(**MEASURE_SPEC)), "bf16-mixed",
                          parallel={"param_dtype": "bfloat16"})

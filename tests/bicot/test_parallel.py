@@ -2,75 +2,59 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 NUM_TOKENS = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _count_gathers(rank: int, world: int, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
 
+    from bicot.parallel import fsdp_units, gathered, parallelize
+    from modules import janus_ops
+    from modules.tiny import TinyJanusSpec, build_tiny_janus
 
-def _count_gathers(rank: int, world: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+    model, processor = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
+    parallelize(model, init_device_mesh("cpu", (world,)))
+    ids = torch.tensor([[1, 7, 11, 61, 74, 8, 11, processor.tokenizer.convert_tokens_to_ids("<begin_of_image>")]])
+    mask = torch.ones_like(ids)
+    calls = {"n": 0}
+    # FSDP2 all-gathers through one of these, depending on the torch version.
+    names = [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)]
+    originals = {n: getattr(dist, n) for n in names}
 
-        from bicot.parallel import fsdp_units, gathered, parallelize
-        from modules import janus_ops
-        from modules.tiny import TinyJanusSpec, build_tiny_janus
+    def counting(original):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            return original(*args, **kwargs)
 
-        model, processor = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
-        parallelize(model, init_device_mesh("cpu", (world,)))
-        ids = torch.tensor([[1, 7, 11, 61, 74, 8, 11, processor.tokenizer.convert_tokens_to_ids("<begin_of_image>")]])
-        mask = torch.ones_like(ids)
-        calls = {"n": 0}
-        # FSDP2 all-gathers through one of these, depending on the torch version.
-        names = [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)]
-        originals = {n: getattr(dist, n) for n in names}
+        return call
 
-        def counting(original):
-            def call(*args, **kwargs):
-                calls["n"] += 1
-                return original(*args, **kwargs)
-
-            return call
-
-        for n in names:
-            setattr(dist, n, counting(originals[n]))
-        counts = {}
-        for name, ctx in (("gathered", gathered), ("plain", None)):
-            calls["n"] = 0
-            noise = janus_ops.RowNoise(torch.Generator().manual_seed(0))
-            if ctx is None:
+    for n in names:
+        setattr(dist, n, counting(originals[n]))
+    counts = {}
+    for name, ctx in (("gathered", gathered), ("plain", None)):
+        calls["n"] = 0
+        noise = janus_ops.RowNoise(torch.Generator().manual_seed(0))
+        if ctx is None:
+            out = janus_ops.sample_image_tokens(model, ids, mask, NUM_TOKENS, ids.clone(), 3.0, noise=noise)
+        else:
+            with ctx(model):
                 out = janus_ops.sample_image_tokens(model, ids, mask, NUM_TOKENS, ids.clone(), 3.0, noise=noise)
-            else:
-                with ctx(model):
-                    out = janus_ops.sample_image_tokens(model, ids, mask, NUM_TOKENS, ids.clone(), 3.0, noise=noise)
-            counts[name] = (calls["n"], out.tokens.tolist())
-        for n in names:
-            setattr(dist, n, originals[n])
-        results[rank] = (counts, len(fsdp_units(model)))
-    finally:
-        dist.destroy_process_group()
+        counts[name] = (calls["n"], out.tokens.tolist())
+    for n in names:
+        setattr(dist, n, originals[n])
+    results[rank] = (counts, len(fsdp_units(model)))
 
 
 @pytest.mark.slow
 def test_rollout_gathers_each_unit_once_per_rollout():
+    from gloo import run_ranks
+
     world = 2
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_count_gathers, args=(world, _free_port(), results), nprocs=world, join=True)
-        results = dict(results)
+    results = run_ranks(_count_gathers, world)
     for rank in range(world):
         counts, units = results[rank]
         assert 1 <= counts["gathered"][0] <= units  # one all-gather per FSDP unit for the whole rollout

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from bicot.loop import RowPlacement, rollout_phase
@@ -309,43 +304,34 @@ def test_policy_with_the_static_engine_runs_the_rollout_phase(sharp_policy):
     close(static.image_logp, eager.image_logp)
 
 
-def _fsdp2_rank(rank: int, world: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _fsdp2_rank(rank: int, world: int, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bicot.parallel import gathered, parallelize
+    from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+    model, processor = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
+    boi = processor.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    ids = torch.tensor([[1, 7, 11, 61, 74, 8, 11, boi]])
+    mask = torch.ones_like(ids)
+    plain = janus_ops.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
+    parallelize(model, init_device_mesh("cpu", (world,)))
+    engine = RolloutEngine()
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from bicot.parallel import gathered, parallelize
-        from modules.tiny import TinyJanusSpec, build_tiny_janus
-
-        model, processor = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
-        boi = processor.tokenizer.convert_tokens_to_ids("<begin_of_image>")
-        ids = torch.tensor([[1, 7, 11, 61, 74, 8, 11, boi]])
-        mask = torch.ones_like(ids)
-        plain = janus_ops.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
-        parallelize(model, init_device_mesh("cpu", (world,)))
-        engine = RolloutEngine()
-        try:
-            engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
-            refused = ""
-        except RuntimeError as err:
-            refused = str(err)
-        with gathered(model):
-            out = engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
-        results[rank] = (refused, torch.equal(out.tokens, plain.tokens), float((out.logp_guided - plain.logp_guided).abs().max()))
-    finally:
-        dist.destroy_process_group()
+        engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
+        refused = ""
+    except RuntimeError as err:
+        refused = str(err)
+    with gathered(model):
+        out = engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
+    results[rank] = (refused, torch.equal(out.tokens, plain.tokens), float((out.logp_guided - plain.logp_guided).abs().max()))
 
 
 @pytest.mark.slow
 def test_fsdp2_sharded_model_samples_inside_gathered_and_is_refused_outside():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_fsdp2_rank, args=(2, port, results), nprocs=2, join=True)
-        results = dict(results)
+    from gloo import run_ranks
+
+    results = run_ranks(_fsdp2_rank, 2)
     for refused, same, diff in results.values():
         assert "bicot.parallel.gathered" in refused
         assert same and diff < FP32_ATOL
