@@ -15,6 +15,11 @@ parts=${*:-env rollout1b step1b rollout7b tests}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+# wheels carried from benchmarks/gpu_wheels.sh (mlflow, jsonargparse, omegaconf and their needs), if any
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=$PYTHONPATH:/tmp/site && echo "installed $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
+fi
 
 run() {  # name limit_s command...
     local name=$1 limit=$2
@@ -35,7 +40,7 @@ for part in $parts; do
     tests)
         files="tests/modules/test_engine.py tests/modules/rewards/test_base.py tests/bicot/test_gpu_fit.py"
         # the per-phase GPU memory test fits through the CLI: it needs mlflow, jsonargparse and omegaconf
-        # (carry them as wheels where the GPU machine lacks them)
+        # (carry them as wheels where the GPU machine lacks them: benchmarks/gpu_wheels.sh)
         if $py -c "import mlflow, jsonargparse, omegaconf" 2>/dev/null; then
             files="$files tests/callbacks/test_phase_memory.py"
         else
