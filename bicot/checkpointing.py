@@ -63,6 +63,11 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint, file or distributed folder."""
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def previous_version(path: str | Path) -> Path:
     """Where :func:`swap_into_place` keeps the checkpoint it replaces until the new one is in place."""
     path = Path(path)
@@ -81,13 +86,13 @@ def swap_into_place(written: Path, path: Path) -> None:
             fsync_path(item)
     old = previous_version(path)
     if old.exists():  # a leftover of an earlier crash after the new checkpoint was in place
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        remove_path(old)
     if path.exists():
         os.replace(path, old)
     os.replace(written, path)
     fsync_path(path.parent)
     if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        remove_path(old)
 
 
 def recover_checkpoint(path: str | Path) -> None:

@@ -285,6 +285,11 @@ class BiCoTGRPO(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint)
+        self.skipped_steps = checkpoint["bicot"].get("skipped_steps", 0)
+
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint that bicot did not write, or that a run of another model wrote."""
         meta = checkpoint.get("bicot")
         if meta is None:
             raise CheckpointMismatchError("this checkpoint was not written by bicot (no 'bicot' section)")
@@ -294,7 +299,6 @@ class BiCoTGRPO(pl.LightningModule):
                 f"model source differ: {meta['fingerprint']} vs {self.fingerprint()}); resume with the config "
                 "that wrote it, or start a new run without --ckpt_path"
             )
-        self.skipped_steps = meta.get("skipped_steps", 0)
 
     def _log_step(
         self, r: Rollout, stats: loop.UpdateStats | None, times: dict[str, float], lr: float

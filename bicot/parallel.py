@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 
-from bicot.checkpointing import DISTRIBUTED_META, recover_checkpoint, swap_into_place
+from bicot.checkpointing import DISTRIBUTED_META, recover_checkpoint, remove_path, swap_into_place
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -170,7 +169,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(filepath)))
         written = path.with_name(f".{path.name}.tmp")
         if self.global_rank == 0 and written.exists():
-            shutil.rmtree(written) if written.is_dir() else written.unlink()
+            remove_path(written)
         self.barrier("bicot_checkpoint_start")
         super().save_checkpoint(checkpoint, written, storage_options)
         self.barrier("bicot_checkpoint_written")
@@ -198,9 +197,10 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         metadata = torch.load(path / DISTRIBUTED_META, map_location="cpu", weights_only=True)
         module = self.lightning_module
-        # a checkpoint of another model is refused before any shard is read (BiCoTGRPO's own check)
-        if hasattr(module, "on_load_checkpoint"):
-            module.on_load_checkpoint(metadata)
+        # a checkpoint of another model is refused before any shard is read (Lightning calls the module's
+        # on_load_checkpoint only after this method returns)
+        if hasattr(module, "check_checkpoint"):
+            module.check_checkpoint(metadata)
         state = {"state_dict": get_model_state_dict(self.model)}
         load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
         self.model.load_state_dict(state["state_dict"], strict=False)

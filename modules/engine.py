@@ -75,6 +75,7 @@ from modules.janus_ops import (
 )
 
 COMPILE_MODES = ("auto", "off", "cudagraphs", "default", "reduce-overhead", "max-autotune")
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # each window variant is a compile
 DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
 # Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
 RECOMPILE_LIMIT = 64
@@ -83,6 +84,16 @@ RECOMPILE_LIMIT = 64
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is ``>= n``."""
     return -(-n // multiple) * multiple
+
+
+def keeps_buffers(compile: str) -> bool:
+    """Whether an engine of this ``compile`` setting keeps its buffers between training rollouts.
+
+    Plain and hand-captured steps rebuild cheaply (a capture costs about one step), so the KV buffers and
+    the weight copy need not sit in memory through the update. ``torch.compile``'s CUDA-graph trees would
+    re-record at every rollout and stop graphing after a limit, so compiled modes keep them.
+    """
+    return compile in TORCH_COMPILE_MODES
 
 
 def window_ladder(capacity: int, chunk: int, linear: bool = False) -> list[int]:
@@ -266,8 +277,8 @@ class RolloutEngine:
 
     Args:
         compile: how the decode step runs. ``auto``: ``cudagraphs`` on CUDA, ``off`` on CPU. ``off``: plain
-            calls. ``cudagraphs``: the plain step captured by hand as one CUDA graph per window (capture
-            costs about two steps, so every run is ahead of the eager loop from its first rollout).
+            calls. ``cudagraphs``: the plain step captured by hand as one CUDA graph per window (a capture
+            costs about one step, so every run is ahead of the eager loop from its first rollout).
             ``default``/``reduce-overhead``/``max-autotune``: ``torch.compile`` modes (``reduce-overhead``
             fuses the step with inductor and replays it as CUDA graphs: faster steps, minutes of compiling).
         chunk: capacity and window granularity in slots (default 128 on CUDA, 64 on CPU).
@@ -315,19 +326,10 @@ class RolloutEngine:
         # every graph of the pool is gone, and CUDA's allocator frees a pool with its last graph: a new one
         self.graphs.pool = None
 
-    @property
-    def releases_between_rollouts(self) -> bool:
-        """Whether :meth:`end_rollout` frees the buffers: yes unless the step is compiled with ``torch.compile``.
-
-        Plain and hand-captured steps rebuild cheaply (a capture is about one step), so the KV buffers
-        and weight copy need not sit in memory through the update. ``torch.compile``'s CUDA-graph trees
-        would re-record at every rollout and stop graphing after a limit, so compiled modes keep them.
-        """
-        return self.compile in ("auto", "off", "cudagraphs")
-
     def end_rollout(self) -> None:
-        """Called after a training rollout's last sampling call: frees the buffers where that is cheap."""
-        if self.releases_between_rollouts:
+        """Called after a training rollout's last sampling call: frees the buffers where that is cheap
+        (see :func:`keeps_buffers`)."""
+        if not keeps_buffers(self.compile):
             self.release()
 
     def mode(self, device: torch.device) -> str:
@@ -338,7 +340,7 @@ class RolloutEngine:
 
     def ladder(self, capacity: int, device: torch.device) -> list[int]:
         """The attention windows of a cache: one per chunk when a variant costs a capture, doubling when a compile."""
-        return window_ladder(capacity, self._chunk(device), linear=self.mode(device) in ("off", "cudagraphs"))
+        return window_ladder(capacity, self._chunk(device), linear=self.mode(device) not in TORCH_COMPILE_MODES)
 
     @contextlib.contextmanager
     def autocast_weights(self, model, device: torch.device):
@@ -448,7 +450,7 @@ class RolloutEngine:
                 finished=torch.zeros(rows, dtype=torch.bool, device=device),
                 **{n: torch.zeros(s, dtype=d, device=device) for n, (s, d) in outputs.items()},
             )
-            if self.mode(device) not in ("off", "cudagraphs"):
+            if self.mode(device) in TORCH_COMPILE_MODES:
                 for t in [*state["kv"], *(v for k, v in state.items() if k != "kv")]:
                     torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update them in place
             self._buffers[key] = state
@@ -470,7 +472,7 @@ class RolloutEngine:
         if view is None:
             # one view object per slice: the step sees the same tensor every call
             view = entry["views"][(noise.offset, rows)] = entry["full"][noise.offset : noise.offset + rows]
-            if self.mode(device) not in ("off", "cudagraphs"):
+            if self.mode(device) in TORCH_COMPILE_MODES:
                 torch._dynamo.mark_static_address(view)
         return entry["full"], view
 
@@ -494,7 +496,8 @@ class RolloutEngine:
             self.stats.variants += 1
         if mode == "cudagraphs":
             step = entry[0]
-            timed = not step.ready(self._addresses)  # a warm-up or a capture
+            ready = step.ready(self._addresses)
+            timed = not ready  # a warm-up or a capture
         else:
             # CUDA graphs are recorded on the 2nd or 3rd call (warm-up first): count those as capture time.
             timed = entry[1] < (3 if mode == "reduce-overhead" else 1) and mode != "off"
@@ -504,7 +507,7 @@ class RolloutEngine:
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         if mode == "cudagraphs":
-            self.stats.captures += step(state, self._addresses)
+            self.stats.captures += step(state, self._addresses, ready)
         else:
             entry[0](state)
         if timed:
@@ -540,13 +543,8 @@ class CudaGraphs:
 
     def warmup(self, run, device: torch.device) -> None:
         """Run ``run()`` once on a side stream, as CUDA graph capture asks (lazy library set-up happens here)."""
-        _require_cuda(device)
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side), _uncached_autocast(device):
+        with _side_stream(device):
             run()
-        current.wait_stream(side)
 
     def capture(self, run, device: torch.device):
         """Record ``run()`` into a CUDA graph without executing it; returns the graph's ``replay``.
@@ -555,27 +553,31 @@ class CudaGraphs:
         when the buffers are released between rollouts, and emptying the allocator each time would cost
         fresh ``cudaMalloc`` calls afterwards.
         """
-        _require_cuda(device)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        torch.cuda.synchronize(device)
-        with torch.cuda.stream(side), _uncached_autocast(device):
+        with _side_stream(device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(device)
             graph.capture_begin(pool=self.pool)
             try:
                 run()
             finally:
                 graph.capture_end()
-        current.wait_stream(side)
         return graph.replay
 
 
-def _require_cuda(device: torch.device) -> None:
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """Inside: a fresh side stream that waits for the current one (and is waited for on exit), and autocast
+    without its cast cache. Warm-up and capture both run there."""
     if device.type != "cuda":
         raise RuntimeError(f"engine compile='cudagraphs' needs a CUDA device, got {device}; use 'off' or 'default'")
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side), _uncached_autocast(device):
+        yield
+    current.wait_stream(side)
 
 
 def _uncached_autocast(device: torch.device):
@@ -609,13 +611,23 @@ class _CapturedStep:
         self.replay, self.addresses = None, ()
 
     def ready(self, addresses: tuple) -> bool:
-        """Whether the next call only replays."""
-        return self.replay is not None and self.addresses == addresses
+        """Whether the next call only replays.
 
-    def __call__(self, state: dict, addresses: tuple) -> int:
-        """Run one step; returns 1 when it captured a graph, else 0."""
+        ``addresses`` is one tuple per sampling call (:meth:`RolloutEngine.bind`): compared by value once per
+        call, then by identity at every step of it.
+        """
+        if self.replay is None:
+            return False
+        if self.addresses is not addresses:
+            if self.addresses != addresses:
+                return False
+            self.addresses = addresses
+        return True
+
+    def __call__(self, state: dict, addresses: tuple, ready: bool) -> int:
+        """Run one step (``ready``: what :meth:`ready` said); returns 1 when it captured a graph, else 0."""
         device = state["hidden"].device
-        if self.ready(addresses):
+        if ready:
             self.replay()
             return 0
         if not self.warm:

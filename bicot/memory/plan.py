@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from bicot.memory.recipe import Recipe, recipe_from_config
 from bicot.memory.shapes import ModelShape, dtype_bytes
+from modules.engine import DEFAULT_CHUNK, keeps_buffers, round_up
 
 GIB = 2**30
 # full-resolution feature maps alive at once while decoding (CPU profile: 2.6 bf16, 4.1 fp32)
@@ -19,11 +20,9 @@ VQ_LIVE_MAPS = 4
 RUNTIME_GIB = 1.0  # CUDA context, cuBLAS workspaces and NCCL buffers: an allowance, not measured here
 
 
-ENGINE_CHUNK = 128  # modules.engine's capacity granularity on CUDA
-
 def engine_holds_buffers(r: Recipe) -> bool:
     """The static engine keeps its buffers between rollouts under ``torch.compile`` modes only."""
-    return r.engine == "static" and r.engine_compile not in ("auto", "off", "cudagraphs")
+    return r.engine == "static" and keeps_buffers(r.engine_compile)
 
 
 # ---- the components, in bytes ----------------------------------------------------------------------
@@ -230,7 +229,7 @@ def plan(r: Recipe) -> MemoryPlan:
     )
     engine_buffers = 0
     if r.engine == "static":
-        slots = [math.ceil(n / ENGINE_CHUNK) * ENGINE_CHUNK for n in (plan_kv, image_kv)]
+        slots = [round_up(n, DEFAULT_CHUNK["cuda"]) for n in (plan_kv, image_kv)]
         engine_buffers = kv_cache_bytes(shape, rollout_rows, slots[0], num.compute, num.compute)
         engine_buffers += kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), slots[1], num.compute, num.compute)
         if num.casts:  # modules.engine's weight_copy: the decoder's, both heads' and the aligner's linear layers
