@@ -5,7 +5,8 @@
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests
 #
-# COMPILE_1B / COMPILE_7B pick the engine modes of the rollout parts (default cudagraphs; comma-separated).
+# COMPILE_1B / COMPILE_7B pick the engine modes of the rollout parts (default cudagraphs,fused;
+# comma-separated); COMPILE_STEP the static engine's mode in step1b (default fused, against the eager loop).
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
 # time does not stop the others.
 set -u
@@ -34,9 +35,9 @@ run() {  # name limit_s command...
 for part in $parts; do
     case $part in
     env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
-    rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs}" ;;
-    step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 ;;
-    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs}" ;;
+    rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ;;
+    step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused}" ;;
+    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
     tests)
         files="tests/modules/test_engine.py tests/modules/rewards/test_base.py tests/bicot/test_gpu_fit.py"
         # the per-phase GPU memory test fits through the CLI: it needs mlflow, jsonargparse and omegaconf

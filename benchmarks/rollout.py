@@ -172,7 +172,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
     parser.add_argument("--eager-rounds", type=int, default=None, help="rounds of the eager loop (default: --rounds)")
     parser.add_argument("--compile", default="auto",
-                        help="engine compile modes, comma-separated: auto, off, cudagraphs, default, reduce-overhead")
+                        help="engine compile modes, comma-separated: auto, off, cudagraphs, fused, default, reduce-overhead")
     parser.add_argument("--chunk", type=int, default=None, help="engine capacity/window granularity (slots)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: fp32 toy, bf16 GPU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")

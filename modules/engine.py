@@ -23,8 +23,12 @@ how a step runs:
   it, from the caller's generator, into a fixed buffer. On CUDA the function is, by default, captured by
   hand as one CUDA graph per (rows, capacity, window, sampling settings) and replayed (``cudagraphs``:
   about one step's time to capture); ``torch.compile(mode="reduce-overhead")`` fuses it with inductor
-  first (faster steps, minutes of compiling). Fixed buffer addresses are what make replay possible. On
-  CPU it runs uncompiled by default (faster at the toy shape once compile time counts).
+  first (faster steps, minutes of compiling). ``fused`` sits between them: the step's parts
+  (:class:`StepParts`: sampling head, per-step inputs, one decoder layer, final norm) are compiled by
+  inductor one by one, so every layer runs the same compiled layer and a window costs a few small
+  compiles, then the whole step is captured by hand as under ``cudagraphs``. Fixed buffer addresses are
+  what make replay possible. On CPU it runs uncompiled by default (faster at the toy shape once compile
+  time counts).
 * **Mixed precision.** Under autocast with fp32 weights the step's linear layers read a copy of their
   weights in the autocast dtype, refreshed per sampling call (``weight_copy``), instead of a cast per
   weight per token.
@@ -74,8 +78,9 @@ from modules.janus_ops import (
     scaled_logprobs,
 )
 
-COMPILE_MODES = ("auto", "off", "cudagraphs", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "off", "cudagraphs", "fused", "default", "reduce-overhead", "max-autotune")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # each window variant is a compile
+CAPTURED_MODES = ("cudagraphs", "fused")  # the whole step captured by hand as one CUDA graph (on CUDA)
 DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
 # Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
 RECOMPILE_LIMIT = 64
@@ -156,60 +161,52 @@ def _rotary(rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.
     return cos[:, None, None], sin[:, None, None]
 
 
-def decode_layers(
-    lm, x: torch.Tensor, kv: list[torch.Tensor], slot: torch.Tensor, pad: torch.Tensor, window: int
-):
-    """One new token per row through every decoder layer, writing its keys and values at ``slot``.
+def _step_inputs(rotary, slot: torch.Tensor, pad: torch.Tensor, capacity: int, dtype: torch.dtype):
+    """What every layer of one step shares: ``(cos, sin, bias)``, the rotary factors ``[R, 1, 1, D]`` of the new
+    token and the attention bias ``[R, 1, 1, capacity]`` (0 over the row's real context and tokens so far, -inf
+    elsewhere).
 
-    Args:
-        lm: the ``LlamaModel`` (``model.model.language_model``).
-        x: ``[R, H]`` input embeddings of the new tokens.
-        kv: ``2 * layers`` buffers ``[R, kv_heads, capacity, head_dim]``: keys then values of each layer.
-        slot: ``[1]`` long, the cache slot of the new token (the same for every row).
-        pad: ``[R]`` long, left padding of each row.
-        window: attend over slots ``[0, window)``; ``slot < window``.
-
-    Returns:
-        ``[R, H]`` final-norm hidden states of the new tokens.
+    ``slot``: ``[1]`` long, the cache slot of the new token (the same for every row); ``pad``: ``[R]`` long, each
+    row's left padding. Independent of the window, so that under ``compile="fused"`` it compiles once.
     """
-    rows, dim = x.shape[0], kv[0].shape[-1]
-    kv_heads = kv[0].shape[1]
-    cos, sin = _rotary(lm.rotary_emb, slot - pad, x.dtype)  # position = slot - left padding
-    cols = torch.arange(window, device=x.device)[None]  # [1, W]
-    allowed = (cols >= pad[:, None]) & (cols <= slot)  # [R, W]: the row's real context and tokens so far
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill(
-        ~allowed, float("-inf")
-    )
-    bias = bias.view(rows, 1, 1, window)
-    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
-        attn, keys, values = layer.self_attn, kv[2 * i], kv[2 * i + 1]
-        h = _rms_norm(layer.input_layernorm, x)
-        # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
-        q = _rope(attn.q_proj(h).view(rows, kv_heads, -1, dim), cos, sin)
-        # .to: under autocast the projections and the cache need not share a dtype
-        keys.index_copy_(2, slot, _rope(attn.k_proj(h).view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
-        values.index_copy_(2, slot, attn.v_proj(h).view(rows, kv_heads, 1, dim).to(values.dtype))
-        scores = (
-            q @ keys[:, :, :window].transpose(-1, -2)
-        ).float() * attn.scaling  # [R, kv_heads, groups, W]
-        probs = (scores + bias).softmax(-1).to(q.dtype)
-        out = probs @ values[:, :, :window]  # [R, kv_heads, groups, D]
-        x = x + attn.o_proj(out.reshape(rows, -1))
-        mlp = layer.mlp
-        h = _rms_norm(layer.post_attention_layernorm, x)
-        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-    return _rms_norm(lm.norm, x)
+    cos, sin = _rotary(rotary, slot - pad, dtype)  # position = slot - left padding
+    cols = torch.arange(capacity, device=pad.device)[None]  # [1, C]
+    allowed = (cols >= pad[:, None]) & (cols <= slot)  # [R, C]
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=pad.device).masked_fill(~allowed, float("-inf"))
+    return cos, sin, bias.view(pad.shape[0], 1, 1, capacity)
 
 
-def image_step(
-    model, state: dict, *, window: int, batch: int, use_cfg: bool, cfg_scale: float, sampling: tuple
-):
-    """Sample one image token per row from ``state["hidden"]`` and advance every buffer by one slot.
+def _decode_layer(layer, x, keys, values, cos, sin, bias, slot, window: int) -> torch.Tensor:
+    """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
+    ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
+    reads slots ``[0, window)`` only (``slot < window``)."""
+    rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
+    attn = layer.self_attn
+    h = _rms_norm(layer.input_layernorm, x)
+    # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
+    q = _rope(attn.q_proj(h).view(rows, kv_heads, -1, dim), cos, sin)
+    # .to: under autocast the projections and the cache need not share a dtype
+    keys.index_copy_(2, slot, _rope(attn.k_proj(h).view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
+    values.index_copy_(2, slot, attn.v_proj(h).view(rows, kv_heads, 1, dim).to(values.dtype))
+    scores = (q @ keys[:, :, :window].transpose(-1, -2)).float() * attn.scaling  # [R, kv_heads, groups, W]
+    probs = (scores + bias[..., :window]).softmax(-1).to(q.dtype)
+    out = probs @ values[:, :, :window]  # [R, kv_heads, groups, D]
+    x = x + attn.o_proj(out.reshape(rows, -1))
+    mlp = layer.mlp
+    h = _rms_norm(layer.post_attention_layernorm, x)
+    return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
 
-    ``state`` holds ``kv``, ``hidden [R, H]``, ``slot [1]``, ``col [1]``, ``pad [R]``, ``uniform [B, V]`` (or
-    ``None`` when greedy) and the outputs ``tokens``/``lp_cond``/``lp_guided``/``entropy`` ``[B, N]``, written at
-    ``col``.
-    """
+
+def _finish(norm, x: torch.Tensor, state: dict) -> None:
+    """The final norm into ``state["hidden"]``; every buffer moves on by one slot."""
+    state["hidden"].copy_(_rms_norm(norm, x))
+    state["slot"].add_(1)
+    state["col"].add_(1)
+
+
+def _image_head(model, state: dict, batch: int, use_cfg: bool, cfg_scale: float, sampling: tuple) -> torch.Tensor:
+    """Sample one image token per row from ``state["hidden"]``, write the outputs at ``col``; returns the
+    embeddings ``[R, H]`` of the sampled tokens (both CFG branches)."""
     temperature, top_k, top_p = sampling
     logits = model.model.generation_head(state["hidden"])  # [R, V]
     cond = logits[:batch]
@@ -223,20 +220,12 @@ def image_step(
     state["lp_cond"].index_copy_(1, col, lp_cond)
     state["entropy"].index_copy_(1, col, entropy[:, None])
     step_ids = torch.cat([tok, tok]) if use_cfg else tok  # [R]
-    x = model.prepare_embeddings_for_image_generation(step_ids)  # [R, H]
-    hidden = decode_layers(model.model.language_model, x, state["kv"], state["slot"], state["pad"], window)
-    state["hidden"].copy_(hidden)
-    state["slot"].add_(1)
-    col.add_(1)
+    return model.prepare_embeddings_for_image_generation(step_ids)
 
 
-def text_step(model, state: dict, *, window: int, eos_id: int, pad_id: int, sampling: tuple):
-    """Sample one text token per row (pad after a row's EOS) and advance every buffer by one slot.
-
-    ``state`` as in :func:`image_step` plus ``finished [R]`` bool; outputs ``tokens``/``logp``/``valid``/``entropy``
-    ``[R, T]``. Finished rows keep decoding pad tokens: rows never see each other, so this only costs
-    compute, and it keeps one graph for the whole stage.
-    """
+def _text_head(model, state: dict, eos_id: int, pad_id: int, sampling: tuple) -> torch.Tensor:
+    """Sample one text token per row (pad after a row's EOS), write the outputs at ``col``; returns its
+    embeddings ``[R, H]``."""
     temperature, top_k, top_p = sampling
     noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
     tok, lp, entropy = sample_tokens(
@@ -250,11 +239,69 @@ def text_step(model, state: dict, *, window: int, eos_id: int, pad_id: int, samp
     state["entropy"].index_copy_(1, col, torch.where(live, entropy, torch.zeros_like(entropy))[:, None])
     state["valid"].index_copy_(1, col, live[:, None])
     state["finished"].logical_or_(tok == eos_id)
-    x = model.get_input_embeddings()(tok)  # [R, H]
-    hidden = decode_layers(model.model.language_model, x, state["kv"], state["slot"], state["pad"], window)
-    state["hidden"].copy_(hidden)
-    state["slot"].add_(1)
-    col.add_(1)
+    return model.get_input_embeddings()(tok)
+
+
+class StepParts:
+    """The pieces of one decode step. Plain functions by default; under ``compile="fused"`` each is compiled by
+    inductor on its own ("regional" compilation: the 24 or 30 decoder layers share one compiled layer, so a
+    window costs a few small compiles instead of one of the whole unrolled model)."""
+
+    def __init__(self, wrap=None) -> None:
+        wrap = wrap or (lambda fn: fn)
+        self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
+        self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
+
+
+PLAIN = StepParts()
+
+
+def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) -> None:
+    """The sampled tokens' embeddings ``x [R, H]`` through every decoder layer of ``lm`` (the ``LlamaModel``);
+    writes their keys and values at ``state["slot"]`` and the final hidden states into ``state["hidden"]``.
+
+    ``state["kv"]`` holds ``2 * layers`` buffers ``[R, kv_heads, capacity, head_dim]``: keys then values of each
+    layer.
+    """
+    kv, slot = state["kv"], state["slot"]
+    cos, sin, bias = parts.inputs(lm.rotary_emb, slot, state["pad"], kv[0].shape[2], x.dtype)
+    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window)
+    parts.finish(lm.norm, x, state)
+
+
+def image_step(
+    model,
+    state: dict,
+    *,
+    window: int,
+    batch: int,
+    use_cfg: bool,
+    cfg_scale: float,
+    sampling: tuple,
+    parts: StepParts = PLAIN,
+):
+    """Sample one image token per row from ``state["hidden"]`` and advance every buffer by one slot.
+
+    ``state`` holds ``kv``, ``hidden [R, H]``, ``slot [1]``, ``col [1]``, ``pad [R]``, ``uniform [B, V]`` (or
+    ``None`` when greedy) and the outputs ``tokens``/``lp_cond``/``lp_guided``/``entropy`` ``[B, N]``, written at
+    ``col``.
+    """
+    x = parts.image_head(model, state, batch, use_cfg, cfg_scale, sampling)
+    _advance(parts, model.model.language_model, x, state, window)
+
+
+def text_step(
+    model, state: dict, *, window: int, eos_id: int, pad_id: int, sampling: tuple, parts: StepParts = PLAIN
+):
+    """Sample one text token per row (pad after a row's EOS) and advance every buffer by one slot.
+
+    ``state`` as in :func:`image_step` plus ``finished [R]`` bool; outputs ``tokens``/``logp``/``valid``/``entropy``
+    ``[R, T]``. Finished rows keep decoding pad tokens: rows never see each other, so this only costs
+    compute, and it keeps one graph for the whole stage.
+    """
+    x = parts.text_head(model, state, eos_id, pad_id, sampling)
+    _advance(parts, model.model.language_model, x, state, window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +326,9 @@ class RolloutEngine:
         compile: how the decode step runs. ``auto``: ``cudagraphs`` on CUDA, ``off`` on CPU. ``off``: plain
             calls. ``cudagraphs``: the plain step captured by hand as one CUDA graph per window (a capture
             costs about one step, so every run is ahead of the eager loop from its first rollout).
+            ``fused``: each part of the step compiled by inductor on its own (one compiled decoder layer serves
+            every layer; windows after the second share a compile with a symbolic window), then on CUDA the
+            whole step captured by hand as under ``cudagraphs``; on CPU the compiled parts run uncaptured.
             ``default``/``reduce-overhead``/``max-autotune``: ``torch.compile`` modes (``reduce-overhead``
             fuses the step with inductor and replays it as CUDA graphs: faster steps, minutes of compiling).
         chunk: capacity and window granularity in slots (default 128 on CUDA, 64 on CPU).
@@ -299,6 +349,7 @@ class RolloutEngine:
         self._buffers: dict[tuple, dict] = {}
         self._steps: dict[tuple, list] = {}  # key -> [callable, calls so far]
         self._addresses: tuple = ()  # what the hand-captured graphs of the current call read
+        self._parts: StepParts | None = None  # compile="fused": the compiled parts of the step
 
     def __getstate__(self) -> dict:
         # Compiled callables and CUDA graphs do not pickle and buffers are per process: a copy starts empty.
@@ -311,6 +362,7 @@ class RolloutEngine:
             "_buffers": {},
             "_steps": {},
             "_addresses": (),
+            "_parts": None,
         }
 
     def release(self) -> None:
@@ -371,13 +423,18 @@ class RolloutEngine:
             for module, weight in zip(linears, weights, strict=True):
                 module._parameters["weight"] = weight
 
+    def captures(self, device: torch.device) -> bool:
+        """Whether steps on ``device`` are captured by hand as CUDA graphs (``cudagraphs``; ``fused`` on CUDA)."""
+        mode = self.mode(device)
+        return mode == "cudagraphs" or (mode == "fused" and self.graphs.available(device))
+
     def bind(self, model, state: dict) -> None:
         """Note the addresses a captured step reads (weights, buffers); a step captured at others is re-captured.
 
         Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
         optimizer updates weights in place, so after a step the graphs read the new values.
         """
-        if self.mode(state["hidden"].device) != "cudagraphs":
+        if not self.captures(state["hidden"].device):
             return
         tensors = [*model.parameters(), *model.buffers(), *state["kv"]]
         tensors += [v for k, v in state.items() if k != "kv" and isinstance(v, torch.Tensor)]
@@ -487,14 +544,14 @@ class RolloutEngine:
     def run_step(self, fn, model, state: dict, key: tuple, **consts) -> None:
         """Run ``fn(model, state, **consts)``, compiled once per key; times the first calls of each variant."""
         device = state["hidden"].device
-        mode = self.mode(device)
+        mode, captured = self.mode(device), self.captures(device)
         full_key = (fn.__name__, id(model), mode, *key, tuple(sorted(consts.items())))
         entry = self._steps.get(full_key)
         if entry is None:
-            entry = [self._make(fn, model, consts, mode, self.graphs), 0]
+            entry = [self._make(fn, model, consts, mode, captured), 0]
             self._steps[full_key] = entry
             self.stats.variants += 1
-        if mode == "cudagraphs":
+        if captured:
             step = entry[0]
             ready = step.ready(self._addresses)
             timed = not ready  # a warm-up or a capture
@@ -506,7 +563,7 @@ class RolloutEngine:
             start = time.perf_counter()
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        if mode == "cudagraphs":
+        if captured:
             self.stats.captures += step(state, self._addresses, ready)
         else:
             entry[0](state)
@@ -516,19 +573,38 @@ class RolloutEngine:
         entry[1] += 1
         self.stats.steps += 1
 
-    @staticmethod
-    def _make(fn, model, consts: dict, mode: str, graphs: CudaGraphs):
+    def _make(self, fn, model, consts: dict, mode: str, captured: bool):
+        if mode == "fused":
+            parts = self._fused_parts()
+            consts = {**consts, "parts": parts}
+
         def step(state: dict) -> None:
             fn(model, state, **consts)
 
-        if mode == "off":
+        if captured:
+            return _CapturedStep(step, self.graphs)
+        if mode in ("off", "fused"):
             return step
-        if mode == "cudagraphs":
-            return _CapturedStep(step, graphs)
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        _raise_recompile_limit()
         # dynamic=False: each window is its own static graph (CUDA graphs need fixed shapes).
         return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
+
+    def _fused_parts(self) -> StepParts:
+        """The step's parts, each compiled by inductor (made once per engine; variants are dynamo recompiles).
+
+        ``dynamic=None``: dynamo's automatic dynamic shapes. The first window compiles static; the second
+        recompiles the layer with the window (and the rows, when the other stage comes) symbolic, and later
+        windows reuse it. A captured graph still has fixed shapes: it records the kernels at one window.
+        """
+        if self._parts is None:
+            _raise_recompile_limit()
+            self._parts = StepParts(lambda part: torch.compile(part, dynamic=None, fullgraph=True))
+        return self._parts
+
+
+def _raise_recompile_limit() -> None:
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
 
 
 class CudaGraphs:
@@ -540,6 +616,11 @@ class CudaGraphs:
 
     def __init__(self) -> None:
         self.pool = None
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        """Whether steps on ``device`` can be captured (``compile="fused"`` runs uncaptured where not)."""
+        return device.type == "cuda"
 
     def warmup(self, run, device: torch.device) -> None:
         """Run ``run()`` once on a side stream, as CUDA graph capture asks (lazy library set-up happens here)."""

@@ -80,7 +80,7 @@ class Recipe:
     with fp32 weights, a bf16 copy of the linear weights)."""
     engine_compile: str = "auto"
     """``sampling.engine_compile``: ``torch.compile`` modes hold the static engine's buffers through the
-    score and update phases; ``auto``/``off``/``cudagraphs`` free them before VQ decoding."""
+    score and update phases; ``auto``/``off``/``cudagraphs``/``fused`` free them before VQ decoding."""
 
 
 # ---- reading a config ------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ class Recorded(Logger):
         pass
 
 
-@pytest.mark.parametrize("engine", ["static", "eager"])
-def test_fit_on_gpu_logs_each_phases_peak_memory(tiny_janus_dir, engine):
-    policy = JanusPolicy(str(tiny_janus_dir), sampling=SamplingConfig(plan_max_tokens=8, cfg_scale=3.0, engine=engine))
+@pytest.mark.parametrize(("engine", "compile"), [("static", "auto"), ("static", "fused"), ("eager", "auto")])
+def test_fit_on_gpu_logs_each_phases_peak_memory(tiny_janus_dir, engine, compile):
+    sampling = SamplingConfig(plan_max_tokens=8, cfg_scale=3.0, engine=engine, engine_compile=compile)
+    policy = JanusPolicy(str(tiny_janus_dir), sampling=sampling)
     module = BiCoTGRPO(policy, RewardEnsemble([ColorMatchExpert()]), GRPOConfig(num_generations=4, beta=0.01))
     data = PromptDataModule(train_file=str(ROOT / "datamodules/fixtures/t2i_r1_sample.jsonl"), batch_size=2)
     logger = Recorded()
@@ -55,7 +56,8 @@ def test_fit_on_gpu_logs_each_phases_peak_memory(tiny_janus_dir, engine):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     if engine == "static":
         stats = policy._engine.stats
-        assert policy._engine.mode(torch.device("cuda")) == "cudagraphs" and stats.captures > 0
+        expected = "cudagraphs" if compile == "auto" else compile
+        assert policy._engine.mode(torch.device("cuda")) == expected and stats.captures > 0
         assert not policy._engine._buffers or all("kv" not in s for s in policy._engine._buffers.values())
 
 

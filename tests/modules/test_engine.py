@@ -9,7 +9,15 @@ from torch import nn
 from bicot.loop import RowPlacement, rollout_phase
 from datamodules.records import PromptRecord
 from modules import janus_ops
-from modules.engine import RolloutEngine, _DrawnNoise, _uncached_autocast, window_for, window_ladder
+from modules.engine import (
+    RolloutEngine,
+    _decode_layer,
+    _DrawnNoise,
+    _uncached_autocast,
+    keeps_buffers,
+    window_for,
+    window_ladder,
+)
 from modules.policy import JanusPolicy, SamplingConfig
 
 PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
@@ -65,6 +73,7 @@ def test_engine_ladder_is_linear_for_plain_and_captured_steps_and_doubling_when_
     cpu = torch.device("cpu")
     assert RolloutEngine().ladder(320, cpu) == [64, 128, 192, 256, 320]  # auto: off on CPU
     assert RolloutEngine(compile="cudagraphs").ladder(320, cpu) == [64, 128, 192, 256, 320]
+    assert RolloutEngine(compile="fused").ladder(320, cpu) == [64, 128, 192, 256, 320]
     assert RolloutEngine(compile="default").ladder(320, cpu) == [64, 128, 256, 320]
     assert RolloutEngine().mode(torch.device("cuda")) == "cudagraphs"
 
@@ -346,6 +355,10 @@ class StandInGraphs:
     def __init__(self) -> None:
         self.warmups, self.captures = 0, 0
 
+    @staticmethod
+    def available(device) -> bool:
+        return True
+
     def warmup(self, run, device) -> None:
         self.warmups += 1
         run()
@@ -390,6 +403,20 @@ def test_captured_steps_capture_again_when_the_weights_move_but_not_when_they_ch
     released = images(engine.sample_image_tokens, sharp_policy, ctx, 3, n=8)
     assert graphs.captures == 3 * windows and graphs.warmups == windows
     assert torch.equal(released.tokens, moved.tokens)
+
+
+def test_captured_modes_free_their_buffers_after_a_rollout_and_compiled_modes_keep_them(sharp_policy):
+    ctx = sharp_policy.image_context(PROMPTS[:1], None)
+    for mode, kept in [("off", False), ("cudagraphs", False), ("fused", False), ("reduce-overhead", True)]:
+        engine = RolloutEngine(compile=mode)
+        engine._buffers["probe"] = {}  # what a rollout leaves (KV buffers, weight copy), without compiling one
+        engine.end_rollout()
+        assert ("probe" in engine._buffers) is kept is keeps_buffers(mode), mode
+    engine = RolloutEngine(compile="off")
+    images(engine.sample_image_tokens, sharp_policy, ctx, 0, n=2)
+    assert engine._buffers
+    engine.end_rollout()
+    assert not engine._buffers
 
 
 def test_release_starts_a_new_graph_memory_pool():
@@ -453,6 +480,62 @@ def test_compiled_cpu_step_samples_the_eager_tokens_and_compiles_once_per_bucket
     assert engine.stats.variants == variants and engine.stats.compile_s == compile_s and compile_s > 0
 
 
+def _layer_compiles() -> int:
+    """How many compiled variants dynamo holds for the decoder-layer part of the step."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(_decode_layer.__code__))
+
+
+@pytest.mark.slow
+def test_fused_parts_compile_one_layer_for_all_layers_and_sample_the_eager_tokens(sharp_policy):
+    """``compile="fused"``: each part of the step compiled on its own, the whole step captured (stand-in here)."""
+    torch._dynamo.reset()  # the compile cache is per code object, shared with earlier tests
+    engine = RolloutEngine(compile="fused", chunk=16)  # a window per 16 slots: several windows in 40 tokens
+    engine.graphs = graphs = StandInGraphs()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=40)
+    first = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=40)
+    assert torch.equal(first.tokens, eager.tokens)
+    close(first.logp_guided, eager.logp_guided)
+    close(first.logp_conditional, eager.logp_conditional)
+    windows, layers = engine.stats.variants, sharp_policy.model.config.text_config.num_hidden_layers
+    assert windows >= 3 and graphs.captures == windows and engine.stats.compile_s > 0
+    # one compiled layer serves every layer; windows after the second share a dynamic-window compile
+    # (plus, at most, the last window, where the slice is the whole buffer)
+    assert 1 <= _layer_compiles() <= 3 < windows * layers
+    compiles, compile_s = _layer_compiles(), engine.stats.compile_s
+    again = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=40)
+    assert torch.equal(again.tokens, eager.tokens) and graphs.captures == windows  # replays only
+    assert _layer_compiles() == compiles and engine.stats.compile_s == compile_s
+    ids, mask = plan_contexts(sharp_policy)
+    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 9, max_tokens=20)
+    b = plans(engine.sample_text, sharp_policy, ids, mask, 9, max_tokens=20)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    close(b.logp, a.logp)
+
+
+@pytest.mark.slow
+def test_fused_parts_run_uncaptured_on_cpu_with_lora_under_autocast(tiny_janus_dir):
+    """Without a CUDA device ``fused`` runs the compiled parts as they are; LoRA and the weight copy trace."""
+    from modules.lora import LoraSpec
+
+    policy = JanusPolicy(str(tiny_janus_dir), dtype="float32", lora=LoraSpec(r=2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:  # make the adapters matter (peft starts them as no-ops)
+                param.copy_(torch.randn(param.shape, generator=generator))
+    engine = RolloutEngine(compile="fused")
+    assert not engine.captures(torch.device("cpu"))
+    ctx = policy.image_context(PROMPTS, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = images(RolloutEngine(compile="off").sample_image_tokens, policy, ctx, 2, n=16)
+        fused = images(engine.sample_image_tokens, policy, ctx, 2, n=16)
+    close(fused.logp_guided, plain.logp_guided, atol=BF16_ATOL)
+    assert engine.stats.captures == 0 and engine.stats.compile_s > 0
+
+
 def cuda_stream(seed):
     return janus_ops.RowNoise(torch.Generator(device="cuda").manual_seed(seed))
 
@@ -464,7 +547,7 @@ def cuda_images(fn, policy, ctx, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["cudagraphs", "reduce-overhead"])
+@pytest.mark.parametrize("mode", ["cudagraphs", "fused", "reduce-overhead"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode):
     policy = JanusPolicy(str(tiny_janus_dir), dtype=dtype).to("cuda")
@@ -479,7 +562,7 @@ def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtyp
     variants, compile_s, captures = engine.stats.variants, engine.stats.compile_s, engine.stats.captures
     replayed = [cuda_images(engine.sample_image_tokens, policy, ctx) for _ in range(3)]
     assert engine.stats.variants == variants and engine.stats.compile_s == compile_s  # captured once, replayed
-    if mode == "cudagraphs":
+    if mode in ("cudagraphs", "fused"):
         assert captures == variants > 0 and engine.stats.captures == captures
     else:
         assert counters["inductor"]["cudagraph_skips"] == 0  # the step really runs as a CUDA graph
@@ -496,10 +579,11 @@ def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir):
+@pytest.mark.parametrize("mode", ["cudagraphs", "fused"])
+def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir, mode):
     """bf16-mixed training: fp32 weights, autocast rollouts, an optimizer step between rollouts."""
     policy = JanusPolicy(str(tiny_janus_dir), dtype="float32").to("cuda")
-    engine = RolloutEngine(compile="cudagraphs")
+    engine = RolloutEngine(compile=mode)
     ctx = policy.image_context(PROMPTS, None)
 
     def rollout():
