@@ -210,10 +210,14 @@ def plan(r: Recipe) -> MemoryPlan:
     shards = r.world_size if r.sharded else 1
     ref_bytes = 2 if r.precision in ("16-true", "bf16-true") else dtype_bytes(r.reference_dtype)
     full_policy = shape.total_params * num.weight + r.lora_params * num.adapter
+    vq_num = num
     if r.sharded and r.param_dtype is not None:
-        # FSDP2 gathers copies already in param_dtype: autocast has nothing left to re-cast, and the
-        # gathered policy / reference weigh param_dtype bytes per parameter.
-        num = dataclasses.replace(num, casts=False)
+        # FSDP2 gathers copies already in param_dtype: autocast has nothing left to re-cast, the gathered
+        # policy / reference weigh param_dtype bytes per parameter, and the decoder's residual stream (the
+        # embeddings, RMSNorm's in- and outputs, the K cache) is in param_dtype too: dtypes measured on CPU
+        # with a gloo group (tests/bicot/test_memory.py). The VQ decoder's maps keep the precision's count:
+        # CUDA autocast runs GroupNorm in float32, which a CPU run cannot show.
+        num = dataclasses.replace(num, casts=False, residual=dtype_bytes(r.param_dtype))
         gathered_policy = shape.total_params * dtype_bytes(r.param_dtype) + r.lora_params * num.adapter
         ref_bytes_gathered = dtype_bytes(r.param_dtype)
     else:
@@ -257,7 +261,7 @@ def plan(r: Recipe) -> MemoryPlan:
         rollout_gather_gib=(gathered_policy if r.sharded else 0) / g,
         kv_cache_gib=kv / g,
         engine_buffers_gib=engine_buffers / g,
-        vq_decode_gib=vq_decode_bytes(r, num) / g,
+        vq_decode_gib=vq_decode_bytes(r, vq_num) / g,
         score_gather_gib=score_gather / g,
         experts_offloaded_gib=sum(
             e.params * dtype_bytes(e.dtype) for e in r.experts if e.placement == "offload"

@@ -279,24 +279,40 @@ def _fsdp2_bf16_cache(rank: int, world: int, results) -> None:
             caches.append(self)
 
     janus_ops.DynamicCache = Recorded
-    policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC))
+    policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC), sampling=SamplingConfig(plan_max_tokens=12, cfg_scale=3.0))
     parallelize(policy.model, init_device_mesh("cpu", (world,)), ParallelConfig(param_dtype="bfloat16"))
+    residual = set()  # dtypes entering and leaving a decoder layer and its first RMSNorm
+    layer = policy.model.model.language_model.layers[1]
+    for module in (layer, layer.input_layernorm):
+        module.register_forward_hook(
+            lambda m, args, out: residual.update(str(t.dtype) for t in (args[0], out[0] if isinstance(out, tuple) else out))
+        )
     context = policy.image_context([r.prompt for r in PROMPTS], None)
-    with MixedPrecision("bf16-mixed", "cpu").forward_context(), gathered(policy.model):
+    mixed = MixedPrecision("bf16-mixed", "cpu")
+    with mixed.forward_context(), gathered(policy.model):
         policy.sample_images(context)
     layers = caches[-1].layers
     results["dtypes"] = (str(layers[0].keys.dtype), str(layers[0].values.dtype))
     results["bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
     results["tokens"] = context.cond_ids.shape[1] + policy.num_image_tokens - 1
+    results["rollout_residual"] = sorted(residual)
+    residual.clear()
+    r = tiny_rollout(policy, mixed.forward_context())  # gathers layer by layer, as the update does
+    with mixed.forward_context():
+        out, _ = loop.minibatch_loss(policy, r, GRPOConfig(num_generations=G, beta=0.0), None)
+    out.loss.backward()
+    results["update_residual"] = sorted(residual)
 
 
 @pytest.mark.slow
-def test_kv_cache_under_fsdp2_bf16_gathers_is_all_bf16():
-    """With ``model.parallel.param_dtype: bfloat16`` the gathered embeddings are bf16, so K is too."""
+def test_kv_cache_and_residual_stream_under_fsdp2_bf16_gathers_are_bf16():
+    """With ``model.parallel.param_dtype: bfloat16`` the gathered embeddings are bf16, so the residual stream
+    (rollout and update) and K are too; the plan counts them so."""
     from gloo import run_ranks
 
     results = run_ranks(_fsdp2_bf16_cache, 1)
     assert results["dtypes"] == ("torch.bfloat16", "torch.bfloat16")
+    assert results["rollout_residual"] == results["update_residual"] == ["torch.bfloat16"]
     config = tiny_config(dataclasses.asdict(TinyJanusSpec(**MEASURE_SPEC)), "bf16-mixed",
                          parallel={"param_dtype": "bfloat16"})
     config["trainer"]["strategy"] = "bicot.parallel.FSDP2Strategy"
@@ -306,6 +322,12 @@ def test_kv_cache_under_fsdp2_bf16_gathers_is_all_bf16():
     shape = load_shape(tiny=TinyJanusSpec(**MEASURE_SPEC))
     assert (k, v) == (2, 2)
     assert results["bytes"] == kv_cache_bytes(shape, 2 * len(PROMPTS), results["tokens"], k, v)
+    # the update's activations: a bf16 residual stream, no autocast weight casts to keep
+    num = dataclasses.replace(memory.numerics("bf16-mixed", "float32"), residual=2, casts=False)
+    planned = memory.plan(recipe)
+    assert planned.activations_gib * GIB == memory.activation_bytes(recipe, num, recipe.activation_checkpointing)
+    unsharded = memory.plan(dataclasses.replace(recipe, param_dtype=None))
+    assert planned.activations_gib < unsharded.activations_gib and planned.vq_decode_gib == unsharded.vq_decode_gib
 
 
 def test_static_engine_buffers_match_the_plan(monkeypatch):
