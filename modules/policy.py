@@ -400,10 +400,13 @@ def load_janus(
         )
         processor = AutoProcessor.from_pretrained(source, **kwargs)
     except OSError as err:
+        # "org/name" is a hub id and a relative path at once: say where the folder was looked for
+        relative = "" if Path(source).is_absolute() else f" (no folder {source!r} under {Path.cwd()})"
         raise CheckpointError(
-            f"could not load a Janus checkpoint from {source!r}: {err}. Give a local folder written by "
-            "save_pretrained (config.json, safetensors weights, tokenizer and processor files), or a hub id "
-            "that is already in the local Hugging Face cache (no downloads happen offline)."
+            f"could not load a Janus checkpoint from {source!r}{relative}: {err}. Give a local folder written "
+            "by save_pretrained (config.json, safetensors weights, tokenizer and processor files; a relative "
+            "path is read from the current directory), or a hub id that is already in the local Hugging "
+            "Face cache (no downloads happen offline)."
         ) from err
     return model, processor
 

@@ -87,6 +87,17 @@ def test_missing_checkpoint_folder_names_the_path(tmp_path):
     assert str(missing) in str(err.value)
 
 
+def test_hub_id_that_does_not_load_says_where_a_relative_folder_was_looked_for(tmp_path, monkeypatch):
+    def offline(source, *args, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {source}")
+
+    monkeypatch.setattr(JanusForConditionalGeneration, "from_pretrained", offline)
+    monkeypatch.chdir(tmp_path)  # "checkpoints/toy" run from outside the repository
+    with pytest.raises(CheckpointError, match="couldn't connect") as err:
+        JanusPolicy("checkpoints/toy")
+    assert f"no folder 'checkpoints/toy' under {tmp_path}" in str(err.value)
+
+
 def test_folder_without_config_json_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json") as err:
         JanusPolicy(str(tmp_path))
