@@ -30,7 +30,15 @@ from pathlib import Path
 from bicot.memory import load_shape
 
 STEPS, GPUS, ROWS_PER_GPU, PLAN_TOKENS = 1600, 8, 16, 128
-ENGINE_NAMES = {"eager": "eager", "static[cudagraphs]": "static"}
+
+
+def engine_label(measure: str) -> str | None:
+    """The table's name of a ``rollout.py`` measurement: ``eager``, ``static (MODE)`` per engine mode, else None."""
+    if measure == "eager":
+        return "eager"
+    if measure.startswith("static[") and measure.endswith("]"):
+        return f"static ({measure[len('static['):-1]})"
+    return None
 
 
 def json_lines(path: Path) -> list[dict]:
@@ -39,7 +47,8 @@ def json_lines(path: Path) -> list[dict]:
 
 
 def project(folder: Path) -> str:
-    rollout = {r["measure"]: r for r in json_lines(folder / "rollout7b.log") if r["measure"] in ENGINE_NAMES}
+    # one row per engine the log measured: the eager loop, then each static engine mode
+    rollout = {r["measure"]: r for r in json_lines(folder / "rollout7b.log") if engine_label(r["measure"])}
     step = {r["engine"]: r for r in json_lines(folder / "step1b.log") if r["measure"] == "summary"}
     small, big = load_shape("janus-pro-1b"), load_shape("janus-pro-7b")
     params = (big.layers * big.layer_linear_params) / (small.layers * small.layer_linear_params)
@@ -55,7 +64,8 @@ def project(folder: Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     rows_out = []
-    for measure, engine in ENGINE_NAMES.items():
+    for measure in sorted(rollout, key=lambda m: m != "eager"):
+        engine = engine_label(measure)
         ms = rollout[measure]["ms_per_step"]
         image_s = ms * rollout[measure]["image_tokens"] / 1e3
         plan_s = ms * PLAN_TOKENS / 1e3

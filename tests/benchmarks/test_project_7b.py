@@ -27,9 +27,10 @@ def table_row(text: str, engine: str) -> list[str]:
 
 
 def test_projection_from_logs(tmp_path):
-    write_logs(tmp_path, {"eager": 100.0, "static[cudagraphs]": 10.0}, score=0.5, update=3.0)
+    write_logs(tmp_path, {"eager": 100.0, "static[cudagraphs]": 10.0, "static[fused]": 5.0}, score=0.5, update=3.0)
     text = project(tmp_path)
-    static, eager = table_row(text, "static"), table_row(text, "eager")
+    static, eager = table_row(text, "static (cudagraphs)"), table_row(text, "eager")
+    assert table_row(text, "static (fused)")[2].startswith("2.9 (measured")  # each engine mode gets its row
     assert static[2].startswith("5.8 (measured")  # 10 ms x 576 tokens
     assert eager[2].startswith("57.6 (measured") and eager[1].startswith("12.8")  # 100 ms x 128 plan tokens
     ratio = float(re.search(r"7B / 1B = ([0-9.]+)", text).group(1))
