@@ -333,7 +333,17 @@ def _fsdp2_rank(rank: int, world: int, results) -> None:
         refused = str(err)
     with gathered(model):
         out = engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
-    results[rank] = (refused, torch.equal(out.tokens, plain.tokens), float((out.logp_guided - plain.logp_guided).abs().max()))
+    fused = RolloutEngine(compile="fused")  # compiled parts over the gathered weights, captured (stand-in)
+    fused.graphs = StandInGraphs()
+    same_fused = []
+    for _ in range(2):  # two rollouts, two gathers
+        with gathered(model):
+            again = fused.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
+        same_fused.append(torch.equal(again.tokens, plain.tokens))
+    results[rank] = (
+        refused, torch.equal(out.tokens, plain.tokens), float((out.logp_guided - plain.logp_guided).abs().max()),
+        same_fused, fused.stats.captures,
+    )
 
 
 @pytest.mark.slow
@@ -341,9 +351,10 @@ def test_fsdp2_sharded_model_samples_inside_gathered_and_is_refused_outside():
     from gloo import run_ranks
 
     results = run_ranks(_fsdp2_rank, 2)
-    for refused, same, diff in results.values():
+    for refused, same, diff, same_fused, captures in results.values():
         assert "bicot.parallel.gathered" in refused
         assert same and diff < FP32_ATOL
+        assert same_fused == [True, True] and captures >= 1
 
 
 # --------------------------------------------------------------------------- hand-captured steps
