@@ -200,10 +200,12 @@ class BiCoTGRPO(pl.LightningModule):
     def training_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
         algo, times = self.algo, {}
         lr = self.optimizers().param_groups[0]["lr"]  # the rate this step's update uses
+        engine_before = self.policy.engine_stats()
         with self._phase("rollout", times), gathered(self.policy.model):
             rollout = loop.rollout_phase(
                 self.policy, batch, algo.num_generations, self.template, self.placement(len(batch), self.global_step)
             )
+        engine = None if engine_before is None else (engine_before, self.policy.engine_stats())
         ref_model = None
         if self.reference is not None:  # with LoRA the reference is the policy's model, adapters off
             ref_model = self.reference.model if self.reference.model is not None else self.policy.model
@@ -228,7 +230,7 @@ class BiCoTGRPO(pl.LightningModule):
                     self.minibatch_size,
                 )
         self.last_rollout = rollout
-        self._log_step(rollout, stats, times, lr)
+        self._log_step(rollout, stats, times, lr, engine)
         if stats is None:
             self._skip(f"non-finite rewards or advantages at step {self.global_step}")
 
@@ -301,10 +303,15 @@ class BiCoTGRPO(pl.LightningModule):
             )
 
     def _log_step(
-        self, r: Rollout, stats: loop.UpdateStats | None, times: dict[str, float], lr: float
+        self, r: Rollout, stats: loop.UpdateStats | None, times: dict[str, float], lr: float, engine=None
     ) -> None:
         """Log the step's metrics. Every key is logged every step (Lightning would otherwise repeat a
-        stale value); a skipped update logs NaN for what the update would have measured."""
+        stale value); a skipped update logs NaN for what the update would have measured.
+
+        ``engine``: the static engine's stats before and after this step's rollout (``None`` with the eager
+        loop): its compile and capture seconds and its CUDA-graph captures in this step, so a run shows
+        that they happen at its start (and at re-captures), not at every step.
+        """
         mean = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=r.num_rows)
         summed = dict(mean, reduce_fx="sum")
         self.log("train/reward", r.rewards.mean(), prog_bar=True, **mean)
@@ -332,6 +339,11 @@ class BiCoTGRPO(pl.LightningModule):
             self.log(f"time/{phase}_s", times.get(phase, 0.0), **dict(mean, reduce_fx="max"))
         images_per_s = r.num_rows * self.trainer.world_size / max(sum(times.values()), 1e-9)
         self.log("perf/images_per_s", images_per_s, **mean)
+        if engine is not None:
+            before, after = engine
+            slowest = dict(mean, reduce_fx="max")
+            self.log("time/engine_compile_s", after.compile_s - before.compile_s, **slowest)
+            self.log("perf/engine_captures", float(after.captures - before.captures), **slowest)
 
     # ---- evaluation and standalone generation --------------------------------------------------
     def evaluate(self, batch: Sequence[PromptRecord], batch_idx: int, tally: ScoreTally) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,7 +14,7 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
-from modules.engine import COMPILE_MODES, RolloutEngine
+from modules.engine import COMPILE_MODES, EngineStats, RolloutEngine
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
 
@@ -289,6 +289,13 @@ class JanusPolicy(pl.LightningModule):
         if self._engine is None:
             self._engine = RolloutEngine(compile=self.sampling.engine_compile)
         return self._engine
+
+    def engine_stats(self) -> EngineStats | None:
+        """A copy of the static engine's running totals (compile and capture seconds, captures, steps), or
+        ``None`` with the eager loop."""
+        if self.sampling.engine == "eager":
+            return None
+        return replace(self._engine.stats) if self._engine is not None else EngineStats()
 
     def end_rollout(self) -> None:
         """A training rollout has sampled everything: the static engine may free its buffers for the update."""

@@ -266,6 +266,37 @@ def test_fit_two_steps_logs_metrics_and_trains_only_trainable_parameters():
         assert torch.equal(param, before_ref[name]), f"reference {name} changed"
 
 
+class CountingGraphs:
+    """The engine's CUDA-graph backend on CPU: a warm-up runs the step, a capture returns it as the replay."""
+
+    available = staticmethod(lambda device: True)
+
+    def warmup(self, run, device) -> None:
+        run()
+
+    def capture(self, run, device):
+        return run
+
+
+def test_fit_logs_the_static_engines_compile_time_and_captures_per_step():
+    from modules.engine import RolloutEngine
+
+    policy = JanusPolicy(tiny=TinyJanusSpec(), sampling=SamplingConfig(plan_max_tokens=4, engine="static"))
+    policy._engine = RolloutEngine(compile="cudagraphs")
+    policy._engine.graphs = CountingGraphs()
+    _, logger = fit(make_module(policy, algo=GRPOConfig(num_generations=2, beta=0.0)), max_steps=3)
+    steps = [m for _, m in logger.calls if "train/reward" in m]
+    captures = [m["perf/engine_captures"] for m in steps]
+    # a training rollout frees the buffers for the update (end_rollout): every step captures its windows again
+    assert len(steps) == 3 and all(c >= 2 for c in captures)  # at least one window per stage
+    assert sum(captures) == policy._engine.stats.captures
+    assert all(m["time/engine_compile_s"] > 0 for m in steps)
+    assert sum(m["time/engine_compile_s"] for m in steps) == pytest.approx(policy._engine.stats.compile_s, rel=1e-4)
+    # the eager loop has no engine to report on
+    _, eager = fit(make_module(algo=GRPOConfig(num_generations=2, beta=0.0)), max_steps=1)
+    assert not {"time/engine_compile_s", "perf/engine_captures"} & set().union(*(m for _, m in eager.calls))
+
+
 def test_fit_logs_the_learning_rate_each_step_used():
     # warm-up over 2 steps: step 0 trains at lr * 0.5, step 1 at lr * 1.0
     module = make_module(algo=GRPOConfig(num_generations=2, beta=0.0), lr=1e-3, warmup_steps=2)
