@@ -20,6 +20,7 @@ from bicot.rollout import Rollout
 from bicot.scoring import ScoreCollector, folder_benchmark, split_records
 from bicot.templates import resolve_template
 from datamodules.records import PromptRecord
+from modules.engine import EngineStats
 from modules.policy import JanusPolicy
 from modules.reference import ReferencePolicy
 from modules.rewards.ensemble import RewardEnsemble
@@ -121,6 +122,7 @@ class BiCoTGRPO(pl.LightningModule):
         # Checkpoints hold only what trains (see on_save_checkpoint): load them non-strictly.
         self.strict_loading = False
         self.last_rollout: Rollout | None = None  # read by callbacks (sample grids, statistics)
+        self._engine_logged = None  # the static engine's stats at the last logged step
 
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -200,12 +202,10 @@ class BiCoTGRPO(pl.LightningModule):
     def training_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
         algo, times = self.algo, {}
         lr = self.optimizers().param_groups[0]["lr"]  # the rate this step's update uses
-        engine_before = self.policy.engine_stats()
         with self._phase("rollout", times), gathered(self.policy.model):
             rollout = loop.rollout_phase(
                 self.policy, batch, algo.num_generations, self.template, self.placement(len(batch), self.global_step)
             )
-        engine = None if engine_before is None else (engine_before, self.policy.engine_stats())
         ref_model = None
         if self.reference is not None:  # with LoRA the reference is the policy's model, adapters off
             ref_model = self.reference.model if self.reference.model is not None else self.policy.model
@@ -230,7 +230,7 @@ class BiCoTGRPO(pl.LightningModule):
                     self.minibatch_size,
                 )
         self.last_rollout = rollout
-        self._log_step(rollout, stats, times, lr, engine)
+        self._log_step(rollout, stats, times, lr)
         if stats is None:
             self._skip(f"non-finite rewards or advantages at step {self.global_step}")
 
@@ -303,14 +303,14 @@ class BiCoTGRPO(pl.LightningModule):
             )
 
     def _log_step(
-        self, r: Rollout, stats: loop.UpdateStats | None, times: dict[str, float], lr: float, engine=None
+        self, r: Rollout, stats: loop.UpdateStats | None, times: dict[str, float], lr: float
     ) -> None:
         """Log the step's metrics. Every key is logged every step (Lightning would otherwise repeat a
         stale value); a skipped update logs NaN for what the update would have measured.
 
-        ``engine``: the static engine's stats before and after this step's rollout (``None`` with the eager
-        loop): its compile and capture seconds and its CUDA-graph captures in this step, so a run shows
-        that they happen at its start (and at re-captures), not at every step.
+        With the static engine, also its compile and capture seconds and its CUDA-graph captures since the
+        last logged step (this step's rollout, and any sampling in between: sample grids, validation), so
+        a run shows that compiles happen at its start and how much re-capturing costs per step.
         """
         mean = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=r.num_rows)
         summed = dict(mean, reduce_fx="sum")
@@ -339,11 +339,15 @@ class BiCoTGRPO(pl.LightningModule):
             self.log(f"time/{phase}_s", times.get(phase, 0.0), **dict(mean, reduce_fx="max"))
         images_per_s = r.num_rows * self.trainer.world_size / max(sum(times.values()), 1e-9)
         self.log("perf/images_per_s", images_per_s, **mean)
-        if engine is not None:
-            before, after = engine
+        now = self.policy.engine_stats()
+        if now is not None:
+            before = self._engine_logged
+            if before is None or now.steps < before.steps:  # the first step, or an engine built anew
+                before = EngineStats()
             slowest = dict(mean, reduce_fx="max")
-            self.log("time/engine_compile_s", after.compile_s - before.compile_s, **slowest)
-            self.log("perf/engine_captures", float(after.captures - before.captures), **slowest)
+            self.log("time/engine_compile_s", now.compile_s - before.compile_s, **slowest)
+            self.log("perf/engine_captures", float(now.captures - before.captures), **slowest)
+            self._engine_logged = now
 
     # ---- evaluation and standalone generation --------------------------------------------------
     def evaluate(self, batch: Sequence[PromptRecord], batch_idx: int, tally: ScoreTally) -> None:

@@ -291,6 +291,7 @@ def test_fit_logs_the_static_engines_compile_time_and_captures_per_step():
     assert len(steps) == 3 and all(c >= 2 for c in captures)  # at least one window per stage
     assert sum(captures) == policy._engine.stats.captures
     assert all(m["time/engine_compile_s"] > 0 for m in steps)
+    # since the last logged step: everything the engine spent, sampling outside training steps included
     assert sum(m["time/engine_compile_s"] for m in steps) == pytest.approx(policy._engine.stats.compile_s, rel=1e-4)
     # the eager loop has no engine to report on
     _, eager = fit(make_module(algo=GRPOConfig(num_generations=2, beta=0.0)), max_steps=1)
