@@ -58,6 +58,9 @@ def test_fit_on_gpu_logs_each_phases_peak_memory(tiny_janus_dir, engine, compile
         stats = policy._engine.stats
         expected = "cudagraphs" if compile == "auto" else compile
         assert policy._engine.mode(torch.device("cuda")) == expected and stats.captures > 0
+        # the buffers are freed for every update, so every step captures its windows again
+        captures = [m["perf/engine_captures"] for _, m in logger.metrics if "perf/engine_captures" in m]
+        assert len(captures) == 3 and all(c > 0 for c in captures) and sum(captures) == stats.captures
         assert not policy._engine._buffers or all("kv" not in s for s in policy._engine._buffers.values())
 
 
