@@ -80,7 +80,6 @@ from modules.janus_ops import (
 
 COMPILE_MODES = ("auto", "off", "cudagraphs", "fused", "default", "reduce-overhead", "max-autotune")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # each window variant is a compile
-CAPTURED_MODES = ("cudagraphs", "fused")  # the whole step captured by hand as one CUDA graph (on CUDA)
 DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
 # Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
 RECOMPILE_LIMIT = 64
