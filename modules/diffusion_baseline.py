@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from datamodules.records import PromptRecord
+from modules.hub import load_cache_first
 from modules.seeding import image_seeds, rank_share
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +38,9 @@ def load_pipeline(source: str, dtype: torch.dtype, trust_remote_code: bool = Fal
                 "(write one with pipeline.save_pretrained)"
             )
     try:
-        return DiffusionPipeline.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_cache_first(
+            DiffusionPipeline.from_pretrained, source, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     except (OSError, json.JSONDecodeError) as err:
         raise BaselineLoadError(f"could not load a diffusers pipeline from {source!r}: {err}") from err
 

@@ -15,6 +15,7 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 from datamodules.records import PromptRecord
 from modules import janus_ops
 from modules.engine import COMPILE_MODES, EngineStats, RolloutEngine
+from modules.hub import load_cache_first
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
 
@@ -402,10 +403,14 @@ def load_janus(
     check_janus_source(source)
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
-        model = JanusForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        model = load_cache_first(
+            JanusForConditionalGeneration.from_pretrained,
+            source,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            **kwargs,
         )
-        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        processor = load_cache_first(AutoProcessor.from_pretrained, source, **kwargs)
     except OSError as err:
         # "org/name" is a hub id and a relative path at once: say where the folder was looked for
         relative = "" if Path(source).is_absolute() else f" (no folder {source!r} under {Path.cwd()})"

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from modules.hub import load_cache_first
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -83,7 +85,7 @@ def load_pretrained(load: Callable[..., Any], source: str, arg: str, expert: str
     """
     check_source(source, arg, expert)
     try:
-        return load(source, **kwargs)
+        return load_cache_first(load, source, **kwargs)
     except OSError as err:
         raise ExpertCheckpointError(
             f"reward expert {expert!r}: could not load {arg}={source!r}: {err}. "

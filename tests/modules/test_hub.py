@@ -1,0 +1,100 @@
+"""Hub ids held in the local Hugging Face cache load from it without asking the hub."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+
+from modules.hub import cached_locally, load_cache_first
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fake_cache(root: Path, repo: str, files: dict[str, str]) -> Path:
+    """The hub cache's layout for ``repo`` at revision ``main``: ``models--org--name/{refs/main,snapshots/REV}``."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    snapshot = folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+class Offline:
+    """A ``from_pretrained`` on a machine without internet: only ``local_files_only`` loads can work."""
+
+    def __init__(self, local_ok: bool = True) -> None:
+        self.calls: list[dict] = []
+        self.local_ok = local_ok
+
+    def __call__(self, source, **kwargs):
+        self.calls.append(kwargs)
+        if kwargs.get("local_files_only") and self.local_ok:
+            return f"loaded {source}"
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {source}")
+
+
+def test_a_cached_hub_id_is_read_from_the_cache_alone(hub_cache):
+    fake_cache(hub_cache, "org/model", {"config.json": "{}"})
+    fake_cache(hub_cache, "org/tokenizer", {"tokenizer_config.json": "{}"})
+    assert cached_locally("org/model") and cached_locally("org/tokenizer")
+    assert not cached_locally("org/elsewhere")
+    load = Offline()
+    assert load_cache_first(load, "org/model", dtype="x") == "loaded org/model"
+    assert load.calls == [{"dtype": "x", "local_files_only": True}]
+
+
+def test_an_uncached_hub_id_or_an_incomplete_cache_goes_to_the_hub(hub_cache):
+    load = Offline()
+    with pytest.raises(OSError, match="couldn't connect"):
+        load_cache_first(load, "org/elsewhere")
+    assert load.calls == [{}]  # not in the cache: straight to the hub, as before
+    fake_cache(hub_cache, "org/partial", {"config.json": "{}"})
+    partial = Offline(local_ok=False)  # the cache lacks a file the load needs
+    with pytest.raises(OSError, match="couldn't connect"):
+        load_cache_first(partial, "org/partial")
+    assert partial.calls == [{"local_files_only": True}, {}]
+
+
+def test_a_local_folder_is_loaded_as_it_is(tmp_path, hub_cache):
+    load = Offline(local_ok=False)
+    with pytest.raises(OSError):
+        load_cache_first(load, str(tmp_path))
+    assert load.calls == [{}]
+
+
+def test_policy_loads_a_cached_hub_id_offline_without_waiting(tmp_path, tiny_janus_dir):
+    """The real loading code in a fresh process whose HF cache holds the tiny Janus as ``someorg/tiny-janus``.
+
+    This machine cannot reach the hub: asking it first retried for minutes (326 s measured) before the
+    cache was read. The child gets 120 s, far more than a cached load needs.
+    """
+    snapshot = fake_cache(tmp_path / "hub", "someorg/tiny-janus", {})
+    for path in tiny_janus_dir.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(ROOT))
+    code = textwrap.dedent("""
+        import time
+        from modules.policy import JanusPolicy
+        start = time.perf_counter()
+        policy = JanusPolicy("someorg/tiny-janus")
+        print("loaded", policy.model.config.model_type, round(time.perf_counter() - start, 1))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "loaded janus" in out.stdout
