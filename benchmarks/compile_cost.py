@@ -16,7 +16,6 @@ A trivial compile runs first, so that torch's one-off start-up is not charged to
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,10 +26,9 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import contexts, janus_at_shape, timed  # noqa: E402
+from rollout import Bench, checked_args, shape_arguments, timed  # noqa: E402
 
-from modules.engine import COMPILE_MODES, RolloutEngine  # noqa: E402
-from modules.janus_ops import RowNoise  # noqa: E402
+from modules.engine import RolloutEngine  # noqa: E402
 
 
 def cold_caches(root: Path, name: str) -> None:
@@ -45,34 +43,10 @@ def cold_caches(root: Path, name: str) -> None:
         getattr(codecache, kind).cache_clear()
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["toy", "1b", "7b"], default="toy")
-    parser.add_argument("--prompts", type=int, default=None, help="default: 16 on GPU, 1 on CPU (rows double with CFG)")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--image-tokens", type=int, default=None, help="default: the model's (64 toy, 576)")
-    parser.add_argument("--compile", default="fused,default", help=f"comma-separated, of {', '.join(COMPILE_MODES)}")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU, else fp32")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for mode in args.compile.split(","):
-        if mode not in COMPILE_MODES:
-            parser.error(f"--compile: unknown mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
-    gpu = torch.cuda.is_available()
-    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    args.prompts = args.prompts or (16 if gpu else 1)
-    return args
-
-
 def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = janus_at_shape(args.shape, device, getattr(torch, args.dtype))
-    n_tokens = args.image_tokens or model.config.vision_config.num_image_tokens
-    ids, mask, uncond = contexts(model, args.prompts, args.prompt_tokens, args.seed)
+    parser = shape_arguments(__doc__, compile_default="fused,default")
+    b = Bench.build(checked_args(parser, prompts=(16, 1), real_shapes_on_cpu=True))
+    args, device, n_tokens = b.args, b.device, b.n_tokens
     root = Path(tempfile.mkdtemp(prefix="bicot_compile_cost_"))
     cold_caches(root, "start-up")
     torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))  # torch's one-off start-up
@@ -81,11 +55,7 @@ def main() -> None:
         cold_caches(root, mode)
         counters.clear()
         engine = RolloutEngine(compile=mode)
-
-        def call(engine=engine):
-            noise = RowNoise(torch.Generator(device=device).manual_seed(args.seed))
-            return engine.sample_image_tokens(model, ids, mask, n_tokens, uncond, 5.0, noise=noise)
-
+        call = b.sampler(engine.sample_image_tokens)
         first_s, _, out = timed(call, device)
         second_s, _, _ = timed(call, device)
         first_tokens = out.tokens if first_tokens is None else first_tokens

@@ -19,10 +19,8 @@ the profiler traces graph nodes; ``kernels_per_step: 0`` under a captured mode m
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,10 +28,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import contexts, janus_at_shape  # noqa: E402
+from rollout import Bench, checked_args, shape_arguments, timed  # noqa: E402
 
-from modules.engine import COMPILE_MODES, RolloutEngine  # noqa: E402
-from modules.janus_ops import RowNoise  # noqa: E402
+from modules.engine import RolloutEngine  # noqa: E402
 
 
 def device_events(prof, device: torch.device) -> list[tuple[str, float]]:
@@ -58,56 +55,22 @@ def summary(events: list[tuple[str, float]], steps: int, wall_s: float, top: int
     )
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["toy", "1b", "7b"], default="toy")
-    parser.add_argument("--prompts", type=int, default=None, help="default: 16 on GPU, 4 on CPU (rows double with CFG)")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--image-tokens", type=int, default=None, help="default: the model's (64 toy, 576)")
-    parser.add_argument("--compile", default="off", help=f"comma-separated, of {', '.join(COMPILE_MODES)}")
+def main() -> None:
+    parser = shape_arguments(__doc__, compile_default="off")
     parser.add_argument("--no-capture", action="store_true", help="run fused steps uncaptured (their kernels, no graph)")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per mode")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU, else fp32")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for mode in args.compile.split(","):
-        if mode not in COMPILE_MODES:
-            parser.error(f"--compile: unknown mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
-    gpu = torch.cuda.is_available()
-    if args.shape != "toy" and not gpu:
-        parser.error(f"--shape {args.shape} needs a CUDA device")
-    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    args.prompts = args.prompts or (16 if gpu else 4)
-    return args
-
-
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = janus_at_shape(args.shape, device, getattr(torch, args.dtype))
-    n_tokens = args.image_tokens or model.config.vision_config.num_image_tokens
-    ids, mask, uncond = contexts(model, args.prompts, args.prompt_tokens, args.seed)
+    b = Bench.build(checked_args(parser, prompts=(16, 4)))
+    args, device, n_tokens = b.args, b.device, b.n_tokens
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for mode in args.compile.split(","):
         engine = RolloutEngine(compile=mode)
         if args.no_capture:
             engine.graphs.available = lambda device: False  # fused: the compiled parts, uncaptured
 
-        def call(engine=engine):
-            noise = RowNoise(torch.Generator(device=device).manual_seed(args.seed))
-            out = engine.sample_image_tokens(model, ids, mask, n_tokens, uncond, 5.0, noise=noise)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return out
-
-        call()  # compiles and captures every window
+        call = b.sampler(engine.sample_image_tokens)
+        timed(call, device)  # compiles and captures every window
         with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            call()
-            wall = time.perf_counter() - start
+            wall = timed(call, device)[0]
         print(json.dumps(dict(
             measure="profile", mode=engine.mode(device), captured=engine.captures(device), shape=args.shape,
             dtype=args.dtype, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -26,12 +26,13 @@ import argparse
 import json
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import JanusConfig, JanusForConditionalGeneration
 
 from modules import janus_ops
-from modules.engine import RolloutEngine
+from modules.engine import COMPILE_MODES, RolloutEngine
 from modules.tiny import TinyJanusSpec, build_tiny_janus
 
 LM_SHAPES = {
@@ -164,36 +165,81 @@ def record(name: str, best: dict, args, device, n_tokens: int, bandwidth, step_b
     return out
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_arguments(description: str, compile_default: str) -> argparse.ArgumentParser:
+    """The arguments of every benchmark that samples image tokens at a shape (this one, ``compile_cost.py``,
+    ``profile_step.py``); finish with :func:`checked_args`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["toy", "1b", "7b"], default="toy")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts (rows double with CFG)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts (rows double with CFG)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--image-tokens", type=int, default=None, help="default: the model's (64 toy, 576)")
     parser.add_argument("--cfg-scale", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
-    parser.add_argument("--eager-rounds", type=int, default=None, help="rounds of the eager loop (default: --rounds)")
-    parser.add_argument("--compile", default="auto",
-                        help="engine compile modes, comma-separated: auto, off, cudagraphs, fused, default, reduce-overhead")
-    parser.add_argument("--chunk", type=int, default=None, help="engine capacity/window granularity (slots)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: fp32 toy, bf16 GPU")
+    parser.add_argument("--compile", default=compile_default,
+                        help=f"engine compile modes, comma-separated, of: {', '.join(COMPILE_MODES)}")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def checked_args(parser: argparse.ArgumentParser, prompts: tuple[int, int], real_shapes_on_cpu: bool = False):
+    """Parse and check; ``prompts`` is the default ``(on a GPU, on a CPU)``."""
     args = parser.parse_args()
-    if args.shape != "toy" and not torch.cuda.is_available():
+    for mode in args.compile.split(","):
+        if mode not in COMPILE_MODES:
+            parser.error(f"--compile: unknown mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
+    gpu = torch.cuda.is_available()
+    if args.shape != "toy" and not gpu and not real_shapes_on_cpu:
         parser.error(f"--shape {args.shape} needs a CUDA device (random weights at the real shape, bf16)")
-    args.dtype = args.dtype or ("float32" if args.shape == "toy" else "bfloat16")
+    args.dtype = args.dtype or ("bfloat16" if gpu and args.shape != "toy" else "float32")
+    args.prompts = args.prompts or prompts[0 if gpu else 1]
     return args
+
+
+@dataclass
+class Bench:
+    """A model at the benchmark's shape and its contexts: what every measured call samples from."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: JanusForConditionalGeneration
+    n_tokens: int
+    ids: torch.Tensor
+    mask: torch.Tensor
+    uncond: torch.Tensor
+
+    @classmethod
+    def build(cls, args: argparse.Namespace) -> Bench:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = janus_at_shape(args.shape, device, getattr(torch, args.dtype))
+        n_tokens = args.image_tokens or model.config.vision_config.num_image_tokens
+        return cls(args, device, model, n_tokens, *contexts(model, args.prompts, args.prompt_tokens, args.seed))
+
+    def sampler(self, fn):
+        """A call of ``fn`` (``janus_ops.sample_image_tokens`` or an engine's) with CFG and a fresh seeded noise."""
+
+        def call():
+            noise = janus_ops.RowNoise(torch.Generator(device=self.device).manual_seed(self.args.seed))
+            return fn(self.model, self.ids, self.mask, self.n_tokens, self.uncond, self.args.cfg_scale, noise=noise)
+
+        return call
+
+
+def parse_args() -> argparse.Namespace:
+    parser = shape_arguments(__doc__, compile_default="auto")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
+    parser.add_argument("--eager-rounds", type=int, default=None, help="rounds of the eager loop (default: --rounds)")
+    parser.add_argument("--chunk", type=int, default=None, help="engine capacity/window granularity (slots)")
+    return checked_args(parser, prompts=(4, 4))
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = janus_at_shape(args.shape, device, getattr(torch, args.dtype))
-    n_tokens = args.image_tokens or model.config.vision_config.num_image_tokens
-    ids, mask, uncond = contexts(model, args.prompts, args.prompt_tokens, args.seed)
+    b = Bench.build(args)
+    device, model, n_tokens = b.device, b.model, b.n_tokens
     cfg = model.config.text_config
     kv_bytes_per_slot = 2 * cfg.num_hidden_layers * 2 * args.prompts * cfg.num_key_value_heads * cfg.head_dim * (
         2 if args.dtype == "bfloat16" else 4)
@@ -201,15 +247,11 @@ def main() -> None:
     step_bytes = lm_bytes(model) + kv_bytes_per_slot * (args.prompt_tokens + n_tokens / 2)
     bandwidth = copy_bandwidth(device)
 
-    def sampler(fn):
-        noise = lambda: janus_ops.RowNoise(torch.Generator(device=device).manual_seed(args.seed))  # noqa: E731
-        return lambda: fn(model, ids, mask, n_tokens, uncond, args.cfg_scale, noise=noise())
-
     engines = {f"static[{m}]": RolloutEngine(compile=m, chunk=args.chunk) for m in args.compile.split(",")}
-    calls = {"eager": sampler(janus_ops.sample_image_tokens)}
+    calls = {"eager": b.sampler(janus_ops.sample_image_tokens)}
     first_s = {}
     for name, engine in engines.items():
-        calls[name] = sampler(engine.sample_image_tokens)
+        calls[name] = b.sampler(engine.sample_image_tokens)
         first_s[name] = timed(calls[name], device)[0]  # compiles and captures every window of this shape
         print(json.dumps(dict(measure="first_call", call=name, wall_s=round(first_s[name], 2),
                               compile_s=round(engine.stats.compile_s, 2), variants=engine.stats.variants)), flush=True)
