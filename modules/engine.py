@@ -178,7 +178,7 @@ def _step_inputs(rotary, slot: torch.Tensor, pad: torch.Tensor, capacity: int, d
 def _decode_layer(layer, x, keys, values, cos, sin, bias, slot, window: int) -> torch.Tensor:
     """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
     ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
-    reads slots ``[0, window)`` only (``slot < window``)."""
+    reads slots ``[0, window)`` only (``slot < window``); ``bias`` is ``[R, 1, 1, window]``."""
     rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
     attn = layer.self_attn
     h = _rms_norm(layer.input_layernorm, x)
@@ -188,7 +188,7 @@ def _decode_layer(layer, x, keys, values, cos, sin, bias, slot, window: int) -> 
     keys.index_copy_(2, slot, _rope(attn.k_proj(h).view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
     values.index_copy_(2, slot, attn.v_proj(h).view(rows, kv_heads, 1, dim).to(values.dtype))
     scores = (q @ keys[:, :, :window].transpose(-1, -2)).float() * attn.scaling  # [R, kv_heads, groups, W]
-    probs = (scores + bias[..., :window]).softmax(-1).to(q.dtype)
+    probs = (scores + bias).softmax(-1).to(q.dtype)
     out = probs @ values[:, :, :window]  # [R, kv_heads, groups, D]
     x = x + attn.o_proj(out.reshape(rows, -1))
     mlp = layer.mlp
@@ -264,6 +264,7 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     """
     kv, slot = state["kv"], state["slot"]
     cos, sin, bias = parts.inputs(lm.rotary_emb, slot, state["pad"], kv[0].shape[2], x.dtype)
+    bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window)
     parts.finish(lm.norm, x, state)
@@ -346,7 +347,7 @@ class RolloutEngine:
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
-        self._steps: dict[tuple, list] = {}  # key -> [callable, calls so far]
+        self._steps: dict[tuple, list] = {}  # key -> [callable, calls so far, captured by hand]
         self._addresses: tuple = ()  # what the hand-captured graphs of the current call read
         self._parts: StepParts | None = None  # compile="fused": the compiled parts of the step
 
@@ -371,7 +372,7 @@ class RolloutEngine:
         captures again.
         """
         self._buffers.clear()
-        for step, _ in self._steps.values():
+        for step, *_ in self._steps.values():
             if isinstance(step, _CapturedStep):
                 step.drop()  # stays warm: the next call captures straight away
         # every graph of the pool is gone, and CUDA's allocator frees a pool with its last graph: a new one
@@ -543,13 +544,15 @@ class RolloutEngine:
     def run_step(self, fn, model, state: dict, key: tuple, **consts) -> None:
         """Run ``fn(model, state, **consts)``, compiled once per key; times the first calls of each variant."""
         device = state["hidden"].device
-        mode, captured = self.mode(device), self.captures(device)
+        mode = self.mode(device)
         full_key = (fn.__name__, id(model), mode, *key, tuple(sorted(consts.items())))
         entry = self._steps.get(full_key)
         if entry is None:
-            entry = [self._make(fn, model, consts, mode, captured), 0]
+            captured = self.captures(device)
+            entry = [self._make(fn, model, consts, mode, captured), 0, captured]
             self._steps[full_key] = entry
             self.stats.variants += 1
+        captured = entry[2]
         if captured:
             step = entry[0]
             ready = step.ready(self._addresses)
