@@ -75,12 +75,22 @@ def kv_cache_bytes(shape: ModelShape, rows: int, tokens: int, k_bytes: int, v_by
     return shape.layers * rows * tokens * shape.kv_heads * shape.head_dim * (k_bytes + v_bytes)
 
 
-def eager_cache_bytes(r: Recipe, num: Numerics) -> tuple[int, int]:
-    """Bytes per element of the eager loop's ``(K, V)`` cache. K follows the residual stream (RoPE promotes
-    it to the embeddings' dtype), V the matmul outputs. Under FSDP2 with ``param_dtype`` the gathered
-    embeddings are in that dtype, so K is too (measured on CPU with a gloo process group)."""
-    k = dtype_bytes(r.param_dtype) if r.sharded and r.param_dtype is not None else num.residual
-    return k, num.compute
+def recipe_numerics(r: Recipe) -> Numerics:
+    """The :class:`Numerics` a recipe's model runs with: :func:`numerics` of its precision and weights, except
+    under FSDP2 with ``param_dtype``. There the gathered copies are already in that dtype, so autocast has
+    nothing left to re-cast, and the decoder's residual stream (embeddings, RMSNorm's in- and outputs, so the
+    K cache) is in ``param_dtype`` too: dtypes measured on CPU with a gloo group (tests/bicot/test_memory.py).
+    """
+    num = numerics(r.precision, r.policy_dtype)
+    if r.sharded and r.param_dtype is not None:
+        num = dataclasses.replace(num, casts=False, residual=dtype_bytes(r.param_dtype))
+    return num
+
+
+def eager_cache_bytes(num: Numerics) -> tuple[int, int]:
+    """Bytes per element of the eager loop's ``(K, V)`` cache: K follows the residual stream (RoPE promotes
+    it to the embeddings' dtype), V the matmul outputs."""
+    return num.residual, num.compute
 
 
 def layer_activation_bytes(shape: ModelShape, num: Numerics, lora_rank: int = 0) -> int:
@@ -206,18 +216,13 @@ class MemoryPlan:
 
 def plan(r: Recipe) -> MemoryPlan:
     """Compute the per-GPU :class:`MemoryPlan` of a :class:`Recipe`."""
-    num, shape = numerics(r.precision, r.policy_dtype), r.shape
+    # the VQ decoder's maps keep the precision's count under FSDP2 too: CUDA autocast runs GroupNorm in
+    # float32, which a CPU run cannot show
+    num, vq_num, shape = recipe_numerics(r), numerics(r.precision, r.policy_dtype), r.shape
     shards = r.world_size if r.sharded else 1
     ref_bytes = 2 if r.precision in ("16-true", "bf16-true") else dtype_bytes(r.reference_dtype)
     full_policy = shape.total_params * num.weight + r.lora_params * num.adapter
-    vq_num = num
-    if r.sharded and r.param_dtype is not None:
-        # FSDP2 gathers copies already in param_dtype: autocast has nothing left to re-cast, the gathered
-        # policy / reference weigh param_dtype bytes per parameter, and the decoder's residual stream (the
-        # embeddings, RMSNorm's in- and outputs, the K cache) is in param_dtype too: dtypes measured on CPU
-        # with a gloo group (tests/bicot/test_memory.py). The VQ decoder's maps keep the precision's count:
-        # CUDA autocast runs GroupNorm in float32, which a CPU run cannot show.
-        num = dataclasses.replace(num, casts=False, residual=dtype_bytes(r.param_dtype))
+    if r.sharded and r.param_dtype is not None:  # the gathered policy / reference weigh param_dtype bytes
         gathered_policy = shape.total_params * dtype_bytes(r.param_dtype) + r.lora_params * num.adapter
         ref_bytes_gathered = dtype_bytes(r.param_dtype)
     else:
@@ -228,8 +233,8 @@ def plan(r: Recipe) -> MemoryPlan:
     plan_kv = r.lengths.template_tokens + r.lengths.prompt_tokens + r.plan_tokens if r.use_plan else 0
     image_kv = r.lengths.prompt_tokens + (r.plan_tokens if r.use_plan else 0) + shape.image_tokens
     kv = max(
-        kv_cache_bytes(shape, rollout_rows, plan_kv, *eager_cache_bytes(r, num)),
-        kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), image_kv, *eager_cache_bytes(r, num)),
+        kv_cache_bytes(shape, rollout_rows, plan_kv, *eager_cache_bytes(num)),
+        kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), image_kv, *eager_cache_bytes(num)),
     )
     engine_buffers = 0
     if r.engine == "static":

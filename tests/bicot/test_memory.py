@@ -318,12 +318,13 @@ def test_kv_cache_and_residual_stream_under_fsdp2_bf16_gathers_are_bf16():
     config["trainer"]["strategy"] = "bicot.parallel.FSDP2Strategy"
     recipe = memory.recipe_from_config(config, 1)
     assert recipe.sharded and recipe.param_dtype == "bfloat16"
-    k, v = memory.eager_cache_bytes(recipe, memory.numerics("bf16-mixed", "float32"))
+    num = memory.recipe_numerics(recipe)
+    assert (num.residual, num.casts) == (2, False)  # the measured bf16 residual stream; nothing to re-cast
+    k, v = memory.eager_cache_bytes(num)
     shape = load_shape(tiny=TinyJanusSpec(**MEASURE_SPEC))
     assert (k, v) == (2, 2)
     assert results["bytes"] == kv_cache_bytes(shape, 2 * len(PROMPTS), results["tokens"], k, v)
     # the update's activations: a bf16 residual stream, no autocast weight casts to keep
-    num = dataclasses.replace(memory.numerics("bf16-mixed", "float32"), residual=2, casts=False)
     planned = memory.plan(recipe)
     assert planned.activations_gib * GIB == memory.activation_bytes(recipe, num, recipe.activation_checkpointing)
     unsharded = memory.plan(dataclasses.replace(recipe, param_dtype=None))
