@@ -20,15 +20,14 @@ how a step runs:
 * **The step.** Generation head (or ``lm_head``), CFG mix, sampling, embedding of the sampled token and
   one decoder step over all layers are one function whose state (cache, hidden, slot, outputs, noise)
   lives in preallocated buffers that it updates in place. Only the uniform draw of the noise runs outside
-  it, from the caller's generator, into a fixed buffer. On CUDA the function is, by default, captured by
-  hand as one CUDA graph per (rows, capacity, window, sampling settings) and replayed (``cudagraphs``:
-  about one step's time to capture); ``torch.compile(mode="reduce-overhead")`` fuses it with inductor
-  first (faster steps, minutes of compiling). ``fused`` sits between them: the step's parts
-  (:class:`StepParts`: sampling head, per-step inputs, one decoder layer, final norm) are compiled by
-  inductor one by one, so every layer runs the same compiled layer and a window costs a few small
-  compiles, then the whole step is captured by hand as under ``cudagraphs``. Fixed buffer addresses are
-  what make replay possible. On CPU it runs uncompiled by default (faster at the toy shape once compile
-  time counts).
+  it, from the caller's generator, into a fixed buffer. On CUDA the function is captured by hand as one
+  CUDA graph per (rows, capacity, window, sampling settings) and replayed. ``fused`` (the default on CUDA)
+  first compiles the step's parts (:class:`StepParts`: sampling head, per-step inputs, one decoder layer,
+  final norm) with inductor one by one, so every layer runs the same compiled layer and a window costs a
+  few small compiles (seconds), then captures the whole step. ``cudagraphs`` captures the plain step
+  (about one step's time to capture, slower steps). ``torch.compile(mode="reduce-overhead")`` fuses the
+  whole step with inductor (minutes of compiling). Fixed buffer addresses are what make replay possible.
+  On CPU the step runs uncompiled by default (faster at the toy shape once compile time counts).
 * **Mixed precision.** Under autocast with fp32 weights the step's linear layers read a copy of their
   weights in the autocast dtype, refreshed per sampling call (``weight_copy``), instead of a cast per
   weight per token.
@@ -60,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -323,7 +323,8 @@ class RolloutEngine:
     """Samples plans and image tokens like :mod:`modules.janus_ops`, with a static KV cache.
 
     Args:
-        compile: how the decode step runs. ``auto``: ``cudagraphs`` on CUDA, ``off`` on CPU. ``off``: plain
+        compile: how the decode step runs. ``auto``: ``fused`` on CUDA (``cudagraphs`` where inductor cannot
+            compile: see :meth:`mode`), ``off`` on CPU. ``off``: plain
             calls. ``cudagraphs``: the plain step captured by hand as one CUDA graph per window (a capture
             costs about one step, so every run is ahead of the eager loop from its first rollout).
             ``fused``: each part of the step compiled by inductor on its own (one compiled decoder layer serves
@@ -350,6 +351,7 @@ class RolloutEngine:
         self._steps: dict[tuple, list] = {}  # key -> [callable, calls so far, captured by hand]
         self._addresses: tuple = ()  # what the hand-captured graphs of the current call read
         self._parts: StepParts | None = None  # compile="fused": the compiled parts of the step
+        self._auto_cuda: str | None = None  # what compile="auto" means on CUDA, once asked (see mode)
 
     def __getstate__(self) -> dict:
         # Compiled callables and CUDA graphs do not pickle and buffers are per process: a copy starts empty.
@@ -363,6 +365,7 @@ class RolloutEngine:
             "_steps": {},
             "_addresses": (),
             "_parts": None,
+            "_auto_cuda": None,
         }
 
     def release(self) -> None:
@@ -385,10 +388,21 @@ class RolloutEngine:
             self.release()
 
     def mode(self, device: torch.device) -> str:
-        """The compile mode used on ``device`` (``off`` means plain eager calls of the step)."""
+        """The compile mode used on ``device`` (``off`` means plain eager calls of the step).
+
+        ``auto`` is ``off`` on CPU. On CUDA it is ``fused`` when inductor compiles a probe kernel there (asked
+        once per engine; the probe's seconds count as compile time), else ``cudagraphs``, with a warning that
+        names the error: a machine without a working Triton or C compiler still samples fast.
+        """
         if self.compile != "auto":
             return self.compile
-        return "cudagraphs" if device.type == "cuda" else "off"
+        if device.type != "cuda":
+            return "off"
+        if self._auto_cuda is None:
+            start = time.perf_counter()
+            self._auto_cuda = "fused" if inductor_compiles(device) else "cudagraphs"
+            self.stats.compile_s += time.perf_counter() - start
+        return self._auto_cuda
 
     def ladder(self, capacity: int, device: torch.device) -> list[int]:
         """The attention windows of a cache: one per chunk when a variant costs a capture, doubling when a compile."""
@@ -602,6 +616,31 @@ class RolloutEngine:
             _raise_recompile_limit()
             self._parts = StepParts(lambda part: torch.compile(part, dynamic=None, fullgraph=True))
         return self._parts
+
+
+def inductor_compiles(device: torch.device) -> bool:
+    """Whether inductor compiles and runs a small kernel on ``device``; warns with the error where it cannot."""
+    try:
+        probe = torch.compile(_probe, fullgraph=True, dynamic=False)
+        x = torch.arange(8, dtype=torch.float32, device=device)
+        if not torch.equal(probe(x).cpu(), _probe(x).cpu()):
+            raise RuntimeError("the compiled probe kernel gave other values than eager")
+        return True
+    except Exception as error:  # a missing Triton or C compiler surfaces as many exception types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(
+            f"engine compile='auto': inductor cannot compile on {device} ({type(error).__name__}: {first}); "
+            "using 'cudagraphs' (hand-captured, uncompiled steps) instead of 'fused'. Set "
+            "sampling.engine_compile explicitly to choose.",
+            stacklevel=3,
+        )
+        return False
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    # a pointwise chain and a reduction, integer-valued: exact in float32 whatever the kernel's order
+    y = (x * 2 + 1) * (x - 3)
+    return y - y.amax()
 
 
 def _raise_recompile_limit() -> None:

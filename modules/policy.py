@@ -57,10 +57,11 @@ class SamplingConfig:
         engine: ``eager`` (the KV-cached loop of ``janus_ops``) or ``static`` (``modules.engine``: static
             KV cache, one decode-step function, CUDA graphs on GPU; same tokens and log-probs).
         engine_compile: how the static engine runs its step (``RolloutEngine(compile=...)``): ``auto``
-            (hand-captured CUDA graphs on GPU, plain calls on CPU), ``off``, ``cudagraphs``, ``fused``
-            (inductor-compiled parts of the step, one compiled decoder layer for all layers, captured by
-            hand on GPU), or a ``torch.compile`` mode (``reduce-overhead``: faster steps after minutes of
-            compiling).
+            (``fused`` on GPU, ``cudagraphs`` where inductor cannot compile; plain calls on CPU), ``off``,
+            ``cudagraphs`` (the plain step captured by hand as CUDA graphs: starts in under a second),
+            ``fused`` (inductor-compiled parts of the step, one compiled decoder layer for all layers,
+            captured by hand on GPU: faster steps after seconds of compiling), or a ``torch.compile`` mode
+            (``reduce-overhead``: as fast as ``fused`` after minutes of compiling).
     """
 
     plan_max_tokens: int = 64

@@ -56,7 +56,7 @@ def test_fit_on_gpu_logs_each_phases_peak_memory(tiny_janus_dir, engine, compile
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     if engine == "static":
         stats = policy._engine.stats
-        expected = "cudagraphs" if compile == "auto" else compile
+        expected = "fused" if compile == "auto" else compile  # inductor compiles on the GPU machines we use
         assert policy._engine.mode(torch.device("cuda")) == expected and stats.captures > 0
         # the buffers are freed for every update, so every step captures its windows again
         captures = [m["perf/engine_captures"] for _, m in logger.metrics if "perf/engine_captures" in m]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import modules.engine as engine_module
 from bicot.loop import RowPlacement, rollout_phase
 from datamodules.records import PromptRecord
 from modules import janus_ops
@@ -75,7 +76,38 @@ def test_engine_ladder_is_linear_for_plain_and_captured_steps_and_doubling_when_
     assert RolloutEngine(compile="cudagraphs").ladder(320, cpu) == [64, 128, 192, 256, 320]
     assert RolloutEngine(compile="fused").ladder(320, cpu) == [64, 128, 192, 256, 320]
     assert RolloutEngine(compile="default").ladder(320, cpu) == [64, 128, 256, 320]
-    assert RolloutEngine().mode(torch.device("cuda")) == "cudagraphs"
+
+
+def test_auto_is_fused_on_cuda_where_inductor_compiles_else_cudagraphs(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    asked = []
+    monkeypatch.setattr(engine_module, "inductor_compiles", lambda device: asked.append(device) or True)
+    engine = RolloutEngine()
+    assert engine.mode(cpu) == "off" and not asked  # CPU never asks
+    assert engine.mode(cuda) == "fused" and engine.mode(cuda) == "fused" and asked == [cuda]  # asked once
+    assert engine.captures(cuda) and engine.ladder(320, cuda) == [128, 256, 320]
+    monkeypatch.setattr(engine_module, "inductor_compiles", lambda device: False)
+    assert RolloutEngine().mode(cuda) == "cudagraphs"
+    assert RolloutEngine(compile="cudagraphs").mode(cuda) == "cudagraphs"  # an explicit mode is never probed
+
+
+def test_inductor_probe_compiles_here_and_warns_with_the_error_where_it_cannot(monkeypatch):
+    assert engine_module.inductor_compiles(torch.device("cpu"))  # the real probe: inductor's C++ backend
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(UserWarning, match=r"cannot compile on cpu \(RuntimeError: Failed to find C compiler"):
+        assert not engine_module.inductor_compiles(torch.device("cpu"))
+    engine = RolloutEngine()
+    with pytest.warns(UserWarning, match="using 'cudagraphs'"):
+        # on this CPU-only machine the probe fails on the CUDA device itself, and auto still has an answer
+        assert engine.mode(torch.device("cuda")) == "cudagraphs"
+    assert engine.stats.compile_s > 0  # the probe's time is compile time
 
 
 def test_drawn_noise_is_row_noise_bit_for_bit():
