@@ -3,10 +3,13 @@
 # static-cache engine, same process), one full GRPO step of the 1B recipe phase by phase, and the GPU-only
 # tests. Run from the repository root on a machine with one CUDA GPU:
 #
-#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile
+#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels
 #
 # COMPILE_1B / COMPILE_7B pick the engine modes of the rollout parts (default cudagraphs,fused;
 # comma-separated); COMPILE_STEP the static engine's mode in step1b (default fused, against the eager loop).
+# `profile` lists the kernels of the fused step (uncaptured: the same kernels, each timed on the device);
+# `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
+# (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0.
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
 # time does not stop the others.
 set -u
@@ -37,7 +40,8 @@ for part in $parts; do
     env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
     rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ;;
     step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused}" ;;
-    profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile off,fused --no-capture --image-tokens 128 ;;
+    profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile fused --no-capture --image-tokens 128 ;;
+    kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
     tests)
         files="tests/modules/test_engine.py tests/modules/rewards/test_base.py tests/bicot/test_gpu_fit.py"

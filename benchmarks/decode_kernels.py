@@ -1,0 +1,263 @@
+"""Where a decode step's time goes, and what could take it lower: the step's matmuls and its attention over the
+KV cache, each in several implementations, timed over all decoder layers at the real shapes.
+
+The static engine's `fused` step takes 2.85 ms at the Janus-Pro-1B shape on an H200 (32 rows), 40% of the
+copy-bandwidth limit; issue 9 aims under 2 ms. At this batch a step is bound by memory traffic: the decoder's
+weights (2.5 GB at 1B) and, about as much at the image stage's average window, the KV cache. This script
+measures each of the two on its own, as the fraction of the bandwidth limit each implementation reaches:
+
+    python benchmarks/decode_kernels.py --shape 1b                       # GPU: bf16, 32 rows, windows 128,384,640
+    python benchmarks/decode_kernels.py --shape 7b --autotune            # + inductor max-autotune matmuls
+    nice python benchmarks/decode_kernels.py --shape toy --reps 5        # CPU smoke test (figures mean nothing)
+
+Matmuls (``part: "linear"``), one new token per row through every layer's projections:
+- ``separate``: q, k, v, o, gate, up, down as seven ``F.linear`` calls (cuBLAS), as the engine does now;
+- ``packed``: q/k/v in one ``[3H, H]`` weight and gate/up in one ``[2I, H]`` weight: two fewer launches, and
+  wider matmuls that give the GPU more blocks to spread the weight reads over;
+- with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
+  templates benchmarked against cuBLAS for each shape; minutes of compiling).
+
+Attention (``part: "attention"``), one query per row and head over a window of the cache, with the engine's
+additive bias (left padding masked):
+- ``matmul``: the engine's arithmetic (``q @ K^T``, float32 softmax, ``@ V``), plain calls;
+- ``matmul_compiled``: the same under ``torch.compile``, as ``fused`` runs it (matmuls stay cuBLAS calls,
+  the softmax is fused);
+- ``sdpa``: ``F.scaled_dot_product_attention`` with the bias as its mask;
+- ``reduce_compiled``: scores and output written as multiply-and-sum reductions under ``torch.compile``, so
+  inductor emits reduction kernels that stream the cache instead of batched one-row matmuls.
+
+On CUDA each implementation's pass over all layers is captured as one CUDA graph and replayed, so launch
+overhead is out of the figure, as in the engine. Every layer has its own weights and cache, so nothing is
+read from L2 twice in a pass. Each line gives ``us_per_step``, the bytes read, ``bandwidth_fraction`` (bytes
+over the measured copy bandwidth, divided by the time) and ``max_diff`` against the first implementation of
+its part. Random weights; one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollout import LM_SHAPES, copy_bandwidth  # noqa: E402
+
+SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=4, intermediate_size=344)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--rows", type=int, default=32, help="batch rows (16 prompts with CFG: 32)")
+    parser.add_argument("--windows", default="128,384,640", help="attention windows (cache slots read)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
+    parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    args = parser.parse_args()
+    args.windows = [int(w) for w in args.windows.split(",")]
+    if args.rows < 1 or args.reps < 1 or any(w < 1 for w in args.windows):
+        parser.error("--rows, --reps and every window must be >= 1")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    return args
+
+
+class Layers:
+    """Random weights of every decoder layer, separate and packed, and a KV cache per layer."""
+
+    def __init__(self, shape: dict, rows: int, capacity: int, device, dtype) -> None:
+        hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+        self.heads, self.kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+        self.dim = 128 if hidden >= 2048 else hidden // self.heads
+        self.layers = shape["num_hidden_layers"]
+
+        def weight(out: int, inp: int) -> torch.Tensor:
+            return torch.randn(out, inp, device=device, dtype=dtype) * inp**-0.5
+
+        q, kv = self.heads * self.dim, self.kv_heads * self.dim
+        self.separate = [
+            dict(q=weight(q, hidden), k=weight(kv, hidden), v=weight(kv, hidden), o=weight(hidden, q),
+                 gate=weight(inter, hidden), up=weight(inter, hidden), down=weight(hidden, inter))
+            for _ in range(self.layers)
+        ]
+        self.packed = [
+            dict(qkv=torch.cat([w["q"], w["k"], w["v"]]), o=w["o"], gate_up=torch.cat([w["gate"], w["up"]]),
+                 down=w["down"])
+            for w in self.separate
+        ]
+        self.split = (q, kv, kv, inter)
+        cache = (rows, self.kv_heads, capacity, self.dim)
+        self.keys = [torch.randn(cache, device=device, dtype=dtype) for _ in range(self.layers)]
+        self.values = [torch.randn(cache, device=device, dtype=dtype) for _ in range(self.layers)]
+        self.x = torch.randn(rows, hidden, device=device, dtype=dtype)
+        self.query = torch.randn(rows, self.kv_heads, self.heads // self.kv_heads, self.dim, device=device,
+                                 dtype=dtype)
+        generator = torch.Generator().manual_seed(0)
+        self.pad = torch.randint(0, 16, (rows,), generator=generator).to(device)  # left padding per row
+
+    def linear_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for layer in self.separate for w in layer.values())
+
+    def attention_bytes(self, window: int) -> int:
+        one = self.keys[0][:, :, :window]
+        return 2 * self.layers * one.numel() * one.element_size()
+
+    def bias(self, window: int) -> torch.Tensor:
+        cols = torch.arange(window, device=self.pad.device)[None]
+        allowed = cols >= self.pad[:, None]  # the window's last slot is the new token: everything up to it counts
+        bias = torch.zeros(allowed.shape, device=self.pad.device).masked_fill(~allowed, float("-inf"))
+        return bias.view(-1, 1, 1, window)
+
+
+# ---- the implementations -----------------------------------------------------------------------------
+
+
+def linear_separate(x: torch.Tensor, w: dict) -> torch.Tensor:
+    q, k, v = F.linear(x, w["q"]), F.linear(x, w["k"]), F.linear(x, w["v"])
+    h = x + F.linear(q + k + v, w["o"])  # uses q, k and v at the cost of two adds (heads == KV heads here)
+    return h + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+
+
+def linear_packed(x: torch.Tensor, w: dict, split: tuple) -> torch.Tensor:
+    q, k, v = F.linear(x, w["qkv"]).split(split[:3], -1)
+    h = x + F.linear(q + k + v, w["o"])
+    gate, up = F.linear(h, w["gate_up"]).split([split[3], split[3]], -1)
+    return h + F.linear(F.silu(gate) * up, w["down"])
+
+
+def attention_matmul(q, keys, values, bias, scale: float) -> torch.Tensor:
+    scores = (q @ keys.transpose(-1, -2)).float() * scale
+    return (scores + bias).softmax(-1).to(q.dtype) @ values
+
+
+def attention_sdpa(q, keys, values, bias, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+def attention_reduce(q, keys, values, bias, scale: float) -> torch.Tensor:
+    # q [R, kv, G, D], keys [R, kv, W, D]: scores [R, kv, G, W] as a sum over D, output as a sum over W
+    scores = (q.float()[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1) * scale
+    probs = (scores + bias).softmax(-1)
+    return (probs[..., None] * values.float()[:, :, None]).sum(-2).to(q.dtype)
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+
+
+def every_layer(layers: Layers, fn):
+    """One pass: ``fn(x, layer index)`` for every layer, outputs stacked (what the timing compares)."""
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([fn(layers.x, i) for i in range(layers.layers)])
+
+    return run
+
+
+def measure(run, device: torch.device, reps: int) -> tuple[float, torch.Tensor, float]:
+    """``(median seconds per pass, the pass's output, seconds of the first call)``; CUDA: replays of a graph."""
+    start = time.perf_counter()
+    out = run()  # compiles, if any
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = time.perf_counter() - start
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), out, first
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()  # warm-up on a side stream, as capture asks
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    return statistics.median(times), out.clone(), first
+
+
+def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, out, reference, first: float,
+           **extra) -> None:
+    diff = None if reference is None else float((out.float() - reference.float()).abs().max())
+    line = dict(measure="decode_kernels", part=part, impl=name, shape=args.shape, rows=args.rows,
+                dtype=str(args.dtype).removeprefix("torch."), device=torch.cuda.get_device_name(args.device)
+                if args.device.type == "cuda" else "cpu", **extra, us_per_step=round(seconds * 1e6, 1),
+                mb_per_step=round(nbytes / 1e6, 1),
+                bandwidth_fraction=None if bandwidth is None else round(nbytes / bandwidth / seconds, 4),
+                first_call_s=round(first, 2), max_diff=diff)
+    print(json.dumps(line), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    shape = SHAPES[args.shape]
+    layers = Layers(shape, args.rows, max(args.windows), args.device, args.dtype)
+    bandwidth = copy_bandwidth(args.device)
+    print(json.dumps(dict(measure="setup", shape=args.shape, rows=args.rows, layers=layers.layers,
+                          copy_bandwidth_tb_s=None if bandwidth is None else round(bandwidth / 1e12, 3))), flush=True)
+
+    linears = {
+        "separate": lambda x, i: linear_separate(x, layers.separate[i]),
+        "packed": lambda x, i: linear_packed(x, layers.packed[i], layers.split),
+    }
+    if args.autotune:
+        tuned = dict(mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)
+        separate, packed = torch.compile(linear_separate, **tuned), torch.compile(linear_packed, **tuned)
+        linears["separate_autotune"] = lambda x, i: separate(x, layers.separate[i])
+        linears["packed_autotune"] = lambda x, i: packed(x, layers.packed[i], layers.split)
+    reference = None
+    for name, fn in linears.items():
+        seconds, out, first = measure(every_layer(layers, fn), args.device, args.reps)
+        report(args, "linear", name, seconds, layers.linear_bytes(), bandwidth, out, reference, first)
+        reference = out if reference is None else reference
+
+    compiled = dict(dynamic=False, fullgraph=True)
+    attentions = {
+        "matmul": attention_matmul,
+        "matmul_compiled": torch.compile(attention_matmul, **compiled),
+        "sdpa": attention_sdpa,
+        "reduce_compiled": torch.compile(attention_reduce, **compiled),
+    }
+    scale = layers.dim**-0.5
+    for window in args.windows:
+        bias = layers.bias(window)
+        reference = None
+        for name, fn in attentions.items():
+            run = every_layer(layers, lambda x, i, fn=fn, window=window, bias=bias: fn(
+                layers.query, layers.keys[i][:, :, :window], layers.values[i][:, :, :window], bias, scale))
+            try:
+                seconds, out, first = measure(run, args.device, args.reps)
+            except Exception as error:  # an implementation that cannot run here is reported, not fatal
+                print(json.dumps(dict(measure="decode_kernels", part="attention", impl=name, window=window,
+                                      error=f"{type(error).__name__}: {str(error).splitlines()[0]}")), flush=True)
+                continue
+            report(args, "attention", name, seconds, layers.attention_bytes(window), bandwidth, out, reference,
+                   first, window=window)
+            reference = out if reference is None else reference
+
+
+if __name__ == "__main__":
+    main()
