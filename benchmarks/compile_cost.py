@@ -28,8 +28,6 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import Bench, checked_args, shape_arguments, timed  # noqa: E402
 
-from modules.engine import RolloutEngine  # noqa: E402
-
 
 def cold_caches(root: Path, name: str) -> None:
     """Forget everything compiled so far: dynamo's caches, inductor's on-disk and in-process code caches."""
@@ -51,16 +49,16 @@ def main() -> None:
     cold_caches(root, "start-up")
     torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))  # torch's one-off start-up
     first_tokens = None
-    for mode in args.compile.split(","):
-        cold_caches(root, mode)
+    for spec, engine in b.engines().items():
+        cold_caches(root, spec)
         counters.clear()
-        engine = RolloutEngine(compile=mode)
         call = b.sampler(engine.sample_image_tokens)
         first_s, _, out = timed(call, device)
         second_s, _, _ = timed(call, device)
         first_tokens = out.tokens if first_tokens is None else first_tokens
         print(json.dumps(dict(
-            measure="compile_cost", mode=engine.mode(device), shape=args.shape, dtype=args.dtype,
+            measure="compile_cost", mode=engine.mode(device), attention=engine.attention, shape=args.shape,
+            dtype=args.dtype,
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             rows=2 * args.prompts, image_tokens=n_tokens, compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s, 2), second_call_s=round(second_s, 2),

@@ -18,13 +18,14 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 
 Attention (``part: "attention"``), one query per row and head over a window of the cache, with the engine's
-additive bias (left padding masked):
-- ``matmul``: the engine's arithmetic (``q @ K^T``, float32 softmax, ``@ V``), plain calls;
+additive bias (left padding masked), through the engine's own functions (``modules.engine.ATTENTION``, chosen
+with ``RolloutEngine(attention=...)``):
+- ``matmul``: the default (``q @ K^T``, float32 softmax, ``@ V``), plain calls;
 - ``matmul_compiled``: the same under ``torch.compile``, as ``fused`` runs it (matmuls stay cuBLAS calls,
   the softmax is fused);
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the bias as its mask;
-- ``reduce_compiled``: scores and output written as multiply-and-sum reductions under ``torch.compile``, so
-  inductor emits reduction kernels that stream the cache instead of batched one-row matmuls.
+- ``reduce_compiled``: ``attention="reduce"`` under ``torch.compile``: scores and output as multiply-and-sum
+  reductions, so inductor emits reduction kernels that stream the cache instead of batched one-row matmuls.
 
 On CUDA each implementation's pass over all layers is captured as one CUDA graph and replayed, so launch
 overhead is out of the figure, as in the engine. Every layer has its own weights and cache, so nothing is
@@ -47,6 +48,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import LM_SHAPES, copy_bandwidth  # noqa: E402
+
+from modules.engine import ATTENTION  # noqa: E402
 
 SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=4, intermediate_size=344)}
@@ -132,22 +135,6 @@ def linear_packed(x: torch.Tensor, w: dict, split: tuple) -> torch.Tensor:
     h = x + F.linear(q + k + v, w["o"])
     gate, up = F.linear(h, w["gate_up"]).split([split[3], split[3]], -1)
     return h + F.linear(F.silu(gate) * up, w["down"])
-
-
-def attention_matmul(q, keys, values, bias, scale: float) -> torch.Tensor:
-    scores = (q @ keys.transpose(-1, -2)).float() * scale
-    return (scores + bias).softmax(-1).to(q.dtype) @ values
-
-
-def attention_sdpa(q, keys, values, bias, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), scale=scale)
-
-
-def attention_reduce(q, keys, values, bias, scale: float) -> torch.Tensor:
-    # q [R, kv, G, D], keys [R, kv, W, D]: scores [R, kv, G, W] as a sum over D, output as a sum over W
-    scores = (q.float()[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1) * scale
-    probs = (scores + bias).softmax(-1)
-    return (probs[..., None] * values.float()[:, :, None]).sum(-2).to(q.dtype)
 
 
 # ---- timing -----------------------------------------------------------------------------------------
@@ -236,10 +223,10 @@ def main() -> None:
 
     compiled = dict(dynamic=False, fullgraph=True)
     attentions = {
-        "matmul": attention_matmul,
-        "matmul_compiled": torch.compile(attention_matmul, **compiled),
-        "sdpa": attention_sdpa,
-        "reduce_compiled": torch.compile(attention_reduce, **compiled),
+        "matmul": ATTENTION["matmul"],
+        "matmul_compiled": torch.compile(ATTENTION["matmul"], **compiled),
+        "sdpa": ATTENTION["sdpa"],
+        "reduce_compiled": torch.compile(ATTENTION["reduce"], **compiled),
     }
     scale = layers.dim**-0.5
     for window in args.windows:

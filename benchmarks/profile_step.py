@@ -30,8 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import Bench, checked_args, shape_arguments, timed  # noqa: E402
 
-from modules.engine import RolloutEngine  # noqa: E402
-
 
 def device_events(prof, device: torch.device) -> list[tuple[str, float]]:
     """``(name, microseconds)`` of every kernel (GPU) or every aten operator's self time (CPU) in a profile."""
@@ -62,8 +60,7 @@ def main() -> None:
     b = Bench.build(checked_args(parser, prompts=(16, 4)))
     args, device, n_tokens = b.args, b.device, b.n_tokens
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for mode in args.compile.split(","):
-        engine = RolloutEngine(compile=mode)
+    for engine in b.engines().values():
         if args.no_capture:
             engine.graphs.available = lambda device: False  # fused: the compiled parts, uncaptured
 
@@ -72,7 +69,8 @@ def main() -> None:
         with profile(activities=activities) as prof:
             wall = timed(call, device)[0]
         print(json.dumps(dict(
-            measure="profile", mode=engine.mode(device), captured=engine.captures(device), shape=args.shape,
+            measure="profile", mode=engine.mode(device), attention=engine.attention, captured=engine.captures(device),
+            shape=args.shape,
             dtype=args.dtype, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             rows=2 * args.prompts, image_tokens=n_tokens,
             **summary(device_events(prof, device), n_tokens, wall, args.top),

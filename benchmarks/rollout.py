@@ -32,7 +32,7 @@ import torch
 from transformers import JanusConfig, JanusForConditionalGeneration
 
 from modules import janus_ops
-from modules.engine import COMPILE_MODES, RolloutEngine
+from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine
 from modules.tiny import TinyJanusSpec, build_tiny_janus
 
 LM_SHAPES = {
@@ -175,7 +175,8 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
     parser.add_argument("--image-tokens", type=int, default=None, help="default: the model's (64 toy, 576)")
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--compile", default=compile_default,
-                        help=f"engine compile modes, comma-separated, of: {', '.join(COMPILE_MODES)}")
+                        help=f"engines, comma-separated: a compile mode ({', '.join(COMPILE_MODES)}), or a mode and "
+                        f"an attention ({', '.join(ATTENTION)}; default matmul) as MODE+ATTENTION, e.g. fused+reduce")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -186,9 +187,12 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
 def checked_args(parser: argparse.ArgumentParser, prompts: tuple[int, int], real_shapes_on_cpu: bool = False):
     """Parse and check; ``prompts`` is the default ``(on a GPU, on a CPU)``."""
     args = parser.parse_args()
-    for mode in args.compile.split(","):
+    for spec in args.compile.split(","):
+        mode, _, attention = spec.partition("+")
         if mode not in COMPILE_MODES:
             parser.error(f"--compile: unknown mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
+        if attention and attention not in ATTENTION:
+            parser.error(f"--compile: unknown attention {attention!r} in {spec!r}; choose from {', '.join(ATTENTION)}")
     gpu = torch.cuda.is_available()
     if args.shape != "toy" and not gpu and not real_shapes_on_cpu:
         parser.error(f"--shape {args.shape} needs a CUDA device (random weights at the real shape, bf16)")
@@ -217,6 +221,14 @@ class Bench:
         model = janus_at_shape(args.shape, device, getattr(torch, args.dtype))
         n_tokens = args.image_tokens or model.config.vision_config.num_image_tokens
         return cls(args, device, model, n_tokens, *contexts(model, args.prompts, args.prompt_tokens, args.seed))
+
+    def engines(self, **kwargs) -> dict[str, RolloutEngine]:
+        """One engine per entry of ``--compile`` (``MODE`` or ``MODE+ATTENTION``), keyed by the entry."""
+        engines = {}
+        for spec in self.args.compile.split(","):
+            mode, _, attention = spec.partition("+")
+            engines[spec] = RolloutEngine(compile=mode, attention=attention or "matmul", **kwargs)
+        return engines
 
     def sampler(self, fn):
         """A call of ``fn`` (``janus_ops.sample_image_tokens`` or an engine's) with CFG and a fresh seeded noise."""
@@ -247,7 +259,7 @@ def main() -> None:
     step_bytes = lm_bytes(model) + kv_bytes_per_slot * (args.prompt_tokens + n_tokens / 2)
     bandwidth = copy_bandwidth(device)
 
-    engines = {f"static[{m}]": RolloutEngine(compile=m, chunk=args.chunk) for m in args.compile.split(",")}
+    engines = {f"static[{spec}]": engine for spec, engine in b.engines(chunk=args.chunk).items()}
     calls = {"eager": b.sampler(janus_ops.sample_image_tokens)}
     first_s = {}
     for name, engine in engines.items():
@@ -260,7 +272,7 @@ def main() -> None:
     eager = record("eager", best["eager"], *common)
     for name, engine in engines.items():
         static = record(name, best[name], *common, extra=dict(
-            compile_mode=engine.mode(device), compile_s=round(engine.stats.compile_s, 2),
+            compile_mode=engine.mode(device), attention=engine.attention, compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s[name], 2), variants=engine.stats.variants, captures=engine.stats.captures))
         a, b = best["eager"]["out"], best[name]["out"]
         print(json.dumps(dict(

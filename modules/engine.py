@@ -175,10 +175,40 @@ def _step_inputs(rotary, slot: torch.Tensor, pad: torch.Tensor, capacity: int, d
     return cos, sin, bias.view(pad.shape[0], 1, 1, capacity)
 
 
-def _decode_layer(layer, x, keys, values, cos, sin, bias, slot, window: int) -> torch.Tensor:
+def _attend_matmul(q, keys, values, bias, scaling: float) -> torch.Tensor:
+    """Attention of one query per row and head: ``q [R, kv_heads, groups, D]`` over ``keys``/``values``
+    ``[R, kv_heads, W, D]`` with the additive ``bias [R, 1, 1, W]``; returns ``[R, kv_heads, groups, D]``.
+
+    Batched one-row matmuls (cuBLAS), the scores and softmax in float32: the engine's default.
+    """
+    scores = (q @ keys.transpose(-1, -2)).float() * scaling  # [R, kv_heads, groups, W]
+    probs = (scores + bias).softmax(-1).to(q.dtype)
+    return probs @ values
+
+
+def _attend_reduce(q, keys, values, bias, scaling: float) -> torch.Tensor:
+    """As :func:`_attend_matmul`, written as multiply-and-sum reductions in float32, so that under
+    ``compile="fused"`` inductor emits reduction kernels that stream the cache. Uncompiled it materialises a
+    ``[R, kv_heads, groups, W, D]`` product per layer: meant for ``fused`` only."""
+    scores = (q.float()[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1) * scaling
+    probs = (scores + bias).softmax(-1)
+    return (probs[..., None] * values.float()[:, :, None]).sum(-2).to(q.dtype)
+
+
+def _attend_sdpa(q, keys, values, bias, scaling: float) -> torch.Tensor:
+    """As :func:`_attend_matmul`, through ``F.scaled_dot_product_attention`` with the bias as its mask (in the
+    query's dtype, so softmax is not float32 throughout as in the other two)."""
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), scale=scaling)
+
+
+ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa}
+
+
+def _decode_layer(layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul) -> torch.Tensor:
     """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
     ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
-    reads slots ``[0, window)`` only (``slot < window``); ``bias`` is ``[R, 1, 1, window]``."""
+    (``attend``, one of :data:`ATTENTION`) reads slots ``[0, window)`` only (``slot < window``); ``bias`` is
+    ``[R, 1, 1, window]``."""
     rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
     attn = layer.self_attn
     h = _rms_norm(layer.input_layernorm, x)
@@ -187,9 +217,7 @@ def _decode_layer(layer, x, keys, values, cos, sin, bias, slot, window: int) -> 
     # .to: under autocast the projections and the cache need not share a dtype
     keys.index_copy_(2, slot, _rope(attn.k_proj(h).view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
     values.index_copy_(2, slot, attn.v_proj(h).view(rows, kv_heads, 1, dim).to(values.dtype))
-    scores = (q @ keys[:, :, :window].transpose(-1, -2)).float() * attn.scaling  # [R, kv_heads, groups, W]
-    probs = (scores + bias).softmax(-1).to(q.dtype)
-    out = probs @ values[:, :, :window]  # [R, kv_heads, groups, D]
+    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling)  # [R, kv_heads, groups, D]
     x = x + attn.o_proj(out.reshape(rows, -1))
     mlp = layer.mlp
     h = _rms_norm(layer.post_attention_layernorm, x)
@@ -246,9 +274,10 @@ class StepParts:
     inductor on its own ("regional" compilation: the 24 or 30 decoder layers share one compiled layer, so a
     window costs a few small compiles instead of one of the whole unrolled model)."""
 
-    def __init__(self, wrap=None) -> None:
+    def __init__(self, wrap=None, attention: str = "matmul") -> None:
         wrap = wrap or (lambda fn: fn)
         self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
+        self.attend = ATTENTION[attention]  # an argument of the layer: a compile guards on which it is
         self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
 
 
@@ -266,7 +295,7 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     cos, sin, bias = parts.inputs(lm.rotary_emb, slot, state["pad"], kv[0].shape[2], x.dtype)
     bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
-        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window)
+        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend)
     parts.finish(lm.norm, x, state)
 
 
@@ -337,14 +366,22 @@ class RolloutEngine:
             read a copy of their weights in the autocast dtype, refreshed at every sampling call, instead
             of casting every weight at every token. Same values as autocast's own casts; costs one
             autocast-dtype copy of those weights (Janus-Pro-1B: 2.8 GiB, 7B: 12.3 GiB) while buffers are held.
+        attention: how a step attends over the cache (:data:`ATTENTION`): ``matmul`` (batched one-row
+            matmuls, the default), ``reduce`` (multiply-and-sum reductions that inductor turns into kernels
+            streaming the cache; for ``fused``) or ``sdpa``. Same results within rounding; which is fastest on
+            a GPU is what ``benchmarks/decode_kernels.py`` measures.
     """
 
-    def __init__(self, compile: str = "auto", chunk: int | None = None, weight_copy: bool = True) -> None:
+    def __init__(
+        self, compile: str = "auto", chunk: int | None = None, weight_copy: bool = True, attention: str = "matmul"
+    ) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
         if chunk is not None and chunk < 1:
             raise ValueError(f"engine chunk must be >= 1, got {chunk}")
-        self.compile, self.chunk, self.weight_copy = compile, chunk, weight_copy
+        if attention not in ATTENTION:
+            raise ValueError(f"engine attention must be one of {tuple(ATTENTION)}, got {attention!r}")
+        self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
@@ -359,6 +396,7 @@ class RolloutEngine:
             "compile": self.compile,
             "chunk": self.chunk,
             "weight_copy": self.weight_copy,
+            "attention": self.attention,
             "stats": EngineStats(),
             "graphs": CudaGraphs(),
             "_buffers": {},
@@ -591,8 +629,9 @@ class RolloutEngine:
 
     def _make(self, fn, model, consts: dict, mode: str, captured: bool):
         if mode == "fused":
-            parts = self._fused_parts()
-            consts = {**consts, "parts": parts}
+            consts = {**consts, "parts": self._fused_parts()}
+        elif self.attention != "matmul":
+            consts = {**consts, "parts": StepParts(attention=self.attention)}
 
         def step(state: dict) -> None:
             fn(model, state, **consts)
@@ -614,7 +653,9 @@ class RolloutEngine:
         """
         if self._parts is None:
             _raise_recompile_limit()
-            self._parts = StepParts(lambda part: torch.compile(part, dynamic=None, fullgraph=True))
+            self._parts = StepParts(
+                lambda part: torch.compile(part, dynamic=None, fullgraph=True), attention=self.attention
+            )
         return self._parts
 
 

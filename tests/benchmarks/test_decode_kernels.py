@@ -1,4 +1,4 @@
-"""The decode-kernel candidates in benchmarks/decode_kernels.py compute what the engine's step computes (CPU)."""
+"""The decode-kernel candidates (benchmarks/decode_kernels.py, the engine's attention choices) agree (CPU)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import decode_kernels as dk  # noqa: E402
+
+from modules.engine import ATTENTION  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +30,14 @@ def test_packed_projections_equal_the_separate_ones(layers):
     assert layers.linear_bytes() == 4 * sum(w.numel() for w in layers.separate[0].values()) * layers.layers
 
 
-@pytest.mark.parametrize("impl", [dk.attention_sdpa, dk.attention_reduce, torch.compile(dk.attention_reduce)])
-def test_attention_candidates_equal_the_engines_arithmetic(layers, impl):
+@pytest.mark.parametrize("impl", [ATTENTION["sdpa"], ATTENTION["reduce"], torch.compile(ATTENTION["reduce"])])
+def test_attention_candidates_equal_the_engines_default(layers, impl):
     window = 40
     bias = layers.bias(window)
     assert torch.isinf(bias).any() and not torch.isinf(bias[..., -1]).any()  # left padding masked, new token not
     keys, values = layers.keys[0][:, :, :window], layers.values[0][:, :, :window]
     scale = layers.dim**-0.5
-    expected = dk.attention_matmul(layers.query, keys, values, bias, scale)
+    expected = ATTENTION["matmul"](layers.query, keys, values, bias, scale)
     torch.testing.assert_close(impl(layers.query, keys, values, bias, scale), expected, rtol=1e-5, atol=1e-5)
     # the masked slots really do not count: changing them changes nothing
     masked = (bias.view(bias.shape[0], -1) == float("-inf"))[:, None, :, None]  # [R, 1, W, 1]

@@ -128,6 +128,8 @@ def test_noise_rows_beyond_the_global_batch_are_refused():
 def test_unknown_compile_mode_and_engine_are_refused():
     with pytest.raises(ValueError, match="compile"):
         RolloutEngine(compile="fast")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        RolloutEngine(attention="flash")
     with pytest.raises(ValueError, match="sampling.engine"):
         SamplingConfig(engine="vllm")
 
@@ -164,6 +166,21 @@ def test_sampling_with_the_same_noise_gives_the_eager_tokens_and_logprobs(sharp_
     close(b.logp, a.logp)
     close(b.entropy, a.entropy)
     assert (b.entropy[~b.mask] == 0).all() and (b.entropy[b.mask] > 0).all()
+
+
+@pytest.mark.parametrize("attention", ["reduce", "sdpa"])
+def test_each_attention_choice_samples_the_eager_tokens_and_logprobs(sharp_policy, attention):
+    engine = RolloutEngine(attention=attention)
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    a = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 6, 3.0)
+    b = images(engine.sample_image_tokens, sharp_policy, ctx, 6, 3.0)
+    assert torch.equal(a.tokens, b.tokens)
+    close(b.logp_guided, a.logp_guided)
+    ids, mask = plan_contexts(sharp_policy)
+    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 7, 12)
+    b = plans(engine.sample_text, sharp_policy, ids, mask, 7, 12)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    close(b.logp, a.logp)
 
 
 def test_cfg_scale_one_is_conditional_sampling(sharp_policy):
@@ -531,10 +548,12 @@ def _layer_compiles() -> int:
 
 
 @pytest.mark.slow
-def test_fused_parts_compile_one_layer_for_all_layers_and_sample_the_eager_tokens(sharp_policy):
+@pytest.mark.parametrize("attention", ["matmul", "reduce"])
+def test_fused_parts_compile_one_layer_for_all_layers_and_sample_the_eager_tokens(sharp_policy, attention):
     """``compile="fused"``: each part of the step compiled on its own, the whole step captured (stand-in here)."""
     torch._dynamo.reset()  # the compile cache is per code object, shared with earlier tests
-    engine = RolloutEngine(compile="fused", chunk=16)  # a window per 16 slots: several windows in 40 tokens
+    # a window per 16 slots: several windows in 40 tokens
+    engine = RolloutEngine(compile="fused", chunk=16, attention=attention)
     engine.graphs = graphs = StandInGraphs()
     ctx = sharp_policy.image_context(PROMPTS, None)
     eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=40)
@@ -590,11 +609,14 @@ def cuda_images(fn, policy, ctx, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["cudagraphs", "fused", "reduce-overhead"])
+@pytest.mark.parametrize(
+    ("mode", "attention"),
+    [("cudagraphs", "matmul"), ("fused", "matmul"), ("fused", "reduce"), ("fused", "sdpa"), ("reduce-overhead", "matmul")],
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode):
+def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode, attention):
     policy = JanusPolicy(str(tiny_janus_dir), dtype=dtype).to("cuda")
-    engine = RolloutEngine(compile=mode)
+    engine = RolloutEngine(compile=mode, attention=attention)
     ctx = policy.image_context(PROMPTS, None)
 
     from torch._dynamo.utils import counters
