@@ -12,8 +12,8 @@ measures each of the two on its own, as the fraction of the bandwidth limit each
 
 Matmuls (``part: "linear"``), one new token per row through every layer's projections:
 - ``separate``: q, k, v, o, gate, up, down as seven ``F.linear`` calls (cuBLAS), as the engine does now;
-- ``packed``: q/k/v in one ``[3H, H]`` weight and gate/up in one ``[2I, H]`` weight: two fewer launches, and
-  wider matmuls that give the GPU more blocks to spread the weight reads over;
+- ``packed``: q/k/v in one ``[3H, H]`` weight and gate/up in one ``[2I, H]`` weight (``RolloutEngine(pack=True)``):
+  three fewer launches, and wider matmuls that give the GPU more blocks to spread the weight reads over;
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 

@@ -5,8 +5,10 @@
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels
 #
-# COMPILE_1B / COMPILE_7B pick the engine modes of the rollout parts (default cudagraphs,fused;
-# comma-separated); COMPILE_STEP the static engine's mode in step1b (default fused, against the eager loop).
+# COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (default cudagraphs,fused; comma-separated,
+# each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
+# COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa); COMPILE_STEP the static engine's mode in step1b
+# (default fused, against the eager loop).
 # `profile` lists the kernels of the fused step (uncaptured: the same kernels, each timed on the device);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0.

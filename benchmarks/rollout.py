@@ -175,8 +175,9 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
     parser.add_argument("--image-tokens", type=int, default=None, help="default: the model's (64 toy, 576)")
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--compile", default=compile_default,
-                        help=f"engines, comma-separated: a compile mode ({', '.join(COMPILE_MODES)}), or a mode and "
-                        f"an attention ({', '.join(ATTENTION)}; default matmul) as MODE+ATTENTION, e.g. fused+reduce")
+                        help=f"engines, comma-separated: a compile mode ({', '.join(COMPILE_MODES)}), optionally "
+                        f"with '+'-joined engine options: an attention ({', '.join(ATTENTION)}; default matmul) "
+                        "and/or 'pack' (packed q/k/v and gate/up weights), e.g. fused+reduce+pack")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -188,17 +189,33 @@ def checked_args(parser: argparse.ArgumentParser, prompts: tuple[int, int], real
     """Parse and check; ``prompts`` is the default ``(on a GPU, on a CPU)``."""
     args = parser.parse_args()
     for spec in args.compile.split(","):
-        mode, _, attention = spec.partition("+")
-        if mode not in COMPILE_MODES:
-            parser.error(f"--compile: unknown mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
-        if attention and attention not in ATTENTION:
-            parser.error(f"--compile: unknown attention {attention!r} in {spec!r}; choose from {', '.join(ATTENTION)}")
+        try:
+            engine_options(spec)
+        except ValueError as error:
+            parser.error(f"--compile: {error}")
     gpu = torch.cuda.is_available()
     if args.shape != "toy" and not gpu and not real_shapes_on_cpu:
         parser.error(f"--shape {args.shape} needs a CUDA device (random weights at the real shape, bf16)")
     args.dtype = args.dtype or ("bfloat16" if gpu and args.shape != "toy" else "float32")
     args.prompts = args.prompts or prompts[0 if gpu else 1]
     return args
+
+
+def engine_options(spec: str) -> dict:
+    """``RolloutEngine`` arguments from one ``--compile`` entry: ``MODE[+ATTENTION][+pack]``."""
+    mode, *options = spec.split("+")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(COMPILE_MODES)}")
+    kwargs = dict(compile=mode)
+    for option in options:
+        if option in ATTENTION and "attention" not in kwargs:
+            kwargs["attention"] = option
+        elif option == "pack" and "pack" not in kwargs:
+            kwargs["pack"] = True
+        else:
+            raise ValueError(f"unknown or repeated option {option!r} in {spec!r}: one of {', '.join(ATTENTION)}, "
+                             "and/or pack")
+    return kwargs
 
 
 @dataclass
@@ -223,12 +240,8 @@ class Bench:
         return cls(args, device, model, n_tokens, *contexts(model, args.prompts, args.prompt_tokens, args.seed))
 
     def engines(self, **kwargs) -> dict[str, RolloutEngine]:
-        """One engine per entry of ``--compile`` (``MODE`` or ``MODE+ATTENTION``), keyed by the entry."""
-        engines = {}
-        for spec in self.args.compile.split(","):
-            mode, _, attention = spec.partition("+")
-            engines[spec] = RolloutEngine(compile=mode, attention=attention or "matmul", **kwargs)
-        return engines
+        """One engine per entry of ``--compile`` (see :func:`engine_options`), keyed by the entry."""
+        return {spec: RolloutEngine(**engine_options(spec), **kwargs) for spec in self.args.compile.split(",")}
 
     def sampler(self, fn):
         """A call of ``fn`` (``janus_ops.sample_image_tokens`` or an engine's) with CFG and a fresh seeded noise."""
@@ -272,7 +285,8 @@ def main() -> None:
     eager = record("eager", best["eager"], *common)
     for name, engine in engines.items():
         static = record(name, best[name], *common, extra=dict(
-            compile_mode=engine.mode(device), attention=engine.attention, compile_s=round(engine.stats.compile_s, 2),
+            compile_mode=engine.mode(device), attention=engine.attention, pack=engine.pack,
+            compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s[name], 2), variants=engine.stats.variants, captures=engine.stats.captures))
         a, b = best["eager"]["out"], best[name]["out"]
         print(json.dumps(dict(

@@ -204,24 +204,36 @@ def _attend_sdpa(q, keys, values, bias, scaling: float) -> torch.Tensor:
 ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa}
 
 
-def _decode_layer(layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul) -> torch.Tensor:
+def _decode_layer(
+    layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul, qkv=None, gate_up=None
+) -> torch.Tensor:
     """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
     ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
     (``attend``, one of :data:`ATTENTION`) reads slots ``[0, window)`` only (``slot < window``); ``bias`` is
-    ``[R, 1, 1, window]``."""
+    ``[R, 1, 1, window]``. ``qkv``/``gate_up``: the layer's q, k, v (gate, up) weights packed into one matrix
+    (``RolloutEngine(pack=True)``), one matmul instead of three (two); ``None``: the modules' own calls."""
     rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
     attn = layer.self_attn
     h = _rms_norm(layer.input_layernorm, x)
+    if qkv is None:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    else:
+        width = kv_heads * dim
+        q, k, v = F.linear(h, qkv).split([qkv.shape[0] - 2 * width, width, width], -1)
     # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
-    q = _rope(attn.q_proj(h).view(rows, kv_heads, -1, dim), cos, sin)
+    q = _rope(q.view(rows, kv_heads, -1, dim), cos, sin)
     # .to: under autocast the projections and the cache need not share a dtype
-    keys.index_copy_(2, slot, _rope(attn.k_proj(h).view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
-    values.index_copy_(2, slot, attn.v_proj(h).view(rows, kv_heads, 1, dim).to(values.dtype))
+    keys.index_copy_(2, slot, _rope(k.view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
+    values.index_copy_(2, slot, v.view(rows, kv_heads, 1, dim).to(values.dtype))
     out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling)  # [R, kv_heads, groups, D]
     x = x + attn.o_proj(out.reshape(rows, -1))
     mlp = layer.mlp
     h = _rms_norm(layer.post_attention_layernorm, x)
-    return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    if gate_up is None:
+        gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+    else:
+        gate, up = F.linear(h, gate_up).chunk(2, -1)
+    return x + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def _finish(norm, x: torch.Tensor, state: dict) -> None:
@@ -294,8 +306,10 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     kv, slot = state["kv"], state["slot"]
     cos, sin, bias = parts.inputs(lm.rotary_emb, slot, state["pad"], kv[0].shape[2], x.dtype)
     bias = bias[..., :window]  # one view per step, not one per layer
-    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
-        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend)
+    layers = lm.layers[: lm.config.num_hidden_layers]
+    packed = state.get("packed") or [(None, None)] * len(layers)
+    for i, (layer, (qkv, gate_up)) in enumerate(zip(layers, packed, strict=True)):
+        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up)
     parts.finish(lm.norm, x, state)
 
 
@@ -370,10 +384,20 @@ class RolloutEngine:
             matmuls, the default), ``reduce`` (multiply-and-sum reductions that inductor turns into kernels
             streaming the cache; for ``fused``) or ``sdpa``. Same results within rounding; which is fastest on
             a GPU is what ``benchmarks/decode_kernels.py`` measures.
+        pack: each decoder layer's q/k/v and gate/up weights packed into one matrix each, read by one matmul
+            instead of three and two (wider matmuls, fewer launches). Under autocast with ``weight_copy`` the
+            packed matrices hold the autocast copies, at no extra memory; otherwise they are a copy of those
+            weights while the buffers are held (Janus-Pro-1B in bf16: 1.7 GB, 7B: 8.4 GB). LoRA-wrapped
+            projections are not packed.
     """
 
     def __init__(
-        self, compile: str = "auto", chunk: int | None = None, weight_copy: bool = True, attention: str = "matmul"
+        self,
+        compile: str = "auto",
+        chunk: int | None = None,
+        weight_copy: bool = True,
+        attention: str = "matmul",
+        pack: bool = False,
     ) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -382,6 +406,7 @@ class RolloutEngine:
         if attention not in ATTENTION:
             raise ValueError(f"engine attention must be one of {tuple(ATTENTION)}, got {attention!r}")
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
+        self.pack = pack
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
@@ -389,6 +414,7 @@ class RolloutEngine:
         self._addresses: tuple = ()  # what the hand-captured graphs of the current call read
         self._parts: StepParts | None = None  # compile="fused": the compiled parts of the step
         self._auto_cuda: str | None = None  # what compile="auto" means on CUDA, once asked (see mode)
+        self._packed: list | None = None  # pack=True: the current sampling call's packed weights (step_weights)
 
     def __getstate__(self) -> dict:
         # Compiled callables and CUDA graphs do not pickle and buffers are per process: a copy starts empty.
@@ -397,6 +423,7 @@ class RolloutEngine:
             "chunk": self.chunk,
             "weight_copy": self.weight_copy,
             "attention": self.attention,
+            "pack": self.pack,
             "stats": EngineStats(),
             "graphs": CudaGraphs(),
             "_buffers": {},
@@ -404,6 +431,7 @@ class RolloutEngine:
             "_addresses": (),
             "_parts": None,
             "_auto_cuda": None,
+            "_packed": None,
         }
 
     def release(self) -> None:
@@ -447,32 +475,43 @@ class RolloutEngine:
         return window_ladder(capacity, self._chunk(device), linear=self.mode(device) not in TORCH_COMPILE_MODES)
 
     @contextlib.contextmanager
-    def autocast_weights(self, model, device: torch.device):
-        """Inside: the step's linear layers hold copies of their weights in the autocast dtype (see ``weight_copy``).
+    def step_weights(self, model, device: torch.device):
+        """Inside: the weights the step reads. Under autocast the step's linear layers hold copies of their weights
+        in the autocast dtype (see ``weight_copy``); with ``pack`` each decoder layer's q/k/v and gate/up
+        weights also sit packed in one matrix each (:meth:`packed`).
 
-        The copies live in the engine's buffers (fixed addresses, so captured graphs stay valid across
-        optimizer steps and FSDP2 re-gathers) and are refreshed from the live weights on entry; the
-        modules get their own weights back on exit.
+        Copies and packed matrices live in the engine's buffers (fixed addresses, so captured graphs stay valid
+        across optimizer steps and FSDP2 re-gathers) and are refreshed from the live weights on entry. A layer's
+        autocast copies of q/k/v (gate/up) are views of its packed matrix, so packing costs no memory under
+        autocast; without it, the packed matrices are a copy of those weights. The modules get their own weights
+        back on exit.
         """
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        linears = [] if not self.weight_copy or dtype is None else _step_linears(model, dtype)
-        if not linears:
+        copied = [] if not self.weight_copy or dtype is None else _step_linears(model, dtype)
+        groups = _packable(model) if self.pack else []
+        self._packed = None
+        if not copied and not groups:
             yield
             return
-        weights = [m._parameters["weight"] for m in linears]
-        key = ("weight_copy", id(model), dtype, device)
+        weights = [m._parameters["weight"] for m in copied]
+        key = ("step_weights", id(model), dtype, device)
+        signature = [w.shape for w in weights], [[m.weight.shape for m in g] for g in groups]
         entry = self._buffers.get(key)
-        if entry is None or [c.shape for c in entry["copies"]] != [w.shape for w in weights]:
-            entry = self._buffers[key] = {"copies": [torch.empty_like(w, dtype=dtype) for w in weights]}
-        copies = entry["copies"]
+        if entry is None or entry["signature"] != signature:
+            entry = self._buffers[key] = _weight_buffers(copied, groups, dtype, signature)
         with torch.no_grad():
-            torch._foreach_copy_(copies, [w.detach() for w in weights])
+            torch._foreach_copy_(
+                entry["copies"] + entry["pack_views"],
+                [w.detach() for w in weights + [m.weight for m in entry["pack_modules"]]],
+            )
+        self._packed = entry["packed"]
         try:
-            for module, copy in zip(linears, copies, strict=True):
+            for module, copy in zip(copied, entry["copies"], strict=True):
                 module._parameters["weight"] = copy
             yield
         finally:
-            for module, weight in zip(linears, weights, strict=True):
+            self._packed = None
+            for module, weight in zip(copied, weights, strict=True):
                 module._parameters["weight"] = weight
 
     def captures(self, device: torch.device) -> bool:
@@ -486,10 +525,12 @@ class RolloutEngine:
         Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
         optimizer updates weights in place, so after a step the graphs read the new values.
         """
+        state["packed"] = self._packed  # this call's packed weights (``pack``), or None
         if not self.captures(state["hidden"].device):
             return
         tensors = [*model.parameters(), *model.buffers(), *state["kv"]]
         tensors += [v for k, v in state.items() if k != "kv" and isinstance(v, torch.Tensor)]
+        tensors += [t for pair in self._packed or () for t in pair if t is not None]
         self._addresses = tuple(t.data_ptr() for t in tensors)
 
     def sample_text(
@@ -803,6 +844,51 @@ class _CapturedStep:
         return 1
 
 
+def _packable(model) -> list[list[torch.nn.Linear]]:
+    """Per decoder layer, its q/k/v and its gate/up projections (two groups, in that order; an empty group where
+    they cannot be packed: a LoRA-wrapped projection, a bias, or dtypes that differ)."""
+    lm = model.model.language_model
+    groups = []
+    for layer in lm.layers[: lm.config.num_hidden_layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+            plain = all(type(m) is torch.nn.Linear and m.bias is None for m in group)
+            same = plain and len({(m.weight.dtype, m.weight.shape[1]) for m in group}) == 1
+            groups.append(group if same else [])
+    return groups
+
+
+def _weight_buffers(copied: list, groups: list, dtype, signature) -> dict:
+    """The buffers of :meth:`RolloutEngine.step_weights`: ``copies`` (one per copied linear; for a packed one, a
+    view of its pack), ``pack_views``/``pack_modules`` (the views of packed weights that are not copied anyway,
+    and their modules: the weights are read at every refresh, as FSDP2 may gather them elsewhere), ``packed`` (per layer ``(qkv, gate_up)``, a matrix or None) and the ``signature`` they
+    were made for."""
+    copy_of = {id(m): i for i, m in enumerate(copied)}
+    copies: list = [None] * len(copied)
+    pack_views, pack_modules, packs = [], [], []
+    for group in groups:
+        if not group:
+            packs.append(None)
+            continue
+        # the autocast dtype where the weights are copied for autocast, else the weights' own
+        target = dtype if id(group[0]) in copy_of else group[0].weight.dtype
+        pack = torch.empty(sum(m.weight.shape[0] for m in group), group[0].weight.shape[1], dtype=target,
+                           device=group[0].weight.device)
+        views = pack.split([m.weight.shape[0] for m in group])
+        for module, view in zip(group, views, strict=True):
+            if id(module) in copy_of:
+                copies[copy_of[id(module)]] = view
+            else:
+                pack_views.append(view)
+                pack_modules.append(module)
+        packs.append(pack)
+    for i, m in enumerate(copied):
+        if copies[i] is None:
+            copies[i] = torch.empty_like(m._parameters["weight"], dtype=dtype)
+    packed = [(packs[i], packs[i + 1]) for i in range(0, len(packs), 2)] if packs else None
+    return dict(copies=copies, pack_views=pack_views, pack_modules=pack_modules, packed=packed, signature=signature)
+
+
 def _step_linears(model, dtype: torch.dtype) -> list[torch.nn.Linear]:
     """The linear layers a decode step runs (LoRA's included) whose weights autocast would cast to ``dtype``."""
     parts = [model.model.language_model, model.model.generation_head, model.model.generation_aligner, model.lm_head]
@@ -925,7 +1011,7 @@ def _entry(stage, name: str):
 
     def run(model, engine: RolloutEngine, ids, *args):
         _check_model(model)
-        with engine.autocast_weights(model, ids.device):
+        with engine.step_weights(model, ids.device):
             return stage(model, engine, ids, *args)
 
     run.__name__ = run.__qualname__ = name

@@ -286,6 +286,82 @@ def test_autocast_weight_copy_gives_autocasts_own_results_and_follows_updates(ti
     assert all(p.dtype == torch.float32 and isinstance(p, nn.Parameter) for p in weights.values())
 
 
+def test_packed_projections_sample_the_eager_tokens_and_logprobs(sharp_policy):
+    engine = RolloutEngine(pack=True)
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    a = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 11)
+    b = images(engine.sample_image_tokens, sharp_policy, ctx, 11)
+    assert torch.equal(a.tokens, b.tokens)
+    close(b.logp_guided, a.logp_guided)
+    ids, mask = plan_contexts(sharp_policy)
+    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 12)
+    b = plans(engine.sample_text, sharp_policy, ids, mask, 12)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    close(b.logp, a.logp)
+    (entry,) = [e for e in engine._buffers.values() if "packed" in e and "copies" in e]
+    cfg = sharp_policy.model.config.text_config
+    assert len(entry["packed"]) == cfg.num_hidden_layers
+    attn = sharp_policy.model.model.language_model.layers[0].self_attn
+    assert attn.k_proj.out_features < attn.q_proj.out_features  # grouped KV heads: an uneven split
+    width = attn.q_proj.out_features + 2 * attn.k_proj.out_features
+    for qkv, gate_up in entry["packed"]:  # without autocast: a packed copy of the fp32 weights
+        assert qkv.shape == (width, cfg.hidden_size) and qkv.dtype == torch.float32
+        assert gate_up.shape == (2 * cfg.intermediate_size, cfg.hidden_size)
+
+
+def storage_bytes(tensors) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_packed_weights_hold_the_autocast_copies_at_no_extra_memory_and_follow_updates(sharp_policy):
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    packed, separate = RolloutEngine(pack=True), RolloutEngine()
+    head = sharp_policy.model.model.language_model.layers[0].self_attn.q_proj.weight
+    original = head.detach().clone()
+
+    def rollout(engine):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = images(engine.sample_image_tokens, sharp_policy, ctx, 14, n=10)
+            forced = janus_ops.image_logprobs(
+                sharp_policy.model, ctx.cond_ids, ctx.cond_mask, out.tokens, 1.0, None, 3.0
+            )
+        close(out.logp_conditional, forced.detach(), atol=BF16_ATOL)  # the live weights' log-probs
+        return out
+
+    try:
+        for engine in (packed, separate):
+            rollout(engine)
+        with torch.no_grad():
+            head.copy_(torch.randn_like(head) * head.std() * 4)  # in place, as Adam does
+        rollout(packed)  # the packed bf16 copy was refreshed from the new fp32 weights
+    finally:
+        with torch.no_grad():
+            head.copy_(original)
+    weights = {}
+    for name, engine in (("packed", packed), ("separate", separate)):
+        (entry,) = [e for e in engine._buffers.values() if "copies" in e]
+        weights[name] = entry
+        assert all(t.dtype == torch.bfloat16 for t in entry["copies"])
+    assert all(qkv.dtype == torch.bfloat16 for qkv, _ in weights["packed"]["packed"])
+    assert weights["packed"]["pack_views"] == []  # every packed weight is an autocast copy: nothing copied twice
+    assert storage_bytes(weights["packed"]["copies"]) == storage_bytes(weights["separate"]["copies"])
+
+
+def test_lora_wrapped_projections_are_not_packed(tiny_janus_dir):
+    from modules.engine import _packable
+    from modules.lora import LoraSpec
+
+    policy = JanusPolicy(str(tiny_janus_dir), lora=LoraSpec(r=2, target_modules=["q_proj"]))
+    groups = _packable(policy.model)
+    assert groups[0] == [] and len(groups[1]) == 2  # q/k/v: q is wrapped; gate/up: packed
+    ctx = policy.image_context(PROMPTS, None)
+    a = images(janus_ops.sample_image_tokens, policy, ctx, 15, n=10)
+    b = images(RolloutEngine(pack=True).sample_image_tokens, policy, ctx, 15, n=10)
+    assert torch.equal(a.tokens, b.tokens)
+    close(b.logp_guided, a.logp_guided)
+
+
 def test_lora_adapters_are_applied_like_the_eager_loop(tiny_janus_dir):
     from modules.lora import LoraSpec
 
@@ -382,13 +458,16 @@ def _fsdp2_rank(rank: int, world: int, results) -> None:
         refused = str(err)
     with gathered(model):
         out = engine.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
-    fused = RolloutEngine(compile="fused")  # compiled parts over the gathered weights, captured (stand-in)
+    # compiled parts over the gathered weights, captured (stand-in); q/k/v and gate/up packed from each gather
+    fused = RolloutEngine(compile="fused", pack=True)
     fused.graphs = StandInGraphs()
     same_fused = []
     for _ in range(2):  # two rollouts, two gathers
         with gathered(model):
             again = fused.sample_image_tokens(model, ids, mask, 16, ids.clone(), 3.0, noise=stream(0))
         same_fused.append(torch.equal(again.tokens, plain.tokens))
+    packed = [pair for e in fused._buffers.values() if "copies" in e for pair in e["packed"]]
+    same_fused.append(bool(packed) and all(t is not None for pair in packed for t in pair))
     results[rank] = (
         refused, torch.equal(out.tokens, plain.tokens), float((out.logp_guided - plain.logp_guided).abs().max()),
         same_fused, fused.stats.captures,
@@ -403,7 +482,7 @@ def test_fsdp2_sharded_model_samples_inside_gathered_and_is_refused_outside():
     for refused, same, diff, same_fused, captures in results.values():
         assert "bicot.parallel.gathered" in refused
         assert same and diff < FP32_ATOL
-        assert same_fused == [True, True] and captures >= 1
+        assert same_fused == [True, True, True] and captures >= 1  # (the last: every layer was packed)
 
 
 # --------------------------------------------------------------------------- hand-captured steps
@@ -548,12 +627,12 @@ def _layer_compiles() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["matmul", "reduce"])
-def test_fused_parts_compile_one_layer_for_all_layers_and_sample_the_eager_tokens(sharp_policy, attention):
+@pytest.mark.parametrize(("attention", "pack"), [("matmul", False), ("reduce", False), ("matmul", True)])
+def test_fused_parts_compile_one_layer_for_all_layers_and_sample_the_eager_tokens(sharp_policy, attention, pack):
     """``compile="fused"``: each part of the step compiled on its own, the whole step captured (stand-in here)."""
     torch._dynamo.reset()  # the compile cache is per code object, shared with earlier tests
     # a window per 16 slots: several windows in 40 tokens
-    engine = RolloutEngine(compile="fused", chunk=16, attention=attention)
+    engine = RolloutEngine(compile="fused", chunk=16, attention=attention, pack=pack)
     engine.graphs = graphs = StandInGraphs()
     ctx = sharp_policy.image_context(PROMPTS, None)
     eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=40)
@@ -610,13 +689,20 @@ def cuda_images(fn, policy, ctx, seed=0):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    ("mode", "attention"),
-    [("cudagraphs", "matmul"), ("fused", "matmul"), ("fused", "reduce"), ("fused", "sdpa"), ("reduce-overhead", "matmul")],
+    ("mode", "attention", "pack"),
+    [
+        ("cudagraphs", "matmul", False),
+        ("fused", "matmul", False),
+        ("fused", "reduce", False),
+        ("fused", "sdpa", False),
+        ("fused", "matmul", True),
+        ("reduce-overhead", "matmul", False),
+    ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode, attention):
+def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode, attention, pack):
     policy = JanusPolicy(str(tiny_janus_dir), dtype=dtype).to("cuda")
-    engine = RolloutEngine(compile=mode, attention=attention)
+    engine = RolloutEngine(compile=mode, attention=attention, pack=pack)
     ctx = policy.image_context(PROMPTS, None)
 
     from torch._dynamo.utils import counters
@@ -644,11 +730,11 @@ def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["cudagraphs", "fused"])
-def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir, mode):
+@pytest.mark.parametrize(("mode", "pack"), [("cudagraphs", False), ("fused", False), ("fused", True)])
+def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir, mode, pack):
     """bf16-mixed training: fp32 weights, autocast rollouts, an optimizer step between rollouts."""
     policy = JanusPolicy(str(tiny_janus_dir), dtype="float32").to("cuda")
-    engine = RolloutEngine(compile=mode)
+    engine = RolloutEngine(compile=mode, pack=pack)
     ctx = policy.image_context(PROMPTS, None)
 
     def rollout():
