@@ -479,7 +479,7 @@ class RolloutEngine:
     def step_weights(self, model, device: torch.device):
         """Inside: the weights the step reads. Under autocast the step's linear layers hold copies of their weights
         in the autocast dtype (see ``weight_copy``); with ``pack`` each decoder layer's q/k/v and gate/up
-        weights also sit packed in one matrix each (:meth:`packed`).
+        weights also sit packed in one matrix each, which :meth:`bind` hands to the step.
 
         Copies and packed matrices live in the engine's buffers (fixed addresses, so captured graphs stay valid
         across optimizer steps and FSDP2 re-gathers) and are refreshed from the live weights on entry. A layer's
@@ -496,7 +496,7 @@ class RolloutEngine:
             return
         weights = [m._parameters["weight"] for m in copied]
         key = ("step_weights", id(model), dtype, device)
-        signature = [w.shape for w in weights], [[m.weight.shape for m in g] for g in groups]
+        signature = [(w.shape, w.dtype) for w in weights], [[(m.weight.shape, m.weight.dtype) for m in g] for g in groups]
         entry = self._buffers.get(key)
         if entry is None or entry["signature"] != signature:
             entry = self._buffers[key] = _weight_buffers(copied, groups, dtype, signature)
@@ -864,10 +864,13 @@ def _packable(model) -> list[list[torch.nn.Linear]]:
 
 
 def _weight_buffers(copied: list, groups: list, dtype, signature) -> dict:
-    """The buffers of :meth:`RolloutEngine.step_weights`: ``copies`` (one per copied linear; for a packed one, a
-    view of its pack), ``pack_views``/``pack_modules`` (the views of packed weights that are not copied anyway,
-    and their modules: the weights are read at every refresh, as FSDP2 may gather them elsewhere), ``packed`` (per layer ``(qkv, gate_up)``, a matrix or None) and the ``signature`` they
-    were made for."""
+    """The buffers of :meth:`RolloutEngine.step_weights`.
+
+    ``copies``: one per copied linear (for a packed one, a view of its pack). ``pack_views``/``pack_modules``: the
+    views of packed weights that are not copied anyway, and their modules (the weights are read at every
+    refresh: FSDP2 may gather them elsewhere). ``packed``: per layer ``(qkv, gate_up)``, a matrix or None.
+    ``signature``: the weights' shapes and dtypes they were made for.
+    """
     copy_of = {id(m): i for i, m in enumerate(copied)}
     copies: list = [None] * len(copied)
     pack_views, pack_modules, packs = [], [], []
