@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 
+from modules import hub
 from modules.hub import cached_locally, load_cache_first
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +62,8 @@ def test_a_cached_hub_id_is_read_from_the_cache_alone(hub_cache):
     assert load.calls == [{"dtype": "x", "local_files_only": True}]
 
 
-def test_an_uncached_hub_id_or_an_incomplete_cache_goes_to_the_hub(hub_cache):
+def test_an_uncached_hub_id_or_an_incomplete_cache_goes_to_the_hub(hub_cache, monkeypatch):
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)  # the hub answers; the loader then fails
     load = Offline()
     with pytest.raises(OSError, match="couldn't connect"):
         load_cache_first(load, "org/elsewhere")
@@ -68,6 +73,49 @@ def test_an_uncached_hub_id_or_an_incomplete_cache_goes_to_the_hub(hub_cache):
     with pytest.raises(OSError, match="couldn't connect"):
         load_cache_first(partial, "org/partial")
     assert partial.calls == [{"local_files_only": True}, {}]
+
+
+def test_an_unreachable_hub_fails_at_once_instead_of_retrying(hub_cache, monkeypatch):
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "https://hub.example did not answer: no route")
+    load = Offline()
+    with pytest.raises(OSError, match=r"'org/elsewhere' is not complete in the local .* no route"):
+        load_cache_first(load, "org/elsewhere")
+    assert load.calls == []  # the loader, and its retries, never ran
+    fake_cache(hub_cache, "org/partial", {"config.json": "{}"})
+    partial = Offline(local_ok=False)
+    with pytest.raises(OSError, match="cannot be reached"):
+        load_cache_first(partial, "org/partial")
+    assert partial.calls == [{"local_files_only": True}]  # the cache was tried, the hub was not
+
+
+def test_hub_unreachable_asks_the_endpoint_once(monkeypatch):
+    """Against real sockets: a local server that answers 404 is reachable; a closed port is not."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert hub.hub_unreachable() is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    reason = hub.hub_unreachable()
+    assert reason and f"127.0.0.1:{port} did not answer" in reason
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert hub.hub_unreachable() is None  # offline mode: the loaders say so themselves
 
 
 def test_a_local_folder_is_loaded_as_it_is(tmp_path, hub_cache):

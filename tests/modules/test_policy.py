@@ -87,13 +87,18 @@ def test_missing_checkpoint_folder_names_the_path(tmp_path):
     assert str(missing) in str(err.value)
 
 
-def test_hub_id_that_does_not_load_says_where_a_relative_folder_was_looked_for(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reachable", [True, False])
+def test_hub_id_that_does_not_load_says_where_a_relative_folder_was_looked_for(tmp_path, monkeypatch, reachable):
+    from modules import hub
+
     def offline(source, *args, **kwargs):
         raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {source}")
 
     monkeypatch.setattr(JanusForConditionalGeneration, "from_pretrained", offline)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None if reachable else "https://huggingface.co did not answer")
     monkeypatch.chdir(tmp_path)  # "checkpoints/toy" run from outside the repository
-    with pytest.raises(CheckpointError, match="couldn't connect") as err:
+    expected = "couldn't connect" if reachable else "hub cannot be reached"  # unreachable: no loader, no retries
+    with pytest.raises(CheckpointError, match=expected) as err:
         JanusPolicy("checkpoints/toy")
     assert f"no folder 'checkpoints/toy' under {tmp_path}" in str(err.value)
 
