@@ -748,7 +748,9 @@ def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_d
     rollout(), rollout()
     captures = engine.stats.captures
     head = policy.model.model.generation_head.proj_out.weight
+    query = policy.model.model.language_model.layers[0].self_attn.q_proj.weight  # packed under pack=True
     with torch.no_grad():
-        head.copy_(torch.randn_like(head) * head.std() * 4)  # in place, as Adam does
-    rollout()  # log-probs of the new weights: the graphs cast the live fp32 weights, not a stale bf16 copy
+        for weight in (head, query):
+            weight.copy_(torch.randn_like(weight) * weight.std() * 4)  # in place, as Adam does
+    rollout()  # log-probs of the new weights: the graphs read refreshed bf16 copies, not stale ones
     assert engine.stats.captures == captures  # replayed, not captured again
