@@ -32,13 +32,14 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import janus_at_shape  # noqa: E402
+from rollout import engine_options, janus_at_shape  # noqa: E402
 
 import modules.policy as policy_module  # noqa: E402
 from bicot.grpo import BiCoTGRPO  # noqa: E402
 from bicot.loss import GRPOConfig  # noqa: E402
 from bicot.memory import plan, recipe_from_module  # noqa: E402
 from datamodules.prompts import PromptDataModule  # noqa: E402
+from modules.engine import RolloutEngine  # noqa: E402
 from modules.policy import JanusPolicy, SamplingConfig  # noqa: E402
 from modules.rewards.color import ColorMatchExpert  # noqa: E402
 from modules.rewards.ensemble import RewardEnsemble  # noqa: E402
@@ -100,10 +101,13 @@ def build_policy(shape: str, device: torch.device, sampling: SamplingConfig) -> 
 
 def run_engine(args, engine: str, steps: int, device: torch.device) -> dict:
     pl.seed_everything(0, verbose=False)
+    options = engine_options(args.compile)
     sampling = SamplingConfig(
-        plan_max_tokens=args.plan_tokens, cfg_scale=5.0, engine=engine, engine_compile=args.compile
+        plan_max_tokens=args.plan_tokens, cfg_scale=5.0, engine=engine, engine_compile=options["compile"]
     )
     policy = build_policy(args.shape, device, sampling)
+    if engine == "static" and len(options) > 1:  # engine arguments that are not config keys (yet)
+        policy._engine = RolloutEngine(**options)
     module = BiCoTGRPO(
         policy=policy,
         rewards=RewardEnsemble([ColorMatchExpert()]),
@@ -143,6 +147,7 @@ def run_engine(args, engine: str, steps: int, device: torch.device) -> dict:
     )
     if engine == "static":
         summary["engine_compile"] = policy._engine.mode(device)
+        summary["engine_options"] = args.compile
         summary["engine_capture_s"] = round(policy._engine.stats.compile_s, 2)
         summary["engine_captures"] = policy._engine.stats.captures
     summary["steady_images_per_s"] = round(images / summary["steady_step_s"], 3)
@@ -166,7 +171,8 @@ def main() -> None:
     )
     parser.add_argument("--shape", choices=["toy", "1b", "7b"], default="toy")
     parser.add_argument("--engines", default="eager,static", help="comma-separated: eager, static")
-    parser.add_argument("--compile", default="auto", help="the static engine's sampling.engine_compile")
+    parser.add_argument("--compile", default="auto", help="the static engine's sampling.engine_compile, "
+                        "optionally with engine options as benchmarks/rollout.py takes them (fused+pack)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps of the static engine")
     parser.add_argument("--eager-steps", type=int, default=2, help="optimizer steps of the eager loop")
     parser.add_argument("--prompts", type=int, default=4)
@@ -174,6 +180,10 @@ def main() -> None:
     parser.add_argument("--minibatch", type=int, default=8)
     parser.add_argument("--plan-tokens", type=int, default=None, help="default: 16 toy, 128 otherwise")
     args = parser.parse_args()
+    try:
+        engine_options(args.compile)
+    except ValueError as error:
+        parser.error(f"--compile: {error}")
     if args.shape != "toy" and not torch.cuda.is_available():
         parser.error(f"--shape {args.shape} needs a CUDA device")
     args.plan_tokens = args.plan_tokens or (16 if args.shape == "toy" else 128)
