@@ -659,10 +659,17 @@ class RolloutEngine:
             start = time.perf_counter()
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        if captured:
-            self.stats.captures += step(state, self._addresses, ready)
-        else:
-            entry[0](state)
+        try:
+            if captured:
+                self.stats.captures += step(state, self._addresses, ready)
+            else:
+                entry[0](state)
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor's errors (InductorError) among them
+            raise RuntimeError(
+                f"the rollout engine's decode step does not compile here (engine_compile {mode!r}): "
+                f"{_first_line(error)}. Set sampling.engine_compile to 'cudagraphs' (CUDA) or 'off', which "
+                "run the step uncompiled."
+            ) from error
         if timed:
             _sync(device)
             self.stats.compile_s += time.perf_counter() - start
@@ -714,14 +721,18 @@ def inductor_compiles(device: torch.device) -> bool:
             raise RuntimeError("the compiled probe kernel gave other values than eager")
         return True
     except Exception as error:  # a missing Triton or C compiler surfaces as many exception types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         warnings.warn(
-            f"engine compile='auto': inductor cannot compile on {device} ({type(error).__name__}: {first}); "
+            f"engine compile='auto': inductor cannot compile on {device} ({_first_line(error)}); "
             "using 'cudagraphs' (hand-captured, uncompiled steps) instead of 'fused'. Set "
             "sampling.engine_compile explicitly to choose.",
             stacklevel=3,
         )
         return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _probe(x: torch.Tensor) -> torch.Tensor:

@@ -91,23 +91,35 @@ def test_auto_is_fused_on_cuda_where_inductor_compiles_else_cudagraphs(monkeypat
     assert RolloutEngine(compile="cudagraphs").mode(cuda) == "cudagraphs"  # an explicit mode is never probed
 
 
+def no_cxx_compiler(monkeypatch) -> None:
+    """Inductor's CPU backend without a working C++ compiler, as on a machine that lacks one."""
+    torch._dynamo.reset()  # compiled code cached by earlier tests would not ask for the compiler
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+
+
 def test_inductor_probe_compiles_here_and_warns_with_the_error_where_it_cannot(monkeypatch):
     assert engine_module.inductor_compiles(torch.device("cpu"))  # the real probe: inductor's C++ backend
-
-    def no_compiler(fn, **kwargs):
-        def compiled(*args):
-            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    with pytest.warns(UserWarning, match=r"cannot compile on cpu \(RuntimeError: Failed to find C compiler"):
+    no_cxx_compiler(monkeypatch)
+    with pytest.warns(UserWarning, match=r"cannot compile on cpu \(InductorError: InvalidCxxCompiler: No working C"):
         assert not engine_module.inductor_compiles(torch.device("cpu"))
     engine = RolloutEngine()
     with pytest.warns(UserWarning, match="using 'cudagraphs'"):
         # on this CPU-only machine the probe fails on the CUDA device itself, and auto still has an answer
         assert engine.mode(torch.device("cuda")) == "cudagraphs"
     assert engine.stats.compile_s > 0  # the probe's time is compile time
+
+
+@pytest.mark.slow
+def test_a_step_that_does_not_compile_says_which_modes_do_not_compile(sharp_policy, monkeypatch):
+    no_cxx_compiler(monkeypatch)
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    with pytest.raises(RuntimeError, match=r"does not compile here \(engine_compile 'fused'\): InductorError") as err:
+        images(RolloutEngine(compile="fused").sample_image_tokens, sharp_policy, ctx, 0, n=4)
+    assert "'cudagraphs' (CUDA) or 'off'" in str(err.value)
+    assert isinstance(err.value.__cause__, torch._inductor.exc.InductorError)
+    out = images(RolloutEngine(compile="off").sample_image_tokens, sharp_policy, ctx, 0, n=4)  # as the message says
+    assert out.tokens.shape == (len(PROMPTS), 4)
 
 
 def test_drawn_noise_is_row_noise_bit_for_bit():
