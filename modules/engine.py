@@ -170,10 +170,16 @@ def _step_inputs(rotary, slot: torch.Tensor, pad: torch.Tensor, capacity: int, d
     row's left padding. Independent of the window, so that under ``compile="fused"`` it compiles once.
     """
     cos, sin = _rotary(rotary, slot - pad, dtype)  # position = slot - left padding
+    return cos, sin, attention_bias(pad, slot, capacity)
+
+
+def attention_bias(pad: torch.Tensor, slot: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The additive attention bias ``[R, 1, 1, capacity]`` of the token at ``slot``: 0 over each row's real context
+    and tokens so far (slots ``pad[r] .. slot``), -inf elsewhere (its left padding and the slots not yet filled)."""
     cols = torch.arange(capacity, device=pad.device)[None]  # [1, C]
     allowed = (cols >= pad[:, None]) & (cols <= slot)  # [R, C]
     bias = torch.zeros(allowed.shape, dtype=torch.float32, device=pad.device).masked_fill(~allowed, float("-inf"))
-    return cos, sin, bias.view(pad.shape[0], 1, 1, capacity)
+    return bias.view(pad.shape[0], 1, 1, capacity)
 
 
 def _attend_matmul(q, keys, values, bias, scaling: float) -> torch.Tensor:
@@ -307,9 +313,8 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     kv, slot = state["kv"], state["slot"]
     cos, sin, bias = parts.inputs(lm.rotary_emb, slot, state["pad"], kv[0].shape[2], x.dtype)
     bias = bias[..., :window]  # one view per step, not one per layer
-    layers = lm.layers[: lm.config.num_hidden_layers]
-    packed = state.get("packed") or [(None, None)] * len(layers)
-    for i, (layer, (qkv, gate_up)) in enumerate(zip(layers, packed, strict=True)):
+    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+        qkv, gate_up = state["packed"][i]  # the layer's packed weights, (None, None) without pack=True
         x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up)
     parts.finish(lm.norm, x, state)
 
@@ -328,7 +333,7 @@ def image_step(
     """Sample one image token per row from ``state["hidden"]`` and advance every buffer by one slot.
 
     ``state`` holds ``kv``, ``hidden [R, H]``, ``slot [1]``, ``col [1]``, ``pad [R]``, ``uniform [B, V]`` (or
-    ``None`` when greedy) and the outputs ``tokens``/``lp_cond``/``lp_guided``/``entropy`` ``[B, N]``, written at
+    ``None`` when greedy), ``packed`` (per layer ``(qkv, gate_up)``, see :meth:`RolloutEngine.bind`) and the outputs ``tokens``/``lp_cond``/``lp_guided``/``entropy`` ``[B, N]``, written at
     ``col``.
     """
     x = parts.image_head(model, state, batch, use_cfg, cfg_scale, sampling)
@@ -521,12 +526,14 @@ class RolloutEngine:
         return mode == "cudagraphs" or (mode == "fused" and self.graphs.available(device))
 
     def bind(self, model, state: dict) -> None:
-        """Note the addresses a captured step reads (weights, buffers); a step captured at others is re-captured.
+        """Hand this call's packed weights (``pack``) to the step's ``state``, and note the addresses a captured
+        step reads (weights, buffers); a step captured at others is re-captured.
 
         Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
         optimizer updates weights in place, so after a step the graphs read the new values.
         """
-        state["packed"] = self._packed  # this call's packed weights (``pack``), or None
+        layers = model.model.language_model.config.num_hidden_layers
+        state["packed"] = self._packed or [(None, None)] * layers  # per layer (qkv, gate_up)
         if not self.captures(state["hidden"].device):
             return
         tensors = [*model.parameters(), *model.buffers(), *state["kv"]]
@@ -677,10 +684,7 @@ class RolloutEngine:
         self.stats.steps += 1
 
     def _make(self, fn, model, consts: dict, mode: str, captured: bool):
-        if mode == "fused":
-            consts = {**consts, "parts": self._fused_parts()}
-        elif self.attention != "matmul":
-            consts = {**consts, "parts": StepParts(attention=self.attention)}
+        consts = {**consts, "parts": self._fused_parts() if mode == "fused" else StepParts(attention=self.attention)}
 
         def step(state: dict) -> None:
             fn(model, state, **consts)
