@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
+from standin_graphs import StandInGraphs
 
 from bicot.grpo import BiCoTGRPO
 from bicot.loss import GRPOConfig
@@ -266,24 +267,12 @@ def test_fit_two_steps_logs_metrics_and_trains_only_trainable_parameters():
         assert torch.equal(param, before_ref[name]), f"reference {name} changed"
 
 
-class CountingGraphs:
-    """The engine's CUDA-graph backend on CPU: a warm-up runs the step, a capture returns it as the replay."""
-
-    available = staticmethod(lambda device: True)
-
-    def warmup(self, run, device) -> None:
-        run()
-
-    def capture(self, run, device):
-        return run
-
-
 def test_fit_logs_the_static_engines_compile_time_and_captures_per_step():
     from modules.engine import RolloutEngine
 
     policy = JanusPolicy(tiny=TinyJanusSpec(), sampling=SamplingConfig(plan_max_tokens=4, engine="static"))
     policy._engine = RolloutEngine(compile="cudagraphs")
-    policy._engine.graphs = CountingGraphs()
+    policy._engine.graphs = StandInGraphs()
     _, logger = fit(make_module(policy, algo=GRPOConfig(num_generations=2, beta=0.0)), max_steps=3)
     steps = [m for _, m in logger.calls if "train/reward" in m]
     captures = [m["perf/engine_captures"] for m in steps]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from standin_graphs import StandInGraphs
 from torch import nn
 
 import modules.engine as engine_module
@@ -498,25 +499,6 @@ def test_fsdp2_sharded_model_samples_inside_gathered_and_is_refused_outside():
 
 
 # --------------------------------------------------------------------------- hand-captured steps
-
-
-class StandInGraphs:
-    """``CudaGraphs`` on CPU: a "capture" records the step without running it, a replay runs it."""
-
-    def __init__(self) -> None:
-        self.warmups, self.captures = 0, 0
-
-    @staticmethod
-    def available(device) -> bool:
-        return True
-
-    def warmup(self, run, device) -> None:
-        self.warmups += 1
-        run()
-
-    def capture(self, run, device):
-        self.captures += 1
-        return run
 
 
 def test_captured_steps_warm_up_capture_once_per_window_and_replay(sharp_policy):
