@@ -26,7 +26,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import Bench, checked_args, shape_arguments, timed  # noqa: E402
+from rollout import Bench, checked_args, device_name, shape_arguments, timed  # noqa: E402
 
 
 def cold_caches(root: Path, name: str) -> None:
@@ -59,7 +59,7 @@ def main() -> None:
         print(json.dumps(dict(
             measure="compile_cost", mode=engine.mode(device), attention=engine.attention, shape=args.shape,
             dtype=args.dtype,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            device=device_name(device),
             rows=2 * args.prompts, image_tokens=n_tokens, compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s, 2), second_call_s=round(second_s, 2),
             ms_per_step=round(1e3 * second_s / n_tokens, 3), variants=engine.stats.variants,

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import LM_SHAPES, copy_bandwidth  # noqa: E402
+from rollout import LM_SHAPES, copy_bandwidth, device_name  # noqa: E402
 
-from modules.engine import ATTENTION  # noqa: E402
+from modules.engine import ATTENTION, CudaGraphs, attention_bias  # noqa: E402
 
 SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=4, intermediate_size=344)}
@@ -115,10 +115,8 @@ class Layers:
         return 2 * self.layers * one.numel() * one.element_size()
 
     def bias(self, window: int) -> torch.Tensor:
-        cols = torch.arange(window, device=self.pad.device)[None]
-        allowed = cols >= self.pad[:, None]  # the window's last slot is the new token: everything up to it counts
-        bias = torch.zeros(allowed.shape, device=self.pad.device).masked_fill(~allowed, float("-inf"))
-        return bias.view(-1, 1, 1, window)
+        """The engine's bias for a new token in the window's last slot: each row's left padding masked."""
+        return attention_bias(self.pad, torch.tensor([window - 1], device=self.pad.device), window)
 
 
 # ---- the implementations -----------------------------------------------------------------------------
@@ -164,34 +162,28 @@ def measure(run, device: torch.device, reps: int) -> tuple[float, torch.Tensor, 
             out = run()
             times.append(time.perf_counter() - start)
         return statistics.median(times), out, first
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        run()  # warm-up on a side stream, as capture asks
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    graph.replay()
+    graphs, outs = CudaGraphs(), []  # the engine's own warm-up and capture
+    graphs.warmup(run, device)
+    replay = graphs.capture(lambda: outs.append(run()), device)
+    replay()
     torch.cuda.synchronize(device)
     times = []
     for _ in range(reps):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(begin.elapsed_time(end) / 1e3)
-    return statistics.median(times), out.clone(), first
+    return statistics.median(times), outs[0].clone(), first
 
 
 def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, out, reference, first: float,
            **extra) -> None:
     diff = None if reference is None else float((out.float() - reference.float()).abs().max())
     line = dict(measure="decode_kernels", part=part, impl=name, shape=args.shape, rows=args.rows,
-                dtype=str(args.dtype).removeprefix("torch."), device=torch.cuda.get_device_name(args.device)
-                if args.device.type == "cuda" else "cpu", **extra, us_per_step=round(seconds * 1e6, 1),
-                mb_per_step=round(nbytes / 1e6, 1),
+                dtype=str(args.dtype).removeprefix("torch."), device=device_name(args.device), **extra,
+                us_per_step=round(seconds * 1e6, 1), mb_per_step=round(nbytes / 1e6, 1),
                 bandwidth_fraction=None if bandwidth is None else round(nbytes / bandwidth / seconds, 4),
                 first_call_s=round(first, 2), max_diff=diff)
     print(json.dumps(line), flush=True)

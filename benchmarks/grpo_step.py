@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import engine_options, janus_at_shape  # noqa: E402
+from rollout import device_name, engine_options, janus_at_shape  # noqa: E402
 
 import modules.policy as policy_module  # noqa: E402
 from bicot.grpo import BiCoTGRPO  # noqa: E402
@@ -106,7 +106,7 @@ def run_engine(args, engine: str, steps: int, device: torch.device) -> dict:
         plan_max_tokens=args.plan_tokens, cfg_scale=5.0, engine=engine, engine_compile=options["compile"]
     )
     policy = build_policy(args.shape, device, sampling)
-    if engine == "static" and len(options) > 1:  # engine arguments that are not config keys (yet)
+    if engine == "static":  # with the engine arguments that are not config keys (yet): attention, pack
         policy._engine = RolloutEngine(**options)
     module = BiCoTGRPO(
         policy=policy,
@@ -143,7 +143,7 @@ def run_engine(args, engine: str, steps: int, device: torch.device) -> dict:
         first_step_s=timer.steps[0]["step_s"],
         steady_step_s=round(statistics.fmean(s["step_s"] for s in later), 3),
         **{f"steady_{p}_s": round(statistics.fmean(s[f"{p}_s"] for s in later), 3) for p in PHASES},
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        device=device_name(device),
     )
     if engine == "static":
         summary["engine_compile"] = policy._engine.mode(device)

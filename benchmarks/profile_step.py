@@ -28,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import Bench, checked_args, shape_arguments, timed  # noqa: E402
+from rollout import Bench, checked_args, device_name, shape_arguments, timed  # noqa: E402
 
 
 def device_events(prof, device: torch.device) -> list[tuple[str, float]]:
@@ -71,7 +71,7 @@ def main() -> None:
         print(json.dumps(dict(
             measure="profile", mode=engine.mode(device), attention=engine.attention, captured=engine.captures(device),
             shape=args.shape,
-            dtype=args.dtype, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            dtype=args.dtype, device=device_name(device),
             rows=2 * args.prompts, image_tokens=n_tokens,
             **summary(device_events(prof, device), n_tokens, wall, args.top),
         )), flush=True)

@@ -147,11 +147,16 @@ def best_of(calls: dict, device: torch.device, rounds: int, limits: dict | None 
     return best
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu``: the ``device`` field of every benchmark's JSON lines."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def record(name: str, best: dict, args, device, n_tokens: int, bandwidth, step_bytes: float, extra=None) -> dict:
     """Print one JSON line for a measured call and return it."""
     ms = 1e3 * best["wall"] / n_tokens
     out = dict(
-        measure=name, shape=args.shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        measure=name, shape=args.shape, device=device_name(device),
         dtype=args.dtype, prompts=args.prompts, rows=2 * args.prompts, prompt_tokens=args.prompt_tokens,
         image_tokens=n_tokens, ms_per_step=round(ms, 4),
         cpu_ms_per_step=round(1e3 * best["cpu"] / n_tokens, 4) if device.type == "cpu" else None,
