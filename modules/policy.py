@@ -414,7 +414,8 @@ def load_janus(
         processor = load_cache_first(AutoProcessor.from_pretrained, source, **kwargs)
     except OSError as err:
         # "org/name" is a hub id and a relative path at once: say where the folder was looked for
-        relative = "" if Path(source).is_absolute() else f" (no folder {source!r} under {Path.cwd()})"
+        missing = not Path(source).is_absolute() and not Path(source).expanduser().exists()
+        relative = f" (no folder {source!r} under {Path.cwd()})" if missing else ""
         raise CheckpointError(
             f"could not load a Janus checkpoint from {source!r}{relative}: {err}. Give a local folder written "
             "by save_pretrained (config.json, safetensors weights, tokenizer and processor files; a relative "

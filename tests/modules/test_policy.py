@@ -87,6 +87,19 @@ def test_missing_checkpoint_folder_names_the_path(tmp_path):
     assert str(missing) in str(err.value)
 
 
+def test_a_relative_folder_that_exists_but_does_not_load_is_not_called_missing(tmp_path, monkeypatch):
+    def incomplete(source, *args, **kwargs):
+        raise OSError(f"{source} does not appear to have a file named preprocessor_config.json")
+
+    monkeypatch.setattr(JanusForConditionalGeneration, "from_pretrained", incomplete)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "janus"}')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="preprocessor_config.json") as err:
+        JanusPolicy("ckpt")
+    assert "no folder" not in str(err.value)
+
+
 @pytest.mark.parametrize("reachable", [True, False])
 def test_hub_id_that_does_not_load_says_where_a_relative_folder_was_looked_for(tmp_path, monkeypatch, reachable):
     from modules import hub
