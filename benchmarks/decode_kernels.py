@@ -26,6 +26,10 @@ with ``RolloutEngine(attention=...)``):
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the bias as its mask;
 - ``reduce_compiled``: ``attention="reduce"`` under ``torch.compile``: scores and output as multiply-and-sum
   reductions, so inductor emits reduction kernels that stream the cache instead of batched one-row matmuls.
+- ``triton``: ``attention="triton"`` (``modules.decode_attention``): split-K Triton kernels that read each row's
+  filled slots only (here the window less the row's left padding: the new token sits in the window's last slot).
+  In a rollout it also reads no slot past the last token, where the others read up to a ``chunk`` of them.
+  Needs the triton package and a CUDA device (or ``TRITON_INTERPRET=1`` on CPU, for the tests).
 
 On CUDA each implementation's pass over all layers is captured as one CUDA graph and replayed, so launch
 overhead is out of the figure, as in the engine. Every layer has its own weights and cache, so nothing is
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import LM_SHAPES, copy_bandwidth, device_name  # noqa: E402
 
+from modules import decode_attention  # noqa: E402
 from modules.engine import ATTENTION, CudaGraphs, attention_bias  # noqa: E402
 
 SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -114,9 +119,13 @@ class Layers:
         one = self.keys[0][:, :, :window]
         return 2 * self.layers * one.numel() * one.element_size()
 
+    def slot(self, window: int) -> torch.Tensor:
+        """The cache slot of a new token in the window's last slot."""
+        return torch.tensor([window - 1], device=self.pad.device)
+
     def bias(self, window: int) -> torch.Tensor:
         """The engine's bias for a new token in the window's last slot: each row's left padding masked."""
-        return attention_bias(self.pad, torch.tensor([window - 1], device=self.pad.device), window)
+        return attention_bias(self.pad, self.slot(window), window)
 
 
 # ---- the implementations -----------------------------------------------------------------------------
@@ -220,13 +229,16 @@ def main() -> None:
         "sdpa": ATTENTION["sdpa"],
         "reduce_compiled": torch.compile(ATTENTION["reduce"], **compiled),
     }
+    if decode_attention.available() and (args.device.type == "cuda" or decode_attention.interpreted()):
+        attentions["triton"] = ATTENTION["triton"]
     scale = layers.dim**-0.5
     for window in args.windows:
-        bias = layers.bias(window)
+        bias, slot = layers.bias(window), layers.slot(window)
         reference = None
         for name, fn in attentions.items():
-            run = every_layer(layers, lambda x, i, fn=fn, window=window, bias=bias: fn(
-                layers.query, layers.keys[i][:, :, :window], layers.values[i][:, :, :window], bias, scale))
+            run = every_layer(layers, lambda x, i, fn=fn, window=window, bias=bias, slot=slot: fn(
+                layers.query, layers.keys[i][:, :, :window], layers.values[i][:, :, :window], bias, scale,
+                layers.pad, slot))
             try:
                 seconds, out, first = measure(run, args.device, args.reps)
             except Exception as error:  # an implementation that cannot run here is reported, not fatal

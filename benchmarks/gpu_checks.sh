@@ -7,7 +7,7 @@
 #
 # COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (default cudagraphs,fused; comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
-# COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa); COMPILE_STEP the static engine's mode in step1b
+# COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa,fused+triton); COMPILE_STEP the static engine's mode in step1b
 # (default fused, against the eager loop; engine options too, e.g. fused+pack). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
 # CUDA; smaller windows read less unfilled cache and cost more captures, but no more compiles under fused).
 # `profile` lists the kernels of the fused step (uncaptured: the same kernels, each timed on the device);

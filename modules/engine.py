@@ -182,9 +182,10 @@ def attention_bias(pad: torch.Tensor, slot: torch.Tensor, capacity: int) -> torc
     return bias.view(pad.shape[0], 1, 1, capacity)
 
 
-def _attend_matmul(q, keys, values, bias, scaling: float) -> torch.Tensor:
+def _attend_matmul(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
     """Attention of one query per row and head: ``q [R, kv_heads, groups, D]`` over ``keys``/``values``
     ``[R, kv_heads, W, D]`` with the additive ``bias [R, 1, 1, W]``; returns ``[R, kv_heads, groups, D]``.
+    (``pad [R]``/``slot [1]``, the same mask as indices, are what :func:`_attend_triton` reads instead.)
 
     Batched one-row matmuls (cuBLAS), the scores and softmax in float32: the engine's default.
     """
@@ -193,7 +194,7 @@ def _attend_matmul(q, keys, values, bias, scaling: float) -> torch.Tensor:
     return probs @ values
 
 
-def _attend_reduce(q, keys, values, bias, scaling: float) -> torch.Tensor:
+def _attend_reduce(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
     """As :func:`_attend_matmul`, written as multiply-and-sum reductions in float32, so that under
     ``compile="fused"`` inductor emits reduction kernels that stream the cache. Uncompiled it materialises a
     ``[R, kv_heads, groups, W, D]`` product per layer: meant for ``fused`` only."""
@@ -202,22 +203,30 @@ def _attend_reduce(q, keys, values, bias, scaling: float) -> torch.Tensor:
     return (probs[..., None] * values.float()[:, :, None]).sum(-2).to(q.dtype)
 
 
-def _attend_sdpa(q, keys, values, bias, scaling: float) -> torch.Tensor:
+def _attend_sdpa(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
     """As :func:`_attend_matmul`, through ``F.scaled_dot_product_attention`` with the bias as its mask (in the
     query's dtype, so softmax is not float32 throughout as in the other two)."""
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), scale=scaling)
 
 
-ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa}
+def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
+    """As :func:`_attend_matmul`, in two Triton kernels (:mod:`modules.decode_attention`) that read only each row's
+    filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is not read."""
+    return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling)
+
+
+ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
+FILLED_ONLY = ("triton",)  # attention choices that read only the filled slots: one window (the whole cache)
 
 
 def _decode_layer(
-    layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul, qkv=None, gate_up=None
+    layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul, qkv=None, gate_up=None, pad=None
 ) -> torch.Tensor:
     """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
     ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
     (``attend``, one of :data:`ATTENTION`) reads slots ``[0, window)`` only (``slot < window``); ``bias`` is
-    ``[R, 1, 1, window]``. ``qkv``/``gate_up``: the layer's q, k, v (gate, up) weights packed into one matrix
+    ``[R, 1, 1, window]`` (``pad [R]``, each row's left padding, the same mask for ``attention="triton"``).
+    ``qkv``/``gate_up``: the layer's q, k, v (gate, up) weights packed into one matrix
     (``RolloutEngine(pack=True)``), one matmul instead of three (two); ``None``: the modules' own calls."""
     rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
     attn = layer.self_attn
@@ -232,7 +241,7 @@ def _decode_layer(
     # .to: under autocast the projections and the cache need not share a dtype
     keys.index_copy_(2, slot, _rope(k.view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
     values.index_copy_(2, slot, v.view(rows, kv_heads, 1, dim).to(values.dtype))
-    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling)  # [R, kv_heads, groups, D]
+    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling, pad, slot)  # [R, kv_heads, groups, D]
     x = x + attn.o_proj(out.reshape(rows, -1))
     mlp = layer.mlp
     h = _rms_norm(layer.post_attention_layernorm, x)
@@ -315,7 +324,9 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         qkv, gate_up = state["packed"][i]  # the layer's packed weights, (None, None) without pack=True
-        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up)
+        x = parts.layer(
+            layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up, state["pad"]
+        )
     parts.finish(lm.norm, x, state)
 
 
@@ -388,8 +399,10 @@ class RolloutEngine:
             autocast-dtype copy of those weights (Janus-Pro-1B: 2.8 GiB, 7B: 12.3 GiB) while buffers are held.
         attention: how a step attends over the cache (:data:`ATTENTION`): ``matmul`` (batched one-row
             matmuls, the default), ``reduce`` (multiply-and-sum reductions that inductor turns into kernels
-            streaming the cache; for ``fused``) or ``sdpa``. Same results within rounding; which is fastest on
-            a GPU is what ``benchmarks/decode_kernels.py`` measures.
+            streaming the cache; for ``fused``), ``sdpa``, or ``triton`` (:mod:`modules.decode_attention`: split-K
+            Triton kernels that read only each row's filled slots, so one window, the whole cache, serves every
+            step: one capture per cache size; CUDA only, needs the triton package). Same results within
+            rounding; which is fastest on a GPU is what ``benchmarks/decode_kernels.py`` measures.
         pack: each decoder layer's q/k/v and gate/up weights packed into one matrix each, read by one matmul
             instead of three and two (wider matmuls, fewer launches). Under autocast with ``weight_copy`` the
             packed matrices hold the autocast copies, at no extra memory; otherwise they are a copy of those
@@ -411,6 +424,10 @@ class RolloutEngine:
             raise ValueError(f"engine chunk must be >= 1, got {chunk}")
         if attention not in ATTENTION:
             raise ValueError(f"engine attention must be one of {tuple(ATTENTION)}, got {attention!r}")
+        if attention == "triton":
+            from modules import decode_attention  # registers bicot::decode_attention
+
+            decode_attention.require()
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
         self.pack = pack
         self.stats = EngineStats()
@@ -477,7 +494,10 @@ class RolloutEngine:
         return self._auto_cuda
 
     def ladder(self, capacity: int, device: torch.device) -> list[int]:
-        """The attention windows of a cache: one per chunk when a variant costs a capture, doubling when a compile."""
+        """The attention windows of a cache: one per chunk when a variant costs a capture, doubling when a compile;
+        only the whole cache where attention reads just the filled slots (``attention="triton"``)."""
+        if self.attention in FILLED_ONLY:
+            return [capacity]
         return window_ladder(capacity, self._chunk(device), linear=self.mode(device) not in TORCH_COMPILE_MODES)
 
     @contextlib.contextmanager
@@ -532,6 +552,10 @@ class RolloutEngine:
         Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
         optimizer updates weights in place, so after a step the graphs read the new values.
         """
+        if self.attention == "triton":
+            from modules.decode_attention import check_device
+
+            check_device(state["hidden"].device)
         layers = model.model.language_model.config.num_hidden_layers
         state["packed"] = self._packed or [(None, None)] * layers  # per layer (qkv, gate_up)
         if not self.captures(state["hidden"].device):

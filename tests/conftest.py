@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from torch import nn
 
-from modules.policy import JanusPolicy
-from modules.tiny import TinyJanusSpec, save_tiny_janus
+# Without a GPU, Triton kernels (attention="triton") run in Triton's interpreter, on CPU tensors. Triton reads this
+# when it is imported, and Lightning imports it: so before anything imports Lightning.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch import nn  # noqa: E402
+
+from modules.policy import JanusPolicy  # noqa: E402
+from modules.tiny import TinyJanusSpec, save_tiny_janus  # noqa: E402
 
 # 16 image tokens (a 4 x 4 grid) decoded to 8 px, a 32-entry codebook: a forward pass takes milliseconds.
 TINY_SPEC = dict(

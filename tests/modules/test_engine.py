@@ -10,7 +10,7 @@ from torch import nn
 import modules.engine as engine_module
 from bicot.loop import RowPlacement, rollout_phase
 from datamodules.records import PromptRecord
-from modules import janus_ops
+from modules import decode_attention, janus_ops
 from modules.engine import (
     RolloutEngine,
     _decode_layer,
@@ -181,7 +181,16 @@ def test_sampling_with_the_same_noise_gives_the_eager_tokens_and_logprobs(sharp_
     assert (b.entropy[~b.mask] == 0).all() and (b.entropy[b.mask] > 0).all()
 
 
-@pytest.mark.parametrize("attention", ["reduce", "sdpa"])
+TRITON = pytest.param(
+    "triton",
+    marks=pytest.mark.skipif(
+        not (decode_attention.available() and (torch.cuda.is_available() or decode_attention.interpreted())),
+        reason="needs the triton package (and a CUDA device or TRITON_INTERPRET=1)",
+    ),
+)
+
+
+@pytest.mark.parametrize("attention", ["reduce", "sdpa", TRITON])
 def test_each_attention_choice_samples_the_eager_tokens_and_logprobs(sharp_policy, attention):
     engine = RolloutEngine(attention=attention)
     ctx = sharp_policy.image_context(PROMPTS, None)
@@ -651,6 +660,32 @@ def test_fused_parts_compile_one_layer_for_all_layers_and_sample_the_eager_token
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("attention", [TRITON])
+def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_policy, attention):
+    """``attention="triton"`` reads only the filled slots, so one window (the whole cache) serves every step: one
+    compiled layer and one capture per stage, however many tokens; the kernels stay whole inside the compiled
+    layer (the custom op ``bicot::decode_attention``)."""
+    torch._dynamo.reset()
+    engine = RolloutEngine(compile="fused", chunk=16, attention=attention)
+    engine.graphs = graphs = StandInGraphs()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=20)
+    first = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=20)
+    assert torch.equal(first.tokens, eager.tokens)
+    close(first.logp_guided, eager.logp_guided)
+    close(first.logp_conditional, eager.logp_conditional)
+    assert engine.stats.variants == 1 and graphs.captures == 1 and _layer_compiles() == 1
+    again = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=20)
+    assert torch.equal(again.tokens, eager.tokens) and graphs.captures == 1 and _layer_compiles() == 1
+    ids, mask = plan_contexts(sharp_policy)
+    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 9, max_tokens=8)
+    b = plans(engine.sample_text, sharp_policy, ids, mask, 9, max_tokens=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    close(b.logp, a.logp)
+    assert engine.stats.variants == 2 and graphs.captures == 2
+
+
+@pytest.mark.slow
 def test_fused_parts_run_uncaptured_on_cpu_with_lora_under_autocast(tiny_janus_dir):
     """Without a CUDA device ``fused`` runs the compiled parts as they are; LoRA and the weight copy trace."""
     from modules.lora import LoraSpec
@@ -690,6 +725,8 @@ def cuda_images(fn, policy, ctx, seed=0):
         ("fused", "reduce", False),
         ("fused", "sdpa", False),
         ("fused", "matmul", True),
+        ("cudagraphs", "triton", False),
+        ("fused", "triton", False),
         ("reduce-overhead", "matmul", False),
     ],
 )

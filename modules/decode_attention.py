@@ -1,0 +1,168 @@
+"""Decode attention that reads only the filled part of the KV cache: ``RolloutEngine(attention="triton")``.
+
+One query per row and head attends over slots ``pad[r] .. slot`` of its row (its real context and the tokens
+sampled so far), in two Triton kernels ("split-K" or flash-decoding):
+
+1. ``_partial``: one program per (row, head, split of the cache). It streams its split's part of the filled
+   slots in blocks of ``BLOCK`` keys and values, in float32, with a running maximum (online softmax), and writes
+   the split's maximum, normaliser and weighted sum of values. A split that holds no filled slot reads nothing.
+2. ``_combine``: one program per (row, head) rescales the splits to one maximum and writes the output.
+
+The slots read are the row's filled ones, not a window that covers them: where the other attention choices
+read a bucket of ``chunk`` slots past the last token (and every left-padding slot), this reads exactly the
+filled slots. ``pad`` and ``slot`` are read from device memory, so one captured CUDA graph serves every step of
+a rollout: the engine uses a single attention window (the whole cache) with this choice.
+
+It is registered as the custom op ``bicot::decode_attention`` so that ``torch.compile`` (``compile="fused"``)
+keeps it whole inside a compiled decoder layer instead of breaking the graph.
+
+On CPU, Triton runs only in its interpreter (``TRITON_INTERPRET=1`` set before Triton is imported): that is
+how the tests check the kernels on machines without a GPU; it is far too slow for anything else.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the engine's other attention choices need no Triton
+    triton = None
+
+BLOCK = 32  # keys and values per iteration of a program
+SPLIT = 128  # cache slots per program (a multiple of BLOCK)
+
+
+def available() -> bool:
+    """Whether Triton is importable here."""
+    return triton is not None
+
+
+def interpreted() -> bool:
+    """Whether Triton runs its interpreter (CPU tensors) instead of compiling GPU kernels."""
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the environment
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require() -> None:
+    """Raise a clear error where Triton is missing."""
+    if triton is None:
+        raise RuntimeError(
+            "engine attention 'triton' needs the triton package (pip install triton; CUDA builds of torch ship it). "
+            "Other choices: matmul, reduce, sdpa."
+        )
+
+
+def check_device(device: torch.device) -> None:
+    """Raise a clear error where ``attention="triton"`` cannot run on ``device``."""
+    require()
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError(
+            f"engine attention 'triton' runs on CUDA devices, not {device.type} (on CPU only Triton's interpreter "
+            "runs it, with TRITON_INTERPRET=1, for tests). Other choices: matmul, reduce, sdpa."
+        )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial(
+        q, keys, values, pad, slot, part_max, part_sum, part_acc,
+        stride_qr, stride_qk, stride_qg, stride_kr, stride_kh, stride_ks,
+        stride_vr, stride_vh, stride_vs,
+        groups, dim, split_len, scaling,
+        BLOCK: tl.constexpr, DIM: tl.constexpr,
+    ):
+        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kv_head, group = head // groups, head % groups
+        start = tl.maximum(tl.load(pad + row), split * split_len)
+        end = tl.minimum(tl.load(slot) + 1, (split + 1) * split_len)
+        d = tl.arange(0, DIM)
+        in_dim = d < dim
+        query = tl.load(q + row * stride_qr + kv_head * stride_qk + group * stride_qg + d, mask=in_dim, other=0.0)
+        query = query.to(tl.float32) * scaling
+        k_row = keys + row * stride_kr + kv_head * stride_kh
+        v_row = values + row * stride_vr + kv_head * stride_vh
+        best = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
+        acc = tl.zeros([DIM], tl.float32)
+        for first in range(start, end, BLOCK):
+            n = first + tl.arange(0, BLOCK)
+            filled = n < end
+            both = filled[:, None] & in_dim[None, :]
+            k = tl.load(k_row + n[:, None] * stride_ks + d[None, :], mask=both, other=0.0).to(tl.float32)
+            score = tl.where(filled, tl.sum(k * query[None, :], 1), float("-inf"))  # [BLOCK]
+            new_best = tl.maximum(best, tl.max(score, 0))
+            weight = tl.exp(score - new_best)
+            rescale = tl.exp(best - new_best)
+            v = tl.load(v_row + n[:, None] * stride_vs + d[None, :], mask=both, other=0.0).to(tl.float32)
+            acc = acc * rescale + tl.sum(weight[:, None] * v, 0)
+            total = total * rescale + tl.sum(weight, 0)
+            best = new_best
+        at = (row * tl.num_programs(1) + head) * tl.num_programs(2) + split
+        one = tl.arange(0, 1)
+        tl.store(part_max + at + one, best)
+        tl.store(part_sum + at + one, total)
+        tl.store(part_acc + at * DIM + d, acc)
+
+    @triton.jit
+    def _combine(
+        part_max, part_sum, part_acc, out, splits, dim, stride_or, stride_ok, stride_og, groups,
+        SPLITS: tl.constexpr, DIM: tl.constexpr,
+    ):
+        row, head = tl.program_id(0), tl.program_id(1)
+        kv_head, group = head // groups, head % groups
+        base = (row * tl.num_programs(1) + head) * splits
+        s = tl.arange(0, SPLITS)
+        used = s < splits
+        best = tl.load(part_max + base + s, mask=used, other=float("-inf"))  # [SPLITS]
+        weight = tl.exp(best - tl.max(best, 0))  # 0 for a split without filled slots
+        total = tl.sum(weight * tl.load(part_sum + base + s, mask=used, other=0.0), 0)
+        d = tl.arange(0, DIM)
+        acc = tl.load(part_acc + (base + s[:, None]) * DIM + d[None, :], mask=used[:, None], other=0.0)
+        result = tl.sum(weight[:, None] * acc, 0) / total
+        target = out + row * stride_or + kv_head * stride_ok + group * stride_og + d
+        tl.store(target, result.to(out.dtype.element_ty), mask=d < dim)
+
+
+@torch.library.custom_op("bicot::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor, slot: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention of ``q [R, kv_heads, groups, D]`` (one query per row and head) over the slots ``pad[r] .. slot``
+    of ``keys``/``values`` ``[R, kv_heads, S, D]`` (any strides along the first three dims, the last contiguous);
+    ``pad [R]`` and ``slot [1]`` long, on the device. Returns ``[R, kv_heads, groups, D]`` in ``q``'s dtype.
+    Scores, softmax and the weighted sum are float32 throughout."""
+    check_device(q.device)
+    rows, kv_heads, groups, dim = q.shape
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
+    splits = triton.cdiv(keys.shape[2], SPLIT)
+    padded = triton.next_power_of_2(dim)
+    heads = kv_heads * groups
+    part_max = torch.empty(rows * heads * splits, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(rows * heads * splits * padded, dtype=torch.float32, device=q.device)
+    _partial[(rows, heads, splits)](
+        q, keys, values, pad, slot, part_max, part_sum, part_acc,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        groups, dim, SPLIT, scaling,
+        BLOCK=BLOCK, DIM=padded,
+    )
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _combine[(rows, heads)](
+        part_max, part_sum, part_acc, out, splits, dim, out.stride(0), out.stride(1), out.stride(2), groups,
+        SPLITS=triton.next_power_of_2(splits), DIM=padded,
+    )
+    return out
+
+
+@decode_attention.register_fake
+def _(q, keys, values, pad, slot, scaling):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

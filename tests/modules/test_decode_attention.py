@@ -1,0 +1,107 @@
+"""The Triton decode attention (``attention="triton"``) against the engine's default attention.
+
+Without a GPU the kernels run in Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``): the same
+kernel code, its masks, splits and online softmax, executed on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modules import decode_attention
+from modules.engine import ATTENTION, RolloutEngine, attention_bias
+
+needs_triton = pytest.mark.skipif(
+    not (decode_attention.available() and (torch.cuda.is_available() or decode_attention.interpreted())),
+    reason="needs the triton package (and a CUDA device or TRITON_INTERPRET=1)",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def case(rows, kv_heads, groups, capacity, dim, dtype=torch.float32, max_pad=20, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+
+    q = randn(rows, kv_heads, groups, dim)
+    keys, values = randn(rows, kv_heads, capacity, dim), randn(rows, kv_heads, capacity, dim)
+    pad = torch.randint(0, max_pad, (rows,), generator=generator).to(DEVICE)
+    return q, keys, values, pad
+
+
+def reference(q, keys, values, pad, slot, scaling):
+    """The engine's default attention, in float32, with the engine's bias."""
+    bias = attention_bias(pad, slot, keys.shape[2])
+    return ATTENTION["matmul"](q.float(), keys.float(), values.float(), bias, scaling)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("rows", "kv_heads", "groups", "capacity", "dim", "filled"),
+    [
+        (4, 2, 1, 128, 32, 70),  # one split, partly filled
+        (3, 2, 3, 300, 24, 263),  # three splits (the last one short), grouped heads, a head size that is not 2^k
+        (2, 1, 2, 384, 16, 40),  # only the first of three splits holds filled slots
+        (2, 2, 1, 256, 16, 256),  # full
+    ],
+)
+def test_equals_the_default_attention_over_the_filled_slots(rows, kv_heads, groups, capacity, dim, filled):
+    q, keys, values, pad = case(rows, kv_heads, groups, capacity, dim)
+    slot = torch.tensor([filled - 1], device=DEVICE)
+    expected = reference(q, keys, values, pad, slot, dim**-0.5)
+    out = decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # nothing outside pad[r] .. slot is read: garbage there changes nothing
+    cols = torch.arange(capacity, device=DEVICE)
+    outside = ((cols[None] < pad[:, None]) | (cols[None] > slot))[:, None, :, None]  # [R, 1, S, 1]
+    garbage = torch.full_like(keys, float("nan"))
+    out = decode_attention.decode_attention(
+        q, torch.where(outside, garbage, keys), torch.where(outside, garbage, values), pad, slot, dim**-0.5
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_reads_a_window_view_of_a_larger_cache_and_a_strided_query():
+    q, keys, values, pad = case(3, 2, 2, 256, 16)
+    window, slot = 160, torch.tensor([150], device=DEVICE)
+    q_strided = torch.cat([q, q], -1)[..., :16]  # last dimension contiguous, other strides not
+    assert not q_strided.is_contiguous()
+    out = decode_attention.decode_attention(
+        q_strided, keys[:, :, :window], values[:, :, :window], pad, slot, 0.25
+    )
+    torch.testing.assert_close(out, reference(q, keys, values, pad, slot, 0.25), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_bfloat16_inputs_accumulate_in_float32():
+    q, keys, values, pad = case(4, 2, 2, 300, 32, dtype=torch.bfloat16)
+    slot = torch.tensor([280], device=DEVICE)
+    out = decode_attention.decode_attention(q, keys, values, pad, slot, 32**-0.5)
+    assert out.dtype == torch.bfloat16
+    expected = reference(q, keys, values, pad, slot, 32**-0.5)  # float32 from the same bf16 numbers
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=2 ** -7)  # one bf16 rounding of the output
+
+
+def test_missing_triton_and_a_device_it_cannot_run_on_are_named(monkeypatch):
+    monkeypatch.setattr(decode_attention, "triton", None)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        decode_attention.check_device(torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        RolloutEngine(attention="triton")
+    monkeypatch.undo()
+    if decode_attention.available():
+        monkeypatch.setattr(decode_attention, "interpreted", lambda: False)
+        with pytest.raises(RuntimeError, match="runs on CUDA devices, not cpu"):
+            decode_attention.check_device(torch.device("cpu"))
+
+
+def test_a_triton_engine_uses_one_window_the_whole_cache():
+    if not decode_attention.available():
+        pytest.skip("needs the triton package")
+    engine = RolloutEngine(attention="triton", chunk=64)
+    assert engine.ladder(256, torch.device("cpu")) == [256]
+    assert RolloutEngine(chunk=64).ladder(256, torch.device("cpu")) == [64, 128, 192, 256]
