@@ -26,7 +26,8 @@ with ``RolloutEngine(attention=...)``):
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the bias as its mask;
 - ``reduce_compiled``: ``attention="reduce"`` under ``torch.compile``: scores and output as multiply-and-sum
   reductions, so inductor emits reduction kernels that stream the cache instead of batched one-row matmuls.
-- ``triton``: ``attention="triton"`` (``modules.decode_attention``): split-K Triton kernels that read each row's
+- ``triton_split<N>``: ``attention="triton"`` (``modules.decode_attention``) with ``N`` slots per program
+  (``--triton-splits``; the engine's is ``SPLIT``, 128): split-K Triton kernels that read each row's
   filled slots only (here the window less the row's left padding: the new token sits in the window's last slot).
   In a rollout it also reads no slot past the last token, where the others read up to a ``chunk`` of them.
   Needs the triton package and a CUDA device (or ``TRITON_INTERPRET=1`` on CPU, for the tests).
@@ -69,11 +70,15 @@ def parse_args() -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
     parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
+    parser.add_argument("--triton-splits", default="64,128,256",
+                        help="cache slots per program of the triton attention (modules.decode_attention.SPLIT), each "
+                             "a candidate triton_split<N>")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     args = parser.parse_args()
     args.windows = [int(w) for w in args.windows.split(",")]
-    if args.rows < 1 or args.reps < 1 or any(w < 1 for w in args.windows):
-        parser.error("--rows, --reps and every window must be >= 1")
+    args.triton_splits = [int(n) for n in args.triton_splits.split(",") if n]
+    if args.rows < 1 or args.reps < 1 or any(n < 1 for n in args.windows + args.triton_splits):
+        parser.error("--rows, --reps, every window and every triton split must be >= 1")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
@@ -198,6 +203,16 @@ def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, o
     print(json.dumps(line), flush=True)
 
 
+def split_at(split: int):
+    """``attention="triton"`` with ``split`` cache slots per program (read when a pass is captured)."""
+
+    def attend(*args):
+        decode_attention.SPLIT = split
+        return ATTENTION["triton"](*args)
+
+    return attend
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
@@ -230,7 +245,8 @@ def main() -> None:
         "reduce_compiled": torch.compile(ATTENTION["reduce"], **compiled),
     }
     if decode_attention.available() and (args.device.type == "cuda" or decode_attention.interpreted()):
-        attentions["triton"] = ATTENTION["triton"]
+        for split in args.triton_splits:
+            attentions[f"triton_split{split}"] = split_at(split)
     scale = layers.dim**-0.5
     for window in args.windows:
         bias, slot = layers.bias(window), layers.slot(window)

@@ -80,8 +80,8 @@ if triton is not None:
     ):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head, group = head // groups, head % groups
-        start = tl.maximum(tl.load(pad + row), split * split_len)
-        end = tl.minimum(tl.load(slot) + 1, (split + 1) * split_len)
+        start = tl.maximum(tl.load(pad + row).to(tl.int32), split * split_len)  # int32 loop bounds throughout
+        end = tl.minimum(tl.load(slot).to(tl.int32) + 1, (split + 1) * split_len)
         d = tl.arange(0, DIM)
         in_dim = d < dim
         query = tl.load(q + row * stride_qr + kv_head * stride_qk + group * stride_qg + d, mask=in_dim, other=0.0)
@@ -142,7 +142,7 @@ def decode_attention(
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
-    splits = triton.cdiv(keys.shape[2], SPLIT)
+    splits = triton.cdiv(keys.shape[2], SPLIT)  # SPLIT is read at each call: benchmarks sweep it
     padded = triton.next_power_of_2(dim)
     heads = kv_heads * groups
     part_max = torch.empty(rows * heads * splits, dtype=torch.float32, device=q.device)

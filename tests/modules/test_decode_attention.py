@@ -12,6 +12,7 @@ import torch
 from modules import decode_attention
 from modules.engine import ATTENTION, RolloutEngine, attention_bias
 
+pytestmark = pytest.mark.triton
 needs_triton = pytest.mark.skipif(
     not (decode_attention.available() and (torch.cuda.is_available() or decode_attention.interpreted())),
     reason="needs the triton package (and a CUDA device or TRITON_INTERPRET=1)",

@@ -181,12 +181,10 @@ def test_sampling_with_the_same_noise_gives_the_eager_tokens_and_logprobs(sharp_
     assert (b.entropy[~b.mask] == 0).all() and (b.entropy[b.mask] > 0).all()
 
 
+# attention="triton" on CPU tensors: Triton's interpreter (on a GPU machine the gpu tests below run it compiled)
 TRITON = pytest.param(
     "triton",
-    marks=pytest.mark.skipif(
-        not (decode_attention.available() and (torch.cuda.is_available() or decode_attention.interpreted())),
-        reason="needs the triton package (and a CUDA device or TRITON_INTERPRET=1)",
-    ),
+    marks=pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1"),
 )
 
 
