@@ -14,7 +14,7 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
-from modules.engine import COMPILE_MODES, EngineStats, RolloutEngine
+from modules.engine import ATTENTION, COMPILE_MODES, EngineStats, RolloutEngine
 from modules.hub import load_cache_first
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
@@ -62,6 +62,13 @@ class SamplingConfig:
             ``fused`` (inductor-compiled parts of the step, one compiled decoder layer for all layers,
             captured by hand on GPU: faster steps after seconds of compiling), or a ``torch.compile`` mode
             (``reduce-overhead``: as fast as ``fused`` after minutes of compiling).
+        engine_attention: how the static engine's step attends over the KV cache (``RolloutEngine(attention=...)``):
+            ``matmul`` (the default), ``reduce``, ``sdpa`` or ``triton`` (kernels that read only the filled slots;
+            CUDA and the triton package). Same tokens and log-probs within rounding; speed differs by GPU.
+        engine_pack: pack each decoder layer's q/k/v and gate/up weights into one matrix each for the static
+            engine's step (``RolloutEngine(pack=True)``): fewer, wider matmuls. Free under bf16-mixed (the packs
+            hold the bf16 weight copies); with bf16 weights a copy of those weights while rolling out (Janus-Pro-1B:
+            1.7 GB, 7B: 8.4 GB), counted by ``python -m bicot.memory``.
     """
 
     plan_max_tokens: int = 64
@@ -75,6 +82,8 @@ class SamplingConfig:
     image_logprob: str = "conditional"
     engine: str = "eager"
     engine_compile: str = "auto"
+    engine_attention: str = "matmul"
+    engine_pack: bool = False
 
     def __post_init__(self) -> None:
         if self.plan_max_tokens < 1:
@@ -99,6 +108,14 @@ class SamplingConfig:
             raise ValueError(
                 f"sampling.engine_compile must be one of {COMPILE_MODES}, got {self.engine_compile!r}"
             )
+        if self.engine_attention not in ATTENTION:
+            raise ValueError(
+                f"sampling.engine_attention must be one of {tuple(ATTENTION)}, got {self.engine_attention!r}"
+            )
+        if self.engine_attention == "triton" and self.engine == "static":
+            from modules.decode_attention import require
+
+            require()  # a clear error now, not at the first rollout
 
 
 @dataclass
@@ -289,7 +306,10 @@ class JanusPolicy(pl.LightningModule):
         if self.sampling.engine == "eager":
             return janus_ops
         if self._engine is None:
-            self._engine = RolloutEngine(compile=self.sampling.engine_compile)
+            sampling = self.sampling
+            self._engine = RolloutEngine(
+                compile=sampling.engine_compile, attention=sampling.engine_attention, pack=sampling.engine_pack
+            )
         return self._engine
 
     def engine_stats(self) -> EngineStats | None:

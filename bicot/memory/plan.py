@@ -245,6 +245,9 @@ def plan(r: Recipe) -> MemoryPlan:
             linear = shape.layers * shape.layer_linear_params + sum(shape.head_params.values())
             linear += shape.part_params["generation_aligner"]  # biases counted too: < 0.1 % over
             engine_buffers += linear * num.compute
+        elif r.engine_pack:  # RolloutEngine(pack=True) without the autocast copy: q/k/v and gate/up packed anew
+            packed = shape.hidden * ((shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.intermediate)
+            engine_buffers += shape.layers * packed * num.compute
     on_device = r.reference_placement not in ("cpu", "offload")
     score_gather = 0
     if r.reference == "copy" and (r.reference_placement == "offload" or r.sharded):

@@ -81,6 +81,9 @@ class Recipe:
     engine_compile: str = "auto"
     """``sampling.engine_compile``: ``torch.compile`` modes hold the static engine's buffers through the
     score and update phases; ``auto``/``off``/``cudagraphs``/``fused`` free them before VQ decoding."""
+    engine_pack: bool = False
+    """``sampling.engine_pack``: with bf16 weights (no autocast copy) the packed q/k/v and gate/up matrices are a
+    second copy of those weights while rolling out; under autocast they hold the bf16 copies at no extra cost."""
 
 
 # ---- reading a config ------------------------------------------------------------------------------
@@ -188,6 +191,7 @@ def recipe_from_config(
         guided=_get(sampling, "image_logprob", default="conditional") == "guided",
         engine=str(_get(sampling, "engine", default="eager")),
         engine_compile=str(_get(sampling, "engine_compile", default="auto")),
+        engine_pack=bool(_get(sampling, "engine_pack", default=False)),
         activation_checkpointing=bool(
             _get(c, "model", "parallel", "activation_checkpointing", default=False)
             if activation_checkpointing is None
@@ -247,6 +251,7 @@ def recipe_from_module(
         guided=policy.sampling.image_logprob == "guided",
         engine=policy.sampling.engine,
         engine_compile=policy.sampling.engine_compile,
+        engine_pack=policy.sampling.engine_pack,
         lora_params=lora,
         activation_checkpointing=module.parallel.activation_checkpointing,
         param_dtype=module.parallel.param_dtype,

@@ -361,6 +361,36 @@ def test_static_engine_buffers_match_the_plan(monkeypatch):
     assert plan_for(config, 1).engine_buffers_gib == 0
 
 
+def test_packed_engine_weights_match_the_plan(monkeypatch):
+    """``sampling.engine_pack`` with bf16 weights: the packed q/k/v and gate/up matrices are a copy the plan counts;
+    under bf16-mixed they hold the autocast copies, and the plan adds nothing."""
+    from modules.engine import RolloutEngine
+
+    monkeypatch.setattr("modules.engine.DEFAULT_CHUNK", {"cpu": 128, "cuda": 128})
+    sampling = SamplingConfig(plan_max_tokens=12, cfg_scale=3.0, engine="static", engine_pack=True)
+    policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC), sampling=sampling, dtype="bfloat16")
+    policy._engine = engine = RolloutEngine(compile="off", pack=True)
+    r = loop.rollout_phase(policy, PROMPTS, G, resolve_template("default"), loop.RowPlacement(seed=0))
+    policy.sample_plans([p.prompt for p in PROMPTS for _ in range(G)], resolve_template("default"), 1)
+    policy.sample_images(loop.image_context(r))
+    states = engine._buffers.values()
+    # the step_weights entry holds the packs; each stage's state refers to the same matrices
+    packs = list({t.data_ptr(): t for state in states for pair in state.get("packed") or () for t in pair}.values())
+    assert packs and all(t.dtype == torch.bfloat16 for t in packs)
+    held = sum(t.nbytes for t in packs) + sum(t.nbytes for state in states for t in state.get("kv", []))
+    config = tiny_config(dataclasses.asdict(TinyJanusSpec(**MEASURE_SPEC)), "bf16-true")
+    config["model"]["policy"]["sampling"].update(engine="static", engine_pack=True)
+    recipe = dataclasses.replace(memory.recipe_from_config(config, 1), lengths=exact_lengths(r))
+    assert recipe.engine_pack
+    planned = memory.plan(recipe)
+    assert held == pytest.approx(planned.engine_buffers_gib * GIB, rel=1e-6)
+    unpacked = memory.plan(dataclasses.replace(recipe, engine_pack=False))
+    assert planned.engine_buffers_gib * GIB - unpacked.engine_buffers_gib * GIB == pytest.approx(
+        sum(t.nbytes for t in packs), rel=1e-6)
+    mixed = memory.recipe_from_config({**config, "trainer": {**config["trainer"], "precision": "bf16-mixed"}}, 1)
+    assert memory.plan(mixed).engine_buffers_gib == memory.plan(dataclasses.replace(mixed, engine_pack=False)).engine_buffers_gib
+
+
 def test_tiny_states_after_one_step_match_the_plan():
     """Weights, gradients and AdamW state after one real optimizer step equal the plan (to 0.1 %)."""
     policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC), sampling=SamplingConfig(plan_max_tokens=12, cfg_scale=3.0))

@@ -599,9 +599,20 @@ def test_capture_autocast_keeps_the_dtype_and_drops_the_cast_cache():
 def test_sampling_config_chooses_the_engine_compile_mode(sharp_policy):
     with pytest.raises(ValueError, match="sampling.engine_compile must be one of"):
         SamplingConfig(engine="static", engine_compile="fast")
-    sharp_policy.sampling = SamplingConfig(engine="static", engine_compile="cudagraphs")
+    with pytest.raises(ValueError, match="sampling.engine_attention must be one of"):
+        SamplingConfig(engine="static", engine_attention="flash")
+    sharp_policy.sampling = SamplingConfig(engine="static", engine_compile="cudagraphs", engine_attention="sdpa",
+                                           engine_pack=True)
     sharp_policy._engine = None
-    assert sharp_policy._sampler().compile == "cudagraphs"
+    engine = sharp_policy._sampler()
+    assert (engine.compile, engine.attention, engine.pack) == ("cudagraphs", "sdpa", True)
+
+
+def test_triton_attention_without_triton_is_refused_when_configured(monkeypatch):
+    monkeypatch.setattr(decode_attention, "triton", None)
+    with pytest.raises(RuntimeError, match="engine attention 'triton' needs the triton package"):
+        SamplingConfig(engine="static", engine_attention="triton")
+    SamplingConfig(engine="eager", engine_attention="triton")  # not used by the eager loop: no error
 
 
 # --------------------------------------------------------------------------- compiled steps
