@@ -70,9 +70,9 @@ def parse_args() -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
     parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
-    parser.add_argument("--triton-splits", default="64,128,256",
+    parser.add_argument("--triton-splits", default="64,128,256,1024",
                         help="cache slots per program of the triton attention (modules.decode_attention.SPLIT), each "
-                             "a candidate triton_split<N>")
+                             "a candidate triton_split<N>; one that covers the window runs one kernel, not two")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     args = parser.parse_args()
     args.windows = [int(w) for w in args.windows.split(",")]

@@ -7,6 +7,7 @@ sampled so far), in two Triton kernels ("split-K" or flash-decoding):
    slots in blocks of ``BLOCK`` keys and values, in float32, with a running maximum (online softmax), and writes
    the split's maximum, normaliser and weighted sum of values. A split that holds no filled slot reads nothing.
 2. ``_combine``: one program per (row, head) rescales the splits to one maximum and writes the output.
+   Where the cache fits one split, the first kernel writes the output itself and this one does not run.
 
 The slots read are the row's filled ones, not a window that covers them: where the other attention choices
 read a bucket of ``chunk`` slots past the last token (and every left-padding slot), this reads exactly the
@@ -72,11 +73,11 @@ if triton is not None:
 
     @triton.jit
     def _partial(
-        q, keys, values, pad, slot, part_max, part_sum, part_acc,
+        q, keys, values, pad, slot, part_max, part_sum, part_acc, out,
         stride_qr, stride_qk, stride_qg, stride_kr, stride_kh, stride_ks,
-        stride_vr, stride_vh, stride_vs,
+        stride_vr, stride_vh, stride_vs, stride_or, stride_ok, stride_og,
         groups, dim, split_len, scaling,
-        BLOCK: tl.constexpr, DIM: tl.constexpr,
+        BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr,
     ):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head, group = head // groups, head % groups
@@ -104,11 +105,15 @@ if triton is not None:
             acc = acc * rescale + tl.sum(weight[:, None] * v, 0)
             total = total * rescale + tl.sum(weight, 0)
             best = new_best
-        at = (row * tl.num_programs(1) + head) * tl.num_programs(2) + split
-        one = tl.arange(0, 1)
-        tl.store(part_max + at + one, best)
-        tl.store(part_sum + at + one, total)
-        tl.store(part_acc + at * DIM + d, acc)
+        if DIRECT:  # a single split: this program's result is the output, no second kernel
+            target = out + row * stride_or + kv_head * stride_ok + group * stride_og + d
+            tl.store(target, (acc / total).to(out.dtype.element_ty), mask=in_dim)
+        else:
+            at = (row * tl.num_programs(1) + head) * tl.num_programs(2) + split
+            one = tl.arange(0, 1)
+            tl.store(part_max + at + one, best)
+            tl.store(part_sum + at + one, total)
+            tl.store(part_acc + at * DIM + d, acc)
 
     @triton.jit
     def _combine(
@@ -148,18 +153,19 @@ def decode_attention(
     part_max = torch.empty(rows * heads * splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(rows * heads * splits * padded, dtype=torch.float32, device=q.device)
-    _partial[(rows, heads, splits)](
-        q, keys, values, pad, slot, part_max, part_sum, part_acc,
-        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        groups, dim, SPLIT, scaling,
-        BLOCK=BLOCK, DIM=padded,
-    )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _combine[(rows, heads)](
-        part_max, part_sum, part_acc, out, splits, dim, out.stride(0), out.stride(1), out.stride(2), groups,
-        SPLITS=triton.next_power_of_2(splits), DIM=padded,
+    _partial[(rows, heads, splits)](
+        q, keys, values, pad, slot, part_max, part_sum, part_acc, out,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        groups, dim, SPLIT, scaling,
+        BLOCK=BLOCK, DIM=padded, DIRECT=splits == 1,
     )
+    if splits > 1:
+        _combine[(rows, heads)](
+            part_max, part_sum, part_acc, out, splits, dim, out.stride(0), out.stride(1), out.stride(2), groups,
+            SPLITS=triton.next_power_of_2(splits), DIM=padded,
+        )
     return out
 
 

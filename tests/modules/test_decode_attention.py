@@ -42,7 +42,7 @@ def reference(q, keys, values, pad, slot, scaling):
 @pytest.mark.parametrize(
     ("rows", "kv_heads", "groups", "capacity", "dim", "filled"),
     [
-        (4, 2, 1, 128, 32, 70),  # one split, partly filled
+        (4, 2, 1, 128, 32, 70),  # one split (the first kernel writes the output), partly filled
         (3, 2, 3, 300, 24, 263),  # three splits (the last one short), grouped heads, a head size that is not 2^k
         (2, 1, 2, 384, 16, 40),  # only the first of three splits holds filled slots
         (2, 2, 1, 256, 16, 256),  # full
@@ -78,9 +78,10 @@ def test_reads_a_window_view_of_a_larger_cache_and_a_strided_query():
 
 
 @needs_triton
-def test_bfloat16_inputs_accumulate_in_float32():
-    q, keys, values, pad = case(4, 2, 2, 300, 32, dtype=torch.bfloat16)
-    slot = torch.tensor([280], device=DEVICE)
+@pytest.mark.parametrize("capacity", [100, 300])  # one split (one kernel), three splits (two kernels)
+def test_bfloat16_inputs_accumulate_in_float32(capacity):
+    q, keys, values, pad = case(4, 2, 2, capacity, 32, dtype=torch.bfloat16)
+    slot = torch.tensor([capacity - 20], device=DEVICE)
     out = decode_attention.decode_attention(q, keys, values, pad, slot, 32**-0.5)
     assert out.dtype == torch.bfloat16
     expected = reference(q, keys, values, pad, slot, 32**-0.5)  # float32 from the same bf16 numbers
