@@ -79,7 +79,8 @@ from modules.janus_ops import (
     scaled_logprobs,
 )
 
-COMPILE_MODES = ("auto", "off", "cudagraphs", "fused", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "off", "cudagraphs", "fused", "fused-autotune", "default", "reduce-overhead", "max-autotune")
+FUSED_MODES = ("fused", "fused-autotune")  # the step's parts compiled one by one, the whole step captured by hand
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # each window variant is a compile
 DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
 # Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
@@ -390,6 +391,9 @@ class RolloutEngine:
             ``fused``: each part of the step compiled by inductor on its own (one compiled decoder layer serves
             every layer; windows after the second share a compile with a symbolic window), then on CUDA the
             whole step captured by hand as under ``cudagraphs``; on CPU the compiled parts run uncaptured.
+            ``fused-autotune``: as ``fused``, with inductor's max-autotune: each matmul's Triton templates are
+            benchmarked against cuBLAS and may take the norms and residual adds around them into one kernel
+            (minutes of compiling, once per run; whether it pays is measured by ``benchmarks/rollout.py``).
             ``default``/``reduce-overhead``/``max-autotune``: ``torch.compile`` modes (``reduce-overhead``
             fuses the step with inductor and replays it as CUDA graphs: faster steps, minutes of compiling).
         chunk: capacity and window granularity in slots (default 128 on CUDA, 64 on CPU).
@@ -543,7 +547,7 @@ class RolloutEngine:
     def captures(self, device: torch.device) -> bool:
         """Whether steps on ``device`` are captured by hand as CUDA graphs (``cudagraphs``; ``fused`` on CUDA)."""
         mode = self.mode(device)
-        return mode == "cudagraphs" or (mode == "fused" and self.graphs.available(device))
+        return mode == "cudagraphs" or (mode in FUSED_MODES and self.graphs.available(device))
 
     def bind(self, model, state: dict) -> None:
         """Hand this call's packed weights (``pack``) to the step's ``state``, and note the addresses a captured
@@ -708,20 +712,21 @@ class RolloutEngine:
         self.stats.steps += 1
 
     def _make(self, fn, model, consts: dict, mode: str, captured: bool):
-        consts = {**consts, "parts": self._fused_parts() if mode == "fused" else StepParts(attention=self.attention)}
+        parts = self._fused_parts(mode) if mode in FUSED_MODES else StepParts(attention=self.attention)
+        consts = {**consts, "parts": parts}
 
         def step(state: dict) -> None:
             fn(model, state, **consts)
 
         if captured:
             return _CapturedStep(step, self.graphs)
-        if mode in ("off", "fused"):
+        if mode == "off" or mode in FUSED_MODES:
             return step
         _raise_recompile_limit()
         # dynamic=False: each window is its own static graph (CUDA graphs need fixed shapes).
         return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
 
-    def _fused_parts(self) -> StepParts:
+    def _fused_parts(self, mode: str) -> StepParts:
         """The step's parts, each compiled by inductor (made once per engine; variants are dynamo recompiles).
 
         ``dynamic=None``: dynamo's automatic dynamic shapes. The first window compiles static; the second
@@ -729,14 +734,16 @@ class RolloutEngine:
         windows reuse it. A captured graph still has fixed shapes: it records the kernels at one window.
         """
         if self._parts is None:
+            cost = "about 20 s at the Janus-Pro-1B shape on an H200" if mode == "fused" else "minutes (max-autotune)"
             rank_zero_info(
-                "RolloutEngine: compiling the decode step with inductor (engine_compile fused), once per run: about "
-                "20 s at the Janus-Pro-1B shape on an H200; engine_compile cudagraphs starts without compiling."
+                f"RolloutEngine: compiling the decode step with inductor (engine_compile {mode}), once per run: "
+                f"{cost}; engine_compile cudagraphs starts without compiling."
             )
             _raise_recompile_limit()
-            self._parts = StepParts(
-                lambda part: torch.compile(part, dynamic=None, fullgraph=True), attention=self.attention
-            )
+            options = dict(dynamic=None, fullgraph=True)
+            if mode == "fused-autotune":
+                options["mode"] = "max-autotune-no-cudagraphs"  # the engine captures the graphs itself
+            self._parts = StepParts(lambda part: torch.compile(part, **options), attention=self.attention)
         return self._parts
 
 

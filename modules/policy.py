@@ -60,7 +60,8 @@ class SamplingConfig:
             (``fused`` on GPU, ``cudagraphs`` where inductor cannot compile; plain calls on CPU), ``off``,
             ``cudagraphs`` (the plain step captured by hand as CUDA graphs: starts in under a second),
             ``fused`` (inductor-compiled parts of the step, one compiled decoder layer for all layers,
-            captured by hand on GPU: faster steps after seconds of compiling), or a ``torch.compile`` mode
+            captured by hand on GPU: faster steps after seconds of compiling), ``fused-autotune`` (``fused``
+            under inductor's max-autotune: minutes of compiling, not yet timed), or a ``torch.compile`` mode
             (``reduce-overhead``: as fast as ``fused`` after minutes of compiling).
         engine_attention: how the static engine's step attends over the KV cache (``RolloutEngine(attention=...)``):
             ``matmul`` (the default), ``reduce``, ``sdpa`` or ``triton`` (kernels that read only the filled slots;

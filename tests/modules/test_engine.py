@@ -695,6 +695,30 @@ def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_p
 
 
 @pytest.mark.slow
+def test_fused_autotune_samples_the_eager_tokens_with_one_capture_per_window(sharp_policy, monkeypatch):
+    """``compile="fused-autotune"``: ``fused`` with each part compiled under inductor's max-autotune (on CPU the
+    matmuls have one choice, so nothing is benchmarked: this checks the wiring and the results)."""
+    torch._dynamo.reset()
+    modes, compile = [], torch.compile
+
+    def recording(fn, **options):
+        modes.append(options.get("mode"))
+        return compile(fn, **options)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    engine = RolloutEngine(compile="fused-autotune", chunk=16)
+    engine.graphs = graphs = StandInGraphs()
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=20)
+    first = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=20)
+    assert torch.equal(first.tokens, eager.tokens)
+    close(first.logp_guided, eager.logp_guided)
+    assert engine.captures(torch.device("cuda")) and graphs.captures == engine.stats.variants >= 2
+    assert engine.stats.compile_s > 0 and 1 <= _layer_compiles() <= 3
+    assert modes and set(modes) == {"max-autotune-no-cudagraphs"}  # every part; the engine captures graphs itself
+
+
+@pytest.mark.slow
 def test_fused_parts_run_uncaptured_on_cpu_with_lora_under_autocast(tiny_janus_dir):
     """Without a CUDA device ``fused`` runs the compiled parts as they are; LoRA and the weight copy trace."""
     from modules.lora import LoraSpec
@@ -736,6 +760,7 @@ def cuda_images(fn, policy, ctx, seed=0):
         ("fused", "matmul", True),
         ("cudagraphs", "triton", False),
         ("fused", "triton", False),
+        ("fused-autotune", "triton", True),
         ("reduce-overhead", "matmul", False),
     ],
 )
