@@ -6,6 +6,11 @@ kernel code, its masks, splits and online softmax, executed on CPU tensors.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,3 +112,45 @@ def test_a_triton_engine_uses_one_window_the_whole_cache():
     engine = RolloutEngine(attention="triton", chunk=64)
     assert engine.ladder(256, torch.device("cpu")) == [256]
     assert RolloutEngine(chunk=64).ladder(256, torch.device("cpu")) == [64, 128, 192, 256]
+
+
+# Triton's own compiler, CUDA backend, ahead of time: no GPU needed (ptxas ships with Triton). Run in a fresh process
+# because under TRITON_INTERPRET=1 (the tests on CPU) Triton's functions are the interpreter's.
+COMPILE_FOR_GPUS = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from modules import decode_attention as da
+
+def compile(kernel, types, constexprs, arch):
+    names = inspect.signature(kernel.fn).parameters
+    signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+
+for arch in (80, 90):
+    for dtype in ("bf16", "fp32"):
+        tensors = dict(q=dtype, keys=dtype, values=dtype, out=dtype, pad="i64", slot="i64")
+        tensors.update(part_max="fp32", part_sum="fp32", part_acc="fp32")
+        types = {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
+        for direct in (True, False):
+            compile(da._partial, types, dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct), arch)
+        compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
+    print("compiled", arch)
+"""
+
+
+def test_the_kernels_compile_for_ampere_and_hopper_gpus_here():
+    """The kernels go through Triton's real compiler down to GPU binaries (sm_80, sm_90), which the interpreter does
+    not: a kernel the interpreter runs but the compiler rejects fails here, without a GPU."""
+    pytest.importorskip("triton")
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("Triton's CUDA backend is not installed")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["compiled", "80", "compiled", "90"]
