@@ -26,6 +26,11 @@ PROMPTS = ["a red circle", "two blue squares left of a green star under the sun 
 TEMPLATE = "describe {prompt} with every object and colour"
 FP32_ATOL = 1e-4  # per-token log-prob tolerance in float32 (measured differences are ~3e-6)
 BF16_ATOL = 0.1  # in bfloat16 the eager loop itself is ~0.06 from the teacher-forced pass on this sharp model
+# attention="triton" on CPU tensors: Triton's interpreter (on a GPU machine the gpu tests below run it compiled)
+TRITON = pytest.param(
+    "triton",
+    marks=pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1"),
+)
 
 
 def stream(seed: int, global_rows: int | None = None, offset: int = 0) -> janus_ops.RowNoise:
@@ -181,13 +186,6 @@ def test_sampling_with_the_same_noise_gives_the_eager_tokens_and_logprobs(sharp_
     assert (b.entropy[~b.mask] == 0).all() and (b.entropy[b.mask] > 0).all()
 
 
-# attention="triton" on CPU tensors: Triton's interpreter (on a GPU machine the gpu tests below run it compiled)
-TRITON = pytest.param(
-    "triton",
-    marks=pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1"),
-)
-
-
 @pytest.mark.parametrize("attention", ["reduce", "sdpa", TRITON])
 def test_each_attention_choice_samples_the_eager_tokens_and_logprobs(sharp_policy, attention):
     engine = RolloutEngine(attention=attention)
@@ -259,10 +257,11 @@ def test_bfloat16_logprobs_stay_within_the_stated_tolerance(tiny_janus_dir):
     close(out.logp_guided, forced.detach(), atol=BF16_ATOL)
 
 
-def test_float32_weights_under_bfloat16_autocast_as_in_mixed_precision_training(sharp_policy):
+@pytest.mark.parametrize("attention", ["matmul", TRITON])
+def test_float32_weights_under_bfloat16_autocast_as_in_mixed_precision_training(sharp_policy, attention):
     ctx = sharp_policy.image_context(PROMPTS, None)
     ids, mask = plan_contexts(sharp_policy)
-    engine = RolloutEngine()
+    engine = RolloutEngine(attention=attention)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # Lightning's bf16-mixed wraps training_step like this
         out = images(engine.sample_image_tokens, sharp_policy, ctx, 10)
         forced = janus_ops.image_logprobs(sharp_policy.model, ctx.cond_ids, ctx.cond_mask, out.tokens, 1.0, None, 3.0)
