@@ -17,6 +17,7 @@ how a step runs:
   compiled steps. Attention reads only a *window* of the cache (the last window is the capacity), the
   smallest that covers the filled part, never the whole preallocated length: one window per ``chunk``
   when a new window costs a capture (``off``, ``cudagraphs``), ``chunk * 2^k`` when it costs a compile.
+  ``attention="triton"`` reads each row's filled slots and nothing else, so its one window is the whole cache.
 * **The step.** Generation head (or ``lm_head``), CFG mix, sampling, embedding of the sampled token and
   one decoder step over all layers are one function whose state (cache, hidden, slot, outputs, noise)
   lives in preallocated buffers that it updates in place. Only the uniform draw of the noise runs outside
@@ -211,8 +212,9 @@ def _attend_sdpa(q, keys, values, bias, scaling: float, pad=None, slot=None) -> 
 
 
 def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
-    """As :func:`_attend_matmul`, in two Triton kernels (:mod:`modules.decode_attention`) that read only each row's
-    filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is not read."""
+    """As :func:`_attend_matmul`, in Triton kernels (:mod:`modules.decode_attention`, one or two) that read
+    only each row's filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is
+    not read."""
     return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling)
 
 
@@ -242,7 +244,8 @@ def _decode_layer(
     # .to: under autocast the projections and the cache need not share a dtype
     keys.index_copy_(2, slot, _rope(k.view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
     values.index_copy_(2, slot, v.view(rows, kv_heads, 1, dim).to(values.dtype))
-    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling, pad, slot)  # [R, kv_heads, groups, D]
+    # [R, kv_heads, groups, D]
+    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling, pad, slot)
     x = x + attn.o_proj(out.reshape(rows, -1))
     mlp = layer.mlp
     h = _rms_norm(layer.post_attention_layernorm, x)
