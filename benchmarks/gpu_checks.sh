@@ -10,6 +10,7 @@
 # COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa,fused+triton); COMPILE_STEP the static engine's mode in step1b
 # (default fused, against the eager loop; engine options too, e.g. fused+pack). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
 # CUDA; smaller windows read less unfilled cache and cost more captures, but no more compiles under fused).
+# PROMPTS_1B / PROMPTS_7B: prompts per rollout (default 16, the issue's batch; rows are twice that with CFG).
 # `profile` lists the kernels of the fused step (uncaptured: the same kernels, each timed on the device);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0.
@@ -41,11 +42,11 @@ run() {  # name limit_s command...
 for part in $parts; do
     case $part in
     env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
-    rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ${CHUNK_1B:+--chunk $CHUNK_1B} ;;
+    rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ${CHUNK_1B:+--chunk $CHUNK_1B} ;;
     step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused}" ;;
     profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile fused --no-capture --image-tokens 128 ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) ;;
-    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts 16 --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
+    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
     tests)
         files="tests/modules/test_engine.py tests/modules/rewards/test_base.py tests/bicot/test_gpu_fit.py"
         files="$files tests/modules/test_decode_attention.py"  # marked triton: compiled kernels on the GPU
