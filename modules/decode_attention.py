@@ -1,7 +1,7 @@
 """Decode attention that reads only the filled part of the KV cache: ``RolloutEngine(attention="triton")``.
 
 One query per row and head attends over slots ``pad[r] .. slot`` of its row (its real context and the tokens
-sampled so far), in two Triton kernels ("split-K" or flash-decoding):
+sampled so far), in one or two Triton kernels ("split-K" or flash-decoding):
 
 1. ``_partial``: one program per (row, head, split of the cache). It streams its split's part of the filled
    slots in blocks of ``BLOCK`` keys and values, in float32, with a running maximum (online softmax), and writes
@@ -34,7 +34,7 @@ except ImportError:  # the engine's other attention choices need no Triton
     triton = None
 
 BLOCK = 32  # keys and values per iteration of a program
-SPLIT = 128  # cache slots per program (a multiple of BLOCK)
+SPLIT = 128  # cache slots per program (a multiple of BLOCK leaves no block part-empty)
 
 
 def available() -> bool:
