@@ -280,9 +280,16 @@ def main() -> None:
     engines = {f"static[{spec}]": engine for spec, engine in b.engines(chunk=args.chunk).items()}
     calls = {"eager": b.sampler(janus_ops.sample_image_tokens)}
     first_s = {}
-    for name, engine in engines.items():
-        calls[name] = b.sampler(engine.sample_image_tokens)
-        first_s[name] = timed(calls[name], device)[0]  # compiles and captures every window of this shape
+    for name, engine in list(engines.items()):
+        call = b.sampler(engine.sample_image_tokens)
+        try:
+            first_s[name] = timed(call, device)[0]  # compiles and captures every window of this shape
+        except Exception as error:  # an engine that cannot run here is reported; the others are still measured
+            print(json.dumps(dict(measure="first_call", call=name, error=f"{type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}")), flush=True)
+            del engines[name]
+            continue
+        calls[name] = call
         print(json.dumps(dict(measure="first_call", call=name, wall_s=round(first_s[name], 2),
                               compile_s=round(engine.stats.compile_s, 2), variants=engine.stats.variants)), flush=True)
     best = best_of(calls, device, args.rounds, {"eager": args.eager_rounds or args.rounds})
