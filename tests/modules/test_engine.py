@@ -799,7 +799,7 @@ def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtyp
         ("cudagraphs", "matmul", False),
         ("fused", "matmul", False),
         ("fused", "matmul", True),
-        ("fused-autotune", "triton", True),  # every new option at once, in the training setting (minutes to tune)
+        ("fused-autotune", "triton", True),  # every newer option at once, in the training setting
     ],
 )
 def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir, mode, attention, pack):
