@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -29,6 +30,21 @@ for _message in (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 ):
     warnings.filterwarnings("ignore", message=_message)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip:" lines, which advertise other tracking services on every run (bicot logs to
+    MLflow); every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+# Lightning's rank-zero logger is whichever of these its packages imported last (each reassigns it on import).
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+              "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+              "lightning_utilities.core.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoTips())
 
 
 class SaveConfigToRun(SaveConfigCallback):

@@ -32,3 +32,35 @@ def test_last_is_the_newest_of_last_and_its_versions(tmp_path):
 def test_last_without_a_checkpoint_says_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_last"):
         resolve_checkpoint("last", trainer_config(tmp_path))
+
+
+@pytest.mark.parametrize("package", ["lightning.pytorch", "lightning.fabric", "pytorch_lightning"])
+def test_lightnings_advertising_tips_are_dropped_and_other_info_is_kept(package):
+    """Whichever Lightning package was imported last owns the rank-zero logger: the filter covers each."""
+    import importlib
+    import logging
+
+    import lightning_utilities.core.rank_zero as rank_zero_module
+
+    import bicot.cli  # noqa: F401  (installs the filter)
+
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+    original = rank_zero_module.log
+    importlib.reload(importlib.import_module(f"{package}.utilities.rank_zero"))  # it takes the logger, as on import
+    logger = rank_zero_module.log
+    assert logger.name == f"{package}.utilities.rank_zero"
+    seen: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        rank_zero_module.rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger]")
+        rank_zero_module.rank_zero_info("GPU available: False, used: False")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        rank_zero_module.log = original
+    assert seen == ["GPU available: False, used: False"]
