@@ -71,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
     parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
     parser.add_argument("--triton-splits", default="64,128,256,1024",
-                        help="cache slots per program of the triton attention (modules.decode_attention.SPLIT), each "
+                        help="cache slots per program of the triton attention (the engine's is modules.decode_attention.SPLIT), each "
                              "a candidate triton_split<N>; one that covers the window runs one kernel, not two")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     args = parser.parse_args()
@@ -204,11 +204,11 @@ def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, o
 
 
 def split_at(split: int):
-    """``attention="triton"`` with ``split`` cache slots per program (read when a pass is captured)."""
+    """``attention="triton"`` (same arguments as :data:`modules.engine.ATTENTION`'s) with ``split`` cache slots
+    per program."""
 
-    def attend(*args):
-        decode_attention.SPLIT = split
-        return ATTENTION["triton"](*args)
+    def attend(q, keys, values, bias, scaling, pad, slot):
+        return decode_attention.decode_attention(q, keys, values, pad, slot, scaling, split)
 
     return attend
 

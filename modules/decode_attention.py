@@ -34,7 +34,7 @@ except ImportError:  # the engine's other attention choices need no Triton
     triton = None
 
 BLOCK = 32  # keys and values per iteration of a program
-SPLIT = 128  # cache slots per program (a multiple of BLOCK leaves no block part-empty)
+SPLIT = 128  # the engine's cache slots per program (a multiple of BLOCK leaves no block part-empty)
 
 
 def available() -> bool:
@@ -137,28 +137,38 @@ if triton is not None:
 
 @torch.library.custom_op("bicot::decode_attention", mutates_args=())
 def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor, slot: torch.Tensor, scaling: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pad: torch.Tensor,
+    slot: torch.Tensor,
+    scaling: float,
+    split: int = SPLIT,
 ) -> torch.Tensor:
     """Attention of ``q [R, kv_heads, groups, D]`` (one query per row and head) over the slots ``pad[r] .. slot``
     of ``keys``/``values`` ``[R, kv_heads, S, D]`` (any strides along the first three dims, the last contiguous);
-    ``pad [R]`` and ``slot [1]`` long, on the device. Returns ``[R, kv_heads, groups, D]`` in ``q``'s dtype.
-    Scores, softmax and the weighted sum are float32 throughout."""
+    ``pad [R]`` and ``slot [1]`` long, on the device; ``split`` cache slots per program (``benchmarks/
+    decode_kernels.py`` sweeps it). Returns ``[R, kv_heads, groups, D]`` in ``q``'s dtype. Scores, softmax and
+    the weighted sum are float32 throughout."""
     check_device(q.device)
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
-    splits = triton.cdiv(keys.shape[2], SPLIT)  # SPLIT is read at each call: benchmarks sweep it
+    splits = triton.cdiv(keys.shape[2], split)
     padded = triton.next_power_of_2(dim)
     heads = kv_heads * groups
-    part_max = torch.empty(rows * heads * splits, dtype=torch.float32, device=q.device)
-    part_sum = torch.empty_like(part_max)
-    part_acc = torch.empty(rows * heads * splits * padded, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if splits == 1:  # the first kernel writes the output: no partial results (it does not touch these pointers)
+        part_max = part_sum = part_acc = out
+    else:
+        part_max = torch.empty(rows * heads * splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(rows * heads * splits * padded, dtype=torch.float32, device=q.device)
     _partial[(rows, heads, splits)](
         q, keys, values, pad, slot, part_max, part_sum, part_acc, out,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        groups, dim, SPLIT, scaling,
+        groups, dim, split, scaling,
         BLOCK=BLOCK, DIM=padded, DIRECT=splits == 1,
     )
     if splits > 1:
@@ -170,5 +180,5 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _(q, keys, values, pad, slot, scaling):
+def _(q, keys, values, pad, slot, scaling, split=SPLIT):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

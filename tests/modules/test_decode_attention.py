@@ -60,6 +60,12 @@ def test_equals_the_default_attention_over_the_filled_slots(rows, kv_heads, grou
     out = decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # other split sizes (one not a multiple of the block, one covering the whole cache) give the same
+    for split in (48, capacity):
+        torch.testing.assert_close(
+            decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, split), expected,
+            rtol=1e-5, atol=1e-5,
+        )
     # nothing outside pad[r] .. slot is read: garbage there changes nothing
     cols = torch.arange(capacity, device=DEVICE)
     outside = ((cols[None] < pad[:, None]) | (cols[None] > slot))[:, None, :, None]  # [R, 1, S, 1]
@@ -131,9 +137,10 @@ def compile(kernel, types, constexprs, arch):
 for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
         tensors = dict(q=dtype, keys=dtype, values=dtype, out=dtype, pad="i64", slot="i64")
-        tensors.update(part_max="fp32", part_sum="fp32", part_acc="fp32")
-        types = {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
-        for direct in (True, False):
+        for direct in (True, False):  # one split: the partial-result pointers are the output's (unused)
+            part = dtype if direct else "fp32"
+            tensors.update(part_max=part, part_sum=part, part_acc=part)
+            types = {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
             compile(da._partial, types, dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct), arch)
         compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
     print("compiled", arch)
