@@ -323,14 +323,12 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     ``state["kv"]`` holds ``2 * layers`` buffers ``[R, kv_heads, capacity, head_dim]``: keys then values of each
     layer.
     """
-    kv, slot = state["kv"], state["slot"]
-    cos, sin, bias = parts.inputs(lm.rotary_emb, slot, state["pad"], kv[0].shape[2], x.dtype)
+    kv, slot, pad = state["kv"], state["slot"], state["pad"]
+    cos, sin, bias = parts.inputs(lm.rotary_emb, slot, pad, kv[0].shape[2], x.dtype)
     bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         qkv, gate_up = state["packed"][i]  # the layer's packed weights, (None, None) without pack=True
-        x = parts.layer(
-            layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up, state["pad"]
-        )
+        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up, pad)
     parts.finish(lm.norm, x, state)
 
 
