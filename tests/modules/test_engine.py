@@ -637,34 +637,44 @@ def _layer_compiles() -> int:
     return len(_debug_get_cache_entry_list(_decode_layer.__code__))
 
 
+def fused_like_eager(policy, n: int, **engine_options):
+    """A fresh ``fused`` engine (stand-in capture, dynamo's cache cleared) whose first image rollout of ``n`` tokens
+    gives the eager loop's tokens and log-probs; returns ``(engine, graphs, rollout, the eager rollout)``."""
+    torch._dynamo.reset()  # the compile cache is per code object, shared with earlier tests
+    engine = RolloutEngine(chunk=16, **{"compile": "fused", **engine_options})
+    engine.graphs = graphs = StandInGraphs()
+    ctx = policy.image_context(PROMPTS, None)
+    eager = images(janus_ops.sample_image_tokens, policy, ctx, 5, n=n)
+    first = images(engine.sample_image_tokens, policy, ctx, 5, n=n)
+    assert torch.equal(first.tokens, eager.tokens)
+    close(first.logp_guided, eager.logp_guided)
+    close(first.logp_conditional, eager.logp_conditional)
+    return engine, graphs, lambda: images(engine.sample_image_tokens, policy, ctx, 5, n=n), eager
+
+
+def plans_like_eager(engine, policy, max_tokens: int) -> None:
+    ids, mask = plan_contexts(policy)
+    a = plans(janus_ops.sample_text, policy, ids, mask, 9, max_tokens=max_tokens)
+    b = plans(engine.sample_text, policy, ids, mask, 9, max_tokens=max_tokens)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    close(b.logp, a.logp)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("attention", "pack"), [("matmul", False), ("reduce", False), ("matmul", True)])
 def test_fused_parts_compile_one_layer_for_all_layers_and_sample_the_eager_tokens(sharp_policy, attention, pack):
     """``compile="fused"``: each part of the step compiled on its own, the whole step captured (stand-in here)."""
-    torch._dynamo.reset()  # the compile cache is per code object, shared with earlier tests
     # a window per 16 slots: several windows in 40 tokens
-    engine = RolloutEngine(compile="fused", chunk=16, attention=attention, pack=pack)
-    engine.graphs = graphs = StandInGraphs()
-    ctx = sharp_policy.image_context(PROMPTS, None)
-    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=40)
-    first = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=40)
-    assert torch.equal(first.tokens, eager.tokens)
-    close(first.logp_guided, eager.logp_guided)
-    close(first.logp_conditional, eager.logp_conditional)
+    engine, graphs, rollout, eager = fused_like_eager(sharp_policy, 40, attention=attention, pack=pack)
     windows, layers = engine.stats.variants, sharp_policy.model.config.text_config.num_hidden_layers
     assert windows >= 3 and graphs.captures == windows and engine.stats.compile_s > 0
     # one compiled layer serves every layer; windows after the second share a dynamic-window compile
     # (plus, at most, the last window, where the slice is the whole buffer)
     assert 1 <= _layer_compiles() <= 3 < windows * layers
     compiles, compile_s = _layer_compiles(), engine.stats.compile_s
-    again = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=40)
-    assert torch.equal(again.tokens, eager.tokens) and graphs.captures == windows  # replays only
+    assert torch.equal(rollout().tokens, eager.tokens) and graphs.captures == windows  # replays only
     assert _layer_compiles() == compiles and engine.stats.compile_s == compile_s
-    ids, mask = plan_contexts(sharp_policy)
-    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 9, max_tokens=20)
-    b = plans(engine.sample_text, sharp_policy, ids, mask, 9, max_tokens=20)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
-    close(b.logp, a.logp)
+    plans_like_eager(engine, sharp_policy, 20)
 
 
 @pytest.mark.slow
@@ -673,23 +683,10 @@ def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_p
     """``attention="triton"`` reads only the filled slots, so one window (the whole cache) serves every step: one
     compiled layer and one capture per stage, however many tokens; the kernels stay whole inside the compiled
     layer (the custom op ``bicot::decode_attention``)."""
-    torch._dynamo.reset()
-    engine = RolloutEngine(compile="fused", chunk=16, attention=attention)
-    engine.graphs = graphs = StandInGraphs()
-    ctx = sharp_policy.image_context(PROMPTS, None)
-    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=20)
-    first = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=20)
-    assert torch.equal(first.tokens, eager.tokens)
-    close(first.logp_guided, eager.logp_guided)
-    close(first.logp_conditional, eager.logp_conditional)
+    engine, graphs, rollout, eager = fused_like_eager(sharp_policy, 20, attention=attention)
     assert engine.stats.variants == 1 and graphs.captures == 1 and _layer_compiles() == 1
-    again = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=20)
-    assert torch.equal(again.tokens, eager.tokens) and graphs.captures == 1 and _layer_compiles() == 1
-    ids, mask = plan_contexts(sharp_policy)
-    a = plans(janus_ops.sample_text, sharp_policy, ids, mask, 9, max_tokens=8)
-    b = plans(engine.sample_text, sharp_policy, ids, mask, 9, max_tokens=8)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
-    close(b.logp, a.logp)
+    assert torch.equal(rollout().tokens, eager.tokens) and graphs.captures == 1 and _layer_compiles() == 1
+    plans_like_eager(engine, sharp_policy, 8)
     assert engine.stats.variants == 2 and graphs.captures == 2
 
 
@@ -697,7 +694,6 @@ def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_p
 def test_fused_autotune_samples_the_eager_tokens_with_one_capture_per_window(sharp_policy, monkeypatch):
     """``compile="fused-autotune"``: ``fused`` with each part compiled under inductor's max-autotune (on CPU the
     matmuls have one choice, so nothing is benchmarked: this checks the wiring and the results)."""
-    torch._dynamo.reset()
     modes, compile = [], torch.compile
 
     def recording(fn, **options):
@@ -705,13 +701,7 @@ def test_fused_autotune_samples_the_eager_tokens_with_one_capture_per_window(sha
         return compile(fn, **options)
 
     monkeypatch.setattr(torch, "compile", recording)
-    engine = RolloutEngine(compile="fused-autotune", chunk=16)
-    engine.graphs = graphs = StandInGraphs()
-    ctx = sharp_policy.image_context(PROMPTS, None)
-    eager = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=20)
-    first = images(engine.sample_image_tokens, sharp_policy, ctx, 5, n=20)
-    assert torch.equal(first.tokens, eager.tokens)
-    close(first.logp_guided, eager.logp_guided)
+    engine, graphs, _, _ = fused_like_eager(sharp_policy, 20, compile="fused-autotune")
     assert engine.captures(torch.device("cuda")) and graphs.captures == engine.stats.variants >= 2
     assert engine.stats.compile_s > 0 and 1 <= _layer_compiles() <= 3
     assert modes and set(modes) == {"max-autotune-no-cudagraphs"}  # every part; the engine captures graphs itself
