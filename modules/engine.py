@@ -219,7 +219,18 @@ def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None) -
 
 
 ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
+ATTENTION_CHOICES = ("auto", *ATTENTION)  # auto: triton on CUDA where Triton is installed, else matmul
 FILLED_ONLY = ("triton",)  # attention choices that read only the filled slots: one window (the whole cache)
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """The attention used on ``device``: ``auto`` is ``triton`` on CUDA where the triton package imports (CUDA
+    builds of torch ship it), ``matmul`` elsewhere; any other choice is itself."""
+    if attention != "auto":
+        return attention
+    from modules import decode_attention
+
+    return "triton" if device.type == "cuda" and decode_attention.available() else "matmul"
 
 
 def _decode_layer(
@@ -309,7 +320,7 @@ class StepParts:
     def __init__(self, wrap=None, attention: str = "matmul") -> None:
         wrap = wrap or (lambda fn: fn)
         self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
-        self.attend = ATTENTION[attention]  # an argument of the layer: a compile guards on which it is
+        self.attention, self.attend = attention, ATTENTION[attention]  # attend: an argument of the layer
         self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
 
 
@@ -402,12 +413,14 @@ class RolloutEngine:
             read a copy of their weights in the autocast dtype, refreshed at every sampling call, instead
             of casting every weight at every token. Same values as autocast's own casts; costs one
             autocast-dtype copy of those weights (Janus-Pro-1B: 2.8 GiB, 7B: 12.3 GiB) while buffers are held.
-        attention: how a step attends over the cache (:data:`ATTENTION`): ``matmul`` (batched one-row
+        attention: how a step attends over the cache (:data:`ATTENTION_CHOICES`): ``matmul`` (batched one-row
             matmuls, the default), ``reduce`` (multiply-and-sum reductions that inductor turns into kernels
-            streaming the cache; for ``fused``), ``sdpa``, or ``triton`` (:mod:`modules.decode_attention`: split-K
+            streaming the cache; for ``fused``), ``sdpa``, ``triton`` (:mod:`modules.decode_attention`: split-K
             Triton kernels that read only each row's filled slots, so one window, the whole cache, serves every
-            step: one capture per cache size; CUDA only, needs the triton package). Same results within
-            rounding; which is fastest on a GPU is what ``benchmarks/decode_kernels.py`` measures.
+            step: one capture per cache size; CUDA only, needs the triton package), or ``auto``: ``triton`` on
+            CUDA where Triton is installed, ``matmul`` elsewhere. Same results within rounding; which is fastest
+            on a GPU is what ``benchmarks/decode_kernels.py`` and ``benchmarks/rollout.py`` measure (on an H200
+            at the 1B shape: ``triton`` with ``pack``).
         pack: each decoder layer's q/k/v and gate/up weights packed into one matrix each, read by one matmul
             instead of three and two (wider matmuls, fewer launches). Under autocast with ``weight_copy`` the
             packed matrices hold the autocast copies, at no extra memory; otherwise they are a copy of those
@@ -427,8 +440,8 @@ class RolloutEngine:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
         if chunk is not None and chunk < 1:
             raise ValueError(f"engine chunk must be >= 1, got {chunk}")
-        if attention not in ATTENTION:
-            raise ValueError(f"engine attention must be one of {tuple(ATTENTION)}, got {attention!r}")
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"engine attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
         if attention == "triton":
             from modules import decode_attention  # registers bicot::decode_attention
 
@@ -498,10 +511,14 @@ class RolloutEngine:
             self.stats.compile_s += time.perf_counter() - start
         return self._auto_cuda
 
+    def attention_on(self, device: torch.device) -> str:
+        """The attention choice used on ``device`` (``auto`` resolved: :func:`resolve_attention`)."""
+        return resolve_attention(self.attention, device)
+
     def ladder(self, capacity: int, device: torch.device) -> list[int]:
         """The attention windows of a cache: one per chunk when a variant costs a capture, doubling when a compile;
         only the whole cache where attention reads just the filled slots (``attention="triton"``)."""
-        if self.attention in FILLED_ONLY:
+        if self.attention_on(device) in FILLED_ONLY:
             return [capacity]
         return window_ladder(capacity, self._chunk(device), linear=self.mode(device) not in TORCH_COMPILE_MODES)
 
@@ -557,7 +574,7 @@ class RolloutEngine:
         Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
         optimizer updates weights in place, so after a step the graphs read the new values.
         """
-        if self.attention == "triton":
+        if self.attention_on(state["hidden"].device) == "triton":
             from modules.decode_attention import check_device
 
             check_device(state["hidden"].device)
@@ -679,7 +696,7 @@ class RolloutEngine:
         entry = self._steps.get(full_key)
         if entry is None:
             captured = self.captures(device)
-            entry = [self._make(fn, model, consts, mode, captured), 0, captured]
+            entry = [self._make(fn, model, consts, mode, captured, self.attention_on(device)), 0, captured]
             self._steps[full_key] = entry
             self.stats.variants += 1
         captured = entry[2]
@@ -712,8 +729,8 @@ class RolloutEngine:
         entry[1] += 1
         self.stats.steps += 1
 
-    def _make(self, fn, model, consts: dict, mode: str, captured: bool):
-        parts = self._fused_parts(mode) if mode in FUSED_MODES else StepParts(attention=self.attention)
+    def _make(self, fn, model, consts: dict, mode: str, captured: bool, attention: str):
+        parts = self._fused_parts(mode, attention) if mode in FUSED_MODES else StepParts(attention=attention)
         consts = {**consts, "parts": parts}
 
         def step(state: dict) -> None:
@@ -727,14 +744,14 @@ class RolloutEngine:
         # dynamic=False: each window is its own static graph (CUDA graphs need fixed shapes).
         return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
 
-    def _fused_parts(self, mode: str) -> StepParts:
+    def _fused_parts(self, mode: str, attention: str) -> StepParts:
         """The step's parts, each compiled by inductor (made once per engine; variants are dynamo recompiles).
 
         ``dynamic=None``: dynamo's automatic dynamic shapes. The first window compiles static; the second
         recompiles the layer with the window (and the rows, when the other stage comes) symbolic, and later
         windows reuse it. A captured graph still has fixed shapes: it records the kernels at one window.
         """
-        if self._parts is None:
+        if self._parts is None or self._parts.attention != attention:  # auto: per device
             cost = "about 20 s at the Janus-Pro-1B shape on an H200" if mode == "fused" else "minutes (max-autotune)"
             rank_zero_info(
                 f"RolloutEngine: compiling the decode step with inductor (engine_compile {mode}), once per run: "
@@ -744,7 +761,7 @@ class RolloutEngine:
             options = dict(dynamic=None, fullgraph=True)
             if mode == "fused-autotune":
                 options["mode"] = "max-autotune-no-cudagraphs"  # the engine captures the graphs itself
-            self._parts = StepParts(lambda part: torch.compile(part, **options), attention=self.attention)
+            self._parts = StepParts(lambda part: torch.compile(part, **options), attention=attention)
         return self._parts
 
 

@@ -14,7 +14,7 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
-from modules.engine import ATTENTION, COMPILE_MODES, EngineStats, RolloutEngine
+from modules.engine import ATTENTION_CHOICES, COMPILE_MODES, EngineStats, RolloutEngine
 from modules.hub import load_cache_first
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
@@ -61,11 +61,13 @@ class SamplingConfig:
             ``cudagraphs`` (the plain step captured by hand as CUDA graphs: starts in under a second),
             ``fused`` (inductor-compiled parts of the step, one compiled decoder layer for all layers,
             captured by hand on GPU: faster steps after seconds of compiling), ``fused-autotune`` (``fused``
-            under inductor's max-autotune: minutes of compiling, not yet timed), or a ``torch.compile`` mode
+            under inductor's max-autotune: 84 s of compiling and slower steps on an H200), or a ``torch.compile`` mode
             (``reduce-overhead``: as fast as ``fused`` after minutes of compiling).
         engine_attention: how the static engine's step attends over the KV cache (``RolloutEngine(attention=...)``):
-            ``matmul`` (the default), ``reduce``, ``sdpa`` or ``triton`` (kernels that read only the filled slots;
-            CUDA and the triton package). Same tokens and log-probs within rounding; speed differs by GPU.
+            ``matmul`` (the default), ``reduce``, ``sdpa``, ``triton`` (kernels that read only the filled slots;
+            CUDA and the triton package), or ``auto`` (``triton`` on CUDA where Triton is installed, ``matmul``
+            elsewhere). Same tokens and log-probs within rounding; speed differs by GPU (on an H200 at the 1B
+            shape ``triton`` with ``engine_pack`` was fastest and compiled in an eighth of the time).
         engine_pack: pack each decoder layer's q/k/v and gate/up weights into one matrix each for the static
             engine's step (``RolloutEngine(pack=True)``): fewer, wider matmuls. Free under bf16-mixed (the packs
             hold the bf16 weight copies); with bf16 weights a copy of those weights while rolling out (Janus-Pro-1B:
@@ -109,9 +111,9 @@ class SamplingConfig:
             raise ValueError(
                 f"sampling.engine_compile must be one of {COMPILE_MODES}, got {self.engine_compile!r}"
             )
-        if self.engine_attention not in ATTENTION:
+        if self.engine_attention not in ATTENTION_CHOICES:
             raise ValueError(
-                f"sampling.engine_attention must be one of {tuple(ATTENTION)}, got {self.engine_attention!r}"
+                f"sampling.engine_attention must be one of {ATTENTION_CHOICES}, got {self.engine_attention!r}"
             )
         if self.engine_attention == "triton" and self.engine == "static":
             from modules.decode_attention import require

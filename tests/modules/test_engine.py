@@ -97,6 +97,19 @@ def test_auto_is_fused_on_cuda_where_inductor_compiles_else_cudagraphs(monkeypat
     assert RolloutEngine(compile="cudagraphs").mode(cuda) == "cudagraphs"  # an explicit mode is never probed
 
 
+def test_auto_attention_is_triton_on_cuda_where_triton_imports_else_matmul(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(engine_module, "inductor_compiles", lambda device: True)
+    engine = RolloutEngine(attention="auto")
+    assert engine.attention_on(cpu) == "matmul" and engine.ladder(320, cpu) == [64, 128, 192, 256, 320]
+    assert engine.attention_on(cuda) == "triton" and engine.ladder(320, cuda) == [320]  # one window
+    assert RolloutEngine(attention="sdpa").attention_on(cuda) == "sdpa"  # an explicit choice is itself
+    monkeypatch.setattr(decode_attention, "triton", None)
+    assert engine.attention_on(cuda) == "matmul" and engine.ladder(320, cuda) == [128, 256, 320]
+    with pytest.raises(ValueError, match="engine attention must be one of .*'auto'"):
+        RolloutEngine(attention="flash")
+
+
 def no_cxx_compiler(monkeypatch) -> None:
     """Inductor's CPU backend without a working C++ compiler, as on a machine that lacks one."""
     torch._dynamo.reset()  # compiled code cached by earlier tests would not ask for the compiler
@@ -612,6 +625,19 @@ def test_triton_attention_without_triton_is_refused_when_configured(monkeypatch)
     with pytest.raises(RuntimeError, match="engine attention 'triton' needs the triton package"):
         SamplingConfig(engine="static", engine_attention="triton")
     SamplingConfig(engine="eager", engine_attention="triton")  # not used by the eager loop: no error
+    SamplingConfig(engine="static", engine_attention="auto")  # auto falls back to matmul: no error
+
+
+@pytest.mark.parametrize("compile", ["off", "fused"])
+def test_auto_attention_on_cpu_samples_as_matmul(sharp_policy, compile):
+    ctx = sharp_policy.image_context(PROMPTS, None)
+    torch._dynamo.reset()
+    auto = RolloutEngine(compile=compile, chunk=16, attention="auto", pack=True)
+    got = images(auto.sample_image_tokens, sharp_policy, ctx, 5, n=20)
+    want = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=20)
+    assert torch.equal(got.tokens, want.tokens)
+    close(got.logp_guided, want.logp_guided)
+    assert auto.stats.variants > 1  # matmul's windows: triton would have one
 
 
 # --------------------------------------------------------------------------- compiled steps
