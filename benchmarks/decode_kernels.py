@@ -26,10 +26,18 @@ with ``RolloutEngine(attention=...)``):
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the bias as its mask;
 - ``reduce_compiled``: ``attention="reduce"`` under ``torch.compile``: scores and output as multiply-and-sum
   reductions, so inductor emits reduction kernels that stream the cache instead of batched one-row matmuls.
-- ``triton_split<N>``: ``attention="triton"`` (``modules.decode_attention``) with ``N`` slots per program
-  (``--triton-splits``; the engine's is ``SPLIT``, 128): split-K Triton kernels that read each row's
-  filled slots only (here the window less the row's left padding: the new token sits in the window's last slot).
-  In a rollout it also reads no slot past the last token, where the others read up to a ``chunk`` of them.
+- ``triton_s<S>_b<B>_w<W>_p<P>``: ``attention="triton"`` (``modules.decode_attention``): split-K Triton kernels
+  that read each row's filled slots only (here the window less the row's left padding: the new token sits in
+  the window's last slot). In a rollout it also reads no slot past the last token, where the others read up to
+  a ``chunk`` of them. One candidate per launch configuration: ``S`` cache slots per program
+  (``--triton-splits``), ``B`` keys and values per loop iteration (``--triton-blocks``), ``W`` warps
+  (``--triton-warps``) and ``P`` pipeline stages (``--triton-stages``); by default only the splits vary and
+  the rest is the engine's (``modules.decode_attention``: split 128, block 32, 4 warps, 3 stages). With
+  ``--triton-sweep`` all four vary (81 configurations; a block larger than its split is skipped), and a
+  ``triton_best`` line per window names the fastest against the engine's configuration and ``matmul_compiled``:
+
+      python benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows 384,640
+
   Needs the triton package and a CUDA device (or ``TRITON_INTERPRET=1`` on CPU, for the tests).
 
 On CUDA each implementation's pass over all layers is captured as one CUDA graph and replayed, so launch
@@ -61,6 +69,10 @@ SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_att
                                    num_key_value_heads=4, intermediate_size=344)}
 
 
+# --triton-sweep: the launch configurations of the triton attention timed against each other
+SWEEP = dict(splits=(32, 64, 128, 256), blocks=(32, 64, 128), warps=(2, 4, 8), stages=(1, 2, 3))
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -70,15 +82,32 @@ def parse_args() -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
     parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
-    parser.add_argument("--triton-splits", default="64,128,256,1024",
-                        help="cache slots per program of the triton attention (the engine's is modules.decode_attention.SPLIT), each "
-                             "a candidate triton_split<N>; one that covers the window runs one kernel, not two")
+    parser.add_argument("--triton-splits", default=None,
+                        help="cache slots per program of the triton attention, comma-separated (default 64,128,256,1024; "
+                             "one that covers the window runs one kernel, not two)")
+    parser.add_argument("--triton-blocks", default=None, help="keys per loop iteration, powers of 2 (default: the engine's)")
+    parser.add_argument("--triton-warps", default=None, help="warps per program, powers of 2 (default: the engine's)")
+    parser.add_argument("--triton-stages", default=None, help="pipeline stages of the loop (default: the engine's)")
+    parser.add_argument("--triton-sweep", action="store_true",
+                        help=f"every combination of splits {SWEEP['splits']}, blocks {SWEEP['blocks']}, warps "
+                             f"{SWEEP['warps']} and stages {SWEEP['stages']} (unless given), and the best per window")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     args = parser.parse_args()
-    args.windows = [int(w) for w in args.windows.split(",")]
-    args.triton_splits = [int(n) for n in args.triton_splits.split(",") if n]
-    if args.rows < 1 or args.reps < 1 or any(n < 1 for n in args.windows + args.triton_splits):
-        parser.error("--rows, --reps, every window and every triton split must be >= 1")
+    try:
+        args.windows = [int(w) for w in args.windows.split(",")]
+        da = decode_attention
+        engine = dict(splits=(64, 128, 256, 1024), blocks=(da.BLOCK,), warps=(da.WARPS,), stages=(da.STAGES,))
+        for name in ("splits", "blocks", "warps", "stages"):
+            given = getattr(args, f"triton_{name}")
+            default = SWEEP[name] if args.triton_sweep else engine[name]
+            setattr(args, f"triton_{name}", [int(n) for n in given.split(",") if n] if given else list(default))
+    except ValueError as error:
+        parser.error(f"a comma-separated list of integers was expected: {error}")
+    lists = args.windows + args.triton_splits + args.triton_stages
+    if args.rows < 1 or args.reps < 1 or any(n < 1 for n in lists):
+        parser.error("--rows, --reps, every window, triton split and triton stage count must be >= 1")
+    if any(n < 1 or n & (n - 1) for n in args.triton_blocks + args.triton_warps):
+        parser.error("every triton block and warp count must be a power of 2")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
@@ -203,14 +232,44 @@ def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, o
     print(json.dumps(line), flush=True)
 
 
-def split_at(split: int):
-    """``attention="triton"`` (same arguments as :data:`modules.engine.ATTENTION`'s) with ``split`` cache slots
-    per program."""
+def triton_candidates(args) -> dict:
+    """``{name: attend}``: ``attention="triton"`` (same arguments as :data:`modules.engine.ATTENTION`'s) at each
+    launch configuration of ``args.triton_*`` (a block larger than its split is skipped)."""
+    candidates = {}
+    for split in args.triton_splits:
+        for block in args.triton_blocks:
+            if block > split and len(args.triton_blocks) > 1:
+                continue  # a block larger than the split reads past it, masked: never faster than a smaller one
+            for warps in args.triton_warps:
+                for stages in args.triton_stages:
+                    def attend(q, keys, values, bias, scaling, pad, slot, config=(split, block, warps, stages)):
+                        return decode_attention.decode_attention(q, keys, values, pad, slot, scaling, *config)
 
-    def attend(q, keys, values, bias, scaling, pad, slot):
-        return decode_attention.decode_attention(q, keys, values, pad, slot, scaling, split)
+                    candidates[f"triton_s{split}_b{block}_w{warps}_p{stages}"] = attend
+    return candidates
 
-    return attend
+
+def engine_triton() -> str:
+    """The candidate name of the engine's own launch configuration."""
+    da = decode_attention
+    return f"triton_s{da.SPLIT}_b{da.BLOCK}_w{da.WARPS}_p{da.STAGES}"
+
+
+def report_best(window: int, timings: dict) -> None:
+    """One ``triton_best`` line: the fastest triton configuration at ``window`` against the engine's and
+    ``matmul_compiled`` (each ``None`` where not measured)."""
+    triton = {name: us for name, us in timings.items() if name.startswith("triton_")}
+    if not triton:
+        return
+    best = min(triton, key=triton.get)
+    engine, other = timings.get(engine_triton()), timings.get("matmul_compiled")
+    print(json.dumps(dict(
+        measure="triton_best", window=window, impl=best, us_per_step=triton[best], configurations=len(triton),
+        engine_impl=engine_triton(), engine_us_per_step=engine,
+        speedup_vs_engine=None if engine is None else round(engine / triton[best], 3),
+        matmul_compiled_us_per_step=other,
+        speedup_vs_matmul_compiled=None if other is None else round(other / triton[best], 3),
+    )), flush=True)
 
 
 def main() -> None:
@@ -245,12 +304,11 @@ def main() -> None:
         "reduce_compiled": torch.compile(ATTENTION["reduce"], **compiled),
     }
     if decode_attention.available() and (args.device.type == "cuda" or decode_attention.interpreted()):
-        for split in args.triton_splits:
-            attentions[f"triton_split{split}"] = split_at(split)
+        attentions.update(triton_candidates(args))
     scale = layers.dim**-0.5
     for window in args.windows:
         bias, slot = layers.bias(window), layers.slot(window)
-        reference = None
+        reference, timings = None, {}
         for name, fn in attentions.items():
             run = every_layer(layers, lambda x, i, fn=fn, window=window, bias=bias, slot=slot: fn(
                 layers.query, layers.keys[i][:, :, :window], layers.values[i][:, :, :window], bias, scale,
@@ -264,6 +322,8 @@ def main() -> None:
             report(args, "attention", name, seconds, layers.attention_bytes(window), bandwidth, out, reference,
                    first, window=window)
             reference = out if reference is None else reference
+            timings[name] = round(seconds * 1e6, 1)
+        report_best(window, timings)
 
 
 if __name__ == "__main__":

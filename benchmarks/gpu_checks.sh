@@ -3,7 +3,7 @@
 # static-cache engine, same process), one full GRPO step of the 1B recipe phase by phase, and the GPU-only
 # tests. Run from the repository root on a machine with one CUDA GPU:
 #
-#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels
+#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels sweep
 #
 # COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (default cudagraphs,fused; comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
@@ -11,7 +11,10 @@
 # (default fused, against the eager loop; engine options too, e.g. fused+pack). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
 # CUDA; smaller windows read less unfilled cache and cost more captures, but no more compiles under fused).
 # PROMPTS_1B / PROMPTS_7B: prompts per rollout (default 16, the issue's batch; rows are twice that with CFG).
-# `profile` lists the kernels of the fused step (uncaptured: the same kernels, each timed on the device);
+# `profile` lists the kernels of the step (uncaptured: the same kernels, each timed on the device) for each engine of
+# COMPILE_PROFILE (default fused+pack+triton,fused);
+# `sweep` times the triton attention's launch configurations against each other and matmul (decode_kernels.py
+# --triton-sweep at SWEEP_WINDOWS, default 384,640: the image stage's mean and late windows at the 1B shape);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0.
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
@@ -44,12 +47,14 @@ for part in $parts; do
     env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
     rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ${CHUNK_1B:+--chunk $CHUNK_1B} ;;
     step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused}" ;;
-    profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile fused --no-capture --image-tokens 128 ;;
+    profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile "${COMPILE_PROFILE:-fused+pack+triton,fused}" --no-capture --image-tokens 128 ;;
+    sweep) run sweep "${LIMIT_SWEEP:-240}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20 ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
     tests)
-        files="tests/modules/test_engine.py tests/modules/rewards/test_base.py tests/bicot/test_gpu_fit.py"
-        files="$files tests/modules/test_decode_attention.py"  # marked triton: compiled kernels on the GPU
+        # the kernels first (marked triton: compiled on the GPU; about 20 s), the CLI fits last (minutes)
+        files="tests/modules/test_decode_attention.py tests/modules/test_engine.py tests/modules/rewards/test_base.py"
+        files="$files tests/bicot/test_gpu_fit.py"
         # the per-phase GPU memory test fits through the CLI: it needs mlflow, jsonargparse and omegaconf
         # (carry them as wheels where the GPU machine lacks them: benchmarks/gpu_wheels.sh)
         if $py -c "import mlflow, jsonargparse, omegaconf" 2>/dev/null; then
@@ -57,7 +62,7 @@ for part in $parts; do
         else
             echo "tests: mlflow/jsonargparse/omegaconf missing, skipping tests/callbacks/test_phase_memory.py"
         fi
-        run tests "${LIMIT_TESTS:-150}" $py -m pytest -q -p no:cacheprovider -m "gpu or triton" $files ;;
+        run tests "${LIMIT_TESTS:-360}" $py -m pytest -v -p no:cacheprovider -m "gpu or triton" $files ;;
     *) echo "unknown part $part" >&2 ;;
     esac
 done

@@ -33,8 +33,11 @@ try:
 except ImportError:  # the engine's other attention choices need no Triton
     triton = None
 
+# The launch configuration the engine uses. benchmarks/decode_kernels.py --triton-sweep times others.
 BLOCK = 32  # keys and values per iteration of a program
 SPLIT = 128  # the engine's cache slots per program (a multiple of BLOCK leaves no block part-empty)
+WARPS = 4  # warps per program of the first kernel (Triton's default)
+STAGES = 3  # software-pipeline stages of its loop over blocks (Triton's default on CUDA)
 
 
 def available() -> bool:
@@ -144,13 +147,23 @@ def decode_attention(
     slot: torch.Tensor,
     scaling: float,
     split: int = SPLIT,
+    block: int = BLOCK,
+    warps: int = WARPS,
+    stages: int = STAGES,
 ) -> torch.Tensor:
     """Attention of ``q [R, kv_heads, groups, D]`` (one query per row and head) over the slots ``pad[r] .. slot``
     of ``keys``/``values`` ``[R, kv_heads, S, D]`` (any strides along the first three dims, the last contiguous);
-    ``pad [R]`` and ``slot [1]`` long, on the device; ``split`` cache slots per program (``benchmarks/
-    decode_kernels.py`` sweeps it). Returns ``[R, kv_heads, groups, D]`` in ``q``'s dtype. Scores, softmax and
-    the weighted sum are float32 throughout."""
+    ``pad [R]`` and ``slot [1]`` long, on the device. Returns ``[R, kv_heads, groups, D]`` in ``q``'s dtype.
+    Scores, softmax and the weighted sum are float32 throughout.
+
+    The launch configuration of the first kernel (``benchmarks/decode_kernels.py --triton-sweep`` times others):
+    ``split`` cache slots per program, ``block`` keys and values per iteration (a power of 2), ``warps`` per
+    program (a power of 2) and ``stages`` of software pipelining. They change the speed, not the result."""
     check_device(q.device)
+    if block < 1 or block & (block - 1) or warps < 1 or warps & (warps - 1):
+        raise ValueError(f"decode_attention: block and warps must be powers of 2, got block={block}, warps={warps}")
+    if split < 1 or stages < 1:
+        raise ValueError(f"decode_attention: split and stages must be >= 1, got split={split}, stages={stages}")
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
@@ -169,7 +182,7 @@ def decode_attention(
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         groups, dim, split, scaling,
-        BLOCK=BLOCK, DIM=padded, DIRECT=splits == 1,
+        BLOCK=block, DIM=padded, DIRECT=splits == 1, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         _combine[(rows, heads)](
@@ -180,5 +193,5 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _(q, keys, values, pad, slot, scaling, split=SPLIT):
+def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

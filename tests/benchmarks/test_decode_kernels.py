@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -55,3 +56,51 @@ def test_attention_candidates_equal_the_engines_default(layers, impl):
     masked = (bias.view(bias.shape[0], -1) == float("-inf"))[:, None, :, None]  # [R, 1, W, 1]
     garbage = torch.where(masked, torch.full_like(keys, 1e4), keys)
     torch.testing.assert_close(attend(impl, garbage), expected, rtol=1e-5, atol=1e-5)
+
+
+def sweep_args(*argv: str):
+    saved = sys.argv
+    sys.argv = ["decode_kernels.py", *argv]
+    try:
+        return dk.parse_args()
+    finally:
+        sys.argv = saved
+
+
+def test_triton_sweep_times_every_launch_configuration_with_no_block_past_its_split():
+    names = list(dk.triton_candidates(sweep_args("--device", "cpu", "--triton-sweep")))
+    assert len(names) == 81 == len(set(names))
+    assert dk.engine_triton() in names  # the engine's own configuration is among them
+    assert "triton_s32_b64_w4_p3" not in names and "triton_s64_b64_w8_p1" in names
+    # without --triton-sweep only the splits vary, at the engine's block, warps and stages
+    plain = dk.triton_candidates(sweep_args("--device", "cpu"))
+    da = decode_attention
+    assert list(plain) == [f"triton_s{s}_b{da.BLOCK}_w{da.WARPS}_p{da.STAGES}" for s in (64, 128, 256, 1024)]
+    with pytest.raises(SystemExit):
+        sweep_args("--device", "cpu", "--triton-blocks", "48")  # not a power of 2
+
+
+@pytest.mark.skipif(not (decode_attention.available() and decode_attention.interpreted()),
+                    reason="needs the triton package and TRITON_INTERPRET=1 (on CPU)")
+def test_triton_launch_configurations_equal_the_engines_default(layers):
+    window = 40
+    bias, slot = layers.bias(window), layers.slot(window)
+    keys, values = layers.keys[0][:, :, :window], layers.values[0][:, :, :window]
+    args = sweep_args("--device", "cpu", "--triton-splits", "16,64", "--triton-blocks", "16,32", "--triton-warps", "2",
+                      "--triton-stages", "1")
+    candidates = dk.triton_candidates(args)
+    assert list(candidates) == ["triton_s16_b16_w2_p1", "triton_s64_b16_w2_p1", "triton_s64_b32_w2_p1"]
+    expected = ATTENTION["matmul"](layers.query, keys, values, bias, layers.dim**-0.5)
+    for attend in candidates.values():
+        got = attend(layers.query, keys, values, bias, layers.dim**-0.5, layers.pad, slot)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_best_triton_line_compares_with_the_engine_and_matmul(capsys):
+    engine = dk.engine_triton()
+    dk.report_best(384, {"matmul_compiled": 30.0, engine: 24.0, "triton_s64_b64_w8_p2": 12.0, "sdpa": 5.0})
+    line = json.loads(capsys.readouterr().out)
+    assert (line["impl"], line["configurations"], line["window"]) == ("triton_s64_b64_w8_p2", 2, 384)
+    assert (line["speedup_vs_engine"], line["speedup_vs_matmul_compiled"]) == (2.0, 2.5)
+    dk.report_best(384, {"matmul": 1.0})  # no triton candidate measured: no line
+    assert capsys.readouterr().out == ""

@@ -60,11 +60,12 @@ def test_equals_the_default_attention_over_the_filled_slots(rows, kv_heads, grou
     out = decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    # other split sizes (one not a multiple of the block, one covering the whole cache) give the same
-    for split in (48, capacity):
+    # other launch configurations give the same: split sizes (one not a multiple of the block, one covering the
+    # whole cache, one of a single block), other block sizes (warps and stages: the compiled kernels only)
+    for split, block, warps, stages in ((48, 32, 4, 3), (capacity, 32, 4, 3), (16, 16, 2, 1), (64, 64, 8, 2)):
         torch.testing.assert_close(
-            decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, split), expected,
-            rtol=1e-5, atol=1e-5,
+            decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, split, block, warps, stages),
+            expected, rtol=1e-5, atol=1e-5,
         )
     # nothing outside pad[r] .. slot is read: garbage there changes nothing
     cols = torch.arange(capacity, device=DEVICE)
@@ -99,6 +100,15 @@ def test_bfloat16_inputs_accumulate_in_float32(capacity):
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=2 ** -7)  # one bf16 rounding of the output
 
 
+@needs_triton
+@pytest.mark.parametrize(("options", "bad"), [((128, 24), "block"), ((128, 32, 3), "warps"), ((0,), "split"),
+                                              ((128, 32, 4, 0), "stages")])
+def test_a_launch_configuration_out_of_range_is_named(options, bad):
+    q, keys, values, pad = case(2, 1, 1, 64, 16)
+    with pytest.raises(ValueError, match=f"{bad}="):
+        decode_attention.decode_attention(q, keys, values, pad, torch.tensor([10], device=DEVICE), 0.25, *options)
+
+
 def test_missing_triton_and_a_device_it_cannot_run_on_are_named(monkeypatch):
     monkeypatch.setattr(decode_attention, "triton", None)
     with pytest.raises(RuntimeError, match="needs the triton package"):
@@ -129,10 +139,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from modules import decode_attention as da
 
-def compile(kernel, types, constexprs, arch):
+def compile(kernel, types, constexprs, arch, **options):
     names = inspect.signature(kernel.fn).parameters
     signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
@@ -142,6 +153,10 @@ for arch in (80, 90):
             tensors.update(part_max=part, part_sum=part, part_acc=part)
             types = {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
             compile(da._partial, types, dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct), arch)
+        # other launch configurations (benchmarks/decode_kernels.py --triton-sweep times them)
+        for block, warps, stages in ((16, 2, 1), (64, 8, 2), (128, 8, 4)):
+            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False)
+            compile(da._partial, types, constexprs, arch, num_warps=warps, num_stages=stages)
         compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
     print("compiled", arch)
 """

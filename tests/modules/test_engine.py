@@ -815,13 +815,14 @@ def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtyp
         ("cudagraphs", "matmul", False),
         ("fused", "matmul", False),
         ("fused", "matmul", True),
-        ("fused-autotune", "triton", True),  # every newer option at once, in the training setting
+        ("fused", "auto", True),  # configs/janus_pro_1b_1gpu.yaml's engine, in its training setting
     ],
 )
 def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir, mode, attention, pack):
     """bf16-mixed training: fp32 weights, autocast rollouts, an optimizer step between rollouts."""
     policy = JanusPolicy(str(tiny_janus_dir), dtype="float32").to("cuda")
     engine = RolloutEngine(compile=mode, attention=attention, pack=pack)
+    assert engine.attention_on(torch.device("cuda")) == ("triton" if attention == "auto" else attention)
     ctx = policy.image_context(PROMPTS, None)
 
     def rollout():
