@@ -37,7 +37,7 @@ except ImportError:  # the engine's other attention choices need no Triton
 BLOCK = 32  # keys and values per iteration of a program
 SPLIT = 128  # the engine's cache slots per program (a multiple of BLOCK leaves no block part-empty)
 WARPS = 4  # warps per program of the first kernel (Triton's default)
-STAGES = 3  # software-pipeline stages of its loop over blocks (Triton's default on CUDA)
+STAGES = 1  # blocks of keys and values in flight per program: > 1 pipelines its loop through shared memory
 
 
 def available() -> bool:
@@ -80,7 +80,7 @@ if triton is not None:
         stride_qr, stride_qk, stride_qg, stride_kr, stride_kh, stride_ks,
         stride_vr, stride_vh, stride_vs, stride_or, stride_ok, stride_og,
         groups, dim, split_len, scaling,
-        BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr,
+        BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr,
     ):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head, group = head // groups, head % groups
@@ -95,16 +95,19 @@ if triton is not None:
         best = tl.full([1], float("-inf"), tl.float32)
         total = tl.zeros([1], tl.float32)
         acc = tl.zeros([DIM], tl.float32)
-        for first in range(start, end, BLOCK):
+        # STAGES > 1: Triton pipelines the loop, copying the next blocks' keys and values into shared memory
+        # (cp.async) while this one is reduced; 1 issues each block's loads when its turn comes
+        for first in tl.range(start, end, BLOCK, num_stages=STAGES):
             n = first + tl.arange(0, BLOCK)
             filled = n < end
             both = filled[:, None] & in_dim[None, :]
+            # both loads first: their round trips to memory overlap instead of following each other
             k = tl.load(k_row + n[:, None] * stride_ks + d[None, :], mask=both, other=0.0).to(tl.float32)
+            v = tl.load(v_row + n[:, None] * stride_vs + d[None, :], mask=both, other=0.0).to(tl.float32)
             score = tl.where(filled, tl.sum(k * query[None, :], 1), float("-inf"))  # [BLOCK]
             new_best = tl.maximum(best, tl.max(score, 0))
             weight = tl.exp(score - new_best)
             rescale = tl.exp(best - new_best)
-            v = tl.load(v_row + n[:, None] * stride_vs + d[None, :], mask=both, other=0.0).to(tl.float32)
             acc = acc * rescale + tl.sum(weight[:, None] * v, 0)
             total = total * rescale + tl.sum(weight, 0)
             best = new_best
@@ -158,7 +161,9 @@ def decode_attention(
 
     The launch configuration of the first kernel (``benchmarks/decode_kernels.py --triton-sweep`` times others):
     ``split`` cache slots per program, ``block`` keys and values per iteration (a power of 2), ``warps`` per
-    program (a power of 2) and ``stages`` of software pipelining. They change the speed, not the result."""
+    program (a power of 2) and ``stages``, the blocks in flight (> 1: the loop is software-pipelined through
+    shared memory, ``stages * block * D`` keys and as many values per program). They change the speed, not the
+    result."""
     check_device(q.device)
     if block < 1 or block & (block - 1) or warps < 1 or warps & (warps - 1):
         raise ValueError(f"decode_attention: block and warps must be powers of 2, got block={block}, warps={warps}")
@@ -182,7 +187,7 @@ def decode_attention(
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         groups, dim, split, scaling,
-        BLOCK=block, DIM=padded, DIRECT=splits == 1, num_warps=warps, num_stages=stages,
+        BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, num_warps=warps,
     )
     if splits > 1:
         _combine[(rows, heads)](

@@ -132,39 +132,59 @@ def test_a_triton_engine_uses_one_window_the_whole_cache():
 
 # Triton's own compiler, CUDA backend, ahead of time: no GPU needed (ptxas ships with Triton). Run in a fresh process
 # because under TRITON_INTERPRET=1 (the tests on CPU) Triton's functions are the interpreter's.
-COMPILE_FOR_GPUS = """
-import inspect
+COMPILER = """
+import collections, inspect, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from modules import decode_attention as da
 
-def compile(kernel, types, constexprs, arch, **options):
-    names = inspect.signature(kernel.fn).parameters
-    signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+# what a launch on a GPU specializes: pointers 16-byte aligned, integers (strides, sizes) divisible by 16
+ALIGNED = {"q", "keys", "values", "pad", "slot", "part_max", "part_sum", "part_acc", "out", "stride_qr", "stride_qk",
+           "stride_qg", "stride_kr", "stride_kh", "stride_ks", "stride_vr", "stride_vh", "stride_vs", "stride_or",
+           "stride_ok", "stride_og", "dim", "split_len"}
 
+def compile(kernel, types, constexprs, arch, specialize=False, **options):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if specialize and n in ALIGNED}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+def partial_types(dtype, part):
+    tensors = dict(q=dtype, keys=dtype, values=dtype, out=dtype, pad="i64", slot="i64", part_max=part,
+                   part_sum=part, part_acc=part)
+    return {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
+"""
+
+COMPILE_FOR_GPUS = COMPILER + """
 for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
-        tensors = dict(q=dtype, keys=dtype, values=dtype, out=dtype, pad="i64", slot="i64")
         for direct in (True, False):  # one split: the partial-result pointers are the output's (unused)
-            part = dtype if direct else "fp32"
-            tensors.update(part_max=part, part_sum=part, part_acc=part)
-            types = {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
-            compile(da._partial, types, dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct), arch)
-        # other launch configurations (benchmarks/decode_kernels.py --triton-sweep times them)
-        for block, warps, stages in ((16, 2, 1), (64, 8, 2), (128, 8, 4)):
-            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False)
-            compile(da._partial, types, constexprs, arch, num_warps=warps, num_stages=stages)
+            types = partial_types(dtype, dtype if direct else "fp32")
+            compile(da._partial, types, dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct, STAGES=da.STAGES), arch)
+        # other launch configurations (benchmarks/decode_kernels.py --triton-sweep times them); stages > 1
+        # pipeline the loop through shared memory (cp.async, sm_80 and later)
+        for block, warps, stages in ((16, 2, 1), (64, 8, 2), (128, 8, 3)):
+            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False, STAGES=stages)
+            compile(da._partial, types, constexprs, arch, num_warps=warps)
         compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
     print("compiled", arch)
 """
 
+# The loop's memory instructions in the Hopper binary's PTX, in order, for one and for two stages.
+LOOP_LOADS = COMPILER + """
+for stages in (1, 2):
+    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages)
+    ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, 90, specialize=True, num_warps=4).asm["ptx"]
+    loop = ptx[ptx.index("$L__BB0_"):]  # from the first branch target on: the loop over blocks and after it
+    ops = re.findall(r"ld\\.global\\.[.\\w]+|cp\\.async\\.c[ag][.\\w]*|bar\\.sync", loop)
+    print(stages, " ".join(ops))
+"""
 
-def test_the_kernels_compile_for_ampere_and_hopper_gpus_here():
-    """The kernels go through Triton's real compiler down to GPU binaries (sm_80, sm_90), which the interpreter does
-    not: a kernel the interpreter runs but the compiler rejects fails here, without a GPU."""
+
+def compile_here(script: str) -> str:
+    """``script``'s output, run with Triton compiling for GPUs (not interpreting); skips without its CUDA backend."""
     pytest.importorskip("triton")
     import triton.backends
 
@@ -172,7 +192,29 @@ def test_the_kernels_compile_for_ampere_and_hopper_gpus_here():
         pytest.skip("Triton's CUDA backend is not installed")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], cwd=root, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.split() == ["compiled", "80", "compiled", "90"]
+    return done.stdout
+
+
+def test_the_kernels_compile_for_ampere_and_hopper_gpus_here():
+    """The kernels go through Triton's real compiler down to GPU binaries (sm_80, sm_90), which the interpreter does
+    not: a kernel the interpreter runs but the compiler rejects fails here, without a GPU."""
+    assert compile_here(COMPILE_FOR_GPUS).split() == ["compiled", "80", "compiled", "90"]
+
+
+def test_the_compiled_loop_keeps_keys_and_values_in_flight():
+    """What makes the kernel fast or slow shows in its PTX, without a GPU. With one stage, each block's keys and
+    values are loaded 16 bytes per instruction, all before the loop's first barrier (the value loads once waited
+    behind the score's reductions: two round trips to memory per block instead of one). With two, the loop is
+    pipelined: the loads become asynchronous copies into shared memory."""
+    lines = dict(line.split(" ", 1) for line in compile_here(LOOP_LOADS).strip().splitlines())
+    one = lines["1"].split()
+    before_barrier = one[: one.index("bar.sync")]
+    # 32 keys x 128 dims of bf16 over 128 threads: 64 bytes each, so 4 loads of 16 bytes for keys and 4 for values
+    assert before_barrier.count("ld.global.v4.b32") == 8, one
+    assert "ld.global.b16" not in one  # no 2-byte loads
+    assert not any(op.startswith("cp.async") for op in one)
+    two = lines["2"].split()
+    assert sum(op.startswith("cp.async.cg") or op.startswith("cp.async.ca") for op in two) >= 8, two
