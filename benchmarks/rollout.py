@@ -25,15 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import JanusConfig, JanusForConditionalGeneration
 
-from modules import janus_ops
-from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine
-from modules.tiny import TinyJanusSpec, build_tiny_janus
+# the project's packages where it is not pip-installed (a GPU machine given the working tree): every benchmark
+# imports this module first
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from modules import janus_ops  # noqa: E402
+from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine  # noqa: E402
+from modules.tiny import TinyJanusSpec, build_tiny_janus  # noqa: E402
 
 LM_SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
