@@ -38,6 +38,10 @@ with ``RolloutEngine(attention=...)``):
 
       python benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows 384,640
 
+  A candidate's name is also an engine option: ``python benchmarks/rollout.py --shape 1b --compile
+  fused+pack+triton_s64_b64_w8_p2`` times the whole rollout at that configuration, and
+  ``RolloutEngine(attention="triton", triton_launch="triton_s64_b64_w8_p2")`` uses it.
+
   Needs the triton package and a CUDA device (or ``TRITON_INTERPRET=1`` on CPU, for the tests).
 
 On CUDA each implementation's pass over all layers is captured as one CUDA graph and replayed, so launch
@@ -50,6 +54,7 @@ its part. Random weights; one JSON line per measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -242,17 +247,14 @@ def triton_candidates(args) -> dict:
                 continue  # a block larger than the split reads past it, masked: never faster than a smaller one
             for warps in args.triton_warps:
                 for stages in args.triton_stages:
-                    def attend(q, keys, values, bias, scaling, pad, slot, config=(split, block, warps, stages)):
-                        return decode_attention.decode_attention(q, keys, values, pad, slot, scaling, *config)
-
-                    candidates[f"triton_s{split}_b{block}_w{warps}_p{stages}"] = attend
+                    launch = decode_attention.Launch(split, block, warps, stages)
+                    candidates[launch.name] = functools.partial(ATTENTION["triton"], launch=launch)
     return candidates
 
 
 def engine_triton() -> str:
     """The candidate name of the engine's own launch configuration."""
-    da = decode_attention
-    return f"triton_s{da.SPLIT}_b{da.BLOCK}_w{da.WARPS}_p{da.STAGES}"
+    return decode_attention.Launch().name
 
 
 def report_best(window: int, timings: dict) -> None:

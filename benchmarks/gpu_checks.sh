@@ -14,7 +14,8 @@
 # `profile` lists the kernels of the step (uncaptured: the same kernels, each timed on the device) for each engine of
 # COMPILE_PROFILE (default fused+pack+triton,fused);
 # `sweep` times the triton attention's launch configurations against each other and matmul (decode_kernels.py
-# --triton-sweep at SWEEP_WINDOWS, default 384,640: the image stage's mean and late windows at the 1B shape);
+# --triton-sweep at SWEEP_WINDOWS, default 384,640: the image stage's mean and late windows at the 1B shape); its
+# triton_best names go into COMPILE_1B as they are, e.g. COMPILE_1B=fused+pack+triton,fused+pack+triton_s64_b64_w8_p2;
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0.
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of

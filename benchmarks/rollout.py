@@ -39,6 +39,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from modules import janus_ops  # noqa: E402
+from modules.decode_attention import Launch  # noqa: E402
 from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine  # noqa: E402
 from modules.tiny import TinyJanusSpec, build_tiny_janus  # noqa: E402
 
@@ -189,7 +190,9 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
     parser.add_argument("--compile", default=compile_default,
                         help=f"engines, comma-separated: a compile mode ({', '.join(COMPILE_MODES)}), optionally "
                         f"with '+'-joined engine options: an attention ({', '.join(ATTENTION)}; default matmul) "
-                        "and/or 'pack' (packed q/k/v and gate/up weights), e.g. fused+reduce+pack")
+                        "or a triton launch configuration (triton_s<split>_b<block>_w<warps>_p<stages>, as "
+                        "decode_kernels.py --triton-sweep names them) and/or 'pack' (packed q/k/v and gate/up "
+                        "weights), e.g. fused+reduce+pack, fused+pack+triton_s64_b64_w8_p2")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -222,11 +225,13 @@ def engine_options(spec: str) -> dict:
     for option in options:
         if option in ATTENTION and "attention" not in kwargs:
             kwargs["attention"] = option
+        elif option.startswith("triton_") and "attention" not in kwargs:
+            kwargs.update(attention="triton", triton_launch=Launch.parse(option).name)
         elif option == "pack" and "pack" not in kwargs:
             kwargs["pack"] = True
         else:
-            raise ValueError(f"unknown or repeated option {option!r} in {spec!r}: one of {', '.join(ATTENTION)}, "
-                             "and/or pack")
+            raise ValueError(f"unknown or repeated option {option!r} in {spec!r}: one of {', '.join(ATTENTION)} "
+                             "(or a triton launch, triton_s<split>_b<block>_w<warps>_p<stages>), and/or pack")
     return kwargs
 
 
@@ -305,7 +310,7 @@ def main() -> None:
     for name, engine in engines.items():
         static = record(name, best[name], *common, extra=dict(
             compile_mode=engine.mode(device), attention=engine.attention, pack=engine.pack,
-            compile_s=round(engine.stats.compile_s, 2),
+            triton_launch=engine.triton_launch, compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s[name], 2), variants=engine.stats.variants, captures=engine.stats.captures))
         a, b = best["eager"]["out"], best[name]["out"]
         print(json.dumps(dict(

@@ -24,6 +24,8 @@ how the tests check the kernels on machines without a GPU; it is far too slow fo
 from __future__ import annotations
 
 import os
+import re
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +40,39 @@ BLOCK = 32  # keys and values per iteration of a program
 SPLIT = 128  # the engine's cache slots per program (a multiple of BLOCK leaves no block part-empty)
 WARPS = 4  # warps per program of the first kernel (Triton's default)
 STAGES = 1  # blocks of keys and values in flight per program: > 1 pipelines its loop through shared memory
+
+
+class Launch(NamedTuple):
+    """A launch configuration of the first kernel, named ``triton_s<split>_b<block>_w<warps>_p<stages>`` (the
+    candidate names of ``benchmarks/decode_kernels.py``, and what ``RolloutEngine(triton_launch=...)`` takes)."""
+
+    split: int = SPLIT
+    block: int = BLOCK
+    warps: int = WARPS
+    stages: int = STAGES
+
+    @classmethod
+    def parse(cls, name: str) -> Launch:
+        match = re.fullmatch(r"triton_s(\d+)_b(\d+)_w(\d+)_p(\d+)", name)
+        if match is None:
+            raise ValueError(f"a triton launch is named triton_s<split>_b<block>_w<warps>_p<stages>, got {name!r}")
+        return cls(*map(int, match.groups())).checked()
+
+    def checked(self) -> Launch:
+        """Itself; raises a ``ValueError`` that names the value out of range."""
+        if self.block < 1 or self.block & (self.block - 1) or self.warps < 1 or self.warps & (self.warps - 1):
+            raise ValueError(
+                f"decode_attention: block and warps must be powers of 2, got block={self.block}, warps={self.warps}"
+            )
+        if self.split < 1 or self.stages < 1:
+            raise ValueError(
+                f"decode_attention: split and stages must be >= 1, got split={self.split}, stages={self.stages}"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"triton_s{self.split}_b{self.block}_w{self.warps}_p{self.stages}"
 
 
 def available() -> bool:
@@ -165,10 +200,7 @@ def decode_attention(
     shared memory, ``stages * block * D`` keys and as many values per program). They change the speed, not the
     result."""
     check_device(q.device)
-    if block < 1 or block & (block - 1) or warps < 1 or warps & (warps - 1):
-        raise ValueError(f"decode_attention: block and warps must be powers of 2, got block={block}, warps={warps}")
-    if split < 1 or stages < 1:
-        raise ValueError(f"decode_attention: split and stages must be >= 1, got split={split}, stages={stages}")
+    Launch(split, block, warps, stages).checked()
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")

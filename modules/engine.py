@@ -59,6 +59,7 @@ Compiling raises ``torch._dynamo.config.recompile_limit`` to at least 64 for the
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -211,11 +212,13 @@ def _attend_sdpa(q, keys, values, bias, scaling: float, pad=None, slot=None) -> 
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), scale=scaling)
 
 
-def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
+def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, launch=None) -> torch.Tensor:
     """As :func:`_attend_matmul`, in Triton kernels (:mod:`modules.decode_attention`, one or two) that read
     only each row's filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is
-    not read."""
-    return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling)
+    not read. ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
+    if launch is None:
+        return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling)
+    return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *launch)
 
 
 ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
@@ -317,10 +320,12 @@ class StepParts:
     inductor on its own ("regional" compilation: the 24 or 30 decoder layers share one compiled layer, so a
     window costs a few small compiles instead of one of the whole unrolled model)."""
 
-    def __init__(self, wrap=None, attention: str = "matmul") -> None:
+    def __init__(self, wrap=None, attention: str = "matmul", launch=None) -> None:
         wrap = wrap or (lambda fn: fn)
         self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
         self.attention, self.attend = attention, ATTENTION[attention]  # attend: an argument of the layer
+        if attention == "triton" and launch is not None:  # another launch configuration than the module's
+            self.attend = functools.partial(_attend_triton, launch=tuple(launch))
         self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
 
 
@@ -421,6 +426,10 @@ class RolloutEngine:
             CUDA where Triton is installed, ``matmul`` elsewhere. Same results within rounding; which is fastest
             on a GPU is what ``benchmarks/decode_kernels.py`` and ``benchmarks/rollout.py`` measure (on an H200
             at the 1B shape: ``triton`` with ``pack``).
+        triton_launch: the Triton kernels' launch configuration where ``attention`` is ``triton`` (or ``auto`` on
+            CUDA), by name: ``triton_s<split>_b<block>_w<warps>_p<stages>`` (``benchmarks/decode_kernels.py
+            --triton-sweep`` names the fastest); default: :mod:`modules.decode_attention`'s ``SPLIT``, ``BLOCK``,
+            ``WARPS`` and ``STAGES``.
         pack: each decoder layer's q/k/v and gate/up weights packed into one matrix each, read by one matmul
             instead of three and two (wider matmuls, fewer launches). Under autocast with ``weight_copy`` the
             packed matrices hold the autocast copies, at no extra memory; otherwise they are a copy of those
@@ -435,6 +444,7 @@ class RolloutEngine:
         weight_copy: bool = True,
         attention: str = "matmul",
         pack: bool = False,
+        triton_launch: str | None = None,
     ) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -446,8 +456,14 @@ class RolloutEngine:
             from modules import decode_attention  # registers bicot::decode_attention
 
             decode_attention.require()
+        if triton_launch is not None:
+            from modules.decode_attention import Launch
+
+            if attention not in ("triton", "auto"):
+                raise ValueError(f"engine triton_launch is for attention 'triton' or 'auto', not {attention!r}")
+            Launch.parse(triton_launch)  # a clear error now, not at the first step
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
-        self.pack = pack
+        self.pack, self.triton_launch = pack, triton_launch
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
@@ -465,6 +481,7 @@ class RolloutEngine:
             "weight_copy": self.weight_copy,
             "attention": self.attention,
             "pack": self.pack,
+            "triton_launch": self.triton_launch,
             "stats": EngineStats(),
             "graphs": CudaGraphs(),
             "_buffers": {},
@@ -729,8 +746,19 @@ class RolloutEngine:
         entry[1] += 1
         self.stats.steps += 1
 
+    def _launch(self):
+        """The ``decode_attention.Launch`` of ``triton_launch``, or ``None`` (the module's)."""
+        if self.triton_launch is None:
+            return None
+        from modules.decode_attention import Launch
+
+        return Launch.parse(self.triton_launch)
+
     def _make(self, fn, model, consts: dict, mode: str, captured: bool, attention: str):
-        parts = self._fused_parts(mode, attention) if mode in FUSED_MODES else StepParts(attention=attention)
+        if mode in FUSED_MODES:
+            parts = self._fused_parts(mode, attention)
+        else:
+            parts = StepParts(attention=attention, launch=self._launch())
         consts = {**consts, "parts": parts}
 
         def step(state: dict) -> None:
@@ -761,7 +789,8 @@ class RolloutEngine:
             options = dict(dynamic=None, fullgraph=True)
             if mode == "fused-autotune":
                 options["mode"] = "max-autotune-no-cudagraphs"  # the engine captures the graphs itself
-            self._parts = StepParts(lambda part: torch.compile(part, **options), attention=attention)
+            compiled = lambda part: torch.compile(part, **options)  # noqa: E731
+            self._parts = StepParts(compiled, attention=attention, launch=self._launch())
         return self._parts
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from standin_graphs import StandInGraphs
@@ -714,6 +716,44 @@ def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_p
     assert torch.equal(rollout().tokens, eager.tokens) and graphs.captures == 1 and _layer_compiles() == 1
     plans_like_eager(engine, sharp_policy, 8)
     assert engine.stats.variants == 2 and graphs.captures == 2
+
+
+class LaunchSpy:
+    """Stands in for ``decode_attention._partial``: records each launch's block, stages and warps, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, set()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.add((kwargs["BLOCK"], kwargs["STAGES"], kwargs["num_warps"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", ["off", "fused"])
+@pytest.mark.parametrize("attention", [TRITON])
+def test_a_triton_launch_configuration_reaches_the_kernels(sharp_policy, monkeypatch, compile, attention):
+    """``RolloutEngine(triton_launch=...)``: the step's kernels launch with that block, warps and stages (plain and
+    inside the compiled layer), with the eager loop's tokens and log-probs."""
+    spy = LaunchSpy(decode_attention._partial)
+    monkeypatch.setattr(decode_attention, "_partial", spy)
+    engine, _, _, _ = fused_like_eager(sharp_policy, 20, compile=compile, attention=attention,
+                                       triton_launch="triton_s16_b16_w2_p2")
+    assert spy.launches == {(16, 2, 2)}
+    assert pickle.loads(pickle.dumps(engine)).triton_launch == "triton_s16_b16_w2_p2"
+
+
+def test_a_triton_launch_configuration_is_checked_when_the_engine_is_made():
+    with pytest.raises(ValueError, match="block and warps must be powers of 2, got block=24"):
+        RolloutEngine(attention="triton", triton_launch="triton_s64_b24_w4_p1")
+    with pytest.raises(ValueError, match="named triton_s<split>_b<block>_w<warps>_p<stages>"):
+        RolloutEngine(attention="triton", triton_launch="s64")
+    with pytest.raises(ValueError, match="triton_launch is for attention 'triton' or 'auto', not 'matmul'"):
+        RolloutEngine(triton_launch="triton_s64_b32_w4_p1")
+    assert RolloutEngine(attention="auto", triton_launch="triton_s64_b32_w4_p1").triton_launch
 
 
 @pytest.mark.slow
