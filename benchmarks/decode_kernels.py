@@ -257,6 +257,24 @@ def engine_triton() -> str:
     return decode_attention.Launch().name
 
 
+def report_overall(timings: dict) -> str | None:
+    """One ``triton_best_overall`` line: the triton configuration with the least time summed over the windows
+    (``{window: {impl: us}}``; only configurations measured at every window count); returns its name."""
+    names = [set(t) for t in timings.values()]
+    common = [n for n in set.intersection(*names) if n.startswith("triton_")] if names else []
+    if not common:
+        return None
+    total = {n: round(sum(t[n] for t in timings.values()), 1) for n in common}
+    best = min(total, key=total.get)
+    engine = total.get(engine_triton())
+    print(json.dumps(dict(
+        measure="triton_best_overall", impl=best, windows=sorted(timings), us_summed=total[best],
+        engine_impl=engine_triton(), engine_us_summed=engine,
+        speedup_vs_engine=None if engine is None else round(engine / total[best], 3),
+    )), flush=True)
+    return best
+
+
 def report_best(window: int, timings: dict) -> None:
     """One ``triton_best`` line: the fastest triton configuration at ``window`` against the engine's and
     ``matmul_compiled`` (each ``None`` where not measured)."""
@@ -308,9 +326,11 @@ def main() -> None:
     if decode_attention.available() and (args.device.type == "cuda" or decode_attention.interpreted()):
         attentions.update(triton_candidates(args))
     scale = layers.dim**-0.5
+    every_window = {}
     for window in args.windows:
         bias, slot = layers.bias(window), layers.slot(window)
         reference, timings = None, {}
+        every_window[window] = timings
         for name, fn in attentions.items():
             run = every_layer(layers, lambda x, i, fn=fn, window=window, bias=bias, slot=slot: fn(
                 layers.query, layers.keys[i][:, :, :window], layers.values[i][:, :, :window], bias, scale,
@@ -326,6 +346,7 @@ def main() -> None:
             reference = out if reference is None else reference
             timings[name] = round(seconds * 1e6, 1)
         report_best(window, timings)
+    report_overall(every_window)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # static-cache engine, same process), one full GRPO step of the 1B recipe phase by phase, and the GPU-only
 # tests. Run from the repository root on a machine with one CUDA GPU:
 #
-#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels sweep
+#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels sweep tune1b
 #
 # COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (default cudagraphs,fused; comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
@@ -16,6 +16,8 @@
 # `sweep` times the triton attention's launch configurations against each other and matmul (decode_kernels.py
 # --triton-sweep at SWEEP_WINDOWS, default 384,640: the image stage's mean and late windows at the 1B shape); its
 # triton_best names go into COMPILE_1B as they are, e.g. COMPILE_1B=fused+pack+triton,fused+pack+triton_s64_b64_w8_p2;
+# `tune1b` runs `sweep`, then `rollout1b` with COMPILE_1B=fused+pack+triton,fused+pack+<the sweep's best over its
+# windows>, fused: the engine's configuration against the best in one process (the sweep's answer, timed whole);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0.
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
@@ -49,6 +51,13 @@ for part in $parts; do
     rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ${CHUNK_1B:+--chunk $CHUNK_1B} ;;
     step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused}" ;;
     profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile "${COMPILE_PROFILE:-fused+pack+triton,fused}" --no-capture --image-tokens 128 ;;
+    tune1b)
+        run sweep "${LIMIT_SWEEP:-240}" $py benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
+        best=$($py -c 'import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+print(next((l["impl"] for l in lines if l.get("measure") == "triton_best_overall"), ""))' "$out/sweep.log")
+        echo "tune1b: the sweep's best: ${best:-none}"
+        run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "fused+pack+triton${best:+,fused+pack+$best},fused" ;;
     sweep) run sweep "${LIMIT_SWEEP:-240}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20 ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;

@@ -104,3 +104,14 @@ def test_the_best_triton_line_compares_with_the_engine_and_matmul(capsys):
     assert (line["speedup_vs_engine"], line["speedup_vs_matmul_compiled"]) == (2.0, 2.5)
     dk.report_best(384, {"matmul": 1.0})  # no triton candidate measured: no line
     assert capsys.readouterr().out == ""
+
+
+def test_the_best_triton_configuration_overall_counts_every_window(capsys):
+    engine = dk.engine_triton()
+    timings = {128: {engine: 10.0, "triton_s64_b64_w8_p2": 6.0, "triton_s32_b32_w2_p1": 1.0, "matmul": 0.5},
+               640: {engine: 40.0, "triton_s64_b64_w8_p2": 20.0, "matmul": 0.5}}  # s32 failed at 640: not counted
+    assert dk.report_overall(timings) == "triton_s64_b64_w8_p2"
+    line = json.loads(capsys.readouterr().out)
+    assert (line["us_summed"], line["engine_us_summed"], line["speedup_vs_engine"], line["windows"]) == (
+        26.0, 50.0, 1.923, [128, 640])
+    assert dk.report_overall({128: {"matmul": 1.0}}) is None and capsys.readouterr().out == ""
