@@ -26,15 +26,18 @@ with ``RolloutEngine(attention=...)``):
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the bias as its mask;
 - ``reduce_compiled``: ``attention="reduce"`` under ``torch.compile``: scores and output as multiply-and-sum
   reductions, so inductor emits reduction kernels that stream the cache instead of batched one-row matmuls.
-- ``triton_s<S>_b<B>_w<W>_p<P>``: ``attention="triton"`` (``modules.decode_attention``): split-K Triton kernels
-  that read each row's filled slots only (here the window less the row's left padding: the new token sits in
-  the window's last slot). In a rollout it also reads no slot past the last token, where the others read up to
-  a ``chunk`` of them. One candidate per launch configuration: ``S`` cache slots per program
-  (``--triton-splits``), ``B`` keys and values per loop iteration (``--triton-blocks``), ``W`` warps
-  (``--triton-warps``) and ``P`` pipeline stages (``--triton-stages``); by default only the splits vary and
-  the rest is the engine's (``modules.decode_attention``: split 128, block 32, 4 warps, 3 stages). With
-  ``--triton-sweep`` all four vary (81 configurations; a block larger than its split is skipped), and a
-  ``triton_best`` line per window names the fastest against the engine's configuration and ``matmul_compiled``:
+- ``triton_s<S>_b<B>_w<W>_p<P>`` and ``triton_n<N>_b<B>_w<W>_p<P>``: ``attention="triton"``
+  (``modules.decode_attention``): split-K Triton kernels that read each row's filled slots only (here the window
+  less the row's left padding: the new token sits in the window's last slot). In a rollout it also reads no slot
+  past the last token, where the others read up to a ``chunk`` of them. One candidate per launch configuration:
+  splits of ``S`` cache slots (``--triton-splits``) or each row's filled slots in ``N`` parts
+  (``--triton-parts``), ``B`` keys and values per loop iteration (``--triton-blocks``), ``W`` warps
+  (``--triton-warps``) and ``P`` blocks in flight (``--triton-stages``; > 1 pipelines the loop). By default only
+  the splits vary and the rest is the engine's (``modules.decode_attention.Launch()``: split 128, block 32,
+  4 warps, 1 stage). With ``--triton-sweep`` all vary (117 configurations; a block larger than its split is
+  skipped), each candidate runs at every window before the next (a run cut short ranks what it measured), a
+  ``triton_best`` line per window names the fastest against the engine's configuration and
+  ``matmul_compiled``, and ``triton_best_overall`` the least time summed over the windows:
 
       python benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows 384,640
 
@@ -75,7 +78,7 @@ SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_att
 
 
 # --triton-sweep: the launch configurations of the triton attention timed against each other
-SWEEP = dict(splits=(32, 64, 128, 256), blocks=(32, 64, 128), warps=(2, 4, 8), stages=(1, 2, 3))
+SWEEP = dict(splits=(32, 64, 128, 256), parts=(2, 4, 8), blocks=(32, 64), warps=(2, 4, 8), stages=(1, 2, 3))
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,27 +93,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--triton-splits", default=None,
                         help="cache slots per program of the triton attention, comma-separated (default 64,128,256,1024; "
                              "one that covers the window runs one kernel, not two)")
+    parser.add_argument("--triton-parts", default=None,
+                        help="also each row's filled slots in this many splits, comma-separated (default: none)")
     parser.add_argument("--triton-blocks", default=None, help="keys per loop iteration, powers of 2 (default: the engine's)")
     parser.add_argument("--triton-warps", default=None, help="warps per program, powers of 2 (default: the engine's)")
     parser.add_argument("--triton-stages", default=None, help="pipeline stages of the loop (default: the engine's)")
     parser.add_argument("--triton-sweep", action="store_true",
-                        help=f"every combination of splits {SWEEP['splits']}, blocks {SWEEP['blocks']}, warps "
-                             f"{SWEEP['warps']} and stages {SWEEP['stages']} (unless given), and the best per window")
+                        help=f"every combination of splits {SWEEP['splits']} or parts {SWEEP['parts']}, blocks "
+                             f"{SWEEP['blocks']}, warps {SWEEP['warps']} and stages {SWEEP['stages']} (those not "
+                             "given), and the best per window and over them")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     args = parser.parse_args()
     try:
         args.windows = [int(w) for w in args.windows.split(",")]
         da = decode_attention
-        engine = dict(splits=(64, 128, 256, 1024), blocks=(da.BLOCK,), warps=(da.WARPS,), stages=(da.STAGES,))
-        for name in ("splits", "blocks", "warps", "stages"):
+        engine = dict(splits=(64, 128, 256, 1024), parts=(), blocks=(da.BLOCK,), warps=(da.WARPS,),
+                      stages=(da.STAGES,))
+        for name in ("splits", "parts", "blocks", "warps", "stages"):
             given = getattr(args, f"triton_{name}")
             default = SWEEP[name] if args.triton_sweep else engine[name]
             setattr(args, f"triton_{name}", [int(n) for n in given.split(",") if n] if given else list(default))
     except ValueError as error:
         parser.error(f"a comma-separated list of integers was expected: {error}")
-    lists = args.windows + args.triton_splits + args.triton_stages
+    lists = args.windows + args.triton_splits + args.triton_parts + args.triton_stages
     if args.rows < 1 or args.reps < 1 or any(n < 1 for n in lists):
-        parser.error("--rows, --reps, every window, triton split and triton stage count must be >= 1")
+        parser.error("--rows, --reps, every window, triton split, part and stage count must be >= 1")
     if any(n < 1 or n & (n - 1) for n in args.triton_blocks + args.triton_warps):
         parser.error("every triton block and warp count must be a power of 2")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,15 +246,17 @@ def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, o
 
 def triton_candidates(args) -> dict:
     """``{name: attend}``: ``attention="triton"`` (same arguments as :data:`modules.engine.ATTENTION`'s) at each
-    launch configuration of ``args.triton_*`` (a block larger than its split is skipped)."""
+    launch configuration of ``args.triton_*``: splits of ``--triton-splits`` slots (a block larger than its split
+    is skipped), then each row in ``--triton-parts`` parts."""
+    sizes = [dict(split=split) for split in args.triton_splits] + [dict(parts=parts) for parts in args.triton_parts]
     candidates = {}
-    for split in args.triton_splits:
+    for size in sizes:
         for block in args.triton_blocks:
-            if block > split and len(args.triton_blocks) > 1:
+            if block > size.get("split", block) and len(args.triton_blocks) > 1:
                 continue  # a block larger than the split reads past it, masked: never faster than a smaller one
             for warps in args.triton_warps:
                 for stages in args.triton_stages:
-                    launch = decode_attention.Launch(split, block, warps, stages)
+                    launch = decode_attention.Launch(block=block, warps=warps, stages=stages, **size)
                     candidates[launch.name] = functools.partial(ATTENTION["triton"], launch=launch)
     return candidates
 
@@ -257,19 +266,35 @@ def engine_triton() -> str:
     return decode_attention.Launch().name
 
 
-def report_overall(timings: dict) -> str | None:
-    """One ``triton_best_overall`` line: the triton configuration with the least time summed over the windows
-    (``{window: {impl: us}}``; only configurations measured at every window count); returns its name."""
+def best_triton(timings: dict) -> tuple[str | None, dict]:
+    """The triton configuration with the least time summed over the windows (``{window: {impl: us}}``; only
+    configurations measured at every window count), and every such configuration's sum."""
     names = [set(t) for t in timings.values()]
     common = [n for n in set.intersection(*names) if n.startswith("triton_")] if names else []
-    if not common:
-        return None
     total = {n: round(sum(t[n] for t in timings.values()), 1) for n in common}
-    best = min(total, key=total.get)
+    return (min(total, key=total.get) if total else None), total
+
+
+def timings_from_log(path) -> dict:
+    """``{window: {impl: us}}`` from this script's output (a run cut short counts what it printed)."""
+    timings = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("part") == "attention" and "us_per_step" in entry:
+                timings.setdefault(entry["window"], {})[entry["impl"]] = entry["us_per_step"]
+    return timings
+
+
+def report_overall(timings: dict) -> str | None:
+    """One ``triton_best_overall`` line (see :func:`best_triton`); returns its name."""
+    best, total = best_triton(timings)
+    if best is None:
+        return None
     engine = total.get(engine_triton())
     print(json.dumps(dict(
         measure="triton_best_overall", impl=best, windows=sorted(timings), us_summed=total[best],
-        engine_impl=engine_triton(), engine_us_summed=engine,
+        configurations=len(total), engine_impl=engine_triton(), engine_us_summed=engine,
         speedup_vs_engine=None if engine is None else round(engine / total[best], 3),
     )), flush=True)
     return best
@@ -326,12 +351,12 @@ def main() -> None:
     if decode_attention.available() and (args.device.type == "cuda" or decode_attention.interpreted()):
         attentions.update(triton_candidates(args))
     scale = layers.dim**-0.5
-    every_window = {}
-    for window in args.windows:
-        bias, slot = layers.bias(window), layers.slot(window)
-        reference, timings = None, {}
-        every_window[window] = timings
-        for name, fn in attentions.items():
+    every_window = {window: {} for window in args.windows}  # {window: {impl: us}}
+    reference = {}  # {window: the first implementation's output}
+    # each implementation at every window before the next: a run cut short still ranks what it measured
+    for name, fn in attentions.items():
+        for window in args.windows:
+            bias, slot = layers.bias(window), layers.slot(window)
             run = every_layer(layers, lambda x, i, fn=fn, window=window, bias=bias, slot=slot: fn(
                 layers.query, layers.keys[i][:, :, :window], layers.values[i][:, :, :window], bias, scale,
                 layers.pad, slot))
@@ -341,10 +366,11 @@ def main() -> None:
                 print(json.dumps(dict(measure="decode_kernels", part="attention", impl=name, window=window,
                                       error=f"{type(error).__name__}: {str(error).splitlines()[0]}")), flush=True)
                 continue
-            report(args, "attention", name, seconds, layers.attention_bytes(window), bandwidth, out, reference,
-                   first, window=window)
-            reference = out if reference is None else reference
-            timings[name] = round(seconds * 1e6, 1)
+            report(args, "attention", name, seconds, layers.attention_bytes(window), bandwidth, out,
+                   reference.get(window), first, window=window)
+            reference.setdefault(window, out)
+            every_window[window][name] = round(seconds * 1e6, 1)
+    for window, timings in every_window.items():
         report_best(window, timings)
     report_overall(every_window)
 

@@ -52,13 +52,14 @@ for part in $parts; do
     step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused}" ;;
     profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile "${COMPILE_PROFILE:-fused+pack+triton,fused}" --no-capture --image-tokens 128 ;;
     tune1b)
-        run sweep "${LIMIT_SWEEP:-240}" $py benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
-        best=$($py -c 'import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print(next((l["impl"] for l in lines if l.get("measure") == "triton_best_overall"), ""))' "$out/sweep.log")
+        run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
+        # ranked from the log: a sweep cut short by its limit still names the best of what it measured
+        best=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
+from decode_kernels import best_triton, timings_from_log
+print(best_triton(timings_from_log(sys.argv[1]))[0] or "")' "$out/sweep.log")
         echo "tune1b: the sweep's best: ${best:-none}"
         run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "fused+pack+triton${best:+,fused+pack+$best},fused" ;;
-    sweep) run sweep "${LIMIT_SWEEP:-240}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20 ;;
+    sweep) run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20 ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
     tests)

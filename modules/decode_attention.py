@@ -6,8 +6,9 @@ sampled so far), in one or two Triton kernels ("split-K" or flash-decoding):
 1. ``_partial``: one program per (row, head, split of the cache). It streams its split's part of the filled
    slots in blocks of ``BLOCK`` keys and values, in float32, with a running maximum (online softmax), and writes
    the split's maximum, normaliser and weighted sum of values. A split that holds no filled slot reads nothing.
+   Splits are ``SPLIT`` cache slots each, or (``Launch.parts``) each row's filled slots in equal parts.
 2. ``_combine``: one program per (row, head) rescales the splits to one maximum and writes the output.
-   Where the cache fits one split, the first kernel writes the output itself and this one does not run.
+   Where there is one split, the first kernel writes the output itself and this one does not run.
 
 The slots read are the row's filled ones, not a window that covers them: where the other attention choices
 read a bucket of ``chunk`` slots past the last token (and every left-padding slot), this reads exactly the
@@ -43,20 +44,34 @@ STAGES = 1  # blocks of keys and values in flight per program: > 1 pipelines its
 
 
 class Launch(NamedTuple):
-    """A launch configuration of the first kernel, named ``triton_s<split>_b<block>_w<warps>_p<stages>`` (the
-    candidate names of ``benchmarks/decode_kernels.py``, and what ``RolloutEngine(triton_launch=...)`` takes)."""
+    """A launch configuration of the first kernel (the candidate names of ``benchmarks/decode_kernels.py``, and what
+    ``RolloutEngine(triton_launch=...)`` takes):
+
+    - ``triton_s<split>_b<block>_w<warps>_p<stages>``: the cache cut into splits of ``split`` slots, one program
+      each (a split past the last token, or before a row's first, reads nothing);
+    - ``triton_n<parts>_b<block>_w<warps>_p<stages>``: each row's filled slots cut into ``parts`` equal splits
+      (rounded up to whole blocks), one program each, however long the row is: no program without work,
+      the same number of programs at every step.
+    """
 
     split: int = SPLIT
     block: int = BLOCK
     warps: int = WARPS
     stages: int = STAGES
+    parts: int = 0  # > 0: the filled slots in this many splits (``split`` unused)
 
     @classmethod
     def parse(cls, name: str) -> Launch:
-        match = re.fullmatch(r"triton_s(\d+)_b(\d+)_w(\d+)_p(\d+)", name)
+        match = re.fullmatch(r"triton_([sn])(\d+)_b(\d+)_w(\d+)_p(\d+)", name)
         if match is None:
-            raise ValueError(f"a triton launch is named triton_s<split>_b<block>_w<warps>_p<stages>, got {name!r}")
-        return cls(*map(int, match.groups())).checked()
+            raise ValueError(
+                "a triton launch is named triton_s<split>_b<block>_w<warps>_p<stages> or "
+                f"triton_n<parts>_b<block>_w<warps>_p<stages>, got {name!r}"
+            )
+        kind, size, block, warps, stages = match.groups()
+        if kind == "n":
+            return cls(SPLIT, int(block), int(warps), int(stages), parts=max(int(size), 0) or -1).checked()
+        return cls(int(size), int(block), int(warps), int(stages)).checked()
 
     def checked(self) -> Launch:
         """Itself; raises a ``ValueError`` that names the value out of range."""
@@ -64,15 +79,17 @@ class Launch(NamedTuple):
             raise ValueError(
                 f"decode_attention: block and warps must be powers of 2, got block={self.block}, warps={self.warps}"
             )
-        if self.split < 1 or self.stages < 1:
+        if self.split < 1 or self.stages < 1 or self.parts < 0:
             raise ValueError(
-                f"decode_attention: split and stages must be >= 1, got split={self.split}, stages={self.stages}"
+                f"decode_attention: split and stages must be >= 1 and parts >= 1 (or 0: splits of split slots), "
+                f"got split={self.split}, stages={self.stages}, parts={self.parts}"
             )
         return self
 
     @property
     def name(self) -> str:
-        return f"triton_s{self.split}_b{self.block}_w{self.warps}_p{self.stages}"
+        size = f"n{self.parts}" if self.parts else f"s{self.split}"
+        return f"triton_{size}_b{self.block}_w{self.warps}_p{self.stages}"
 
 
 def available() -> bool:
@@ -115,12 +132,19 @@ if triton is not None:
         stride_qr, stride_qk, stride_qg, stride_kr, stride_kh, stride_ks,
         stride_vr, stride_vh, stride_vs, stride_or, stride_ok, stride_og,
         groups, dim, split_len, scaling,
-        BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, PARTS: tl.constexpr,
     ):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head, group = head // groups, head % groups
-        start = tl.maximum(tl.load(pad + row).to(tl.int32), split * split_len)  # int32 loop bounds throughout
-        end = tl.minimum(tl.load(slot).to(tl.int32) + 1, (split + 1) * split_len)
+        first_filled = tl.load(pad + row).to(tl.int32)  # int32 loop bounds throughout
+        last = tl.load(slot).to(tl.int32) + 1
+        if PARTS > 0:  # the row's filled slots in PARTS splits of whole blocks
+            length = tl.cdiv(tl.cdiv(last - first_filled, PARTS), BLOCK) * BLOCK
+            start = first_filled + split * length
+            end = tl.minimum(start + length, last)
+        else:  # the cache in splits of split_len slots
+            start = tl.maximum(first_filled, split * split_len)
+            end = tl.minimum(last, (split + 1) * split_len)
         d = tl.arange(0, DIM)
         in_dim = d < dim
         query = tl.load(q + row * stride_qr + kv_head * stride_qk + group * stride_qg + d, mask=in_dim, other=0.0)
@@ -188,6 +212,7 @@ def decode_attention(
     block: int = BLOCK,
     warps: int = WARPS,
     stages: int = STAGES,
+    parts: int = 0,
 ) -> torch.Tensor:
     """Attention of ``q [R, kv_heads, groups, D]`` (one query per row and head) over the slots ``pad[r] .. slot``
     of ``keys``/``values`` ``[R, kv_heads, S, D]`` (any strides along the first three dims, the last contiguous);
@@ -197,14 +222,14 @@ def decode_attention(
     The launch configuration of the first kernel (``benchmarks/decode_kernels.py --triton-sweep`` times others):
     ``split`` cache slots per program, ``block`` keys and values per iteration (a power of 2), ``warps`` per
     program (a power of 2) and ``stages``, the blocks in flight (> 1: the loop is software-pipelined through
-    shared memory, ``stages * block * D`` keys and as many values per program). They change the speed, not the
-    result."""
+    shared memory, ``stages * block * D`` keys and as many values per program); ``parts`` > 0 cuts each row's
+    filled slots into that many splits instead (see :class:`Launch`). They change the speed, not the result."""
     check_device(q.device)
-    Launch(split, block, warps, stages).checked()
+    Launch(split, block, warps, stages, parts).checked()
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
-    splits = triton.cdiv(keys.shape[2], split)
+    splits = parts or triton.cdiv(keys.shape[2], split)
     padded = triton.next_power_of_2(dim)
     heads = kv_heads * groups
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -219,7 +244,7 @@ def decode_attention(
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         groups, dim, split, scaling,
-        BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, num_warps=warps,
+        BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, PARTS=parts, num_warps=warps,
     )
     if splits > 1:
         _combine[(rows, heads)](
@@ -230,5 +255,5 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES):
+def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

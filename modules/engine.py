@@ -427,9 +427,9 @@ class RolloutEngine:
             on a GPU is what ``benchmarks/decode_kernels.py`` and ``benchmarks/rollout.py`` measure (on an H200
             at the 1B shape: ``triton`` with ``pack``).
         triton_launch: the Triton kernels' launch configuration where ``attention`` is ``triton`` (or ``auto`` on
-            CUDA), by name: ``triton_s<split>_b<block>_w<warps>_p<stages>`` (``benchmarks/decode_kernels.py
-            --triton-sweep`` names the fastest); default: :mod:`modules.decode_attention`'s ``SPLIT``, ``BLOCK``,
-            ``WARPS`` and ``STAGES``.
+            CUDA), by name: ``triton_s<split>_b<block>_w<warps>_p<stages>`` or ``triton_n<parts>_...``
+            (:class:`modules.decode_attention.Launch`; ``benchmarks/decode_kernels.py --triton-sweep`` names the
+            fastest); default: :mod:`modules.decode_attention`'s ``SPLIT``, ``BLOCK``, ``WARPS`` and ``STAGES``.
         pack: each decoder layer's q/k/v and gate/up weights packed into one matrix each, read by one matmul
             instead of three and two (wider matmuls, fewer launches). Under autocast with ``weight_copy`` the
             packed matrices hold the autocast copies, at no extra memory; otherwise they are a copy of those

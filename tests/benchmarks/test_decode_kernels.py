@@ -69,9 +69,9 @@ def sweep_args(*argv: str):
 
 def test_triton_sweep_times_every_launch_configuration_with_no_block_past_its_split():
     names = list(dk.triton_candidates(sweep_args("--device", "cpu", "--triton-sweep")))
-    assert len(names) == 81 == len(set(names))
+    assert len(names) == (7 + 3 * 2) * 3 * 3 == len(set(names))  # splits x blocks (block <= split), parts x blocks
     assert dk.engine_triton() in names  # the engine's own configuration is among them
-    assert "triton_s32_b64_w4_p3" not in names and "triton_s64_b64_w8_p1" in names
+    assert "triton_s32_b64_w4_p3" not in names and "triton_s64_b64_w8_p1" in names and "triton_n4_b64_w2_p2" in names
     # without --triton-sweep only the splits vary, at the engine's block, warps and stages
     plain = dk.triton_candidates(sweep_args("--device", "cpu"))
     da = decode_attention
@@ -86,10 +86,11 @@ def test_triton_launch_configurations_equal_the_engines_default(layers):
     window = 40
     bias, slot = layers.bias(window), layers.slot(window)
     keys, values = layers.keys[0][:, :, :window], layers.values[0][:, :, :window]
-    args = sweep_args("--device", "cpu", "--triton-splits", "16,64", "--triton-blocks", "16,32", "--triton-warps", "2",
-                      "--triton-stages", "1")
+    args = sweep_args("--device", "cpu", "--triton-splits", "16,64", "--triton-parts", "3", "--triton-blocks", "16,32",
+                      "--triton-warps", "2", "--triton-stages", "1")
     candidates = dk.triton_candidates(args)
-    assert list(candidates) == ["triton_s16_b16_w2_p1", "triton_s64_b16_w2_p1", "triton_s64_b32_w2_p1"]
+    assert list(candidates) == ["triton_s16_b16_w2_p1", "triton_s64_b16_w2_p1", "triton_s64_b32_w2_p1",
+                                "triton_n3_b16_w2_p1", "triton_n3_b32_w2_p1"]
     expected = ATTENTION["matmul"](layers.query, keys, values, bias, layers.dim**-0.5)
     for attend in candidates.values():
         got = attend(layers.query, keys, values, bias, layers.dim**-0.5, layers.pad, slot)
@@ -115,3 +116,20 @@ def test_the_best_triton_configuration_overall_counts_every_window(capsys):
     assert (line["us_summed"], line["engine_us_summed"], line["speedup_vs_engine"], line["windows"]) == (
         26.0, 50.0, 1.923, [128, 640])
     assert dk.report_overall({128: {"matmul": 1.0}}) is None and capsys.readouterr().out == ""
+
+
+def test_a_sweep_cut_short_is_ranked_from_its_log(tmp_path):
+    lines = [
+        {"measure": "setup"},
+        *({"measure": "decode_kernels", "part": "attention", "impl": impl, "window": w, "us_per_step": us}
+          for impl, w, us in [("matmul", 384, 9.0), ("matmul", 640, 9.0), ("triton_n4_b32_w2_p2", 384, 3.0),
+                              ("triton_n4_b32_w2_p2", 640, 5.0), ("triton_s64_b32_w2_p1", 384, 1.0)]),
+        {"measure": "decode_kernels", "part": "attention", "impl": "triton_s64_b32_w2_p1", "window": 640,
+         "error": "OutOfResources"},
+    ]
+    log = tmp_path / "sweep.log"
+    log.write_text("noise\n" + "\n".join(json.dumps(line) for line in lines) + "\n")
+    timings = dk.timings_from_log(log)
+    assert timings == {384: {"matmul": 9.0, "triton_n4_b32_w2_p2": 3.0, "triton_s64_b32_w2_p1": 1.0},
+                       640: {"matmul": 9.0, "triton_n4_b32_w2_p2": 5.0}}
+    assert dk.best_triton(timings) == ("triton_n4_b32_w2_p2", {"triton_n4_b32_w2_p2": 8.0})

@@ -62,9 +62,12 @@ def test_equals_the_default_attention_over_the_filled_slots(rows, kv_heads, grou
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # other launch configurations give the same: split sizes (one not a multiple of the block, one covering the
     # whole cache, one of a single block), other block sizes (warps and stages: the compiled kernels only)
-    for split, block, warps, stages in ((48, 32, 4, 3), (capacity, 32, 4, 3), (16, 16, 2, 1), (64, 64, 8, 2)):
+    # and the filled slots in equal parts: one (one kernel), three, more parts than blocks (some read nothing)
+    launches = [(48, 32, 4, 3, 0), (capacity, 32, 4, 3, 0), (16, 16, 2, 1, 0), (64, 64, 8, 2, 0),
+                (128, 32, 4, 1, 1), (128, 16, 2, 2, 3), (128, 16, 4, 1, 8)]
+    for launch in launches:
         torch.testing.assert_close(
-            decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, split, block, warps, stages),
+            decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, *launch),
             expected, rtol=1e-5, atol=1e-5,
         )
     # nothing outside pad[r] .. slot is read: garbage there changes nothing
@@ -102,7 +105,7 @@ def test_bfloat16_inputs_accumulate_in_float32(capacity):
 
 @needs_triton
 @pytest.mark.parametrize(("options", "bad"), [((128, 24), "block"), ((128, 32, 3), "warps"), ((0,), "split"),
-                                              ((128, 32, 4, 0), "stages")])
+                                              ((128, 32, 4, 0), "stages"), ((128, 32, 4, 1, -1), "parts")])
 def test_a_launch_configuration_out_of_range_is_named(options, bad):
     q, keys, values, pad = case(2, 1, 1, 64, 16)
     with pytest.raises(ValueError, match=f"{bad}="):
@@ -162,11 +165,12 @@ for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
         for direct in (True, False):  # one split: the partial-result pointers are the output's (unused)
             types = partial_types(dtype, dtype if direct else "fp32")
-            compile(da._partial, types, dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct, STAGES=da.STAGES), arch)
+            constexprs = dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct, STAGES=da.STAGES, PARTS=0)
+            compile(da._partial, types, constexprs, arch)
         # other launch configurations (benchmarks/decode_kernels.py --triton-sweep times them); stages > 1
-        # pipeline the loop through shared memory (cp.async, sm_80 and later)
-        for block, warps, stages in ((16, 2, 1), (64, 8, 2), (128, 8, 3)):
-            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False, STAGES=stages)
+        # pipeline the loop through shared memory (cp.async, sm_80 and later); parts > 0 splits each row's slots
+        for block, warps, stages, parts in ((16, 2, 1, 0), (64, 8, 2, 0), (128, 8, 3, 0), (32, 4, 2, 4)):
+            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts)
             compile(da._partial, types, constexprs, arch, num_warps=warps)
         compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
     print("compiled", arch)
@@ -175,7 +179,7 @@ for arch in (80, 90):
 # The loop's memory instructions in the Hopper binary's PTX, in order, for one and for two stages.
 LOOP_LOADS = COMPILER + """
 for stages in (1, 2):
-    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages)
+    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=0)
     ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, 90, specialize=True, num_warps=4).asm["ptx"]
     loop = ptx[ptx.index("$L__BB0_"):]  # from the first branch target on: the loop over blocks and after it
     ops = re.findall(r"ld\\.global\\.[.\\w]+|cp\\.async\\.c[ag][.\\w]*|bar\\.sync", loop)
@@ -218,3 +222,16 @@ def test_the_compiled_loop_keeps_keys_and_values_in_flight():
     assert not any(op.startswith("cp.async") for op in one)
     two = lines["2"].split()
     assert sum(op.startswith("cp.async.cg") or op.startswith("cp.async.ca") for op in two) >= 8, two
+
+
+def test_a_launch_configuration_is_named_and_parsed_back():
+    Launch = decode_attention.Launch
+    assert Launch().name == f"triton_s{decode_attention.SPLIT}_b{decode_attention.BLOCK}_w{decode_attention.WARPS}" \
+        f"_p{decode_attention.STAGES}"
+    for launch in (Launch(64, 64, 8, 2), Launch(block=16, warps=2, stages=3, parts=4)):
+        assert Launch.parse(launch.name) == launch
+    assert Launch(parts=4).name.startswith("triton_n4_")
+    for wrong, message in (("triton_n0_b32_w4_p1", "parts >= 1"), ("triton_s64_b32_w3_p1", "warps=3"),
+                           ("triton_x64_b32_w4_p1", "is named triton_s<split>")):
+        with pytest.raises(ValueError, match=message):
+            Launch.parse(wrong)
