@@ -69,9 +69,10 @@ class Launch(NamedTuple):
                 f"triton_n<parts>_b<block>_w<warps>_p<stages>, got {name!r}"
             )
         kind, size, block, warps, stages = match.groups()
-        if kind == "n":
-            return cls(SPLIT, int(block), int(warps), int(stages), parts=max(int(size), 0) or -1).checked()
-        return cls(int(size), int(block), int(warps), int(stages)).checked()
+        if kind == "n" and int(size) < 1:
+            raise ValueError(f"decode_attention: parts must be >= 1, got {name!r}")
+        size = dict(parts=int(size)) if kind == "n" else dict(split=int(size))
+        return cls(block=int(block), warps=int(warps), stages=int(stages), **size).checked()
 
     def checked(self) -> Launch:
         """Itself; raises a ``ValueError`` that names the value out of range."""
@@ -95,6 +96,12 @@ class Launch(NamedTuple):
 def available() -> bool:
     """Whether Triton is importable here."""
     return triton is not None
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the compiled kernels run on ``device``: a CUDA GPU of compute capability 8.0 or later (Ampere on;
+    the pipelined loop's asynchronous copies need it) where Triton is importable."""
+    return available() and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def interpreted() -> bool:

@@ -222,18 +222,19 @@ def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, l
 
 
 ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
-ATTENTION_CHOICES = ("auto", *ATTENTION)  # auto: triton on CUDA where Triton is installed, else matmul
+ATTENTION_CHOICES = ("auto", *ATTENTION)  # auto: see resolve_attention
 FILLED_ONLY = ("triton",)  # attention choices that read only the filled slots: one window (the whole cache)
 
 
 def resolve_attention(attention: str, device: torch.device) -> str:
-    """The attention used on ``device``: ``auto`` is ``triton`` on CUDA where the triton package imports (CUDA
-    builds of torch ship it), ``matmul`` elsewhere; any other choice is itself."""
+    """The attention used on ``device``: ``auto`` is ``triton`` on a CUDA GPU of compute capability 8.0 or later
+    where the triton package imports (CUDA builds of torch ship it), ``matmul`` elsewhere; any other choice is
+    itself."""
     if attention != "auto":
         return attention
     from modules import decode_attention
 
-    return "triton" if device.type == "cuda" and decode_attention.available() else "matmul"
+    return "triton" if decode_attention.runs_on(device) else "matmul"
 
 
 def _decode_layer(

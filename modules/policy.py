@@ -65,8 +65,8 @@ class SamplingConfig:
             (``reduce-overhead``: as fast as ``fused`` after minutes of compiling).
         engine_attention: how the static engine's step attends over the KV cache (``RolloutEngine(attention=...)``):
             ``matmul`` (the default), ``reduce``, ``sdpa``, ``triton`` (kernels that read only the filled slots;
-            CUDA and the triton package), or ``auto`` (``triton`` on CUDA where Triton is installed, ``matmul``
-            elsewhere). Same tokens and log-probs within rounding; speed differs by GPU (on an H200 at the 1B
+            CUDA and the triton package), or ``auto`` (``triton`` on a CUDA GPU of compute capability 8.0 or
+            later where Triton is installed, ``matmul`` elsewhere). Same tokens and log-probs within rounding; speed differs by GPU (on an H200 at the 1B
             shape ``triton`` with ``engine_pack`` was fastest and compiled in an eighth of the time).
         engine_pack: pack each decoder layer's q/k/v and gate/up weights into one matrix each for the static
             engine's step (``RolloutEngine(pack=True)``): fewer, wider matmuls. Free under bf16-mixed (the packs

@@ -231,7 +231,7 @@ def test_a_launch_configuration_is_named_and_parsed_back():
     for launch in (Launch(64, 64, 8, 2), Launch(block=16, warps=2, stages=3, parts=4)):
         assert Launch.parse(launch.name) == launch
     assert Launch(parts=4).name.startswith("triton_n4_")
-    for wrong, message in (("triton_n0_b32_w4_p1", "parts >= 1"), ("triton_s64_b32_w3_p1", "warps=3"),
+    for wrong, message in (("triton_n0_b32_w4_p1", "parts must be >= 1"), ("triton_s64_b32_w3_p1", "warps=3"),
                            ("triton_x64_b32_w4_p1", "is named triton_s<split>")):
         with pytest.raises(ValueError, match=message):
             Launch.parse(wrong)

@@ -99,13 +99,18 @@ def test_auto_is_fused_on_cuda_where_inductor_compiles_else_cudagraphs(monkeypat
     assert RolloutEngine(compile="cudagraphs").mode(cuda) == "cudagraphs"  # an explicit mode is never probed
 
 
-def test_auto_attention_is_triton_on_cuda_where_triton_imports_else_matmul(monkeypatch):
+def test_auto_attention_is_triton_on_ampere_or_later_where_triton_imports_else_matmul(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(engine_module, "inductor_compiles", lambda device: True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     engine = RolloutEngine(attention="auto")
     assert engine.attention_on(cpu) == "matmul" and engine.ladder(320, cpu) == [64, 128, 192, 256, 320]
     assert engine.attention_on(cuda) == "triton" and engine.ladder(320, cuda) == [320]  # one window
     assert RolloutEngine(attention="sdpa").attention_on(cuda) == "sdpa"  # an explicit choice is itself
+    capability[0] = (7, 5)  # Turing: the pipelined loop's asynchronous copies need Ampere
+    assert engine.attention_on(cuda) == "matmul"
+    capability[0] = (8, 0)
     monkeypatch.setattr(decode_attention, "triton", None)
     assert engine.attention_on(cuda) == "matmul" and engine.ladder(320, cuda) == [128, 256, 320]
     with pytest.raises(ValueError, match="engine attention must be one of .*'auto'"):
