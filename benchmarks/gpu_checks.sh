@@ -8,7 +8,7 @@
 # COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (default cudagraphs,fused; comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
 # COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa,fused+triton); COMPILE_STEP the static engine's mode in step1b
-# (default fused, against the eager loop; engine options too, e.g. fused+pack). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
+# (default fused+pack+triton, configs/janus_pro_1b_1gpu.yaml's engine on a GPU, against the eager loop). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
 # CUDA; smaller windows read less unfilled cache and cost more captures, but no more compiles under fused).
 # PROMPTS_1B / PROMPTS_7B: prompts per rollout (default 16, the batch; rows are twice that with CFG).
 # `profile` lists the kernels of the step (uncaptured: the same kernels, each timed on the device) for each engine of
@@ -49,7 +49,7 @@ for part in $parts; do
     case $part in
     env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
     rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ${CHUNK_1B:+--chunk $CHUNK_1B} ;;
-    step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused}" ;;
+    step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused+pack+triton}" ;;
     profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile "${COMPILE_PROFILE:-fused+pack+triton,fused}" --no-capture --image-tokens 128 ;;
     tune1b)
         run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
