@@ -178,12 +178,12 @@ for arch in (80, 90):
 
 # The loop's memory instructions in the Hopper binary's PTX, in order, for one and for two stages.
 LOOP_LOADS = COMPILER + """
-for stages in (1, 2):
-    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=0)
+for stages, parts in ((1, 0), (2, 0), (1, 4)):
+    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts)
     ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, 90, specialize=True, num_warps=4).asm["ptx"]
     loop = ptx[ptx.index("$L__BB0_"):]  # from the first branch target on: the loop over blocks and after it
     ops = re.findall(r"ld\\.global\\.[.\\w]+|cp\\.async\\.c[ag][.\\w]*|bar\\.sync", loop)
-    print(stages, " ".join(ops))
+    print(f"{stages}/{parts}", " ".join(ops))
 """
 
 
@@ -214,13 +214,13 @@ def test_the_compiled_loop_keeps_keys_and_values_in_flight():
     behind the score's reductions: two round trips to memory per block instead of one). With two, the loop is
     pipelined: the loads become asynchronous copies into shared memory."""
     lines = dict(line.split(" ", 1) for line in compile_here(LOOP_LOADS).strip().splitlines())
-    one = lines["1"].split()
-    before_barrier = one[: one.index("bar.sync")]
-    # 32 keys x 128 dims of bf16 over 128 threads: 64 bytes each, so 4 loads of 16 bytes for keys and 4 for values
-    assert before_barrier.count("ld.global.v4.b32") == 8, one
-    assert "ld.global.b16" not in one  # no 2-byte loads
-    assert not any(op.startswith("cp.async") for op in one)
-    two = lines["2"].split()
+    for one in (lines["1/0"].split(), lines["1/4"].split()):  # splits of the cache, and each row in 4 parts
+        before_barrier = one[: one.index("bar.sync")]
+        # 32 keys x 128 dims of bf16 over 128 threads: 64 bytes each, so 4 loads of 16 bytes for keys, 4 for values
+        assert before_barrier.count("ld.global.v4.b32") == 8, one
+        assert "ld.global.b16" not in one  # no 2-byte loads
+        assert not any(op.startswith("cp.async") for op in one)
+    two = lines["2/0"].split()
     assert sum(op.startswith("cp.async.cg") or op.startswith("cp.async.ca") for op in two) >= 8, two
 
 
