@@ -37,7 +37,7 @@ with ``RolloutEngine(attention=...)``):
   4 warps, 1 stage). With ``--triton-sweep`` all vary (117 configurations; a block larger than its split is
   skipped), each candidate runs at every window before the next (a run cut short ranks what it measured), a
   ``triton_best`` line per window names the fastest against the engine's configuration and
-  ``matmul_compiled``, and ``triton_best_overall`` the least time summed over the windows:
+  ``matmul_compiled``, and ``triton_best_overall`` the one of least time summed over the windows:
 
       python benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows 384,640
 
@@ -286,35 +286,23 @@ def timings_from_log(path) -> dict:
     return timings
 
 
-def report_overall(timings: dict) -> str | None:
-    """One ``triton_best_overall`` line (see :func:`best_triton`); returns its name."""
+def report_best(timings: dict, measure: str = "triton_best_overall", **label) -> str | None:
+    """One ``measure`` line for :func:`best_triton` over ``timings`` (``{window: {impl: us}}``): the fastest triton
+    configuration, against the engine's and ``matmul_compiled`` (``None`` where not measured at every window);
+    returns its name."""
     best, total = best_triton(timings)
     if best is None:
         return None
     engine = total.get(engine_triton())
+    others = [t.get("matmul_compiled") for t in timings.values()]
+    other = None if None in others else round(sum(others), 1)
     print(json.dumps(dict(
-        measure="triton_best_overall", impl=best, windows=sorted(timings), us_summed=total[best],
-        configurations=len(total), engine_impl=engine_triton(), engine_us_summed=engine,
+        measure=measure, **label, impl=best, windows=sorted(timings), us=total[best], configurations=len(total),
+        engine_impl=engine_triton(), engine_us=engine,
         speedup_vs_engine=None if engine is None else round(engine / total[best], 3),
+        matmul_compiled_us=other, speedup_vs_matmul_compiled=None if other is None else round(other / total[best], 3),
     )), flush=True)
     return best
-
-
-def report_best(window: int, timings: dict) -> None:
-    """One ``triton_best`` line: the fastest triton configuration at ``window`` against the engine's and
-    ``matmul_compiled`` (each ``None`` where not measured)."""
-    triton = {name: us for name, us in timings.items() if name.startswith("triton_")}
-    if not triton:
-        return
-    best = min(triton, key=triton.get)
-    engine, other = timings.get(engine_triton()), timings.get("matmul_compiled")
-    print(json.dumps(dict(
-        measure="triton_best", window=window, impl=best, us_per_step=triton[best], configurations=len(triton),
-        engine_impl=engine_triton(), engine_us_per_step=engine,
-        speedup_vs_engine=None if engine is None else round(engine / triton[best], 3),
-        matmul_compiled_us_per_step=other,
-        speedup_vs_matmul_compiled=None if other is None else round(other / triton[best], 3),
-    )), flush=True)
 
 
 def main() -> None:
@@ -353,10 +341,11 @@ def main() -> None:
     scale = layers.dim**-0.5
     every_window = {window: {} for window in args.windows}  # {window: {impl: us}}
     reference = {}  # {window: the first implementation's output}
+    inputs = {window: (layers.bias(window), layers.slot(window)) for window in args.windows}
     # each implementation at every window before the next: a run cut short still ranks what it measured
     for name, fn in attentions.items():
         for window in args.windows:
-            bias, slot = layers.bias(window), layers.slot(window)
+            bias, slot = inputs[window]
             run = every_layer(layers, lambda x, i, fn=fn, window=window, bias=bias, slot=slot: fn(
                 layers.query, layers.keys[i][:, :, :window], layers.values[i][:, :, :window], bias, scale,
                 layers.pad, slot))
@@ -371,8 +360,8 @@ def main() -> None:
             reference.setdefault(window, out)
             every_window[window][name] = round(seconds * 1e6, 1)
     for window, timings in every_window.items():
-        report_best(window, timings)
-    report_overall(every_window)
+        report_best({window: timings}, "triton_best", window=window)
+    report_best(every_window)
 
 
 if __name__ == "__main__":

@@ -45,21 +45,29 @@ run() {  # name limit_s command...
     grep -E '^\{|passed|failed|error|Error' "$out/$name.log" | tail -n 25
 }
 
+rollout1b() {  # engines (benchmarks/rollout.py --compile)
+    run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "$1" ${CHUNK_1B:+--chunk $CHUNK_1B}
+}
+
+sweep() {
+    run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
+}
+
 for part in $parts; do
     case $part in
     env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
-    rollout1b) run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_1B:-cudagraphs,fused}" ${CHUNK_1B:+--chunk $CHUNK_1B} ;;
+    rollout1b) rollout1b "${COMPILE_1B:-cudagraphs,fused}" ;;
     step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused+pack+triton}" ;;
     profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile "${COMPILE_PROFILE:-fused+pack+triton,fused}" --no-capture --image-tokens 128 ;;
     tune1b)
-        run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape 1b --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
+        KERNELS_SHAPE=1b sweep
         # ranked from the log: a sweep cut short by its limit still names the best of what it measured
         best=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
 from decode_kernels import best_triton, timings_from_log
 print(best_triton(timings_from_log(sys.argv[1]))[0] or "")' "$out/sweep.log")
         echo "tune1b: the sweep's best: ${best:-none}"
-        run rollout1b "${LIMIT_ROLLOUT1B:-230}" $py benchmarks/rollout.py --shape 1b --prompts "${PROMPTS_1B:-16}" --rounds 3 --eager-rounds 1 --compile "fused+pack+triton${best:+,fused+pack+$best},fused" ;;
-    sweep) run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20 ;;
+        rollout1b "fused+pack+triton${best:+,fused+pack+$best},fused" ;;
+    sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
     tests)

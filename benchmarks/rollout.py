@@ -190,8 +190,8 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
     parser.add_argument("--compile", default=compile_default,
                         help=f"engines, comma-separated: a compile mode ({', '.join(COMPILE_MODES)}), optionally "
                         f"with '+'-joined engine options: an attention ({', '.join(ATTENTION)}; default matmul) "
-                        "or a triton launch configuration (triton_s<split>_b<block>_w<warps>_p<stages>, as "
-                        "decode_kernels.py --triton-sweep names them) and/or 'pack' (packed q/k/v and gate/up "
+                        "or a triton launch configuration (triton_s<split>_b<block>_w<warps>_p<stages> or "
+                        "triton_n<parts>_..., as decode_kernels.py --triton-sweep names them) and/or 'pack' (packed q/k/v and gate/up "
                         "weights), e.g. fused+reduce+pack, fused+pack+triton_s64_b64_w8_p2")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
@@ -231,7 +231,7 @@ def engine_options(spec: str) -> dict:
             kwargs["pack"] = True
         else:
             raise ValueError(f"unknown or repeated option {option!r} in {spec!r}: one of {', '.join(ATTENTION)} "
-                             "(or a triton launch, triton_s<split>_b<block>_w<warps>_p<stages>), and/or pack")
+                             "(or a triton launch, triton_s<split>_... or triton_n<parts>_...), and/or pack")
     return kwargs
 
 

@@ -216,9 +216,7 @@ def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, l
     """As :func:`_attend_matmul`, in Triton kernels (:mod:`modules.decode_attention`, one or two) that read
     only each row's filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is
     not read. ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
-    if launch is None:
-        return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling)
-    return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *launch)
+    return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()))
 
 
 ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
@@ -326,7 +324,7 @@ class StepParts:
         self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
         self.attention, self.attend = attention, ATTENTION[attention]  # attend: an argument of the layer
         if attention == "triton" and launch is not None:  # another launch configuration than the module's
-            self.attend = functools.partial(_attend_triton, launch=tuple(launch))
+            self.attend = functools.partial(_attend_triton, launch=launch)
         self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
 
 
@@ -423,8 +421,8 @@ class RolloutEngine:
             matmuls, the default), ``reduce`` (multiply-and-sum reductions that inductor turns into kernels
             streaming the cache; for ``fused``), ``sdpa``, ``triton`` (:mod:`modules.decode_attention`: split-K
             Triton kernels that read only each row's filled slots, so one window, the whole cache, serves every
-            step: one capture per cache size; CUDA only, needs the triton package), or ``auto``: ``triton`` on
-            CUDA where Triton is installed, ``matmul`` elsewhere. Same results within rounding; which is fastest
+            step: one capture per cache size; CUDA only, needs the triton package), or ``auto``
+            (:func:`resolve_attention`: ``triton`` where it runs, ``matmul`` elsewhere). Same results within rounding; which is fastest
             on a GPU is what ``benchmarks/decode_kernels.py`` and ``benchmarks/rollout.py`` measure (on an H200
             at the 1B shape: ``triton`` with ``pack``).
         triton_launch: the Triton kernels' launch configuration where ``attention`` is ``triton`` (or ``auto`` on
@@ -457,12 +455,13 @@ class RolloutEngine:
             from modules import decode_attention  # registers bicot::decode_attention
 
             decode_attention.require()
+        self.launch = None  # the parsed triton_launch (None: decode_attention's defaults)
         if triton_launch is not None:
             from modules.decode_attention import Launch
 
             if attention not in ("triton", "auto"):
                 raise ValueError(f"engine triton_launch is for attention 'triton' or 'auto', not {attention!r}")
-            Launch.parse(triton_launch)  # a clear error now, not at the first step
+            self.launch = Launch.parse(triton_launch)  # a clear error now, not at the first step
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
         self.pack, self.triton_launch = pack, triton_launch
         self.stats = EngineStats()
@@ -483,6 +482,7 @@ class RolloutEngine:
             "attention": self.attention,
             "pack": self.pack,
             "triton_launch": self.triton_launch,
+            "launch": self.launch,
             "stats": EngineStats(),
             "graphs": CudaGraphs(),
             "_buffers": {},
@@ -747,19 +747,11 @@ class RolloutEngine:
         entry[1] += 1
         self.stats.steps += 1
 
-    def _launch(self):
-        """The ``decode_attention.Launch`` of ``triton_launch``, or ``None`` (the module's)."""
-        if self.triton_launch is None:
-            return None
-        from modules.decode_attention import Launch
-
-        return Launch.parse(self.triton_launch)
-
     def _make(self, fn, model, consts: dict, mode: str, captured: bool, attention: str):
         if mode in FUSED_MODES:
             parts = self._fused_parts(mode, attention)
         else:
-            parts = StepParts(attention=attention, launch=self._launch())
+            parts = StepParts(attention=attention, launch=self.launch)
         consts = {**consts, "parts": parts}
 
         def step(state: dict) -> None:
@@ -791,7 +783,7 @@ class RolloutEngine:
             if mode == "fused-autotune":
                 options["mode"] = "max-autotune-no-cudagraphs"  # the engine captures the graphs itself
             compiled = lambda part: torch.compile(part, **options)  # noqa: E731
-            self._parts = StepParts(compiled, attention=attention, launch=self._launch())
+            self._parts = StepParts(compiled, attention=attention, launch=self.launch)
         return self._parts
 
 

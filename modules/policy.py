@@ -61,13 +61,14 @@ class SamplingConfig:
             ``cudagraphs`` (the plain step captured by hand as CUDA graphs: starts in under a second),
             ``fused`` (inductor-compiled parts of the step, one compiled decoder layer for all layers,
             captured by hand on GPU: faster steps after seconds of compiling), ``fused-autotune`` (``fused``
-            under inductor's max-autotune: 84 s of compiling and slower steps on an H200), or a ``torch.compile`` mode
-            (``reduce-overhead``: as fast as ``fused`` after minutes of compiling).
+            under inductor's max-autotune: 84 s of compiling and slower steps on an H200), or a
+            ``torch.compile`` mode (``reduce-overhead``: as fast as ``fused`` after minutes of compiling).
         engine_attention: how the static engine's step attends over the KV cache (``RolloutEngine(attention=...)``):
             ``matmul`` (the default), ``reduce``, ``sdpa``, ``triton`` (kernels that read only the filled slots;
             CUDA and the triton package), or ``auto`` (``triton`` on a CUDA GPU of compute capability 8.0 or
-            later where Triton is installed, ``matmul`` elsewhere). Same tokens and log-probs within rounding; speed differs by GPU (on an H200 at the 1B
-            shape ``triton`` with ``engine_pack`` was fastest and compiled in an eighth of the time).
+            later where Triton is installed, ``matmul`` elsewhere). Same tokens and log-probs within rounding;
+            speed differs by GPU (on an H200 at the 1B shape ``triton`` with ``engine_pack`` was fastest and
+            compiled in an eighth of the time).
         engine_pack: pack each decoder layer's q/k/v and gate/up weights into one matrix each for the static
             engine's step (``RolloutEngine(pack=True)``): fewer, wider matmuls. Free under bf16-mixed (the packs
             hold the bf16 weight copies); with bf16 weights a copy of those weights while rolling out (Janus-Pro-1B:

@@ -99,23 +99,25 @@ def test_triton_launch_configurations_equal_the_engines_default(layers):
 
 def test_the_best_triton_line_compares_with_the_engine_and_matmul(capsys):
     engine = dk.engine_triton()
-    dk.report_best(384, {"matmul_compiled": 30.0, engine: 24.0, "triton_s64_b64_w8_p2": 12.0, "sdpa": 5.0})
+    dk.report_best({384: {"matmul_compiled": 30.0, engine: 24.0, "triton_s64_b64_w8_p2": 12.0, "sdpa": 5.0}},
+                   "triton_best", window=384)
     line = json.loads(capsys.readouterr().out)
-    assert (line["impl"], line["configurations"], line["window"]) == ("triton_s64_b64_w8_p2", 2, 384)
+    assert (line["measure"], line["window"], line["impl"], line["configurations"]) == (
+        "triton_best", 384, "triton_s64_b64_w8_p2", 2)
     assert (line["speedup_vs_engine"], line["speedup_vs_matmul_compiled"]) == (2.0, 2.5)
-    dk.report_best(384, {"matmul": 1.0})  # no triton candidate measured: no line
+    assert dk.report_best({384: {"matmul": 1.0}}) is None  # no triton candidate measured: no line
     assert capsys.readouterr().out == ""
 
 
 def test_the_best_triton_configuration_overall_counts_every_window(capsys):
     engine = dk.engine_triton()
-    timings = {128: {engine: 10.0, "triton_s64_b64_w8_p2": 6.0, "triton_s32_b32_w2_p1": 1.0, "matmul": 0.5},
-               640: {engine: 40.0, "triton_s64_b64_w8_p2": 20.0, "matmul": 0.5}}  # s32 failed at 640: not counted
-    assert dk.report_overall(timings) == "triton_s64_b64_w8_p2"
+    timings = {128: {engine: 10.0, "triton_s64_b64_w8_p2": 6.0, "triton_s32_b32_w2_p1": 1.0, "matmul_compiled": 9.0},
+               640: {engine: 40.0, "triton_s64_b64_w8_p2": 20.0}}  # s32 failed at 640: not counted
+    assert dk.report_best(timings) == "triton_s64_b64_w8_p2"
     line = json.loads(capsys.readouterr().out)
-    assert (line["us_summed"], line["engine_us_summed"], line["speedup_vs_engine"], line["windows"]) == (
-        26.0, 50.0, 1.923, [128, 640])
-    assert dk.report_overall({128: {"matmul": 1.0}}) is None and capsys.readouterr().out == ""
+    assert (line["measure"], line["us"], line["engine_us"], line["speedup_vs_engine"], line["windows"]) == (
+        "triton_best_overall", 26.0, 50.0, 1.923, [128, 640])
+    assert line["matmul_compiled_us"] is None  # not measured at every window: no comparison
 
 
 def test_a_sweep_cut_short_is_ranked_from_its_log(tmp_path):

@@ -635,18 +635,6 @@ def test_triton_attention_without_triton_is_refused_when_configured(monkeypatch)
     SamplingConfig(engine="static", engine_attention="auto")  # auto falls back to matmul: no error
 
 
-@pytest.mark.parametrize("compile", ["off", "fused"])
-def test_auto_attention_on_cpu_samples_as_matmul(sharp_policy, compile):
-    ctx = sharp_policy.image_context(PROMPTS, None)
-    torch._dynamo.reset()
-    auto = RolloutEngine(compile=compile, chunk=16, attention="auto", pack=True)
-    got = images(auto.sample_image_tokens, sharp_policy, ctx, 5, n=20)
-    want = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 5, n=20)
-    assert torch.equal(got.tokens, want.tokens)
-    close(got.logp_guided, want.logp_guided)
-    assert auto.stats.variants > 1  # matmul's windows: triton would have one
-
-
 # --------------------------------------------------------------------------- compiled steps
 
 
@@ -691,6 +679,12 @@ def plans_like_eager(engine, policy, max_tokens: int) -> None:
     b = plans(engine.sample_text, policy, ids, mask, 9, max_tokens=max_tokens)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
     close(b.logp, a.logp)
+
+
+@pytest.mark.parametrize("compile", ["off", "fused"])
+def test_auto_attention_on_cpu_samples_as_matmul(sharp_policy, compile):
+    auto, _, _, _ = fused_like_eager(sharp_policy, 20, compile=compile, attention="auto", pack=True)
+    assert auto.stats.variants > 1  # matmul's windows: triton would have one
 
 
 @pytest.mark.slow
