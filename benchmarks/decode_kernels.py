@@ -32,10 +32,15 @@ with ``RolloutEngine(attention=...)``):
   past the last token, where the others read up to a ``chunk`` of them. One candidate per launch configuration:
   splits of ``S`` cache slots (``--triton-splits``) or each row's filled slots in ``N`` parts
   (``--triton-parts``), ``B`` keys and values per loop iteration (``--triton-blocks``), ``W`` warps
-  (``--triton-warps``) and ``P`` blocks in flight (``--triton-stages``; > 1 pipelines the loop). By default only
-  the splits vary and the rest is the engine's (``modules.decode_attention.Launch()``: split 128, block 32,
-  4 warps, 1 stage). With ``--triton-sweep`` all vary (117 configurations; a block larger than its split is
-  skipped), each candidate runs at every window before the next (a run cut short ranks what it measured), a
+  (``--triton-warps``) and ``P`` blocks in flight (``--triton-stages``; > 1 pipelines the loop). A name ending
+  in ``_m`` is the loop that merges each block into one running softmax across warps (``Launch.lanes=False``,
+  the kernel before the default loop, which keeps one per position of the block): at each size it runs at the
+  engine's block, warps and stages, right after the engine's own loop, so the same process measures the change.
+  By default only the splits vary and the rest is the engine's (``modules.decode_attention.Launch()``: split
+  128, block 32, 4 warps, 1 stage). With ``--triton-sweep`` all vary (splits of 64, 128 or 256 slots or 1, 2,
+  4 or 8 parts, blocks of 32 or 64, 2, 4 or 8 warps, 1 to 3 stages: 126 configurations and 7 ``_m`` ones; a
+  block larger than its split is skipped; the 14 at the engine's block, warps and stages first), each
+  candidate runs at every window before the next (a run cut short ranks what it measured), a
   ``triton_best`` line per window names the fastest against the engine's configuration and
   ``matmul_compiled``, and ``triton_best_overall`` the one of least time summed over the windows:
 
@@ -78,7 +83,7 @@ SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_att
 
 
 # --triton-sweep: the launch configurations of the triton attention timed against each other
-SWEEP = dict(splits=(32, 64, 128, 256), parts=(2, 4, 8), blocks=(32, 64), warps=(2, 4, 8), stages=(1, 2, 3))
+SWEEP = dict(splits=(64, 128, 256), parts=(1, 2, 4, 8), blocks=(32, 64), warps=(2, 4, 8), stages=(1, 2, 3))
 
 
 def parse_args() -> argparse.Namespace:
@@ -247,18 +252,22 @@ def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, o
 def triton_candidates(args) -> dict:
     """``{name: attend}``: ``attention="triton"`` (same arguments as :data:`modules.engine.ATTENTION`'s) at each
     launch configuration of ``args.triton_*``: splits of ``--triton-splits`` slots (a block larger than its split
-    is skipped), then each row in ``--triton-parts`` parts."""
+    is skipped), then each row in ``--triton-parts`` parts. First, at each size and the engine's block, warps and
+    stages, the default loop and the one that merges each block into one running softmax (``_m``, the kernel
+    before: the same process says what the change is worth); then the rest."""
     sizes = [dict(split=split) for split in args.triton_splits] + [dict(parts=parts) for parts in args.triton_parts]
-    candidates = {}
-    for size in sizes:
-        for block in args.triton_blocks:
-            if block > size.get("split", block) and len(args.triton_blocks) > 1:
-                continue  # a block larger than the split reads past it, masked: never faster than a smaller one
-            for warps in args.triton_warps:
-                for stages in args.triton_stages:
-                    launch = decode_attention.Launch(block=block, warps=warps, stages=stages, **size)
-                    candidates[launch.name] = functools.partial(ATTENTION["triton"], launch=launch)
-    return candidates
+    engine = decode_attention.Launch()
+    first = [engine._replace(lanes=lanes, **size) for size in sizes for lanes in (True, False)]
+    grid = [
+        decode_attention.Launch(block=block, warps=warps, stages=stages, **size)
+        for size in sizes
+        for block in args.triton_blocks
+        # a block larger than the split reads past it, masked: never faster than a smaller one
+        if not (block > size.get("split", block) and len(args.triton_blocks) > 1)
+        for warps in args.triton_warps
+        for stages in args.triton_stages
+    ]
+    return {launch.name: functools.partial(ATTENTION["triton"], launch=launch) for launch in first + grid}
 
 
 def engine_triton() -> str:

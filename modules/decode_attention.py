@@ -7,6 +7,12 @@ sampled so far), in one or two Triton kernels ("split-K" or flash-decoding):
    slots in blocks of ``BLOCK`` keys and values, in float32, with a running maximum (online softmax), and writes
    the split's maximum, normaliser and weighted sum of values. A split that holds no filled slot reads nothing.
    Splits are ``SPLIT`` cache slots each, or (``Launch.parts``) each row's filled slots in equal parts.
+   Each of a block's ``BLOCK`` positions keeps its own running maximum, normaliser and sum of values
+   (``Launch.lanes``, the default): a block's scores are reduced over the head dimension only, inside each warp,
+   and the positions are merged once, after the loop. So the loop has no barrier and no shared memory (with one
+   stage; the pipelined loop synchronises its copies). Merging the block into one running softmax at every
+   iteration instead (``lanes=False``, the kernel before) reduces across warps three times per block: 9
+   barriers and 32 shared-memory accesses per iteration in its Hopper PTX, against none.
 2. ``_combine``: one program per (row, head) rescales the splits to one maximum and writes the output.
    Where there is one split, the first kernel writes the output itself and this one does not run.
 
@@ -51,7 +57,8 @@ class Launch(NamedTuple):
       each (a split past the last token, or before a row's first, reads nothing);
     - ``triton_n<parts>_b<block>_w<warps>_p<stages>``: each row's filled slots cut into ``parts`` equal splits
       (rounded up to whole blocks), one program each, however long the row is: no program without work,
-      the same number of programs at every step.
+      the same number of programs at every step;
+    - ``_m`` at the end: ``lanes=False``, the loop that merges each block into one running softmax (see the module).
     """
 
     split: int = SPLIT
@@ -59,20 +66,21 @@ class Launch(NamedTuple):
     warps: int = WARPS
     stages: int = STAGES
     parts: int = 0  # > 0: the filled slots in this many splits (``split`` unused)
+    lanes: bool = True  # False: each block merged into one running softmax per iteration (name suffix _m)
 
     @classmethod
     def parse(cls, name: str) -> Launch:
-        match = re.fullmatch(r"triton_([sn])(\d+)_b(\d+)_w(\d+)_p(\d+)", name)
+        match = re.fullmatch(r"triton_([sn])(\d+)_b(\d+)_w(\d+)_p(\d+)(_m)?", name)
         if match is None:
             raise ValueError(
                 "a triton launch is named triton_s<split>_b<block>_w<warps>_p<stages> or "
-                f"triton_n<parts>_b<block>_w<warps>_p<stages>, got {name!r}"
+                f"triton_n<parts>_b<block>_w<warps>_p<stages>, with _m at the end for lanes=False, got {name!r}"
             )
-        kind, size, block, warps, stages = match.groups()
+        kind, size, block, warps, stages, merged = match.groups()
         if kind == "n" and int(size) < 1:
             raise ValueError(f"decode_attention: parts must be >= 1, got {name!r}")
         size = dict(parts=int(size)) if kind == "n" else dict(split=int(size))
-        return cls(block=int(block), warps=int(warps), stages=int(stages), **size).checked()
+        return cls(block=int(block), warps=int(warps), stages=int(stages), lanes=merged is None, **size).checked()
 
     def checked(self) -> Launch:
         """Itself; raises a ``ValueError`` that names the value out of range."""
@@ -90,7 +98,7 @@ class Launch(NamedTuple):
     @property
     def name(self) -> str:
         size = f"n{self.parts}" if self.parts else f"s{self.split}"
-        return f"triton_{size}_b{self.block}_w{self.warps}_p{self.stages}"
+        return f"triton_{size}_b{self.block}_w{self.warps}_p{self.stages}" + ("" if self.lanes else "_m")
 
 
 def available() -> bool:
@@ -140,6 +148,7 @@ if triton is not None:
         stride_vr, stride_vh, stride_vs, stride_or, stride_ok, stride_og,
         groups, dim, split_len, scaling,
         BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, PARTS: tl.constexpr,
+        LANES: tl.constexpr,
     ):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head, group = head // groups, head % groups
@@ -158,9 +167,11 @@ if triton is not None:
         query = query.to(tl.float32) * scaling
         k_row = keys + row * stride_kr + kv_head * stride_kh
         v_row = values + row * stride_vr + kv_head * stride_vh
-        best = tl.full([1], float("-inf"), tl.float32)
-        total = tl.zeros([1], tl.float32)
-        acc = tl.zeros([DIM], tl.float32)
+        # LANES: a running maximum, normaliser and sum of values per position of the block, merged after the loop
+        width: tl.constexpr = BLOCK if LANES else 1
+        best = tl.full([width], float("-inf"), tl.float32)
+        total = tl.zeros([width], tl.float32)
+        acc = tl.zeros([width, DIM], tl.float32)
         # STAGES > 1: Triton pipelines the loop, copying the next blocks' keys and values into shared memory
         # (cp.async) while this one is reduced; 1 issues each block's loads when its turn comes
         for first in tl.range(start, end, BLOCK, num_stages=STAGES):
@@ -170,13 +181,27 @@ if triton is not None:
             # both loads first: their round trips to memory overlap instead of following each other
             k = tl.load(k_row + n[:, None] * stride_ks + d[None, :], mask=both, other=0.0).to(tl.float32)
             v = tl.load(v_row + n[:, None] * stride_vs + d[None, :], mask=both, other=0.0).to(tl.float32)
-            score = tl.where(filled, tl.sum(k * query[None, :], 1), float("-inf"))  # [BLOCK]
-            new_best = tl.maximum(best, tl.max(score, 0))
-            weight = tl.exp(score - new_best)
-            rescale = tl.exp(best - new_best)
-            acc = acc * rescale + tl.sum(weight[:, None] * v, 0)
-            total = total * rescale + tl.sum(weight, 0)
+            score = tl.where(filled, tl.sum(k * query[None, :], 1), float("-inf"))  # [BLOCK], within each warp
+            if LANES:  # elementwise over the block's positions: no reduction across warps
+                new_best = tl.maximum(best, score)
+                shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a position not yet filled: exp(-inf) = 0
+                weight = tl.exp(score - shift)
+                rescale = tl.exp(best - shift)
+                acc = acc * rescale[:, None] + weight[:, None] * v
+                total = total * rescale + weight
+            else:  # the block's maximum, normaliser and values reduced across warps at every iteration
+                new_best = tl.maximum(best, tl.max(score, 0))
+                weight = tl.exp(score - new_best)
+                rescale = tl.exp(best - new_best)
+                acc = acc * rescale[:, None] + tl.sum(weight[:, None] * v, 0)[None, :]
+                total = total * rescale + tl.sum(weight, 0)
             best = new_best
+        # the positions merged (one already where not LANES); a split with no filled slot keeps -inf, 0 and 0
+        top = tl.max(best, 0)
+        share = tl.exp(best - tl.where(top == float("-inf"), 0.0, top))
+        acc = tl.sum(acc * share[:, None], 0)
+        total = tl.sum(total * share, 0)
+        best = top
         if DIRECT:  # a single split: this program's result is the output, no second kernel
             target = out + row * stride_or + kv_head * stride_ok + group * stride_og + d
             tl.store(target, (acc / total).to(out.dtype.element_ty), mask=in_dim)
@@ -220,6 +245,7 @@ def decode_attention(
     warps: int = WARPS,
     stages: int = STAGES,
     parts: int = 0,
+    lanes: bool = True,
 ) -> torch.Tensor:
     """Attention of ``q [R, kv_heads, groups, D]`` (one query per row and head) over the slots ``pad[r] .. slot``
     of ``keys``/``values`` ``[R, kv_heads, S, D]`` (any strides along the first three dims, the last contiguous);
@@ -230,9 +256,10 @@ def decode_attention(
     ``split`` cache slots per program, ``block`` keys and values per iteration (a power of 2), ``warps`` per
     program (a power of 2) and ``stages``, the blocks in flight (> 1: the loop is software-pipelined through
     shared memory, ``stages * block * D`` keys and as many values per program); ``parts`` > 0 cuts each row's
-    filled slots into that many splits instead (see :class:`Launch`). They change the speed, not the result."""
+    filled slots into that many splits instead (see :class:`Launch`); ``lanes``, how the loop accumulates (see the
+    module). They change the speed, not the result."""
     check_device(q.device)
-    Launch(split, block, warps, stages, parts).checked()
+    Launch(split, block, warps, stages, parts, lanes).checked()
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
@@ -251,7 +278,7 @@ def decode_attention(
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         groups, dim, split, scaling,
-        BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, PARTS=parts, num_warps=warps,
+        BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, PARTS=parts, LANES=lanes, num_warps=warps,
     )
     if splits > 1:
         _combine[(rows, heads)](
@@ -262,5 +289,5 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=0):
+def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=0, lanes=True):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

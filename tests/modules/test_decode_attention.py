@@ -61,10 +61,12 @@ def test_equals_the_default_attention_over_the_filled_slots(rows, kv_heads, grou
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # other launch configurations give the same: split sizes (one not a multiple of the block, one covering the
-    # whole cache, one of a single block), other block sizes (warps and stages: the compiled kernels only)
-    # and the filled slots in equal parts: one (one kernel), three, more parts than blocks (some read nothing)
+    # whole cache, one of a single block), other block sizes (warps and stages: the compiled kernels only),
+    # the filled slots in equal parts: one (one kernel), three, more parts than blocks (some read nothing),
+    # and the loop that merges each block into one running softmax (lanes=False) at some of them
     launches = [(48, 32, 4, 3, 0), (capacity, 32, 4, 3, 0), (16, 16, 2, 1, 0), (64, 64, 8, 2, 0),
-                (128, 32, 4, 1, 1), (128, 16, 2, 2, 3), (128, 16, 4, 1, 8)]
+                (128, 32, 4, 1, 1), (128, 16, 2, 2, 3), (128, 16, 4, 1, 8),
+                (48, 32, 4, 3, 0, False), (16, 16, 2, 1, 0, False), (128, 16, 2, 2, 3, False)]
     for launch in launches:
         torch.testing.assert_close(
             decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, *launch),
@@ -165,25 +167,32 @@ for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
         for direct in (True, False):  # one split: the partial-result pointers are the output's (unused)
             types = partial_types(dtype, dtype if direct else "fp32")
-            constexprs = dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct, STAGES=da.STAGES, PARTS=0)
+            constexprs = dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct, STAGES=da.STAGES, PARTS=0, LANES=True)
             compile(da._partial, types, constexprs, arch)
         # other launch configurations (benchmarks/decode_kernels.py --triton-sweep times them); stages > 1
-        # pipeline the loop through shared memory (cp.async, sm_80 and later); parts > 0 splits each row's slots
-        for block, warps, stages, parts in ((16, 2, 1, 0), (64, 8, 2, 0), (128, 8, 3, 0), (32, 4, 2, 4)):
-            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts)
+        # pipeline the loop through shared memory (cp.async, sm_80 and later); parts > 0 splits each row's slots;
+        # lanes=False merges each block into one running softmax
+        for block, warps, stages, parts, lanes in ((16, 2, 1, 0, True), (64, 8, 2, 0, True), (128, 8, 3, 0, True),
+                                                   (32, 4, 2, 4, True), (32, 4, 1, 0, False), (64, 8, 2, 4, False)):
+            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts, LANES=lanes)
             compile(da._partial, types, constexprs, arch, num_warps=warps)
         compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
     print("compiled", arch)
 """
 
-# The loop's memory instructions in the Hopper binary's PTX, in order, for one and for two stages.
+# The loop's memory, synchronisation and shared-memory instructions in the Hopper binary's PTX, in order, from
+# the loop's header to its branch back, for one and two stages, splits and parts, and both ways to accumulate.
 LOOP_LOADS = COMPILER + """
-for stages, parts in ((1, 0), (2, 0), (1, 4)):
-    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts)
+for stages, parts, lanes in ((1, 0, True), (2, 0, True), (1, 4, True), (1, 0, False), (2, 0, False), (1, 4, False)):
+    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts, LANES=lanes)
     ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, 90, specialize=True, num_warps=4).asm["ptx"]
-    loop = ptx[ptx.index("$L__BB0_"):]  # from the first branch target on: the loop over blocks and after it
-    ops = re.findall(r"ld\\.global\\.[.\\w]+|cp\\.async\\.c[ag][.\\w]*|bar\\.sync", loop)
-    print(f"{stages}/{parts}", " ".join(ops))
+    lines = ptx.splitlines()
+    header = next(i for i, line in enumerate(lines) if "Inner Loop Header" in line)  # LLVM's comment on the label
+    label = lines[header].split(":")[0]
+    back = max(i for i, line in enumerate(lines) if "bra" in line and label in line)
+    loop = "\\n".join(lines[header : back + 1])
+    ops = re.findall(r"ld\\.global\\.[.\\w]+|cp\\.async\\.c[ag][.\\w]*|bar\\.sync|[ls]t\\.shared", loop)
+    print(f"{stages}/{parts}/{'lanes' if lanes else 'merge'}", " ".join(ops))
 """
 
 
@@ -214,23 +223,42 @@ def test_the_compiled_loop_keeps_keys_and_values_in_flight():
     behind the score's reductions: two round trips to memory per block instead of one). With two, the loop is
     pipelined: the loads become asynchronous copies into shared memory."""
     lines = dict(line.split(" ", 1) for line in compile_here(LOOP_LOADS).strip().splitlines())
-    for one in (lines["1/0"].split(), lines["1/4"].split()):  # splits of the cache, and each row in 4 parts
-        before_barrier = one[: one.index("bar.sync")]
-        # 32 keys x 128 dims of bf16 over 128 threads: 64 bytes each, so 4 loads of 16 bytes for keys, 4 for values
-        assert before_barrier.count("ld.global.v4.b32") == 8, one
-        assert "ld.global.b16" not in one  # no 2-byte loads
-        assert not any(op.startswith("cp.async") for op in one)
-    two = lines["2/0"].split()
-    assert sum(op.startswith("cp.async.cg") or op.startswith("cp.async.ca") for op in two) >= 8, two
+    for stages_parts in ("1/0", "1/4"):  # splits of the cache, and each row in 4 parts
+        for lanes in ("lanes", "merge"):
+            one = lines[f"{stages_parts}/{lanes}"].split()
+            # 32 keys x 128 dims of bf16 over 128 threads: 64 bytes each, so 4 loads of 16 bytes for keys, 4 for values
+            before_barrier = one[: one.index("bar.sync")] if "bar.sync" in one else one
+            assert before_barrier.count("ld.global.v4.b32") == 8, one
+            assert "ld.global.b16" not in one  # no 2-byte loads
+            assert not any(op.startswith("cp.async") for op in one)
+    for lanes in ("lanes", "merge"):
+        two = lines[f"2/0/{lanes}"].split()
+        assert sum(op.startswith("cp.async.cg") or op.startswith("cp.async.ca") for op in two) >= 8, two
+
+
+def test_the_loop_with_a_softmax_per_position_has_no_barrier():
+    """``lanes`` (the default): a block's scores are reduced inside each warp only and its positions merged after the
+    loop, so the loop body has no barrier and no shared memory; merging each block into one running softmax
+    reduces across warps at every iteration (9 barriers with Triton 3.6, 12 with 3.9). Pipelined, the loop
+    synchronises only its copies."""
+    lines = dict(line.split(" ", 1) for line in compile_here(LOOP_LOADS).strip().splitlines())
+    for stages_parts in ("1/0", "1/4"):
+        lanes, merge = lines[f"{stages_parts}/lanes"].split(), lines[f"{stages_parts}/merge"].split()
+        assert "bar.sync" not in lanes and "st.shared" not in lanes and "ld.shared" not in lanes, lanes
+        assert merge.count("bar.sync") >= 6 and "st.shared" in merge, merge
+    pipelined, merged = lines["2/0/lanes"].split(), lines["2/0/merge"].split()
+    assert pipelined.count("bar.sync") <= 2 < merged.count("bar.sync"), (pipelined, merged)
 
 
 def test_a_launch_configuration_is_named_and_parsed_back():
     Launch = decode_attention.Launch
     assert Launch().name == f"triton_s{decode_attention.SPLIT}_b{decode_attention.BLOCK}_w{decode_attention.WARPS}" \
         f"_p{decode_attention.STAGES}"
-    for launch in (Launch(64, 64, 8, 2), Launch(block=16, warps=2, stages=3, parts=4)):
+    for launch in (Launch(64, 64, 8, 2), Launch(block=16, warps=2, stages=3, parts=4), Launch(lanes=False),
+                   Launch(parts=2, lanes=False)):
         assert Launch.parse(launch.name) == launch
     assert Launch(parts=4).name.startswith("triton_n4_")
+    assert Launch(lanes=False).name == Launch().name + "_m" and Launch().lanes
     for wrong, message in (("triton_n0_b32_w4_p1", "parts must be >= 1"), ("triton_s64_b32_w3_p1", "warps=3"),
                            ("triton_x64_b32_w4_p1", "is named triton_s<split>")):
         with pytest.raises(ValueError, match=message):

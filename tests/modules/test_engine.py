@@ -718,31 +718,33 @@ def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_p
 
 
 class LaunchSpy:
-    """Stands in for ``decode_attention._partial``: records each launch's block, stages and warps, then launches."""
+    """Stands in for ``decode_attention._partial``: records each launch's block, stages, warps and loop, then
+    launches."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, set()
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.add((kwargs["BLOCK"], kwargs["STAGES"], kwargs["num_warps"]))
+            self.launches.add((kwargs["BLOCK"], kwargs["STAGES"], kwargs["num_warps"], kwargs["LANES"]))
             return self.kernel[grid](*args, **kwargs)
 
         return launch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compile", ["off", "fused"])
+@pytest.mark.parametrize(("compile", "launch"), [("off", "triton_s16_b16_w2_p2"), ("fused", "triton_s16_b16_w2_p2"),
+                                                ("off", "triton_n2_b16_w2_p1_m")])
 @pytest.mark.parametrize("attention", [TRITON])
-def test_a_triton_launch_configuration_reaches_the_kernels(sharp_policy, monkeypatch, compile, attention):
-    """``RolloutEngine(triton_launch=...)``: the step's kernels launch with that block, warps and stages (plain and
-    inside the compiled layer), with the eager loop's tokens and log-probs."""
+def test_a_triton_launch_configuration_reaches_the_kernels(sharp_policy, monkeypatch, compile, launch, attention):
+    """``RolloutEngine(triton_launch=...)``: the step's kernels launch with that block, warps, stages and loop (plain
+    and inside the compiled layer), with the eager loop's tokens and log-probs."""
     spy = LaunchSpy(decode_attention._partial)
     monkeypatch.setattr(decode_attention, "_partial", spy)
-    engine, _, _, _ = fused_like_eager(sharp_policy, 20, compile=compile, attention=attention,
-                                       triton_launch="triton_s16_b16_w2_p2")
-    assert spy.launches == {(16, 2, 2)}
-    assert pickle.loads(pickle.dumps(engine)).triton_launch == "triton_s16_b16_w2_p2"
+    engine, _, _, _ = fused_like_eager(sharp_policy, 20, compile=compile, attention=attention, triton_launch=launch)
+    expected = decode_attention.Launch.parse(launch)
+    assert spy.launches == {(expected.block, expected.stages, expected.warps, expected.lanes)}
+    assert pickle.loads(pickle.dumps(engine)).triton_launch == launch
 
 
 def test_a_triton_launch_configuration_is_checked_when_the_engine_is_made():
