@@ -14,6 +14,12 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
 - ``separate``: q, k, v, o, gate, up, down as seven ``F.linear`` calls (cuBLAS), as the engine does now;
 - ``packed``: q/k/v in one ``[3H, H]`` weight and gate/up in one ``[2I, H]`` weight (``RolloutEngine(pack=True)``):
   three fewer launches, and wider matmuls that give the GPU more blocks to spread the weight reads over;
+- ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``: the packed weights through ``modules.decode_linear``'s Triton kernel
+  (``N`` output columns and ``K`` inner elements per block, ``S`` splits of the inner dimension, 0 for enough
+  programs for every SM, ``W`` warps, ``P`` stages), with the residual adds and the MLP's activation inside the
+  kernels (four kernels per layer where cuBLAS runs four matmuls, two copies and an activation). The default
+  configuration, and with ``--linear-sweep`` 16 more (columns 16/32/64, inner blocks 64/128/256, 3 or 4 stages;
+  ``--linear-launches`` names others). Needs the triton package and a CUDA device (or the interpreter);
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 
@@ -75,7 +81,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import LM_SHAPES, copy_bandwidth, device_name  # noqa: E402
 
-from modules import decode_attention  # noqa: E402
+from modules import decode_attention, decode_linear  # noqa: E402
 from modules.engine import ATTENTION, CudaGraphs, attention_bias  # noqa: E402
 
 SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -95,6 +101,11 @@ def parse_args() -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
     parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
+    parser.add_argument("--linear-sweep", action="store_true",
+                        help="the Triton projections at 18 launch configurations (default: decode_linear's own)")
+    parser.add_argument("--linear-launches", default=None,
+                        help="the Triton projections at these launch configurations, comma-separated names "
+                             "triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>"),
     parser.add_argument("--triton-splits", default=None,
                         help="cache slots per program of the triton attention, comma-separated (default 64,128,256,1024; "
                              "one that covers the window runs one kernel, not two)")
@@ -125,6 +136,10 @@ def parse_args() -> argparse.Namespace:
         parser.error("--rows, --reps, every window, triton split, part and stage count must be >= 1")
     if any(n < 1 or n & (n - 1) for n in args.triton_blocks + args.triton_warps):
         parser.error("every triton block and warp count must be a power of 2")
+    try:
+        linear_launches(args)
+    except ValueError as error:
+        parser.error(f"--linear-launches: {error}")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
@@ -186,6 +201,27 @@ def linear_separate(x: torch.Tensor, w: dict) -> torch.Tensor:
     q, k, v = F.linear(x, w["q"]), F.linear(x, w["k"]), F.linear(x, w["v"])
     h = x + F.linear(q + k + v, w["o"])  # uses q, k and v at the cost of two adds (heads == KV heads here)
     return h + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+
+
+def linear_triton(x: torch.Tensor, w: dict, split: tuple, launch: tuple = ()) -> torch.Tensor:
+    """:func:`linear_packed` through ``modules.decode_linear`` (``launch``: a ``LinearLaunch``), the adds and the
+    activation inside the kernels."""
+    q, k, v = decode_linear.decode_linear(x, w["qkv"], None, False, *launch).split(split[:3], -1)
+    h = decode_linear.decode_linear(q + k + v, w["o"], x, False, *launch)
+    gated = decode_linear.decode_linear(h, w["gate_up"], None, True, *launch)
+    return decode_linear.decode_linear(gated, w["down"], h, False, *launch)
+
+
+def linear_launches(args) -> list:
+    """The ``LinearLaunch`` configurations to time: ``--linear-launches``, or with ``--linear-sweep`` the default
+    and a grid around it, or the default alone."""
+    Launch = decode_linear.LinearLaunch
+    if args.linear_launches:
+        return [Launch.parse(name) for name in args.linear_launches.split(",") if name]
+    if not args.linear_sweep:
+        return [Launch()]
+    grid = [Launch(block_n=n, block_k=k, stages=p) for n in (16, 32, 64) for k in (64, 128, 256) for p in (3, 4)]
+    return list(dict.fromkeys([Launch(), *grid]))
 
 
 def linear_packed(x: torch.Tensor, w: dict, split: tuple) -> torch.Tensor:
@@ -332,9 +368,17 @@ def main() -> None:
         separate, packed = torch.compile(linear_separate, **tuned), torch.compile(linear_packed, **tuned)
         linears["separate_autotune"] = lambda x, i: separate(x, layers.separate[i])
         linears["packed_autotune"] = lambda x, i: packed(x, layers.packed[i], layers.split)
+    if decode_attention.available() and (args.device.type == "cuda" or decode_attention.interpreted()):
+        for launch in linear_launches(args):
+            linears[launch.name] = lambda x, i, launch=launch: linear_triton(x, layers.packed[i], layers.split, launch)
     reference = None
     for name, fn in linears.items():
-        seconds, out, first = measure(every_layer(layers, fn), args.device, args.reps)
+        try:
+            seconds, out, first = measure(every_layer(layers, fn), args.device, args.reps)
+        except Exception as error:  # a configuration that cannot run here is reported, not fatal
+            print(json.dumps(dict(measure="decode_kernels", part="linear", impl=name,
+                                  error=f"{type(error).__name__}: {str(error).splitlines()[0]}")), flush=True)
+            continue
         report(args, "linear", name, seconds, layers.linear_bytes(), bandwidth, out, reference, first)
         reference = out if reference is None else reference
 

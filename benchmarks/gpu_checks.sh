@@ -20,7 +20,8 @@
 # the loop before (_m)>,fused+pack+<the sweep's best over its windows>,fused: the engine's configuration against
 # the kernel before and the best in one process (the sweep's answer, timed whole);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
-# (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0.
+# (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0 (minutes of compiling), and the
+# Triton projections (modules/decode_linear.py) at 18 launch configurations unless LINEAR_SWEEP=0.
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
 # time does not stop the others.
 set -u
@@ -70,11 +71,12 @@ print(best_triton(timings_from_log(sys.argv[1]))[0] or "")' "$out/sweep.log")
         echo "tune1b: the sweep's best: ${best:-none}; the loop before: $before"
         rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused" ;;
     sweep) sweep ;;
-    kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) ;;
+    kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;
     tests)
         # the kernels first (marked triton: compiled on the GPU; about 20 s), the CLI fits last (minutes)
-        files="tests/modules/test_decode_attention.py tests/modules/test_engine.py tests/modules/rewards/test_base.py"
+        files="tests/modules/test_decode_attention.py tests/modules/test_decode_linear.py tests/modules/test_engine.py"
+        files="$files tests/modules/rewards/test_base.py"
         files="$files tests/bicot/test_gpu_fit.py"
         # the per-phase GPU memory test fits through the CLI: it needs mlflow, jsonargparse and omegaconf
         # (carry them as wheels where the GPU machine lacks them: benchmarks/gpu_wheels.sh)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import decode_kernels as dk  # noqa: E402
 
-from modules import decode_attention  # noqa: E402
+from modules import decode_attention, decode_linear  # noqa: E402
 from modules.engine import ATTENTION  # noqa: E402
 
 
@@ -30,6 +30,29 @@ def test_packed_projections_equal_the_separate_ones(layers):
         packed = dk.linear_packed(layers.x, layers.packed[i], layers.split)
         torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
     assert layers.linear_bytes() == 4 * sum(w.numel() for w in layers.separate[0].values()) * layers.layers
+
+
+@pytest.mark.skipif(not (decode_attention.available() and decode_attention.interpreted()),
+                    reason="needs the triton package and TRITON_INTERPRET=1 (on CPU)")
+def test_triton_projections_equal_the_separate_ones(layers):
+    """The ``triton_lin_*`` candidates: the packed weights through ``modules.decode_linear``, residual adds and the
+    MLP's activation inside the kernels; one launch per way to split the inner dimension."""
+    launches = dk.linear_launches(sweep_args("--device", "cpu", "--linear-launches",
+                                             "triton_lin_n16_k64_s1_w4_p3,triton_lin_n32_k32_s3_w4_p2"))
+    assert [launch.name for launch in launches] == ["triton_lin_n16_k64_s1_w4_p3", "triton_lin_n32_k32_s3_w4_p2"]
+    for launch in launches:
+        for i in range(layers.layers):
+            torch.testing.assert_close(dk.linear_triton(layers.x, layers.packed[i], layers.split, launch),
+                                       dk.linear_separate(layers.x, layers.separate[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_linear_sweep_starts_at_the_default_launch():
+    default = decode_linear.LinearLaunch()
+    assert dk.linear_launches(sweep_args("--device", "cpu")) == [default]
+    swept = dk.linear_launches(sweep_args("--device", "cpu", "--linear-sweep"))
+    assert swept[0] == default and len(swept) == len(set(swept)) == 18  # the default is one of the grid's 18
+    with pytest.raises(SystemExit):
+        sweep_args("--device", "cpu", "--linear-launches", "triton_lin_n8_k64_s1_w4_p3")  # block_n under 16
 
 
 TRITON = pytest.param(

@@ -6,13 +6,9 @@ kernel code, its masks, splits and online softmax, executed on CPU tensors.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from triton_aot import PRELUDE, compile_here
 
 from modules import decode_attention
 from modules.engine import ATTENTION, RolloutEngine, attention_bias
@@ -135,26 +131,14 @@ def test_a_triton_engine_uses_one_window_the_whole_cache():
     assert RolloutEngine(chunk=64).ladder(256, torch.device("cpu")) == [64, 128, 192, 256]
 
 
-# Triton's own compiler, CUDA backend, ahead of time: no GPU needed (ptxas ships with Triton). Run in a fresh process
-# because under TRITON_INTERPRET=1 (the tests on CPU) Triton's functions are the interpreter's.
-COMPILER = """
-import collections, inspect, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# the kernels compiled for GPUs here (tests/triton_aot.py)
+COMPILER = PRELUDE + """
 from modules import decode_attention as da
 
 # what a launch on a GPU specializes: pointers 16-byte aligned, integers (strides, sizes) divisible by 16
 ALIGNED = {"q", "keys", "values", "pad", "slot", "part_max", "part_sum", "part_acc", "out", "stride_qr", "stride_qk",
            "stride_qg", "stride_kr", "stride_kh", "stride_ks", "stride_vr", "stride_vh", "stride_vs", "stride_or",
            "stride_ok", "stride_og", "dim", "split_len"}
-
-def compile(kernel, types, constexprs, arch, specialize=False, **options):
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if specialize and n in ALIGNED}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 def partial_types(dtype, part):
     tensors = dict(q=dtype, keys=dtype, values=dtype, out=dtype, pad="i64", slot="i64", part_max=part,
@@ -185,7 +169,7 @@ for arch in (80, 90):
 LOOP_LOADS = COMPILER + """
 for stages, parts, lanes in ((1, 0, True), (2, 0, True), (1, 4, True), (1, 0, False), (2, 0, False), (1, 4, False)):
     constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts, LANES=lanes)
-    ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, 90, specialize=True, num_warps=4).asm["ptx"]
+    ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, 90, ALIGNED, num_warps=4).asm["ptx"]
     lines = ptx.splitlines()
     header = next(i for i, line in enumerate(lines) if "Inner Loop Header" in line)  # LLVM's comment on the label
     label = lines[header].split(":")[0]
@@ -194,21 +178,6 @@ for stages, parts, lanes in ((1, 0, True), (2, 0, True), (1, 4, True), (1, 0, Fa
     ops = re.findall(r"ld\\.global\\.[.\\w]+|cp\\.async\\.c[ag][.\\w]*|bar\\.sync|[ls]t\\.shared", loop)
     print(f"{stages}/{parts}/{'lanes' if lanes else 'merge'}", " ".join(ops))
 """
-
-
-def compile_here(script: str) -> str:
-    """``script``'s output, run with Triton compiling for GPUs (not interpreting); skips without its CUDA backend."""
-    pytest.importorskip("triton")
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("Triton's CUDA backend is not installed")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
 
 
 def test_the_kernels_compile_for_ampere_and_hopper_gpus_here():

@@ -1,0 +1,227 @@
+"""A decoder layer's projections for a few rows (a decode step's batch), in Triton: a candidate for the rollout's
+projections, measured against cuBLAS with ``benchmarks/decode_kernels.py`` (``linear`` part, ``triton_lin_...``).
+
+At a decode step the projections multiply a few rows (32 at 16 prompts with CFG) by each weight matrix: they are
+bound by reading the weights. cuBLAS reached 33% (``o_proj``, 2048 x 2048) to 77% (``gate_up``) of the H200's copy
+bandwidth inside the 1B step (the kernel profile in the README): for a narrow matrix its tiles give too few blocks
+to keep every SM reading. This kernel cuts the output columns into blocks of ``block_n`` (and the inner
+dimension into ``split_k`` parts where the columns alone give too few programs), streams each program's weight
+rows in blocks of ``block_k`` through a ``stages``-deep pipeline, and multiplies with the tensor cores
+(``tl.dot``, float32 accumulation). It also does the work around the matmul that otherwise costs a kernel each:
+
+- ``residual``: ``residual + x @ W^T`` (the decoder layer's two residual adds; cuBLAS's ``addmm`` copies the
+  residual into its output first, one more kernel);
+- ``gated``: ``silu(x @ G^T) * (x @ U^T)`` from the packed ``[gate; up]`` matrix of ``RolloutEngine(pack=True)``
+  (the MLP's activation, and half the output written).
+
+The roundings follow the eager module calls: the matmul's result is rounded to the weight's dtype (as
+``F.linear`` returns it), then the activation and the residual add are done in float32 and rounded like
+PyTorch's own elementwise kernels. The input is cast to the weight's dtype first, as autocast does.
+
+On CPU only Triton's interpreter runs it (``TRITON_INTERPRET=1``), for the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import NamedTuple
+
+import torch
+
+from modules.decode_attention import check_device, interpreted, triton
+
+if triton is not None:
+    import triton.language as tl
+
+
+class LinearLaunch(NamedTuple):
+    """A launch configuration, named ``triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>_p<stages>`` (``s0``: the
+    splits of :func:`auto_split`)."""
+
+    # the op's defaults: decode_linear's signature spells them out (a custom op's schema needs literals)
+    block_n: int = 32  # output columns per program
+    block_k: int = 128  # inner-dimension elements per loop iteration
+    split_k: int = 0  # programs along the inner dimension (> 1: a second kernel sums their parts); 0: auto_split
+    warps: int = 4
+    stages: int = 3  # blocks of weights in flight per program
+
+    @classmethod
+    def parse(cls, name: str) -> LinearLaunch:
+        match = re.fullmatch(r"triton_lin_n(\d+)_k(\d+)_s(\d+)_w(\d+)_p(\d+)", name)
+        if match is None:
+            raise ValueError(f"a triton linear launch is named triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>"
+                             f"_p<stages>, got {name!r}")
+        return cls(*map(int, match.groups())).checked()
+
+    def checked(self) -> LinearLaunch:
+        """Itself; raises a ``ValueError`` that names the value out of range."""
+        for field in ("block_n", "block_k", "warps"):
+            value = getattr(self, field)
+            if value < 1 or value & (value - 1) or (field != "warps" and value < 16):
+                raise ValueError(f"decode_linear: {field} must be a power of 2 (block_n and block_k at least 16, "
+                                 f"for the tensor cores), got {field}={value}")
+        if self.split_k < 0 or self.stages < 1:
+            raise ValueError(f"decode_linear: split_k must be >= 0 (0: auto) and stages >= 1, got "
+                             f"split_k={self.split_k}, stages={self.stages}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"triton_lin_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.warps}_p{self.stages}"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round(y, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+        """float32 ``y`` rounded to ``DTYPE`` to nearest, ties to even, as float32. EMULATE: by its bits, for the
+        interpreter, whose conversion to bf16 cuts the low bits off instead (GPUs round)."""
+        if EMULATE and DTYPE == tl.bfloat16:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        return y.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om,
+                GATED: tl.constexpr, RESIDUAL: tl.constexpr, WEIGHT: tl.constexpr, EMULATE: tl.constexpr):
+        """The epilogue of both kernels: the eager calls' roundings, then the store."""
+        y = _round(acc, WEIGHT, EMULATE)  # F.linear's output, in the weight's dtype
+        if GATED:  # F.silu(gate) * up, each rounded to the weight's dtype as the eager ops are
+            silu = _round(y / (1.0 + tl.exp(-y)), WEIGHT, EMULATE)
+            y = _round(silu * _round(up, WEIGHT, EMULATE), WEIGHT, EMULATE)
+        if RESIDUAL:
+            y += tl.load(residual + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if out.dtype.element_ty != tl.float32:
+            y = _round(y, out.dtype.element_ty, EMULATE)
+        tl.store(out + rows[:, None] * stride_om + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _linear(
+        x, w, residual, out, part, rows_n, cols_n, inner, k_len, stride_xm, stride_wn, stride_rm, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        SPLIT: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        col_block, row_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_rows, in_cols = rows < rows_n, cols < cols_n
+        start = split * k_len
+        end = tl.minimum(inner, start + k_len)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        precision: tl.constexpr = "ieee" if IEEE else "tf32"
+        for first in tl.range(start, end, BLOCK_K, num_stages=STAGES):
+            k = first + tl.arange(0, BLOCK_K)
+            in_k = k < end
+            a = tl.load(x + rows[:, None] * stride_xm + k[None, :], mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            weights = w + cols[:, None] * stride_wn + k[None, :]
+            both = in_cols[:, None] & in_k[None, :]
+            b = tl.load(weights, mask=both, other=0.0)
+            if UPCAST:  # the interpreter multiplies 16-bit floats' raw bits: the same products, exact in float32
+                # (UPCAST is the interpreter: _round emulates the GPUs' rounding to bf16 for it)
+                a, b = _round(a.to(tl.float32), w.dtype.element_ty, True), b.to(tl.float32)
+            else:
+                a = a.to(w.dtype.element_ty)  # autocast's cast of the input to the weight's dtype
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=precision)
+            if GATED:  # the up rows sit cols_n rows below the gate rows
+                b = tl.load(weights + cols_n * stride_wn, mask=both, other=0.0)
+                if UPCAST:
+                    b = b.to(tl.float32)
+                up = tl.dot(a, tl.trans(b), up, input_precision=precision)
+        mask = in_rows[:, None] & in_cols[None, :]
+        if SPLIT > 1:  # this split's sums; _sum_parts finishes
+            at = (split * rows_n + rows[:, None]) * cols_n + cols[None, :]
+            tl.store(part + at, acc, mask=mask)
+            if GATED:
+                tl.store(part + SPLIT * rows_n * cols_n + at, up, mask=mask)
+        else:
+            _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL,
+                    w.dtype.element_ty, UPCAST)
+
+    @triton.jit
+    def _sum_parts(
+        part, w, residual, out, rows_n, cols_n, stride_rm, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr,
+        RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
+    ):  # w: the weight, for its dtype only
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < rows_n)[:, None] & (cols < cols_n)[None, :]
+        at = rows[:, None] * cols_n + cols[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for split in tl.static_range(SPLIT):  # in order: the same sums at every call
+            acc += tl.load(part + split * rows_n * cols_n + at, mask=mask, other=0.0)
+            if GATED:
+                up += tl.load(part + (SPLIT + split) * rows_n * cols_n + at, mask=mask, other=0.0)
+        _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL, w.dtype.element_ty,
+                EMULATE)
+
+
+@functools.cache
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def auto_split(tiles: int, inner: int, block_k: int, device: torch.device) -> int:
+    """``split_k=0``: the fewest splits of the inner dimension that give every processor (SM) of ``device`` two
+    programs, ``tiles`` being the output tiles, and no split shorter than 4 blocks of ``block_k``."""
+    wanted = triton.cdiv(2 * _processors(device), tiles)
+    return max(1, min(wanted, inner // (4 * block_k)))
+
+
+@torch.library.custom_op("bicot::decode_linear", mutates_args=())
+def decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
+    block_n: int = 32,
+    block_k: int = 128,
+    split_k: int = 0,
+    warps: int = 4,
+    stages: int = 3,
+) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K]^T`` in the weight's dtype (``x`` cast to it first, as under autocast); with
+    ``residual [M, N]``, ``residual + that`` in the residual's dtype; ``gated``: ``weight`` is ``[gate; up]``
+    (``[2N, K]``) and the result ``silu(x @ gate^T) * (x @ up^T)``, ``[M, N]``. Rows and the weight's last dimension
+    contiguous. The launch configuration (:class:`LinearLaunch`) changes the speed, not the result, except for
+    the order of the float32 sums."""
+    check_device(x.device)
+    LinearLaunch(block_n, block_k, split_k, warps, stages).checked()
+    if x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        raise ValueError("decode_linear needs the last dimension of x, weight and residual contiguous")
+    rows, inner = x.shape
+    cols = weight.shape[0] // 2 if gated else weight.shape[0]
+    dtype = residual.dtype if residual is not None else weight.dtype
+    out = torch.empty(rows, cols, dtype=dtype, device=x.device)
+    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    split_k = split_k or auto_split(triton.cdiv(cols, block_n) * triton.cdiv(rows, block_m), inner, block_k, x.device)
+    k_len = triton.cdiv(triton.cdiv(inner, split_k), block_k) * block_k  # whole blocks per split
+    splits = triton.cdiv(inner, k_len)
+    grid = (triton.cdiv(cols, block_n), triton.cdiv(rows, block_m), splits)
+    part = out
+    if splits > 1:
+        part = torch.empty((2 if gated else 1) * splits * rows * cols, dtype=torch.float32, device=x.device)
+    res = residual if residual is not None else out  # not read without RESIDUAL
+    _linear[grid](
+        x, weight, res, out, part, rows, cols, inner, k_len, x.stride(0), weight.stride(0), res.stride(0),
+        out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits,
+        GATED=gated, RESIDUAL=residual is not None, IEEE=weight.dtype == torch.float32 or interpreted(),
+        UPCAST=interpreted(), num_warps=warps,
+    )
+    if splits > 1:
+        _sum_parts[grid[:2]](
+            part, weight, res, out, rows, cols, res.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+            SPLIT=splits, GATED=gated, RESIDUAL=residual is not None, EMULATE=interpreted(),
+        )
+    return out
+
+
+@decode_linear.register_fake
+def _(x, weight, residual=None, gated=False, block_n=32, block_k=128, split_k=0, warps=4, stages=3):
+    cols = weight.shape[0] // 2 if gated else weight.shape[0]
+    dtype = residual.dtype if residual is not None else weight.dtype
+    return x.new_empty(x.shape[0], cols, dtype=dtype)
