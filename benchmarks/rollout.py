@@ -40,6 +40,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 from modules import janus_ops  # noqa: E402
 from modules.decode_attention import Launch  # noqa: E402
+from modules.decode_linear import LinearLaunch  # noqa: E402
 from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine  # noqa: E402
 from modules.tiny import TinyJanusSpec, build_tiny_janus  # noqa: E402
 
@@ -191,8 +192,9 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
                         help=f"engines, comma-separated: a compile mode ({', '.join(COMPILE_MODES)}), optionally "
                         f"with '+'-joined engine options: an attention ({', '.join(ATTENTION)}; default matmul) "
                         "or a triton launch configuration (triton_s<split>_b<block>_w<warps>_p<stages> or "
-                        "triton_n<parts>_..., as decode_kernels.py --triton-sweep names them) and/or 'pack' (packed q/k/v and gate/up "
-                        "weights), e.g. fused+reduce+pack, fused+pack+triton_s64_b64_w8_p2")
+                        "triton_n<parts>_..., as decode_kernels.py --triton-sweep names them), 'pack' (packed q/k/v and gate/up "
+                        "weights) and/or 'triton_lin' or a triton_lin_n<N>_k<K>_s<S>_w<W>_p<P> launch (the projections in "
+                        "Triton, with pack), e.g. fused+reduce+pack, fused+pack+triton_s64_b64_w8_p2, fused+pack+triton+triton_lin")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -217,21 +219,25 @@ def checked_args(parser: argparse.ArgumentParser, prompts: tuple[int, int], real
 
 
 def engine_options(spec: str) -> dict:
-    """``RolloutEngine`` arguments from one ``--compile`` entry: ``MODE[+ATTENTION][+pack]``."""
+    """``RolloutEngine`` arguments from one ``--compile`` entry: ``MODE[+ATTENTION][+pack][+triton_lin]``."""
     mode, *options = spec.split("+")
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(COMPILE_MODES)}")
     kwargs = dict(compile=mode)
     for option in options:
+        linear = option == "triton_lin" or option.startswith("triton_lin_")
         if option in ATTENTION and "attention" not in kwargs:
             kwargs["attention"] = option
-        elif option.startswith("triton_") and "attention" not in kwargs:
+        elif linear and "linear" not in kwargs:
+            kwargs["linear"] = "triton" if option == "triton_lin" else LinearLaunch.parse(option).name
+        elif not linear and option.startswith("triton_") and "attention" not in kwargs:
             kwargs.update(attention="triton", triton_launch=Launch.parse(option).name)
         elif option == "pack" and "pack" not in kwargs:
             kwargs["pack"] = True
         else:
             raise ValueError(f"unknown or repeated option {option!r} in {spec!r}: one of {', '.join(ATTENTION)} "
-                             "(or a triton launch, triton_s<split>_... or triton_n<parts>_...), and/or pack")
+                             "(or a triton launch, triton_s<split>_... or triton_n<parts>_...), pack, and/or triton_lin "
+                             "(or triton_lin_n<N>_...)")
     return kwargs
 
 
@@ -310,7 +316,7 @@ def main() -> None:
     for name, engine in engines.items():
         static = record(name, best[name], *common, extra=dict(
             compile_mode=engine.mode(device), attention=engine.attention, pack=engine.pack,
-            triton_launch=engine.triton_launch, compile_s=round(engine.stats.compile_s, 2),
+            triton_launch=engine.triton_launch, linear=engine.linear, compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s[name], 2), variants=engine.stats.variants, captures=engine.stats.captures))
         a, b = best["eager"]["out"], best[name]["out"]
         print(json.dumps(dict(

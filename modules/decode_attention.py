@@ -129,13 +129,13 @@ def require() -> None:
         )
 
 
-def check_device(device: torch.device) -> None:
-    """Raise a clear error where ``attention="triton"`` cannot run on ``device``."""
+def check_device(device: torch.device, what: str = "attention", others: str = "matmul, reduce, sdpa") -> None:
+    """Raise a clear error where ``attention="triton"`` (or the engine's ``what``) cannot run on ``device``."""
     require()
     if device.type != "cuda" and not interpreted():
         raise RuntimeError(
-            f"engine attention 'triton' runs on CUDA devices, not {device.type} (on CPU only Triton's interpreter "
-            "runs it, with TRITON_INTERPRET=1, for tests). Other choices: matmul, reduce, sdpa."
+            f"engine {what} 'triton' runs on CUDA devices, not {device.type} (on CPU only Triton's interpreter "
+            f"runs it, with TRITON_INTERPRET=1, for tests). Other choices: {others}."
         )
 
 

@@ -35,6 +35,13 @@ if triton is not None:
     import triton.language as tl
 
 
+def require() -> None:
+    """Raise a clear error where Triton is missing."""
+    if triton is None:
+        raise RuntimeError("engine linear 'triton' needs the triton package (pip install triton; CUDA builds of torch "
+                           "ship it); linear 'torch' does not")
+
+
 class LinearLaunch(NamedTuple):
     """A launch configuration, named ``triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>_p<stages>`` (``s0``: the
     splits of :func:`auto_split`)."""
@@ -189,7 +196,7 @@ def decode_linear(
     (``[2N, K]``) and the result ``silu(x @ gate^T) * (x @ up^T)``, ``[M, N]``. Rows and the weight's last dimension
     contiguous. The launch configuration (:class:`LinearLaunch`) changes the speed, not the result, except for
     the order of the float32 sums."""
-    check_device(x.device)
+    check_device(x.device, "linear", "torch")
     LinearLaunch(block_n, block_k, split_k, warps, stages).checked()
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("decode_linear needs the last dimension of x, weight and residual contiguous")

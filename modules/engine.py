@@ -219,6 +219,17 @@ def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, l
     return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()))
 
 
+def _project_triton(x, weight, residual=None, gated=False, launch=None) -> torch.Tensor:
+    """``F.linear(x, weight)`` in :mod:`modules.decode_linear`'s Triton kernel, ``residual`` added and (``gated``,
+    ``weight`` the packed ``[gate; up]``) the MLP's activation applied inside it. ``launch``: a
+    ``decode_linear.LinearLaunch`` (default: the module's)."""
+    return torch.ops.bicot.decode_linear(x, weight, residual, gated, *(launch or ()))
+
+
+def _plain_linear(module) -> bool:
+    return type(module) is torch.nn.Linear and module.bias is None
+
+
 ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
 ATTENTION_CHOICES = ("auto", *ATTENTION)  # auto: see resolve_attention
 FILLED_ONLY = ("triton",)  # attention choices that read only the filled slots: one window (the whole cache)
@@ -236,14 +247,17 @@ def resolve_attention(attention: str, device: torch.device) -> str:
 
 
 def _decode_layer(
-    layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul, qkv=None, gate_up=None, pad=None
+    layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul, qkv=None, gate_up=None, pad=None,
+    project=None,
 ) -> torch.Tensor:
     """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
     ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
     (``attend``, one of :data:`ATTENTION`) reads slots ``[0, window)`` only (``slot < window``); ``bias`` is
     ``[R, 1, 1, window]`` (``pad [R]``, each row's left padding, the same mask for ``attention="triton"``).
     ``qkv``/``gate_up``: the layer's q, k, v (gate, up) weights packed into one matrix
-    (``RolloutEngine(pack=True)``), one matmul instead of three (two); ``None``: the modules' own calls."""
+    (``RolloutEngine(pack=True)``), one matmul instead of three (two); ``None``: the modules' own calls.
+    ``project``: :func:`_project_triton` (``RolloutEngine(linear="triton")``) for the packed matrices and the plain
+    o/down projections, with the residual adds and the activation inside its kernels; ``None``: ``F.linear``."""
     rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
     attn = layer.self_attn
     h = _rms_norm(layer.input_layernorm, x)
@@ -251,22 +265,31 @@ def _decode_layer(
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
     else:
         width = kv_heads * dim
-        q, k, v = F.linear(h, qkv).split([qkv.shape[0] - 2 * width, width, width], -1)
+        packed = F.linear(h, qkv) if project is None else project(h, qkv)
+        q, k, v = packed.split([qkv.shape[0] - 2 * width, width, width], -1)
     # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
     q = _rope(q.view(rows, kv_heads, -1, dim), cos, sin)
     # .to: under autocast the projections and the cache need not share a dtype
     keys.index_copy_(2, slot, _rope(k.view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
     values.index_copy_(2, slot, v.view(rows, kv_heads, 1, dim).to(values.dtype))
     # [R, kv_heads, groups, D]
-    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling, pad, slot)
-    x = x + attn.o_proj(out.reshape(rows, -1))
+    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling, pad, slot).reshape(rows, -1)
+    if project is not None and _plain_linear(attn.o_proj):
+        x = project(out, attn.o_proj.weight, x)
+    else:
+        x = x + attn.o_proj(out)
     mlp = layer.mlp
     h = _rms_norm(layer.post_attention_layernorm, x)
     if gate_up is None:
-        gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-    else:
+        act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+    elif project is None:
         gate, up = F.linear(h, gate_up).chunk(2, -1)
-    return x + mlp.down_proj(mlp.act_fn(gate) * up)
+        act = mlp.act_fn(gate) * up
+    else:  # silu (RolloutEngine.bind checks the model's activation)
+        act = project(h, gate_up, None, True)
+    if project is not None and _plain_linear(mlp.down_proj):
+        return project(act, mlp.down_proj.weight, x)
+    return x + mlp.down_proj(act)
 
 
 def _finish(norm, x: torch.Tensor, state: dict) -> None:
@@ -319,12 +342,16 @@ class StepParts:
     inductor on its own ("regional" compilation: the 24 or 30 decoder layers share one compiled layer, so a
     window costs a few small compiles instead of one of the whole unrolled model)."""
 
-    def __init__(self, wrap=None, attention: str = "matmul", launch=None) -> None:
+    def __init__(self, wrap=None, attention: str = "matmul", launch=None, linear: str = "torch",
+                 linear_launch=None) -> None:
         wrap = wrap or (lambda fn: fn)
         self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
         self.attention, self.attend = attention, ATTENTION[attention]  # attend: an argument of the layer
         if attention == "triton" and launch is not None:  # another launch configuration than the module's
             self.attend = functools.partial(_attend_triton, launch=launch)
+        self.project = None  # linear="torch": F.linear and the modules' calls
+        if linear != "torch":
+            self.project = functools.partial(_project_triton, launch=linear_launch)
         self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
 
 
@@ -343,7 +370,10 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         qkv, gate_up = state["packed"][i]  # the layer's packed weights, (None, None) without pack=True
-        x = parts.layer(layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up, pad)
+        x = parts.layer(
+            layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up, pad,
+            parts.project,
+        )
     parts.finish(lm.norm, x, state)
 
 
@@ -434,6 +464,13 @@ class RolloutEngine:
             packed matrices hold the autocast copies, at no extra memory; otherwise they are a copy of those
             weights while the buffers are held (Janus-Pro-1B in bf16: 1.7 GB, 7B: 8.4 GB). LoRA-wrapped
             projections are not packed.
+        linear: how the step's projections run. ``torch`` (the default): ``F.linear`` and the modules' own calls
+            (cuBLAS on a GPU). ``triton``, or a launch configuration's name ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``
+            (:class:`modules.decode_linear.LinearLaunch`): :mod:`modules.decode_linear`'s kernels for the packed
+            q/k/v and gate/up matrices and the plain o/down projections, the residual adds and the MLP's
+            activation inside them (four kernels per layer). Needs ``pack`` and ``weight_copy`` (under autocast
+            the kernels read the autocast copies) and the triton package; CUDA only (CPU: Triton's interpreter,
+            for tests). Whether it beats cuBLAS is what ``benchmarks/decode_kernels.py --linear-sweep`` measures.
     """
 
     def __init__(
@@ -444,6 +481,7 @@ class RolloutEngine:
         attention: str = "matmul",
         pack: bool = False,
         triton_launch: str | None = None,
+        linear: str = "torch",
     ) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -462,8 +500,23 @@ class RolloutEngine:
             if attention not in ("triton", "auto"):
                 raise ValueError(f"engine triton_launch is for attention 'triton' or 'auto', not {attention!r}")
             self.launch = Launch.parse(triton_launch)  # a clear error now, not at the first step
+        self.linear_launch = None  # linear="triton_lin_...": the parsed launch (None: decode_linear's defaults)
+        if linear != "torch":
+            from modules import decode_linear  # registers bicot::decode_linear
+
+            if linear != "triton":
+                try:
+                    self.linear_launch = decode_linear.LinearLaunch.parse(linear)
+                except ValueError as error:
+                    raise ValueError(f"engine linear must be 'torch', 'triton' or a launch name: {error}") from None
+            decode_linear.require()
+            if not (pack and weight_copy):
+                raise ValueError(
+                    "engine linear 'triton' needs pack=True (its kernels read the packed q/k/v and gate/up matrices) "
+                    "and weight_copy=True (under autocast they read the autocast copies)"
+                )
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
-        self.pack, self.triton_launch = pack, triton_launch
+        self.pack, self.triton_launch, self.linear = pack, triton_launch, linear
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
@@ -483,6 +536,8 @@ class RolloutEngine:
             "pack": self.pack,
             "triton_launch": self.triton_launch,
             "launch": self.launch,
+            "linear": self.linear,
+            "linear_launch": self.linear_launch,
             "stats": EngineStats(),
             "graphs": CudaGraphs(),
             "_buffers": {},
@@ -592,10 +647,15 @@ class RolloutEngine:
         Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
         optimizer updates weights in place, so after a step the graphs read the new values.
         """
-        if self.attention_on(state["hidden"].device) == "triton":
-            from modules.decode_attention import check_device
+        from modules.decode_attention import check_device
 
+        if self.attention_on(state["hidden"].device) == "triton":
             check_device(state["hidden"].device)
+        if self.linear != "torch":
+            check_device(state["hidden"].device, "linear", "torch")
+            act = getattr(model.model.language_model.config, "hidden_act", "silu")
+            if act != "silu":
+                raise ValueError(f"engine linear 'triton' computes the MLP's silu in its kernel; this model's is {act!r}")
         layers = model.model.language_model.config.num_hidden_layers
         state["packed"] = self._packed or [(None, None)] * layers  # per layer (qkv, gate_up)
         if not self.captures(state["hidden"].device):
@@ -751,7 +811,8 @@ class RolloutEngine:
         if mode in FUSED_MODES:
             parts = self._fused_parts(mode, attention)
         else:
-            parts = StepParts(attention=attention, launch=self.launch)
+            parts = StepParts(attention=attention, launch=self.launch, linear=self.linear,
+                              linear_launch=self.linear_launch)
         consts = {**consts, "parts": parts}
 
         def step(state: dict) -> None:
@@ -783,7 +844,8 @@ class RolloutEngine:
             if mode == "fused-autotune":
                 options["mode"] = "max-autotune-no-cudagraphs"  # the engine captures the graphs itself
             compiled = lambda part: torch.compile(part, **options)  # noqa: E731
-            self._parts = StepParts(compiled, attention=attention, launch=self.launch)
+            self._parts = StepParts(compiled, attention=attention, launch=self.launch, linear=self.linear,
+                                    linear_launch=self.linear_launch)
         return self._parts
 
 

@@ -73,6 +73,11 @@ class SamplingConfig:
             engine's step (``RolloutEngine(pack=True)``): fewer, wider matmuls. Free under bf16-mixed (the packs
             hold the bf16 weight copies); with bf16 weights a copy of those weights while rolling out (Janus-Pro-1B:
             1.7 GB, 7B: 8.4 GB), counted by ``python -m bicot.memory``.
+        engine_linear: how the static engine's projections run (``RolloutEngine(linear=...)``): ``torch`` (the
+            default: ``F.linear``, cuBLAS on a GPU), or ``triton`` (``modules/decode_linear.py``: Triton kernels
+            for a few rows, the residual adds and the MLP's activation inside them; needs ``engine_pack``, CUDA and
+            the triton package; not yet measured against cuBLAS on a GPU), or a launch name
+            ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``.
     """
 
     plan_max_tokens: int = 64
@@ -88,6 +93,7 @@ class SamplingConfig:
     engine_compile: str = "auto"
     engine_attention: str = "matmul"
     engine_pack: bool = False
+    engine_linear: str = "torch"
 
     def __post_init__(self) -> None:
         if self.plan_max_tokens < 1:
@@ -120,6 +126,17 @@ class SamplingConfig:
             from modules.decode_attention import require
 
             require()  # a clear error now, not at the first rollout
+        if self.engine_linear != "torch":
+            from modules.decode_linear import LinearLaunch
+
+            if self.engine_linear != "triton":
+                try:
+                    LinearLaunch.parse(self.engine_linear)
+                except ValueError as error:
+                    raise ValueError(f"sampling.engine_linear must be torch, triton or a launch name: {error}") from None
+            if not self.engine_pack:
+                raise ValueError("sampling.engine_linear triton needs sampling.engine_pack: true (its kernels read the "
+                                 "packed q/k/v and gate/up matrices)")
 
 
 @dataclass
@@ -312,7 +329,8 @@ class JanusPolicy(pl.LightningModule):
         if self._engine is None:
             sampling = self.sampling
             self._engine = RolloutEngine(
-                compile=sampling.engine_compile, attention=sampling.engine_attention, pack=sampling.engine_pack
+                compile=sampling.engine_compile, attention=sampling.engine_attention, pack=sampling.engine_pack,
+                linear=sampling.engine_linear,
             )
         return self._engine
 

@@ -23,11 +23,21 @@ def test_a_triton_launch_from_the_kernel_sweep_picks_triton_at_that_configuratio
         compile="fused", pack=True, attention="triton", triton_launch="triton_s64_b64_w8_p2")
 
 
+def test_triton_projections_by_default_or_at_a_launch_from_the_linear_sweep():
+    assert engine_options("fused+pack+triton+triton_lin") == dict(compile="fused", pack=True, attention="triton",
+                                                                  linear="triton")
+    assert engine_options("fused+pack+triton_s128_b32_w4_p1_m+triton_lin_n16_k256_s0_w4_p4") == dict(
+        compile="fused", pack=True, attention="triton", triton_launch="triton_s128_b32_w4_p1_m",
+        linear="triton_lin_n16_k256_s0_w4_p4")
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("fast", "unknown mode 'fast'"),
     ("fused+pack+pack", "unknown or repeated option 'pack'"),
     ("fused+triton+triton_s64_b64_w8_p2", "unknown or repeated option 'triton_s64_b64_w8_p2'"),
     ("fused+triton_s64_b48_w8_p2", "block and warps must be powers of 2"),
+    ("fused+pack+triton_lin+triton_lin", "unknown or repeated option 'triton_lin'"),
+    ("fused+pack+triton_lin_n8_k64_s0_w4_p3", "block_n must be a power of 2"),
 ])
 def test_a_wrong_entry_is_named(spec, message):
     with pytest.raises(ValueError, match=message):

@@ -12,7 +12,7 @@ from torch import nn
 import modules.engine as engine_module
 from bicot.loop import RowPlacement, rollout_phase
 from datamodules.records import PromptRecord
-from modules import decode_attention, janus_ops
+from modules import decode_attention, decode_linear, janus_ops
 from modules.engine import (
     RolloutEngine,
     _decode_layer,
@@ -387,6 +387,68 @@ def test_packed_weights_hold_the_autocast_copies_at_no_extra_memory_and_follow_u
     assert storage_bytes(weights["packed"]["copies"]) == storage_bytes(weights["separate"]["copies"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("compile", "attention"), [("off", "matmul"), ("fused", "triton")])
+@pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1")
+def test_triton_projections_sample_the_eager_tokens_and_logprobs(sharp_policy, monkeypatch, compile, attention):
+    """``linear="triton"``: the packed and the o/down projections in :mod:`modules.decode_linear`'s kernels, residual
+    adds and silu inside them (plain calls, and inside the compiled layer with the Triton attention)."""
+    kinds = set()
+
+    class Spy:  # records what each launch of the projection kernel computes
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kinds.add((kwargs["GATED"], kwargs["RESIDUAL"], kwargs["BLOCK_N"], kwargs["STAGES"]))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    kernel = decode_linear._linear
+    monkeypatch.setattr(decode_linear, "_linear", Spy())
+    engine, _, _, _ = fused_like_eager(sharp_policy, 12, compile=compile, attention=attention, pack=True,
+                                       linear="triton_lin_n16_k32_s2_w4_p2")
+    plans_like_eager(engine, sharp_policy, 6)
+    # q/k/v plain, o and down with the residual, gate/up gated: every projection of the layer, at that launch
+    assert kinds == {(False, False, 16, 2), (False, True, 16, 2), (True, False, 16, 2)}
+    assert pickle.loads(pickle.dumps(engine)).linear_launch == decode_linear.LinearLaunch(16, 32, 2, 4, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1")
+def test_triton_projections_under_autocast_read_the_bf16_copies_and_leave_lora_to_its_modules(tiny_janus_dir):
+    """Under autocast the kernels read the engine's bf16 copies (packed) and give the teacher-forced log-probs of
+    the live weights; a LoRA-wrapped projection keeps its module's call (its layer's q/k/v are not packed)."""
+    from modules.lora import LoraSpec
+
+    policy = JanusPolicy(str(tiny_janus_dir), lora=LoraSpec(r=2, target_modules=["q_proj", "o_proj"]))
+    ctx = policy.image_context(PROMPTS, None)
+    engine = RolloutEngine(pack=True, linear="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = images(engine.sample_image_tokens, policy, ctx, 14, n=8)
+        forced = janus_ops.image_logprobs(policy.model, ctx.cond_ids, ctx.cond_mask, out.tokens, 1.0, None, 3.0)
+    close(out.logp_conditional, forced.detach(), atol=BF16_ATOL)
+    a = images(janus_ops.sample_image_tokens, policy, ctx, 15, n=8)
+    b = images(engine.sample_image_tokens, policy, ctx, 15, n=8)  # float32: the eager loop's tokens
+    assert torch.equal(a.tokens, b.tokens)
+    close(b.logp_guided, a.logp_guided)
+
+
+def test_triton_projections_are_checked_when_the_engine_is_made_and_bound(sharp_policy, monkeypatch):
+    if not decode_attention.available():
+        pytest.skip("needs the triton package")
+    with pytest.raises(ValueError, match="needs pack=True"):
+        RolloutEngine(linear="triton")
+    with pytest.raises(ValueError, match="needs pack=True .* and weight_copy=True"):
+        RolloutEngine(linear="triton", pack=True, weight_copy=False)
+    with pytest.raises(ValueError, match="engine linear must be 'torch', 'triton' or a launch name"):
+        RolloutEngine(linear="cublas", pack=True)
+    assert RolloutEngine(linear="triton", pack=True).linear_launch is None  # decode_linear's defaults
+    monkeypatch.setattr(sharp_policy.model.model.language_model.config, "hidden_act", "gelu")
+    with pytest.raises(ValueError, match="silu in its kernel; this model's is 'gelu'"):
+        images(RolloutEngine(linear="triton", pack=True).sample_image_tokens, sharp_policy,
+               sharp_policy.image_context(PROMPTS, None), 1, n=2)
+
+
 def test_lora_wrapped_projections_are_not_packed(tiny_janus_dir):
     from modules.engine import _packable
     from modules.lora import LoraSpec
@@ -624,7 +686,16 @@ def test_sampling_config_chooses_the_engine_compile_mode(sharp_policy):
                                            engine_pack=True)
     sharp_policy._engine = None
     engine = sharp_policy._sampler()
-    assert (engine.compile, engine.attention, engine.pack) == ("cudagraphs", "sdpa", True)
+    assert (engine.compile, engine.attention, engine.pack, engine.linear) == ("cudagraphs", "sdpa", True, "torch")
+    with pytest.raises(ValueError, match="engine_linear triton needs sampling.engine_pack: true"):
+        SamplingConfig(engine="static", engine_linear="triton")
+    with pytest.raises(ValueError, match="sampling.engine_linear must be torch, triton or a launch name"):
+        SamplingConfig(engine="static", engine_linear="triton_lin_n8", engine_pack=True)
+    if decode_attention.available():
+        name = "triton_lin_n16_k64_s0_w4_p3"
+        sharp_policy.sampling = SamplingConfig(engine="static", engine_pack=True, engine_linear=name)
+        sharp_policy._engine = None
+        assert sharp_policy._sampler().linear_launch == decode_linear.LinearLaunch.parse(name)
 
 
 def test_triton_attention_without_triton_is_refused_when_configured(monkeypatch):
@@ -807,22 +878,24 @@ def cuda_images(fn, policy, ctx, seed=0):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    ("mode", "attention", "pack"),
+    ("mode", "attention", "pack", "linear"),
     [
-        ("cudagraphs", "matmul", False),
-        ("fused", "matmul", False),
-        ("fused", "reduce", False),
-        ("fused", "sdpa", False),
-        ("fused", "matmul", True),
-        ("cudagraphs", "triton", False),
-        ("fused", "triton", False),
-        ("reduce-overhead", "matmul", False),
+        ("cudagraphs", "matmul", False, "torch"),
+        ("fused", "matmul", False, "torch"),
+        ("fused", "reduce", False, "torch"),
+        ("fused", "sdpa", False, "torch"),
+        ("fused", "matmul", True, "torch"),
+        ("cudagraphs", "triton", False, "torch"),
+        ("fused", "triton", False, "torch"),
+        ("cudagraphs", "matmul", True, "triton"),  # modules/decode_linear.py's projections
+        ("fused", "triton", True, "triton"),
+        ("reduce-overhead", "matmul", False, "torch"),
     ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode, attention, pack):
+def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtype, mode, attention, pack, linear):
     policy = JanusPolicy(str(tiny_janus_dir), dtype=dtype).to("cuda")
-    engine = RolloutEngine(compile=mode, attention=attention, pack=pack)
+    engine = RolloutEngine(compile=mode, attention=attention, pack=pack, linear=linear)
     ctx = policy.image_context(PROMPTS, None)
 
     from torch._dynamo.utils import counters
@@ -851,18 +924,19 @@ def test_cuda_graph_capture_and_replay_match_the_eager_loop(tiny_janus_dir, dtyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    ("mode", "attention", "pack"),
+    ("mode", "attention", "pack", "linear"),
     [
-        ("cudagraphs", "matmul", False),
-        ("fused", "matmul", False),
-        ("fused", "matmul", True),
-        ("fused", "auto", True),  # configs/janus_pro_1b_1gpu.yaml's engine, in its training setting
+        ("cudagraphs", "matmul", False, "torch"),
+        ("fused", "matmul", False, "torch"),
+        ("fused", "matmul", True, "torch"),
+        ("fused", "auto", True, "torch"),  # configs/janus_pro_1b_1gpu.yaml's engine, in its training setting
+        ("fused", "auto", True, "triton"),  # the same with modules/decode_linear.py's projections
     ],
 )
-def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir, mode, attention, pack):
+def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_dir, mode, attention, pack, linear):
     """bf16-mixed training: fp32 weights, autocast rollouts, an optimizer step between rollouts."""
     policy = JanusPolicy(str(tiny_janus_dir), dtype="float32").to("cuda")
-    engine = RolloutEngine(compile=mode, attention=attention, pack=pack)
+    engine = RolloutEngine(compile=mode, attention=attention, pack=pack, linear=linear)
     assert engine.attention_on(torch.device("cuda")) == ("triton" if attention == "auto" else attention)
     ctx = policy.image_context(PROMPTS, None)
 
