@@ -18,7 +18,7 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
   (``N`` output columns and ``K`` inner elements per block, ``S`` splits of the inner dimension, 0 for enough
   programs for every SM, ``W`` warps, ``P`` stages), with the residual adds and the MLP's activation inside the
   kernels (four kernels per layer where cuBLAS runs four matmuls, two copies and an activation). The default
-  configuration, and with ``--linear-sweep`` 16 more (columns 16/32/64, inner blocks 64/128/256, 3 or 4 stages;
+  configuration, and with ``--linear-sweep`` 17 more (columns 32/64/128, inner blocks 64/128/256, 3 or 4 stages;
   ``--linear-launches`` names others). Needs the triton package and a CUDA device (or the interpreter);
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
@@ -220,7 +220,7 @@ def linear_launches(args) -> list:
         return [Launch.parse(name) for name in args.linear_launches.split(",") if name]
     if not args.linear_sweep:
         return [Launch()]
-    grid = [Launch(block_n=n, block_k=k, stages=p) for n in (16, 32, 64) for k in (64, 128, 256) for p in (3, 4)]
+    grid = [Launch(block_n=n, block_k=k, stages=p) for n in (32, 64, 128) for k in (64, 128, 256) for p in (3, 4)]
     return list(dict.fromkeys([Launch(), *grid]))
 
 
@@ -320,15 +320,31 @@ def best_triton(timings: dict) -> tuple[str | None, dict]:
     return (min(total, key=total.get) if total else None), total
 
 
-def timings_from_log(path) -> dict:
-    """``{window: {impl: us}}`` from this script's output (a run cut short counts what it printed)."""
+def timings_from_log(path, part: str = "attention") -> dict:
+    """``{window: {impl: us}}`` from this script's output (a run cut short counts what it printed); for the
+    ``linear`` part, ``{impl: us}``."""
     timings = {}
     for line in Path(path).read_text().splitlines():
         if line.startswith("{"):
             entry = json.loads(line)
-            if entry.get("part") == "attention" and "us_per_step" in entry:
+            if entry.get("part") != part or "us_per_step" not in entry:
+                continue
+            if part == "linear":
+                timings[entry["impl"]] = entry["us_per_step"]
+            else:
                 timings.setdefault(entry["window"], {})[entry["impl"]] = entry["us_per_step"]
     return timings
+
+
+def best_linear(timings: dict) -> str | None:
+    """The fastest Triton projections (``triton_lin_...``) of ``{impl: us}``, where they beat every other
+    implementation (cuBLAS's); else ``None``."""
+    ours = {name: us for name, us in timings.items() if name.startswith("triton_lin_")}
+    if not ours:
+        return None
+    best = min(ours, key=ours.get)
+    others = [us for name, us in timings.items() if name not in ours]
+    return best if all(ours[best] < us for us in others) else None
 
 
 def report_best(timings: dict, measure: str = "triton_best_overall", **label) -> str | None:

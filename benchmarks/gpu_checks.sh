@@ -16,10 +16,11 @@
 # `sweep` times the triton attention's launch configurations against each other and matmul (decode_kernels.py
 # --triton-sweep at SWEEP_WINDOWS, default 384,640: the image stage's mean and late windows at the 1B shape); its
 # triton_best names go into COMPILE_1B as they are, e.g. COMPILE_1B=fused+pack+triton,fused+pack+triton_s64_b64_w8_p2;
-# `tune1b` runs `sweep`, then `rollout1b` with COMPILE_1B=fused+pack+triton,fused+pack+<the engine's launch with
-# the loop before (_m)>,fused+pack+<the sweep's best over its windows>,fused+pack+triton+triton_lin,fused: the
-# engine's configuration against the kernel before, the best, and the Triton projections (modules/decode_linear.py)
-# in one process (the sweep's answer, timed whole);
+# `tune1b` runs `sweep` (with the Triton projections' launch configurations, --linear-sweep), then `rollout1b` with
+# COMPILE_1B=fused+pack+triton,fused+pack+<the engine's launch with the loop before (_m)>,fused+pack+<the sweep's
+# best attention over its windows>,fused+pack+<that>+<the best Triton projections where they beat cuBLAS, else
+# triton_lin>,fused: the engine's configuration against the kernel before, the best, and the Triton projections
+# (modules/decode_linear.py) in one process (the sweep's answer, timed whole);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0 (minutes of compiling), and the
 # Triton projections (modules/decode_linear.py) at 18 launch configurations unless LINEAR_SWEEP=0.
@@ -53,7 +54,7 @@ rollout1b() {  # engines (benchmarks/rollout.py --compile)
 }
 
 sweep() {
-    run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
+    run sweep "${LIMIT_SWEEP:-300}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" --triton-sweep --linear-sweep --windows "${SWEEP_WINDOWS:-384,640}" --reps 20
 }
 
 for part in $parts; do
@@ -68,9 +69,12 @@ for part in $parts; do
         best=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
 from decode_kernels import best_triton, timings_from_log
 print(best_triton(timings_from_log(sys.argv[1]))[0] or "")' "$out/sweep.log")
+        lin=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
+from decode_kernels import best_linear, timings_from_log
+print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$out/sweep.log")
         before=$($py -c 'from modules.decode_attention import Launch; print(Launch(lanes=False).name)')
-        echo "tune1b: the sweep's best: ${best:-none}; the loop before: $before"
-        rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+triton+triton_lin,fused" ;;
+        echo "tune1b: the sweep's best attention: ${best:-none}, projections: $lin; the loop before: $before"
+        rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${best:-triton}+$lin,fused" ;;
     sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-cudagraphs,fused}" ;;

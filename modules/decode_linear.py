@@ -47,7 +47,8 @@ class LinearLaunch(NamedTuple):
     splits of :func:`auto_split`)."""
 
     # the op's defaults: decode_linear's signature spells them out (a custom op's schema needs literals)
-    block_n: int = 32  # output columns per program
+    block_n: int = 64  # output columns per program (the input is read once per column block: 32 rows / 64 columns
+    # reads half as many bytes of input, from L2, as of weights)
     block_k: int = 128  # inner-dimension elements per loop iteration
     split_k: int = 0  # programs along the inner dimension (> 1: a second kernel sums their parts); 0: auto_split
     warps: int = 4
@@ -173,9 +174,10 @@ def _processors(device: torch.device) -> int:
 
 
 def auto_split(tiles: int, inner: int, block_k: int, device: torch.device) -> int:
-    """``split_k=0``: the fewest splits of the inner dimension that give every processor (SM) of ``device`` two
-    programs, ``tiles`` being the output tiles, and no split shorter than 4 blocks of ``block_k``."""
-    wanted = triton.cdiv(2 * _processors(device), tiles)
+    """``split_k=0``: the fewest splits of the inner dimension that give every processor (SM) of ``device`` a
+    program, ``tiles`` being the output tiles, and no split shorter than 4 blocks of ``block_k``. (Splits do not
+    read more input or weights; their float32 sums cost ``splits * rows * columns * 8`` bytes.)"""
+    wanted = triton.cdiv(_processors(device), tiles)
     return max(1, min(wanted, inner // (4 * block_k)))
 
 
@@ -185,7 +187,7 @@ def decode_linear(
     weight: torch.Tensor,
     residual: torch.Tensor | None = None,
     gated: bool = False,
-    block_n: int = 32,
+    block_n: int = 64,
     block_k: int = 128,
     split_k: int = 0,
     warps: int = 4,
@@ -228,7 +230,7 @@ def decode_linear(
 
 
 @decode_linear.register_fake
-def _(x, weight, residual=None, gated=False, block_n=32, block_k=128, split_k=0, warps=4, stages=3):
+def _(x, weight, residual=None, gated=False, block_n=64, block_k=128, split_k=0, warps=4, stages=3):
     cols = weight.shape[0] // 2 if gated else weight.shape[0]
     dtype = residual.dtype if residual is not None else weight.dtype
     return x.new_empty(x.shape[0], cols, dtype=dtype)

@@ -168,3 +168,21 @@ def test_a_sweep_cut_short_is_ranked_from_its_log(tmp_path):
     assert timings == {384: {"matmul": 9.0, "triton_n4_b32_w2_p2": 3.0, "triton_s64_b32_w2_p1": 1.0},
                        640: {"matmul": 9.0, "triton_n4_b32_w2_p2": 5.0}}
     assert dk.best_triton(timings) == ("triton_n4_b32_w2_p2", {"triton_n4_b32_w2_p2": 8.0})
+
+
+def test_the_best_triton_projections_are_named_only_where_they_beat_cublas(tmp_path):
+    lines = [{"measure": "decode_kernels", "part": "linear", "impl": impl, "us_per_step": us}
+             for impl, us in [("separate", 900.0), ("packed", 800.0), ("triton_lin_n64_k128_s0_w4_p3", 700.0),
+                              ("triton_lin_n32_k64_s0_w4_p4", 650.0)]]
+    lines.append({"measure": "decode_kernels", "part": "linear", "impl": "triton_lin_n128_k256_s0_w4_p4",
+                  "error": "OutOfResources: out of resource: shared memory"})
+    lines.append({"measure": "decode_kernels", "part": "attention", "impl": "matmul", "window": 384, "us_per_step": 9.0})
+    log = tmp_path / "sweep.log"
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    timings = dk.timings_from_log(log, "linear")
+    assert timings == {"separate": 900.0, "packed": 800.0, "triton_lin_n64_k128_s0_w4_p3": 700.0,
+                       "triton_lin_n32_k64_s0_w4_p4": 650.0}
+    assert dk.best_linear(timings) == "triton_lin_n32_k64_s0_w4_p4"
+    assert dk.best_linear({**timings, "packed": 600.0}) is None  # cuBLAS faster: none
+    assert dk.best_linear({"packed": 1.0}) is None
+    assert dk.timings_from_log(log) == {384: {"matmul": 9.0}}  # the attention part, by window

@@ -97,10 +97,11 @@ def test_a_float32_input_and_residual_with_bfloat16_weights_is_autocasts_arithme
     assert excess.max() <= 1e-6, excess.max()
 
 
-def test_the_automatic_split_gives_every_processor_two_programs_and_no_split_under_four_blocks():
+def test_the_automatic_split_gives_every_processor_a_program_and_no_split_under_four_blocks():
     auto, cpu = decode_linear.auto_split, torch.device("cpu")  # 8 processors on CPU (the interpreter)
-    assert auto(16, 2048, 128, cpu) == 1  # 16 tiles already give 8 processors two each
-    assert auto(2, 2048, 128, cpu) == 4  # 8 parts needed, 4 of 4 blocks each allowed
+    assert auto(8, 2048, 128, cpu) == 1  # 8 tiles already give 8 processors one each
+    assert auto(3, 4096, 128, cpu) == 3
+    assert auto(1, 2048, 128, cpu) == 4  # 8 parts wanted, 4 of 4 blocks each allowed
     assert auto(1, 256, 128, cpu) == 1  # too short to split
 
 
