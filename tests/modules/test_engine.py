@@ -405,9 +405,9 @@ def test_triton_projections_sample_the_eager_tokens_and_logprobs(sharp_policy, m
 
     kernel = decode_linear._linear
     monkeypatch.setattr(decode_linear, "_linear", Spy())
-    engine, _, _, _ = fused_like_eager(sharp_policy, 12, compile=compile, attention=attention, pack=True,
+    engine, _, _, _ = fused_like_eager(sharp_policy, 8, compile=compile, attention=attention, pack=True,
                                        linear="triton_lin_n16_k32_s2_w4_p2")
-    plans_like_eager(engine, sharp_policy, 6)
+    plans_like_eager(engine, sharp_policy, 4)
     # q/k/v plain, o and down with the residual, gate/up gated: every projection of the layer, at that launch
     assert kinds == {(False, False, 16, 2), (False, True, 16, 2), (True, False, 16, 2)}
     assert pickle.loads(pickle.dumps(engine)).linear_launch == decode_linear.LinearLaunch(16, 32, 2, 4, 2)
@@ -812,7 +812,7 @@ def test_a_triton_launch_configuration_reaches_the_kernels(sharp_policy, monkeyp
     and inside the compiled layer), with the eager loop's tokens and log-probs."""
     spy = LaunchSpy(decode_attention._partial)
     monkeypatch.setattr(decode_attention, "_partial", spy)
-    engine, _, _, _ = fused_like_eager(sharp_policy, 20, compile=compile, attention=attention, triton_launch=launch)
+    engine, _, _, _ = fused_like_eager(sharp_policy, 8, compile=compile, attention=attention, triton_launch=launch)
     expected = decode_attention.Launch.parse(launch)
     assert spy.launches == {(expected.block, expected.stages, expected.warps, expected.lanes)}
     assert pickle.loads(pickle.dumps(engine)).triton_launch == launch
