@@ -468,7 +468,8 @@ class RolloutEngine:
             (cuBLAS on a GPU). ``triton``, or a launch configuration's name ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``
             (:class:`modules.decode_linear.LinearLaunch`): :mod:`modules.decode_linear`'s kernels for the packed
             q/k/v and gate/up matrices and the plain o/down projections, the residual adds and the MLP's
-            activation inside them (four kernels per layer). Needs ``pack`` and ``weight_copy`` (under autocast
+            activation inside them (four kernels per layer, and one more per projection whose inner dimension
+            is split across programs: up to eight, as cuBLAS's path has). Needs ``pack`` and ``weight_copy`` (under autocast
             the kernels read the autocast copies) and the triton package; CUDA only (CPU: Triton's interpreter,
             for tests). Whether it beats cuBLAS is what ``benchmarks/decode_kernels.py --linear-sweep`` measures.
     """

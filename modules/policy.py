@@ -137,6 +137,10 @@ class SamplingConfig:
             if not self.engine_pack:
                 raise ValueError("sampling.engine_linear triton needs sampling.engine_pack: true (its kernels read the "
                                  "packed q/k/v and gate/up matrices)")
+            if self.engine == "static":
+                from modules.decode_linear import require
+
+                require()  # a clear error now, not at the first rollout
 
 
 @dataclass

@@ -698,12 +698,16 @@ def test_sampling_config_chooses_the_engine_compile_mode(sharp_policy):
         assert sharp_policy._sampler().linear_launch == decode_linear.LinearLaunch.parse(name)
 
 
-def test_triton_attention_without_triton_is_refused_when_configured(monkeypatch):
+def test_triton_kernels_without_triton_are_refused_when_configured(monkeypatch):
     monkeypatch.setattr(decode_attention, "triton", None)
+    monkeypatch.setattr(decode_linear, "triton", None)
     with pytest.raises(RuntimeError, match="engine attention 'triton' needs the triton package"):
         SamplingConfig(engine="static", engine_attention="triton")
     SamplingConfig(engine="eager", engine_attention="triton")  # not used by the eager loop: no error
     SamplingConfig(engine="static", engine_attention="auto")  # auto falls back to matmul: no error
+    with pytest.raises(RuntimeError, match="engine linear 'triton' needs the triton package"):
+        SamplingConfig(engine="static", engine_linear="triton", engine_pack=True)
+    SamplingConfig(engine="eager", engine_linear="triton", engine_pack=True)
 
 
 # --------------------------------------------------------------------------- compiled steps
