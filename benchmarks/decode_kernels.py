@@ -17,7 +17,8 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
 - ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``: the packed weights through ``modules.decode_linear``'s Triton kernel
   (``N`` output columns and ``K`` inner elements per block, ``S`` splits of the inner dimension, 0 for enough
   programs for every SM, ``W`` warps, ``P`` stages), with the residual adds and the MLP's activation inside the
-  kernels (four kernels per layer where cuBLAS runs four matmuls, two copies and an activation). The default
+  kernels (four kernels per layer, and a summing kernel per projection whose inner dimension is split, where
+  cuBLAS runs four matmuls, a split-K sum, two copies and an activation). The default
   configuration, and with ``--linear-sweep`` 17 more (columns 32/64/128, inner blocks 64/128/256, 3 or 4 stages;
   ``--linear-launches`` names others). Needs the triton package and a CUDA device (or the interpreter);
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
@@ -105,7 +106,7 @@ def parse_args() -> argparse.Namespace:
                         help="the Triton projections at 18 launch configurations (default: decode_linear's own)")
     parser.add_argument("--linear-launches", default=None,
                         help="the Triton projections at these launch configurations, comma-separated names "
-                             "triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>"),
+                             "triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>")
     parser.add_argument("--triton-splits", default=None,
                         help="cache slots per program of the triton attention, comma-separated (default 64,128,256,1024; "
                              "one that covers the window runs one kernel, not two)")
