@@ -42,6 +42,9 @@ def require() -> None:
                            "ship it); linear 'torch' does not")
 
 
+MAX_ROWS = 64  # rows per program; more rows read the weights once per 64 (the engine then uses F.linear instead)
+
+
 class LinearLaunch(NamedTuple):
     """A launch configuration, named ``triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>_p<stages>`` (``s0``: the
     splits of :func:`auto_split`)."""
@@ -206,7 +209,7 @@ def decode_linear(
     cols = weight.shape[0] // 2 if gated else weight.shape[0]
     dtype = residual.dtype if residual is not None else weight.dtype
     out = torch.empty(rows, cols, dtype=dtype, device=x.device)
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_m = max(16, min(MAX_ROWS, triton.next_power_of_2(rows)))
     split_k = split_k or auto_split(triton.cdiv(cols, block_n) * triton.cdiv(rows, block_m), inner, block_k, x.device)
     k_len = triton.cdiv(triton.cdiv(inner, split_k), block_k) * block_k  # whole blocks per split
     splits = triton.cdiv(inner, k_len)

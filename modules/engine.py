@@ -226,6 +226,9 @@ def _project_triton(x, weight, residual=None, gated=False, launch=None) -> torch
     return torch.ops.bicot.decode_linear(x, weight, residual, gated, *(launch or ()))
 
 
+PROJECT_MAX_ROWS = 64  # modules.decode_linear.MAX_ROWS (not imported here: it needs no Triton import)
+
+
 def _plain_linear(module) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
@@ -257,8 +260,11 @@ def _decode_layer(
     ``qkv``/``gate_up``: the layer's q, k, v (gate, up) weights packed into one matrix
     (``RolloutEngine(pack=True)``), one matmul instead of three (two); ``None``: the modules' own calls.
     ``project``: :func:`_project_triton` (``RolloutEngine(linear="triton")``) for the packed matrices and the plain
-    o/down projections, with the residual adds and the activation inside its kernels; ``None``: ``F.linear``."""
+    o/down projections, with the residual adds and the activation inside its kernels, for up to
+    :data:`PROJECT_MAX_ROWS` rows; ``None`` (or more rows): ``F.linear``."""
     rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
+    if project is not None and rows > PROJECT_MAX_ROWS:
+        project = None  # the Triton projections would read the weights once per 64 rows: cuBLAS reads them once
     attn = layer.self_attn
     h = _rms_norm(layer.input_layernorm, x)
     if qkv is None:

@@ -387,30 +387,54 @@ def test_packed_weights_hold_the_autocast_copies_at_no_extra_memory_and_follow_u
     assert storage_bytes(weights["packed"]["copies"]) == storage_bytes(weights["separate"]["copies"])
 
 
+class LaunchSpy:
+    """Stands in for a Triton kernel (``decode_attention._partial`` by default fields: its block, stages, warps and
+    loop): records each launch's ``fields``, then launches."""
+
+    def __init__(self, kernel, fields=("BLOCK", "STAGES", "num_warps", "LANES")):
+        self.kernel, self.fields, self.launches = kernel, fields, set()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.add(tuple(kwargs[field] for field in self.fields))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("compile", "attention"), [("off", "matmul"), ("fused", "triton")])
 @pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1")
 def test_triton_projections_sample_the_eager_tokens_and_logprobs(sharp_policy, monkeypatch, compile, attention):
     """``linear="triton"``: the packed and the o/down projections in :mod:`modules.decode_linear`'s kernels, residual
     adds and silu inside them (plain calls, and inside the compiled layer with the Triton attention)."""
-    kinds = set()
-
-    class Spy:  # records what each launch of the projection kernel computes
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                kinds.add((kwargs["GATED"], kwargs["RESIDUAL"], kwargs["BLOCK_N"], kwargs["STAGES"]))
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    kernel = decode_linear._linear
-    monkeypatch.setattr(decode_linear, "_linear", Spy())
+    spy = LaunchSpy(decode_linear._linear, ("GATED", "RESIDUAL", "BLOCK_N", "STAGES"))
+    monkeypatch.setattr(decode_linear, "_linear", spy)
     engine, _, _, _ = fused_like_eager(sharp_policy, 8, compile=compile, attention=attention, pack=True,
                                        linear="triton_lin_n16_k32_s2_w4_p2")
     plans_like_eager(engine, sharp_policy, 4)
     # q/k/v plain, o and down with the residual, gate/up gated: every projection of the layer, at that launch
-    assert kinds == {(False, False, 16, 2), (False, True, 16, 2), (True, False, 16, 2)}
+    assert spy.launches == {(False, False, 16, 2), (False, True, 16, 2), (True, False, 16, 2)}
     assert pickle.loads(pickle.dumps(engine)).linear_launch == decode_linear.LinearLaunch(16, 32, 2, 4, 2)
+
+
+@pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1")
+def test_triton_projections_leave_more_rows_than_one_block_to_cublas(sharp_policy, monkeypatch):
+    """Past ``decode_linear.MAX_ROWS`` rows the kernels would read the weights once per block of rows: the step
+    uses ``F.linear`` there (6 rows here, against a limit lowered to 4)."""
+    from modules import engine as engine_module
+
+    assert engine_module.PROJECT_MAX_ROWS == decode_linear.MAX_ROWS
+    spy = LaunchSpy(decode_linear._linear, ("GATED",))
+    monkeypatch.setattr(decode_linear, "_linear", spy)
+    monkeypatch.setattr(engine_module, "PROJECT_MAX_ROWS", 4)
+    ctx = sharp_policy.image_context(PROMPTS, None)  # 3 prompts with CFG: 6 rows
+    a = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 3, n=4)
+    b = images(RolloutEngine(pack=True, linear="triton").sample_image_tokens, sharp_policy, ctx, 3, n=4)
+    assert torch.equal(a.tokens, b.tokens) and not spy.launches
+    monkeypatch.setattr(engine_module, "PROJECT_MAX_ROWS", 64)
+    images(RolloutEngine(pack=True, linear="triton").sample_image_tokens, sharp_policy, ctx, 3, n=2)
+    assert spy.launches == {(False,), (True,)}  # the same rows under the real limit: the kernels
 
 
 @pytest.mark.slow
@@ -790,21 +814,6 @@ def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_p
     assert torch.equal(rollout().tokens, eager.tokens) and graphs.captures == 1 and _layer_compiles() == 1
     plans_like_eager(engine, sharp_policy, 8)
     assert engine.stats.variants == 2 and graphs.captures == 2
-
-
-class LaunchSpy:
-    """Stands in for ``decode_attention._partial``: records each launch's block, stages, warps and loop, then
-    launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, set()
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.add((kwargs["BLOCK"], kwargs["STAGES"], kwargs["num_warps"], kwargs["LANES"]))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
 
 
 @pytest.mark.slow
