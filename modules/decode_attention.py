@@ -120,18 +120,18 @@ def interpreted() -> bool:
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def require() -> None:
-    """Raise a clear error where Triton is missing."""
+def require(what: str = "attention", others: str = "matmul, reduce, sdpa") -> None:
+    """Raise a clear error where Triton is missing for the engine's ``what`` (``attention`` or ``linear``)."""
     if triton is None:
         raise RuntimeError(
-            "engine attention 'triton' needs the triton package (pip install triton; CUDA builds of torch ship it). "
-            "Other choices: matmul, reduce, sdpa."
+            f"engine {what} 'triton' needs the triton package (pip install triton; CUDA builds of torch ship it). "
+            f"Other choices: {others}."
         )
 
 
 def check_device(device: torch.device, what: str = "attention", others: str = "matmul, reduce, sdpa") -> None:
     """Raise a clear error where ``attention="triton"`` (or the engine's ``what``) cannot run on ``device``."""
-    require()
+    require(what, others)
     if device.type != "cuda" and not interpreted():
         raise RuntimeError(
             f"engine {what} 'triton' runs on CUDA devices, not {device.type} (on CPU only Triton's interpreter "

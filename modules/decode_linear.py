@@ -35,13 +35,6 @@ if triton is not None:
     import triton.language as tl
 
 
-def require() -> None:
-    """Raise a clear error where Triton is missing."""
-    if triton is None:
-        raise RuntimeError("engine linear 'triton' needs the triton package (pip install triton; CUDA builds of torch "
-                           "ship it); linear 'torch' does not")
-
-
 MAX_ROWS = 64  # rows per program; more rows read the weights once per 64 (the engine then uses F.linear instead)
 
 
@@ -56,6 +49,17 @@ class LinearLaunch(NamedTuple):
     split_k: int = 0  # programs along the inner dimension (> 1: a second kernel sums their parts); 0: auto_split
     warps: int = 4
     stages: int = 3  # blocks of weights in flight per program
+
+    @classmethod
+    def of(cls, choice: str) -> LinearLaunch | None:
+        """The launch of a Triton ``linear`` choice: ``None`` for ``triton`` (the defaults), else the parsed name; a
+        ``ValueError`` that names the choices for anything else (``torch`` is not a Triton choice)."""
+        if choice == "triton":
+            return None
+        try:
+            return cls.parse(choice)
+        except ValueError as error:
+            raise ValueError(f"linear must be torch, triton or a launch name ({error})") from None
 
     @classmethod
     def parse(cls, name: str) -> LinearLaunch:

@@ -348,16 +348,13 @@ class StepParts:
     inductor on its own ("regional" compilation: the 24 or 30 decoder layers share one compiled layer, so a
     window costs a few small compiles instead of one of the whole unrolled model)."""
 
-    def __init__(self, wrap=None, attention: str = "matmul", launch=None, linear: str = "torch",
-                 linear_launch=None) -> None:
+    def __init__(self, wrap=None, attention: str = "matmul", launch=None, project=None) -> None:
         wrap = wrap or (lambda fn: fn)
         self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
         self.attention, self.attend = attention, ATTENTION[attention]  # attend: an argument of the layer
         if attention == "triton" and launch is not None:  # another launch configuration than the module's
             self.attend = functools.partial(_attend_triton, launch=launch)
-        self.project = None  # linear="torch": F.linear and the modules' calls
-        if linear != "torch":
-            self.project = functools.partial(_project_triton, launch=linear_launch)
+        self.project = project  # an argument of the layer: None (F.linear and the modules' calls) or the Triton one
         self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
 
 
@@ -509,21 +506,20 @@ class RolloutEngine:
             self.launch = Launch.parse(triton_launch)  # a clear error now, not at the first step
         self.linear_launch = None  # linear="triton_lin_...": the parsed launch (None: decode_linear's defaults)
         if linear != "torch":
-            from modules import decode_linear  # registers bicot::decode_linear
+            from modules import decode_attention, decode_linear  # registers bicot::decode_linear
 
-            if linear != "triton":
-                try:
-                    self.linear_launch = decode_linear.LinearLaunch.parse(linear)
-                except ValueError as error:
-                    raise ValueError(f"engine linear must be 'torch', 'triton' or a launch name: {error}") from None
-            decode_linear.require()
+            try:
+                self.linear_launch = decode_linear.LinearLaunch.of(linear)
+            except ValueError as error:
+                raise ValueError(f"engine {error}") from None
+            decode_attention.require("linear", "torch")
             if not (pack and weight_copy):
                 raise ValueError(
                     "engine linear 'triton' needs pack=True (its kernels read the packed q/k/v and gate/up matrices) "
                     "and weight_copy=True (under autocast they read the autocast copies)"
                 )
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
-        self.pack, self.triton_launch, self.linear = pack, triton_launch, linear
+        self.pack, self.linear = pack, linear
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
@@ -541,7 +537,6 @@ class RolloutEngine:
             "weight_copy": self.weight_copy,
             "attention": self.attention,
             "pack": self.pack,
-            "triton_launch": self.triton_launch,
             "launch": self.launch,
             "linear": self.linear,
             "linear_launch": self.linear_launch,
@@ -554,6 +549,11 @@ class RolloutEngine:
             "_auto_cuda": None,
             "_packed": None,
         }
+
+    @property
+    def triton_launch(self) -> str | None:
+        """The Triton attention's launch configuration by name (``None``: decode_attention's defaults)."""
+        return None if self.launch is None else self.launch.name
 
     def release(self) -> None:
         """Free the KV and step buffers and the hand-captured graphs that read them.
@@ -817,11 +817,7 @@ class RolloutEngine:
         self.stats.steps += 1
 
     def _make(self, fn, model, consts: dict, mode: str, captured: bool, attention: str):
-        if mode in FUSED_MODES:
-            parts = self._fused_parts(mode, attention)
-        else:
-            parts = StepParts(attention=attention, launch=self.launch, linear=self.linear,
-                              linear_launch=self.linear_launch)
+        parts = self._fused_parts(mode, attention) if mode in FUSED_MODES else self._step_parts(None, attention)
         consts = {**consts, "parts": parts}
 
         def step(state: dict) -> None:
@@ -852,10 +848,13 @@ class RolloutEngine:
             options = dict(dynamic=None, fullgraph=True)
             if mode == "fused-autotune":
                 options["mode"] = "max-autotune-no-cudagraphs"  # the engine captures the graphs itself
-            compiled = lambda part: torch.compile(part, **options)  # noqa: E731
-            self._parts = StepParts(compiled, attention=attention, launch=self.launch, linear=self.linear,
-                                    linear_launch=self.linear_launch)
+            self._parts = self._step_parts(lambda part: torch.compile(part, **options), attention)
         return self._parts
+
+    def _step_parts(self, wrap, attention: str) -> StepParts:
+        """The step's parts with this engine's kernels: ``attention`` resolved, the Triton launches, ``linear``."""
+        project = None if self.linear == "torch" else functools.partial(_project_triton, launch=self.linear_launch)
+        return StepParts(wrap, attention=attention, launch=self.launch, project=project)
 
 
 def inductor_compiles(device: torch.device) -> bool:

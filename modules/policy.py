@@ -127,20 +127,18 @@ class SamplingConfig:
 
             require()  # a clear error now, not at the first rollout
         if self.engine_linear != "torch":
+            from modules.decode_attention import require
             from modules.decode_linear import LinearLaunch
 
-            if self.engine_linear != "triton":
-                try:
-                    LinearLaunch.parse(self.engine_linear)
-                except ValueError as error:
-                    raise ValueError(f"sampling.engine_linear must be torch, triton or a launch name: {error}") from None
+            try:
+                LinearLaunch.of(self.engine_linear)
+            except ValueError as error:
+                raise ValueError(f"sampling.engine_{error}") from None
             if not self.engine_pack:
                 raise ValueError("sampling.engine_linear triton needs sampling.engine_pack: true (its kernels read the "
                                  "packed q/k/v and gate/up matrices)")
             if self.engine == "static":
-                from modules.decode_linear import require
-
-                require()  # a clear error now, not at the first rollout
+                require("linear", "torch")  # a clear error now, not at the first rollout
 
 
 @dataclass

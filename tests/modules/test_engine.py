@@ -464,8 +464,10 @@ def test_triton_projections_are_checked_when_the_engine_is_made_and_bound(sharp_
         RolloutEngine(linear="triton")
     with pytest.raises(ValueError, match="needs pack=True .* and weight_copy=True"):
         RolloutEngine(linear="triton", pack=True, weight_copy=False)
-    with pytest.raises(ValueError, match="engine linear must be 'torch', 'triton' or a launch name"):
+    with pytest.raises(ValueError, match="engine linear must be torch, triton or a launch name .*got 'cublas'"):
         RolloutEngine(linear="cublas", pack=True)
+    with pytest.raises(ValueError, match="block_n must be a power of 2"):
+        RolloutEngine(linear="triton_lin_n8_k64_s0_w4_p3", pack=True)
     assert RolloutEngine(linear="triton", pack=True).linear_launch is None  # decode_linear's defaults
     monkeypatch.setattr(sharp_policy.model.model.language_model.config, "hidden_act", "gelu")
     with pytest.raises(ValueError, match="silu in its kernel; this model's is 'gelu'"):
@@ -724,12 +726,11 @@ def test_sampling_config_chooses_the_engine_compile_mode(sharp_policy):
 
 def test_triton_kernels_without_triton_are_refused_when_configured(monkeypatch):
     monkeypatch.setattr(decode_attention, "triton", None)
-    monkeypatch.setattr(decode_linear, "triton", None)
     with pytest.raises(RuntimeError, match="engine attention 'triton' needs the triton package"):
         SamplingConfig(engine="static", engine_attention="triton")
     SamplingConfig(engine="eager", engine_attention="triton")  # not used by the eager loop: no error
     SamplingConfig(engine="static", engine_attention="auto")  # auto falls back to matmul: no error
-    with pytest.raises(RuntimeError, match="engine linear 'triton' needs the triton package"):
+    with pytest.raises(RuntimeError, match="engine linear 'triton' needs the triton package.*Other choices: torch"):
         SamplingConfig(engine="static", engine_linear="triton", engine_pack=True)
     SamplingConfig(engine="eager", engine_linear="triton", engine_pack=True)
 
