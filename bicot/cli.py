@@ -11,12 +11,14 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from bicot.checkpointing import read_checkpoint_meta, recover_checkpoint
 from bicot.grpo import BiCoTGRPO, NonFiniteError
+from callbacks.progress import step_bar_for
 from datamodules.prompts import PromptDataModule
 from modules.rewards.ensemble import RewardExpertError
 
@@ -109,6 +111,20 @@ class BiCoTCLI(LightningCLI):
             if logger.init_args.get("run_id") is None:
                 logger.init_args.run_id = run_id
                 self._resumed_run = run_id
+
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's trainer, with the step bar (callbacks/progress.py) in place of Lightning's default bar; a
+        progress bar named in the config's callbacks stays."""
+        given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        # read before the trainer exists: Lightning appends its own callbacks to this very list
+        given = [*(given if isinstance(given, list) else [given]), *(kwargs.get("callbacks") or [])]
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if bar is not None and not any(isinstance(c, ProgressBar) for c in given):
+            step_bar = step_bar_for(bar)
+            if step_bar is not None:
+                trainer.callbacks[trainer.callbacks.index(bar)] = step_bar
+        return trainer
 
     def before_fit(self) -> None:
         run_id = getattr(self, "_resumed_run", None)
