@@ -1,4 +1,5 @@
-"""FSDP2 on 2 and 4 CPU processes (gloo) takes the same steps as one process with the same seed."""
+"""FSDP2 on 2 and 4 CPU processes (gloo) takes the same steps as one process with the same seed, the static
+rollout engine (over the weights gathered for the rollout) included."""
 
 from __future__ import annotations
 
@@ -22,19 +23,22 @@ LORA_AND_CHECKPOINTING = (
     "--model.parallel.activation_checkpointing=true",
     "--model.lr=1e-2",
 )
+# the static-KV-cache engine in the FSDP2 processes only: against the eager loop of the single process
+STATIC_ENGINE = ("--model.policy.init_args.sampling.engine=static",)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("prompts", "processes", "extra"),
+    ("prompts", "processes", "extra", "sharded_only"),
     [
-        (2, 2, ()),
-        (1, 2, ()),  # 1 prompt: its group of 4 samples is split across the 2 processes
-        (2, 4, ()),
-        (2, 2, LORA_AND_CHECKPOINTING),  # LoRA (reference = adapters off) with activation checkpointing
+        (2, 2, (), ()),
+        (1, 2, (), ()),  # 1 prompt: its group of 4 samples is split across the 2 processes
+        (2, 4, (), ()),
+        (2, 2, LORA_AND_CHECKPOINTING, ()),  # LoRA (reference = adapters off) with activation checkpointing
+        (2, 2, (), STATIC_ENGINE),
     ],
 )
-def test_several_processes_match_one_process(tmp_path, prompts, processes, extra):
+def test_several_processes_match_one_process(tmp_path, prompts, processes, extra, sharded_only):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
@@ -42,7 +46,8 @@ def test_several_processes_match_one_process(tmp_path, prompts, processes, extra
     one = bicot("fit", *tiny_args(single, *common), cwd=single)
     assert one.returncode == 0, one.stderr[-3000:]
     fsdp = REPO / "configs" / "strategy" / "fsdp2.yaml"
-    two = bicot("fit", *tiny_args(double, *common), "-c", str(fsdp), f"--trainer.devices={processes}", cwd=double)
+    two = bicot("fit", *tiny_args(double, *common, *sharded_only), "-c", str(fsdp), f"--trainer.devices={processes}",
+                cwd=double)
     assert two.returncode == 0, two.stderr[-3000:]
     for name in COMPARED:
         a, b = history(single / "mlflow.db", name), history(double / "mlflow.db", name)
@@ -51,5 +56,8 @@ def test_several_processes_match_one_process(tmp_path, prompts, processes, extra
         # count: only float summation order differs. Measured differences are ~1e-7.
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), name
     assert history(single / "mlflow.db", "train/kl")[-1] > 0  # the policy moved, so the match is not trivial
+    # the engine logs its compile time at every step: it sampled where it was asked to, and only there
+    assert len(history(double / "mlflow.db", "time/engine_compile_s")) == (3 if sharded_only else 0)
+    assert not history(single / "mlflow.db", "time/engine_compile_s")
     # group statistics on gathered rewards: the same fraction of all-equal groups either way
     assert history(single / "mlflow.db", "train/zero_std_frac") == history(double / "mlflow.db", "train/zero_std_frac")

@@ -53,6 +53,8 @@ def test_7b_recipe_is_the_papers_run(capsys):
     assert config["model"]["policy"]["init_args"]["model_name_or_path"] == "deepseek-community/Janus-Pro-7B"
     assert config["data"]["batch_size"] == 16  # 16 prompts x 8 samples = 128 images per optimizer step
     assert config["trainer"]["max_steps"] == 1600
+    # the static engine over the weights FSDP2 gathers per rollout (the one-step fit below runs it on CPU)
+    assert config["model"]["policy"]["init_args"]["sampling"]["engine"] == "static"
     assert (
         config["trainer"]["devices"] == 8
         and config["trainer"]["strategy"]["class_path"] == "bicot.parallel.FSDP2Strategy"
