@@ -612,6 +612,42 @@ def test_fsdp2_sharded_model_samples_inside_gathered_and_is_refused_outside():
         assert same_fused == [True, True, True] and captures >= 1  # (the last: every layer was packed)
 
 
+def _fsdp2_bf16_rank(rank: int, world: int, results) -> None:
+    """The 7B recipe's setting: FSDP2 gathering bf16 copies of float32 master weights, under bf16 autocast."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bicot.parallel import ParallelConfig, gathered, parallelize
+    from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+    model, processor = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
+    boi = processor.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    ids = torch.tensor([[1, 7, 11, 61, 74, 8, 11, boi], [0, 0, 1, 9, 13, 7, 11, boi]])
+    mask = (ids != 0).long()
+    uncond = torch.where(mask.bool() & (ids != 1) & (ids != boi), 0, ids)
+    parallelize(model, init_device_mesh("cpu", (world,)), ParallelConfig(param_dtype="bfloat16"))
+    engine = RolloutEngine()
+    with MixedPrecision("bf16-mixed", "cpu").forward_context(), gathered(model), torch.no_grad():
+        out = engine.sample_image_tokens(model, ids, mask, 16, uncond, 3.0, noise=stream(0))
+        forced = janus_ops.image_logprobs(model, ids, mask, out.tokens, 1.0, uncond, 3.0)
+        eager = janus_ops.sample_image_tokens(model, ids, mask, 16, uncond, 3.0, noise=stream(0))
+        forced_eager = janus_ops.image_logprobs(model, ids, mask, eager.tokens, 1.0, uncond, 3.0)
+    kv = {str(t.dtype) for state in engine._buffers.values() for t in state.get("kv", [])}
+    results[rank] = (float((out.logp_guided - forced).abs().max()),
+                     float((eager.logp_guided - forced_eager).abs().max()), kv)
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_gathers_give_the_teacher_forced_logprobs():
+    """The update's ratios need the rollout's log-probs: under the 7B recipe's bf16 gathers the engine's are the
+    teacher-forced pass's within bf16 tolerance, as close as the eager loop's own."""
+    from gloo import run_ranks
+
+    for engine_diff, eager_diff, kv in run_ranks(_fsdp2_bf16_rank, 2).values():
+        assert kv == {"torch.bfloat16"}
+        assert engine_diff < BF16_ATOL and eager_diff < BF16_ATOL
+
+
 # --------------------------------------------------------------------------- hand-captured steps
 
 
