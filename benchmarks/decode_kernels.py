@@ -20,7 +20,8 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
   kernels (four kernels per layer, and a summing kernel per projection whose inner dimension is split, where
   cuBLAS runs four matmuls, a split-K sum, two copies and an activation). The default
   configuration, and with ``--linear-sweep`` 17 more (columns 32/64/128, inner blocks 64/128/256, 3 or 4 stages;
-  ``--linear-launches`` names others). Needs the triton package and a CUDA device (or the interpreter);
+  ``--linear-launches`` names others), each also with ``_l`` at the end (``last``: the last program of each
+  output tile adds the splits up, no summing kernel): 36 in all. Needs the triton package and a CUDA device (or the interpreter);
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 
@@ -103,7 +104,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
     parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
     parser.add_argument("--linear-sweep", action="store_true",
-                        help="the Triton projections at 18 launch configurations (default: decode_linear's own)")
+                        help="the Triton projections at 36 launch configurations (default: decode_linear's own)")
     parser.add_argument("--linear-launches", default=None,
                         help="the Triton projections at these launch configurations, comma-separated names "
                              "triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>")
@@ -222,7 +223,8 @@ def linear_launches(args) -> list:
     if not args.linear_sweep:
         return [Launch()]
     grid = [Launch(block_n=n, block_k=k, stages=p) for n in (32, 64, 128) for k in (64, 128, 256) for p in (3, 4)]
-    return list(dict.fromkeys([Launch(), *grid]))
+    # each right before its `_l` twin (the tile's last program sums the splits): a cut-short run has both
+    return list(dict.fromkeys(pair for launch in [Launch(), *grid] for pair in (launch, launch._replace(last=True))))
 
 
 def linear_packed(x: torch.Tensor, w: dict, split: tuple) -> torch.Tensor:

@@ -24,7 +24,7 @@
 # (modules/decode_linear.py) in one process (the sweep's answer, timed whole);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0 (minutes of compiling), and the
-# Triton projections (modules/decode_linear.py) at 18 launch configurations unless LINEAR_SWEEP=0.
+# Triton projections (modules/decode_linear.py) at 36 launch configurations unless LINEAR_SWEEP=0.
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
 # time does not stop the others.
 set -u

@@ -14,6 +14,14 @@ rows in blocks of ``block_k`` through a ``stages``-deep pipeline, and multiplies
 - ``gated``: ``silu(x @ G^T) * (x @ U^T)`` from the packed ``[gate; up]`` matrix of ``RolloutEngine(pack=True)``
   (the MLP's activation, and half the output written).
 
+Where the inner dimension is split, each program stores its float32 sums and a second kernel adds the splits up
+in order and finishes. With ``last`` (launch names ending ``_l``) there is no second kernel: each program counts
+its arrival on an int32 counter of its output tile (an atomic add with acquire-release order, after a barrier
+that puts the program's stores before it) and the last of a tile's programs to arrive adds the splits up, in the
+same order (the same result), finishes and sets the counter back to 0 for the next call. The counters are one
+buffer per device, zero between calls; calls on two streams at once would share them, which the engine's single
+stream never does.
+
 The roundings follow the eager module calls: the matmul's result is rounded to the weight's dtype (as
 ``F.linear`` returns it), then the activation and the residual add are done in float32 and rounded like
 PyTorch's own elementwise kernels. The input is cast to the weight's dtype first, as autocast does.
@@ -49,6 +57,7 @@ class LinearLaunch(NamedTuple):
     split_k: int = 0  # programs along the inner dimension (> 1: a second kernel sums their parts); 0: auto_split
     warps: int = 4
     stages: int = 3  # blocks of weights in flight per program
+    last: bool = False  # the last program of a split tile sums the splits, no second kernel (name suffix _l)
 
     @classmethod
     def of(cls, choice: str) -> LinearLaunch | None:
@@ -63,11 +72,12 @@ class LinearLaunch(NamedTuple):
 
     @classmethod
     def parse(cls, name: str) -> LinearLaunch:
-        match = re.fullmatch(r"triton_lin_n(\d+)_k(\d+)_s(\d+)_w(\d+)_p(\d+)", name)
+        match = re.fullmatch(r"triton_lin_n(\d+)_k(\d+)_s(\d+)_w(\d+)_p(\d+)(_l)?", name)
         if match is None:
             raise ValueError(f"a triton linear launch is named triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>"
-                             f"_p<stages>, got {name!r}")
-        return cls(*map(int, match.groups())).checked()
+                             f"_p<stages>, with _l at the end for last=True, got {name!r}")
+        *numbers, last = match.groups()
+        return cls(*map(int, numbers), last=last is not None).checked()
 
     def checked(self) -> LinearLaunch:
         """Itself; raises a ``ValueError`` that names the value out of range."""
@@ -83,7 +93,8 @@ class LinearLaunch(NamedTuple):
 
     @property
     def name(self) -> str:
-        return f"triton_lin_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.warps}_p{self.stages}"
+        return (f"triton_lin_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.warps}_p{self.stages}"
+                + ("_l" if self.last else ""))
 
 
 if triton is not None:
@@ -113,10 +124,24 @@ if triton is not None:
         tl.store(out + rows[:, None] * stride_om + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _add_splits(part, at, mask, plane, SPLIT: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """The splits' float32 sums at ``at`` added up in split order (the same sums at every call); ``plane``:
+        elements per split. Read through L2 (``.cg``): other programs wrote them."""
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for split in tl.static_range(SPLIT):
+            acc += tl.load(part + split * plane + at, mask=mask, other=0.0, cache_modifier=".cg")
+            if GATED:
+                up += tl.load(part + (SPLIT + split) * plane + at, mask=mask, other=0.0, cache_modifier=".cg")
+        return acc, up
+
+    @triton.jit
     def _linear(
-        x, w, residual, out, part, rows_n, cols_n, inner, k_len, stride_xm, stride_wn, stride_rm, stride_om,
+        x, w, residual, out, part, count, rows_n, cols_n, inner, k_len, stride_xm, stride_wn, stride_rm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
         SPLIT: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        LAST: tl.constexpr,
     ):
         col_block, row_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,11 +171,20 @@ if triton is not None:
                     b = b.to(tl.float32)
                 up = tl.dot(a, tl.trans(b), up, input_precision=precision)
         mask = in_rows[:, None] & in_cols[None, :]
-        if SPLIT > 1:  # this split's sums; _sum_parts finishes
+        if SPLIT > 1:  # this split's sums; _sum_parts finishes, or with LAST the tile's last program here
             at = (split * rows_n + rows[:, None]) * cols_n + cols[None, :]
             tl.store(part + at, acc, mask=mask)
             if GATED:
                 tl.store(part + SPLIT * rows_n * cols_n + at, up, mask=mask)
+            if LAST:
+                tl.debug_barrier()  # every thread's stores before the arrival (the release covers the program's)
+                tile = count + row_block * tl.num_programs(0) + col_block
+                if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:  # the others' sums are out
+                    at = rows[:, None] * cols_n + cols[None, :]
+                    acc, up = _add_splits(part, at, mask, rows_n * cols_n, SPLIT, GATED, BLOCK_M, BLOCK_N)
+                    _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL,
+                            w.dtype.element_ty, UPCAST)
+                    tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")  # zero again for the next call
         else:
             _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL,
                     w.dtype.element_ty, UPCAST)
@@ -165,14 +199,21 @@ if triton is not None:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < rows_n)[:, None] & (cols < cols_n)[None, :]
         at = rows[:, None] * cols_n + cols[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for split in tl.static_range(SPLIT):  # in order: the same sums at every call
-            acc += tl.load(part + split * rows_n * cols_n + at, mask=mask, other=0.0)
-            if GATED:
-                up += tl.load(part + (SPLIT + split) * rows_n * cols_n + at, mask=mask, other=0.0)
+        acc, up = _add_splits(part, at, mask, rows_n * cols_n, SPLIT, GATED, BLOCK_M, BLOCK_N)
         _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL, w.dtype.element_ty,
                 EMULATE)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: the tiles' arrival counters of ``last``, zero
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least ``tiles`` zero int32 counters on ``device``, the same buffer at every call (made before a CUDA
+    graph captures a call: the engine warms every step up first)."""
+    held = _COUNTERS.get(device)
+    if held is None or held.numel() < tiles:
+        held = _COUNTERS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
+    return held
 
 
 @functools.cache
@@ -199,6 +240,7 @@ def decode_linear(
     split_k: int = 0,
     warps: int = 4,
     stages: int = 3,
+    last: bool = False,
 ) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T`` in the weight's dtype (``x`` cast to it first, as under autocast); with
     ``residual [M, N]``, ``residual + that`` in the residual's dtype; ``gated``: ``weight`` is ``[gate; up]``
@@ -206,7 +248,7 @@ def decode_linear(
     contiguous. The launch configuration (:class:`LinearLaunch`) changes the speed, not the result, except for
     the order of the float32 sums."""
     check_device(x.device, "linear", "torch")
-    LinearLaunch(block_n, block_k, split_k, warps, stages).checked()
+    LinearLaunch(block_n, block_k, split_k, warps, stages, last).checked()
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("decode_linear needs the last dimension of x, weight and residual contiguous")
     rows, inner = x.shape
@@ -222,13 +264,15 @@ def decode_linear(
     if splits > 1:
         part = torch.empty((2 if gated else 1) * splits * rows * cols, dtype=torch.float32, device=x.device)
     res = residual if residual is not None else out  # not read without RESIDUAL
+    last = last and splits > 1
+    count = _counters(x.device, grid[0] * grid[1]) if last else out  # not touched without LAST
     _linear[grid](
-        x, weight, res, out, part, rows, cols, inner, k_len, x.stride(0), weight.stride(0), res.stride(0),
+        x, weight, res, out, part, count, rows, cols, inner, k_len, x.stride(0), weight.stride(0), res.stride(0),
         out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits,
         GATED=gated, RESIDUAL=residual is not None, IEEE=weight.dtype == torch.float32 or interpreted(),
-        UPCAST=interpreted(), num_warps=warps,
+        UPCAST=interpreted(), LAST=last, num_warps=warps,
     )
-    if splits > 1:
+    if splits > 1 and not last:
         _sum_parts[grid[:2]](
             part, weight, res, out, rows, cols, res.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
             SPLIT=splits, GATED=gated, RESIDUAL=residual is not None, EMULATE=interpreted(),
@@ -237,7 +281,7 @@ def decode_linear(
 
 
 @decode_linear.register_fake
-def _(x, weight, residual=None, gated=False, block_n=64, block_k=128, split_k=0, warps=4, stages=3):
+def _(x, weight, residual=None, gated=False, block_n=64, block_k=128, split_k=0, warps=4, stages=3, last=False):
     cols = weight.shape[0] // 2 if gated else weight.shape[0]
     dtype = residual.dtype if residual is not None else weight.dtype
     return x.new_empty(x.shape[0], cols, dtype=dtype)

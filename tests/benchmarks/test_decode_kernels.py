@@ -36,10 +36,11 @@ def test_packed_projections_equal_the_separate_ones(layers):
                     reason="needs the triton package and TRITON_INTERPRET=1 (on CPU)")
 def test_triton_projections_equal_the_separate_ones(layers):
     """The ``triton_lin_*`` candidates: the packed weights through ``modules.decode_linear``, residual adds and the
-    MLP's activation inside the kernels; one launch per way to split the inner dimension."""
+    MLP's activation inside the kernels; one launch per way to split the inner dimension (the splits added up by the
+    last program of each tile)."""
     launches = dk.linear_launches(sweep_args("--device", "cpu", "--linear-launches",
-                                             "triton_lin_n16_k64_s1_w4_p3,triton_lin_n32_k32_s3_w4_p2"))
-    assert [launch.name for launch in launches] == ["triton_lin_n16_k64_s1_w4_p3", "triton_lin_n32_k32_s3_w4_p2"]
+                                             "triton_lin_n16_k64_s1_w4_p3,triton_lin_n32_k32_s3_w4_p2_l"))
+    assert [launch.name for launch in launches] == ["triton_lin_n16_k64_s1_w4_p3", "triton_lin_n32_k32_s3_w4_p2_l"]
     for launch in launches:
         for i in range(layers.layers):
             torch.testing.assert_close(dk.linear_triton(layers.x, layers.packed[i], layers.split, launch),
@@ -50,7 +51,9 @@ def test_the_linear_sweep_starts_at_the_default_launch():
     default = decode_linear.LinearLaunch()
     assert dk.linear_launches(sweep_args("--device", "cpu")) == [default]
     swept = dk.linear_launches(sweep_args("--device", "cpu", "--linear-sweep"))
-    assert swept[0] == default and len(swept) == len(set(swept)) == 18  # the default is one of the grid's 18
+    assert swept[0] == default and len(swept) == len(set(swept)) == 36  # the default is one of the grid's 18
+    assert swept[1] == default._replace(last=True)  # each beside its _l twin
+    assert [launch.last for launch in swept] == [False, True] * 18
     with pytest.raises(SystemExit):
         sweep_args("--device", "cpu", "--linear-launches", "triton_lin_n8_k64_s1_w4_p3")  # block_n under 16
 

@@ -49,6 +49,50 @@ def test_float32_equals_the_eager_calls(rows, inner, cols):
         torch.testing.assert_close(LINEAR(x, weight, None, True, **launch), F.silu(gate) * up)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_last_program_of_a_tile_adds_the_splits_up_as_the_second_kernel_does(dtype):
+    """``last=True``: no second kernel; the same sums in the same order, so the same bits, and every arrival
+    counter back at zero for the next call (one buffer per device)."""
+    calls = 0
+    for rows, inner, cols in SHAPES:
+        x, weight, residual = tensors(rows, inner, cols, dtype, seed=rows)
+        for launch in LAUNCHES:
+            for args in ((weight[:cols],), (weight[:cols], residual), (weight, None, True)):
+                two_kernels = LINEAR(x, *args, **launch)
+                assert torch.equal(LINEAR(x, *args, **launch, last=True), two_kernels), (rows, launch, len(args))
+                calls += launch.get("split_k", 1) > 1
+    assert calls == 2 * len(SHAPES) * 3
+    assert not decode_linear._COUNTERS[x.device].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: programs that run at the same time")
+def test_on_a_gpu_the_last_program_reads_every_split_at_the_1b_shapes_call_after_call():
+    """Where programs really run concurrently, a missing order between a split's stores and the last program's
+    reads would show as a wrong or varying sum: 32 rows through the 1B layer's split projections (o: 2048 x 2048
+    with the residual, down: 5632 inner, gate/up gated), 50 calls each, plain and replayed in a CUDA graph, all
+    equal to the two-kernel result."""
+    generator = torch.Generator().manual_seed(0)
+    for inner, cols, residual, gated in ((2048, 2048, True, False), (5632, 2048, True, False), (2048, 5632, False, True)):
+        x = torch.randn(32, inner, generator=generator).to(DEVICE, torch.bfloat16)
+        weight = (torch.randn((2 if gated else 1) * cols, inner, generator=generator) * inner**-0.5).to(DEVICE,
+                                                                                                   torch.bfloat16)
+        res = torch.randn(32, cols, generator=generator).to(DEVICE, torch.bfloat16) if residual else None
+        want = LINEAR(x, weight, res, gated, split_k=4)
+        got = [LINEAR(x, weight, res, gated, split_k=4, last=True) for _ in range(50)]
+        graph, outs = torch.cuda.CUDAGraph(), []
+        LINEAR(x, weight, res, gated, split_k=4, last=True)  # warm-up outside the capture
+        with torch.cuda.graph(graph):
+            outs.append(LINEAR(x, weight, res, gated, split_k=4, last=True))
+        replayed = []
+        for _ in range(50):
+            graph.replay()
+            replayed.append(outs[0].clone())
+        assert all(torch.equal(g, want) for g in got + replayed), (inner, cols)
+    assert not decode_linear._COUNTERS[x.device].any()
+
+
 def rounded(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(dtype).float()
 
@@ -109,8 +153,10 @@ def test_a_launch_configuration_is_named_parsed_and_checked():
     Launch = decode_linear.LinearLaunch
     launch = Launch(16, 256, 4, 8, 4)
     assert launch.name == "triton_lin_n16_k256_s4_w8_p4" and Launch.parse(launch.name) == launch
+    last = launch._replace(last=True)
+    assert last.name == "triton_lin_n16_k256_s4_w8_p4_l" and Launch.parse(last.name) == last
     # the op's literal defaults are LinearLaunch's
-    defaults = [decode_linear.decode_linear._opoverload._schema.arguments[i].default_value for i in range(4, 9)]
+    defaults = [decode_linear.decode_linear._opoverload._schema.arguments[i].default_value for i in range(4, 10)]
     assert tuple(defaults) == tuple(Launch())
     for wrong, message in (("triton_lin_n8_k256_s1_w4_p3", "block_n=8"), ("triton_lin_n16_k96_s1_w4_p3", "block_k=96"),
                            ("triton_lin_n16_k64_s1_w4_p0", "stages=0"), ("lin_n16", "is named triton_lin_n")):
@@ -122,18 +168,25 @@ def test_a_launch_configuration_is_named_parsed_and_checked():
 # float32, plain, with a residual, gated, one split and several.
 COMPILE = PRELUDE + """
 from modules import decode_linear as dl
-ALIGNED = {"x", "w", "residual", "out", "part", "inner", "k_len", "stride_xm", "stride_wn", "stride_rm", "stride_om"}
+ALIGNED = {"x", "w", "residual", "out", "part", "count", "inner", "k_len", "stride_xm", "stride_wn", "stride_rm",
+           "stride_om"}
 for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
-        types = {name: "*" + t for name, t in dict(x=dtype, w=dtype, residual=dtype, out=dtype, part="fp32").items()}
-        for gated, residual, split in ((False, False, 1), (False, True, 4), (True, False, 1), (True, False, 2)):
+        types = {name: "*" + t for name, t in dict(x=dtype, w=dtype, residual=dtype, out=dtype, part="fp32",
+                                                   count="i32").items()}
+        for gated, residual, split, last in ((False, False, 1, False), (False, True, 4, False), (True, False, 1, False),
+                                             (True, False, 2, False), (False, True, 4, True), (True, False, 2, True)):
             constexprs = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated,
-                              RESIDUAL=residual, IEEE=dtype == "fp32", UPCAST=False)
+                              RESIDUAL=residual, IEEE=dtype == "fp32", UPCAST=False, LAST=last)
             ptx = compile(dl._linear, types, constexprs, arch, ALIGNED, num_warps=4).asm["ptx"]
             tensor_cores = "mma.sync" in ptx or "wgmma" in ptx
-            print(arch, dtype, gated, residual, split, "mma" if tensor_cores else "no-mma",
+            # after the loop: the synchronisation and the reads of the splits' sums, in order
+            tail = ptx[ptx.rindex("cp.async.wait_group"):]
+            order = list(re.findall(r"bar\\.sync|atom\\.global\\.[.\\w]+|ld\\.global\\.cg", tail))
+            order = [op for i, op in enumerate(order) if i == 0 or op != order[i - 1]]
+            print(arch, dtype, gated, residual, split, last, ",".join(order) or "-", "mma" if tensor_cores else "no-mma",
                   "cp.async" if "cp.async" in ptx else "sync-loads")
-            if split > 1:
+            if split > 1 and not last:
                 compile(dl._sum_parts, dict(part="*fp32", w="*" + dtype, residual="*" + dtype, out="*" + dtype),
                         dict(BLOCK_M=32, BLOCK_N=16, SPLIT=split, GATED=gated, RESIDUAL=residual, EMULATE=False), arch,
                         num_warps=4)
@@ -142,9 +195,17 @@ for arch in (80, 90):
 
 def test_the_kernels_compile_for_ampere_and_hopper_gpus_with_tensor_cores_and_a_pipelined_loop():
     lines = compile_here(COMPILE).strip().splitlines()
-    assert len(lines) == 2 * 2 * 4, lines
+    assert len(lines) == 2 * 2 * 6, lines
     for line in lines:
-        arch, dtype, *_, mma, loads = line.split()
+        arch, dtype, gated, residual, split, last, order, mma, loads = line.split()
         assert loads == "cp.async", line  # 3 stages: the weights stream through shared memory
         # bf16 on the tensor cores; float32 as F.linear computes it (IEEE products, not TF32), on the FMA units
         assert mma == ("mma" if dtype == "bf16" else "no-mma"), line
+        if last == "True":
+            # every thread's sums stored (barrier), the arrival counted with acquire-release order at GPU scope,
+            # its count shared (barrier), then the last program reads the splits' sums through L2, and zeroes
+            # the counter without ordering
+            assert order == ("bar.sync,atom.global.gpu.acq_rel.add.u32,bar.sync,ld.global.cg,"
+                             "atom.global.gpu.relaxed.exch.b32"), line
+        else:
+            assert "atom" not in order and "ld.global.cg" not in order, line

@@ -403,19 +403,21 @@ class LaunchSpy:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("compile", "attention"), [("off", "matmul"), ("fused", "triton")])
+@pytest.mark.parametrize(("compile", "attention", "last"), [("off", "matmul", False), ("fused", "triton", True)])
 @pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1")
-def test_triton_projections_sample_the_eager_tokens_and_logprobs(sharp_policy, monkeypatch, compile, attention):
+def test_triton_projections_sample_the_eager_tokens_and_logprobs(sharp_policy, monkeypatch, compile, attention, last):
     """``linear="triton"``: the packed and the o/down projections in :mod:`modules.decode_linear`'s kernels, residual
-    adds and silu inside them (plain calls, and inside the compiled layer with the Triton attention)."""
-    spy = LaunchSpy(decode_linear._linear, ("GATED", "RESIDUAL", "BLOCK_N", "STAGES"))
+    adds and silu inside them (plain calls, and inside the compiled layer with the Triton attention), the splits
+    added up by a second kernel or (``_l``) by each tile's last program."""
+    spy = LaunchSpy(decode_linear._linear, ("GATED", "RESIDUAL", "BLOCK_N", "STAGES", "SPLIT", "LAST"))
     monkeypatch.setattr(decode_linear, "_linear", spy)
+    launch = decode_linear.LinearLaunch(16, 16, 2, 4, 2, last)  # two splits of the inner dimension
     engine, _, _, _ = fused_like_eager(sharp_policy, 8, compile=compile, attention=attention, pack=True,
-                                       linear="triton_lin_n16_k32_s2_w4_p2")
+                                       linear=launch.name)
     plans_like_eager(engine, sharp_policy, 4)
     # q/k/v plain, o and down with the residual, gate/up gated: every projection of the layer, at that launch
-    assert spy.launches == {(False, False, 16, 2), (False, True, 16, 2), (True, False, 16, 2)}
-    assert pickle.loads(pickle.dumps(engine)).linear_launch == decode_linear.LinearLaunch(16, 32, 2, 4, 2)
+    assert spy.launches == {(False, False, 16, 2, 2, last), (False, True, 16, 2, 2, last), (True, False, 16, 2, 2, last)}
+    assert pickle.loads(pickle.dumps(engine)).linear_launch == launch
 
 
 @pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1")
@@ -939,6 +941,7 @@ def cuda_images(fn, policy, ctx, seed=0):
         ("fused", "triton", False, "torch"),
         ("cudagraphs", "matmul", True, "triton"),  # modules/decode_linear.py's projections
         ("fused", "triton", True, "triton"),
+        ("fused", "triton", True, "triton_lin_n16_k16_s2_w4_p2_l"),  # the splits added up by each tile's last program
         ("reduce-overhead", "matmul", False, "torch"),
     ],
 )
