@@ -63,8 +63,8 @@ class StepTQDMProgressBar(_StepDescription, TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.train_progress_bar is not None:
-            self.train_progress_bar.set_description(self._describe(trainer), refresh=False)
+        if self._train_progress_bar is not None:  # (the property raises where no bar was made)
+            self._train_progress_bar.set_description(self._describe(trainer), refresh=False)
 
 
 def step_bar_for(default: ProgressBar) -> ProgressBar | None:
