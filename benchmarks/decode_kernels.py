@@ -43,11 +43,13 @@ with ``RolloutEngine(attention=...)``):
   (``--triton-warps``) and ``P`` blocks in flight (``--triton-stages``; > 1 pipelines the loop). A name ending
   in ``_m`` is the loop that merges each block into one running softmax across warps (``Launch.lanes=False``,
   the kernel before the default loop, which keeps one per position of the block): at each size it runs at the
-  engine's block, warps and stages, right after the engine's own loop, so the same process measures the change.
+  engine's block, warps and stages, right after the engine's own loop, so the same process measures the change;
+  so does a name ending in ``_l`` (``Launch.last``: the last program of each row and head merges the splits, no
+  ``_combine`` kernel), right after.
   By default only the splits vary and the rest is the engine's (``modules.decode_attention.Launch()``: split
   128, block 32, 4 warps, 1 stage). With ``--triton-sweep`` all vary (splits of 64, 128 or 256 slots or 1, 2,
-  4 or 8 parts, blocks of 32 or 64, 2, 4 or 8 warps, 1 to 3 stages: 126 configurations and 7 ``_m`` ones; a
-  block larger than its split is skipped; the 14 at the engine's block, warps and stages first), each
+  4 or 8 parts, blocks of 32 or 64, 2, 4 or 8 warps, 1 to 3 stages: 126 configurations, 7 ``_m`` and 7 ``_l``
+  ones; a block larger than its split is skipped; the 21 at the engine's block, warps and stages first), each
   candidate runs at every window before the next (a run cut short ranks what it measured), a
   ``triton_best`` line per window names the fastest against the engine's configuration and
   ``matmul_compiled``, and ``triton_best_overall`` the one of least time summed over the windows:
@@ -292,11 +294,13 @@ def triton_candidates(args) -> dict:
     """``{name: attend}``: ``attention="triton"`` (same arguments as :data:`modules.engine.ATTENTION`'s) at each
     launch configuration of ``args.triton_*``: splits of ``--triton-splits`` slots (a block larger than its split
     is skipped), then each row in ``--triton-parts`` parts. First, at each size and the engine's block, warps and
-    stages, the default loop and the one that merges each block into one running softmax (``_m``, the kernel
-    before: the same process says what the change is worth); then the rest."""
+    stages, the default loop, the one that merges each block into one running softmax (``_m``, the kernel
+    before: the same process says what the change is worth) and the splits merged by each (row, head)'s last
+    program (``_l``); then the rest."""
     sizes = [dict(split=split) for split in args.triton_splits] + [dict(parts=parts) for parts in args.triton_parts]
     engine = decode_attention.Launch()
-    first = [engine._replace(lanes=lanes, **size) for size in sizes for lanes in (True, False)]
+    first = [engine._replace(lanes=lanes, last=last, **size) for size in sizes
+             for lanes, last in ((True, False), (False, False), (True, True))]
     grid = [
         decode_attention.Launch(block=block, warps=warps, stages=stages, **size)
         for size in sizes

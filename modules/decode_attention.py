@@ -14,7 +14,12 @@ sampled so far), in one or two Triton kernels ("split-K" or flash-decoding):
    iteration instead (``lanes=False``, the kernel before) reduces across warps three times per block: 9
    barriers and 32 shared-memory accesses per iteration in its Hopper PTX, against none.
 2. ``_combine``: one program per (row, head) rescales the splits to one maximum and writes the output.
-   Where there is one split, the first kernel writes the output itself and this one does not run.
+   Where there is one split, the first kernel writes the output itself and this one does not run. With
+   ``Launch.last`` (names ending ``_l``) it never runs: each program of the first kernel counts its arrival on an
+   int32 counter of its (row, head) (an atomic add with acquire-release order, after a barrier that puts the
+   program's stores before it), and the last to arrive does the same merge, in the same order, and sets the
+   counter back to 0. The counters are one buffer per device (:func:`counters`), shared with
+   ``modules.decode_linear``'s kernels: zero between calls, so calls on one stream never disturb each other.
 
 The slots read are the row's filled ones, not a window that covers them: where the other attention choices
 read a bucket of ``chunk`` slots past the last token (and every left-padding slot), this reads exactly the
@@ -58,7 +63,9 @@ class Launch(NamedTuple):
     - ``triton_n<parts>_b<block>_w<warps>_p<stages>``: each row's filled slots cut into ``parts`` equal splits
       (rounded up to whole blocks), one program each, however long the row is: no program without work,
       the same number of programs at every step;
-    - ``_m`` at the end: ``lanes=False``, the loop that merges each block into one running softmax (see the module).
+    - ``_m`` at the end: ``lanes=False``, the loop that merges each block into one running softmax (see the module);
+    - ``_l`` at the very end: ``last=True``, the splits merged by the last program of each (row, head), no second
+      kernel (see the module).
     """
 
     split: int = SPLIT
@@ -67,20 +74,23 @@ class Launch(NamedTuple):
     stages: int = STAGES
     parts: int = 0  # > 0: the filled slots in this many splits (``split`` unused)
     lanes: bool = True  # False: each block merged into one running softmax per iteration (name suffix _m)
+    last: bool = False  # the last program of each (row, head) merges the splits, no second kernel (suffix _l)
 
     @classmethod
     def parse(cls, name: str) -> Launch:
-        match = re.fullmatch(r"triton_([sn])(\d+)_b(\d+)_w(\d+)_p(\d+)(_m)?", name)
+        match = re.fullmatch(r"triton_([sn])(\d+)_b(\d+)_w(\d+)_p(\d+)(_m)?(_l)?", name)
         if match is None:
             raise ValueError(
                 "a triton launch is named triton_s<split>_b<block>_w<warps>_p<stages> or "
-                f"triton_n<parts>_b<block>_w<warps>_p<stages>, with _m at the end for lanes=False, got {name!r}"
+                f"triton_n<parts>_b<block>_w<warps>_p<stages>, with _m at the end for lanes=False and then _l for "
+                f"last=True, got {name!r}"
             )
-        kind, size, block, warps, stages, merged = match.groups()
+        kind, size, block, warps, stages, merged, last = match.groups()
         if kind == "n" and int(size) < 1:
             raise ValueError(f"decode_attention: parts must be >= 1, got {name!r}")
         size = dict(parts=int(size)) if kind == "n" else dict(split=int(size))
-        return cls(block=int(block), warps=int(warps), stages=int(stages), lanes=merged is None, **size).checked()
+        return cls(block=int(block), warps=int(warps), stages=int(stages), lanes=merged is None, last=last is not None,
+                   **size).checked()
 
     def checked(self) -> Launch:
         """Itself; raises a ``ValueError`` that names the value out of range."""
@@ -98,7 +108,22 @@ class Launch(NamedTuple):
     @property
     def name(self) -> str:
         size = f"n{self.parts}" if self.parts else f"s{self.split}"
-        return f"triton_{size}_b{self.block}_w{self.warps}_p{self.stages}" + ("" if self.lanes else "_m")
+        return (f"triton_{size}_b{self.block}_w{self.warps}_p{self.stages}" + ("" if self.lanes else "_m")
+                + ("_l" if self.last else ""))
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: arrival counters of the `last` launches, all zero
+
+
+def counters(device: torch.device, needed: int) -> torch.Tensor:
+    """At least ``needed`` int32 counters on ``device``, zero between kernel calls: the same buffer at every call
+    (made before a CUDA graph captures a call: the engine warms every step up first). A kernel whose last
+    program finds its count complete sets it back to 0, so one stream's calls can share it; two streams at once
+    could not (the engine uses one)."""
+    held = _COUNTERS.get(device)
+    if held is None or held.numel() < needed:
+        held = _COUNTERS[device] = torch.zeros(max(4096, needed), dtype=torch.int32, device=device)
+    return held
 
 
 def available() -> bool:
@@ -142,13 +167,32 @@ def check_device(device: torch.device, what: str = "attention", others: str = "m
 if triton is not None:
 
     @triton.jit
+    def _merge(part_max, part_sum, part_acc, out, row, head, splits, dim, stride_or, stride_ok, stride_og, groups,
+               SPLITS: tl.constexpr, DIM: tl.constexpr):
+        """The splits of (row, head) rescaled to one maximum, in split order, and written out. Read through L2
+        (``.cg``): other programs wrote them."""
+        kv_head, group = head // groups, head % groups
+        base = (row * tl.num_programs(1) + head) * splits
+        s = tl.arange(0, SPLITS)
+        used = s < splits
+        best = tl.load(part_max + base + s, mask=used, other=float("-inf"), cache_modifier=".cg")  # [SPLITS]
+        weight = tl.exp(best - tl.max(best, 0))  # 0 for a split without filled slots
+        total = tl.sum(weight * tl.load(part_sum + base + s, mask=used, other=0.0, cache_modifier=".cg"), 0)
+        d = tl.arange(0, DIM)
+        acc = tl.load(part_acc + (base + s[:, None]) * DIM + d[None, :], mask=used[:, None], other=0.0,
+                      cache_modifier=".cg")
+        result = tl.sum(weight[:, None] * acc, 0) / total
+        target = out + row * stride_or + kv_head * stride_ok + group * stride_og + d
+        tl.store(target, result.to(out.dtype.element_ty), mask=d < dim)
+
+    @triton.jit
     def _partial(
-        q, keys, values, pad, slot, part_max, part_sum, part_acc, out,
+        q, keys, values, pad, slot, part_max, part_sum, part_acc, out, count,
         stride_qr, stride_qk, stride_qg, stride_kr, stride_kh, stride_ks,
         stride_vr, stride_vh, stride_vs, stride_or, stride_ok, stride_og,
         groups, dim, split_len, scaling,
         BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, PARTS: tl.constexpr,
-        LANES: tl.constexpr,
+        LANES: tl.constexpr, LAST: tl.constexpr, SPLITS: tl.constexpr,
     ):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head, group = head // groups, head % groups
@@ -211,25 +255,21 @@ if triton is not None:
             tl.store(part_max + at + one, best)
             tl.store(part_sum + at + one, total)
             tl.store(part_acc + at * DIM + d, acc)
+            if LAST:  # _combine's merge by the last of the (row, head)'s programs to get here
+                tl.debug_barrier()  # every thread's stores before the arrival (the release covers the program's)
+                counter = count + row * tl.num_programs(1) + head
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+                    _merge(part_max, part_sum, part_acc, out, row, head, tl.num_programs(2), dim, stride_or,
+                           stride_ok, stride_og, groups, SPLITS, DIM)
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next call
 
     @triton.jit
     def _combine(
         part_max, part_sum, part_acc, out, splits, dim, stride_or, stride_ok, stride_og, groups,
         SPLITS: tl.constexpr, DIM: tl.constexpr,
     ):
-        row, head = tl.program_id(0), tl.program_id(1)
-        kv_head, group = head // groups, head % groups
-        base = (row * tl.num_programs(1) + head) * splits
-        s = tl.arange(0, SPLITS)
-        used = s < splits
-        best = tl.load(part_max + base + s, mask=used, other=float("-inf"))  # [SPLITS]
-        weight = tl.exp(best - tl.max(best, 0))  # 0 for a split without filled slots
-        total = tl.sum(weight * tl.load(part_sum + base + s, mask=used, other=0.0), 0)
-        d = tl.arange(0, DIM)
-        acc = tl.load(part_acc + (base + s[:, None]) * DIM + d[None, :], mask=used[:, None], other=0.0)
-        result = tl.sum(weight[:, None] * acc, 0) / total
-        target = out + row * stride_or + kv_head * stride_ok + group * stride_og + d
-        tl.store(target, result.to(out.dtype.element_ty), mask=d < dim)
+        _merge(part_max, part_sum, part_acc, out, tl.program_id(0), tl.program_id(1), splits, dim, stride_or,
+               stride_ok, stride_og, groups, SPLITS, DIM)
 
 
 @torch.library.custom_op("bicot::decode_attention", mutates_args=())
@@ -246,6 +286,7 @@ def decode_attention(
     stages: int = STAGES,
     parts: int = 0,
     lanes: bool = True,
+    last: bool = False,
 ) -> torch.Tensor:
     """Attention of ``q [R, kv_heads, groups, D]`` (one query per row and head) over the slots ``pad[r] .. slot``
     of ``keys``/``values`` ``[R, kv_heads, S, D]`` (any strides along the first three dims, the last contiguous);
@@ -256,10 +297,10 @@ def decode_attention(
     ``split`` cache slots per program, ``block`` keys and values per iteration (a power of 2), ``warps`` per
     program (a power of 2) and ``stages``, the blocks in flight (> 1: the loop is software-pipelined through
     shared memory, ``stages * block * D`` keys and as many values per program); ``parts`` > 0 cuts each row's
-    filled slots into that many splits instead (see :class:`Launch`); ``lanes``, how the loop accumulates (see the
-    module). They change the speed, not the result."""
+    filled slots into that many splits instead (see :class:`Launch`); ``lanes``, how the loop accumulates, and
+    ``last``, which kernel merges the splits (see the module). They change the speed, not the result."""
     check_device(q.device)
-    Launch(split, block, warps, stages, parts, lanes).checked()
+    Launch(split, block, warps, stages, parts, lanes, last).checked()
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
@@ -273,14 +314,17 @@ def decode_attention(
         part_max = torch.empty(rows * heads * splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty(rows * heads * splits * padded, dtype=torch.float32, device=q.device)
+    last = last and splits > 1
+    count = counters(q.device, rows * heads) if last else out  # not touched without LAST
     _partial[(rows, heads, splits)](
-        q, keys, values, pad, slot, part_max, part_sum, part_acc, out,
+        q, keys, values, pad, slot, part_max, part_sum, part_acc, out, count,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         groups, dim, split, scaling,
-        BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, PARTS=parts, LANES=lanes, num_warps=warps,
+        BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, PARTS=parts, LANES=lanes, LAST=last,
+        SPLITS=triton.next_power_of_2(splits) if last else 1, num_warps=warps,
     )
-    if splits > 1:
+    if splits > 1 and not last:
         _combine[(rows, heads)](
             part_max, part_sum, part_acc, out, splits, dim, out.stride(0), out.stride(1), out.stride(2), groups,
             SPLITS=triton.next_power_of_2(splits), DIM=padded,
@@ -289,5 +333,6 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=0, lanes=True):
+def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=0, lanes=True,
+      last=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

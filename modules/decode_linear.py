@@ -19,8 +19,7 @@ in order and finishes. With ``last`` (launch names ending ``_l``) there is no se
 its arrival on an int32 counter of its output tile (an atomic add with acquire-release order, after a barrier
 that puts the program's stores before it) and the last of a tile's programs to arrive adds the splits up, in the
 same order (the same result), finishes and sets the counter back to 0 for the next call. The counters are one
-buffer per device, zero between calls; calls on two streams at once would share them, which the engine's single
-stream never does.
+buffer per device, zero between calls, shared with the attention's (``modules.decode_attention.counters``).
 
 The roundings follow the eager module calls: the matmul's result is rounded to the weight's dtype (as
 ``F.linear`` returns it), then the activation and the residual add are done in float32 and rounded like
@@ -37,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from modules.decode_attention import check_device, interpreted, triton
+from modules.decode_attention import check_device, counters, interpreted, triton
 
 if triton is not None:
     import triton.language as tl
@@ -204,18 +203,6 @@ if triton is not None:
                 EMULATE)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: the tiles' arrival counters of ``last``, zero
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """At least ``tiles`` zero int32 counters on ``device``, the same buffer at every call (made before a CUDA
-    graph captures a call: the engine warms every step up first)."""
-    held = _COUNTERS.get(device)
-    if held is None or held.numel() < tiles:
-        held = _COUNTERS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
-    return held
-
-
 @functools.cache
 def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
@@ -265,7 +252,7 @@ def decode_linear(
         part = torch.empty((2 if gated else 1) * splits * rows * cols, dtype=torch.float32, device=x.device)
     res = residual if residual is not None else out  # not read without RESIDUAL
     last = last and splits > 1
-    count = _counters(x.device, grid[0] * grid[1]) if last else out  # not touched without LAST
+    count = counters(x.device, grid[0] * grid[1]) if last else out  # not touched without LAST
     _linear[grid](
         x, weight, res, out, part, count, rows, cols, inner, k_len, x.stride(0), weight.stride(0), res.stride(0),
         out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits,

@@ -63,11 +63,16 @@ def test_equals_the_default_attention_over_the_filled_slots(rows, kv_heads, grou
     launches = [(48, 32, 4, 3, 0), (capacity, 32, 4, 3, 0), (16, 16, 2, 1, 0), (64, 64, 8, 2, 0),
                 (128, 32, 4, 1, 1), (128, 16, 2, 2, 3), (128, 16, 4, 1, 8),
                 (48, 32, 4, 3, 0, False), (128, 16, 2, 2, 3, False)]
-    for launch in launches:
-        torch.testing.assert_close(
-            decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, *launch),
-            expected, rtol=1e-5, atol=1e-5,
-        )
+    for i, launch in enumerate(launches):
+        got = decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, *launch)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        if i in (0, 5, 8):  # splits of the cache, parts of each row, with and without lanes
+            # the splits merged by the last program of each (row, head) instead of a second kernel: the same merge
+            # in the same order, so the same bits; every arrival counter back at zero
+            last = decode_attention.Launch(*launch)._replace(last=True)
+            assert torch.equal(decode_attention.decode_attention(q, keys, values, pad, slot, dim**-0.5, *last), got)
+    if decode_attention._COUNTERS:
+        assert not decode_attention._COUNTERS[q.device].any()
     # nothing outside pad[r] .. slot is read: garbage there changes nothing
     cols = torch.arange(capacity, device=DEVICE)
     outside = ((cols[None] < pad[:, None]) | (cols[None] > slot))[:, None, :, None]  # [R, 1, S, 1]
@@ -76,6 +81,30 @@ def test_equals_the_default_attention_over_the_filled_slots(rows, kv_heads, grou
         q, torch.where(outside, garbage, keys), torch.where(outside, garbage, values), pad, slot, dim**-0.5
     )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: programs that run at the same time")
+def test_on_a_gpu_the_last_program_merges_every_split_at_the_1b_shape_call_after_call():
+    """Where programs really run concurrently, a missing order between a split's stores and the last program's
+    reads would show as a wrong or varying output: the 1B shape (32 rows, 16 heads of 128, a 768-slot cache
+    filled to 600, 5 splits of 128 and each row in 8 parts), 50 calls and 50 CUDA-graph replays, all equal to
+    the two-kernel result."""
+    q, keys, values, pad = case(32, 16, 1, 768, 128, dtype=torch.bfloat16, max_pad=40)
+    slot = torch.tensor([599], device=DEVICE)
+    for launch in (decode_attention.Launch(), decode_attention.Launch(parts=8)):
+        want = decode_attention.decode_attention(q, keys, values, pad, slot, 128**-0.5, *launch)
+        last = launch._replace(last=True)
+        got = [decode_attention.decode_attention(q, keys, values, pad, slot, 128**-0.5, *last) for _ in range(50)]
+        graph, outs = torch.cuda.CUDAGraph(), []
+        with torch.cuda.graph(graph):
+            outs.append(decode_attention.decode_attention(q, keys, values, pad, slot, 128**-0.5, *last))
+        replayed = []
+        for _ in range(50):
+            graph.replay()
+            replayed.append(outs[0].clone())
+        assert all(torch.equal(g, want) for g in got + replayed), launch
+    assert not decode_attention._COUNTERS[q.device].any()
 
 
 @needs_triton
@@ -136,14 +165,17 @@ COMPILER = PRELUDE + """
 from modules import decode_attention as da
 
 # what a launch on a GPU specializes: pointers 16-byte aligned, integers (strides, sizes) divisible by 16
-ALIGNED = {"q", "keys", "values", "pad", "slot", "part_max", "part_sum", "part_acc", "out", "stride_qr", "stride_qk",
-           "stride_qg", "stride_kr", "stride_kh", "stride_ks", "stride_vr", "stride_vh", "stride_vs", "stride_or",
-           "stride_ok", "stride_og", "dim", "split_len"}
+ALIGNED = {"q", "keys", "values", "pad", "slot", "part_max", "part_sum", "part_acc", "out", "count", "stride_qr",
+           "stride_qk", "stride_qg", "stride_kr", "stride_kh", "stride_ks", "stride_vr", "stride_vh", "stride_vs",
+           "stride_or", "stride_ok", "stride_og", "dim", "split_len"}
 
 def partial_types(dtype, part):
     tensors = dict(q=dtype, keys=dtype, values=dtype, out=dtype, pad="i64", slot="i64", part_max=part,
-                   part_sum=part, part_acc=part)
+                   part_sum=part, part_acc=part, count="i32")
     return {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
+
+def partial_constexprs(**given):  # the splits merged by _combine unless given LAST=True (and SPLITS)
+    return dict(LAST=False, SPLITS=1) | given
 """
 
 COMPILE_FOR_GPUS = COMPILER + """
@@ -151,14 +183,16 @@ for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
         for direct in (True, False):  # one split: the partial-result pointers are the output's (unused)
             types = partial_types(dtype, dtype if direct else "fp32")
-            constexprs = dict(BLOCK=da.BLOCK, DIM=128, DIRECT=direct, STAGES=da.STAGES, PARTS=0, LANES=True)
+            constexprs = partial_constexprs(BLOCK=da.BLOCK, DIM=128, DIRECT=direct, STAGES=da.STAGES, PARTS=0,
+                                            LANES=True)
             compile(da._partial, types, constexprs, arch)
         # other launch configurations (benchmarks/decode_kernels.py --triton-sweep times them); stages > 1
         # pipeline the loop through shared memory (cp.async, sm_80 and later); parts > 0 splits each row's slots;
         # lanes=False merges each block into one running softmax
         for block, warps, stages, parts, lanes in ((16, 2, 1, 0, True), (64, 8, 2, 0, True), (128, 8, 3, 0, True),
                                                    (32, 4, 2, 4, True), (32, 4, 1, 0, False), (64, 8, 2, 4, False)):
-            constexprs = dict(BLOCK=block, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts, LANES=lanes)
+            constexprs = partial_constexprs(BLOCK=block, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts,
+                                            LANES=lanes)
             compile(da._partial, types, constexprs, arch, num_warps=warps)
         compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
     print("compiled", arch)
@@ -168,7 +202,7 @@ for arch in (80, 90):
 # the loop's header to its branch back, for one and two stages, splits and parts, and both ways to accumulate.
 LOOP_LOADS = COMPILER + """
 for stages, parts, lanes in ((1, 0, True), (2, 0, True), (1, 4, True), (1, 0, False), (2, 0, False), (1, 4, False)):
-    constexprs = dict(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts, LANES=lanes)
+    constexprs = partial_constexprs(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts, LANES=lanes)
     ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, 90, ALIGNED, num_warps=4).asm["ptx"]
     lines = ptx.splitlines()
     header = next(i for i, line in enumerate(lines) if "Inner Loop Header" in line)  # LLVM's comment on the label
@@ -219,15 +253,42 @@ def test_the_loop_with_a_softmax_per_position_has_no_barrier():
     assert pipelined.count("bar.sync") <= 2 < merged.count("bar.sync"), (pipelined, merged)
 
 
+LAST_ORDER = COMPILER + """
+for arch in (80, 90):
+    for parts, lanes in ((0, True), (4, False)):
+        constexprs = partial_constexprs(BLOCK=32, DIM=128, DIRECT=False, STAGES=1, PARTS=parts, LANES=lanes, LAST=True,
+                                        SPLITS=8)
+        ptx = compile(da._partial, partial_types("bf16", "fp32"), constexprs, arch, ALIGNED, num_warps=4).asm["ptx"]
+        ops = re.findall(r"bar\\.sync|atom\\.global\\.[.\\w]+|ld\\.global\\.cg[.\\w]*|st\\.global[.\\w]*", ptx)
+        arrive = max(i for i, op in enumerate(ops) if op.startswith("atom.global.gpu.acq_rel"))
+        start = max(i for i in range(arrive) if ops[i].startswith("st.global"))  # the split's last store
+        tail = [op for i, op in enumerate(ops[start:]) if i == 0 or op != ops[start + i - 1]]
+        print(arch, parts, lanes, ",".join(tail))
+"""
+
+
+def test_the_last_program_merges_only_after_every_split_is_stored():
+    """``last``: after a split's stores, a barrier, the arrival (one thread, acquire-release at GPU scope), a barrier
+    that shares its count, then the other splits' results read through L2, the merge, the output, and the counter
+    zeroed. (The interpreter runs one program at a time: the GPU tests check the order between programs.)"""
+    for line in compile_here(LAST_ORDER).strip().splitlines():
+        order = line.split()[-1].split(",")
+        assert order[:4] == ["st.global.b32", "bar.sync", "atom.global.gpu.acq_rel.add.u32", "bar.sync"], line
+        loads = [op for op in order[4:] if op.startswith("ld.global")]
+        assert loads and all(op.startswith("ld.global.cg") for op in loads), line
+        assert order[-1] == "atom.global.gpu.relaxed.exch.b32" and order[-2].startswith("st.global"), line
+
+
 def test_a_launch_configuration_is_named_and_parsed_back():
     Launch = decode_attention.Launch
     assert Launch().name == f"triton_s{decode_attention.SPLIT}_b{decode_attention.BLOCK}_w{decode_attention.WARPS}" \
         f"_p{decode_attention.STAGES}"
     for launch in (Launch(64, 64, 8, 2), Launch(block=16, warps=2, stages=3, parts=4), Launch(lanes=False),
-                   Launch(parts=2, lanes=False)):
+                   Launch(parts=2, lanes=False), Launch(last=True), Launch(parts=2, lanes=False, last=True)):
         assert Launch.parse(launch.name) == launch
     assert Launch(parts=4).name.startswith("triton_n4_")
     assert Launch(lanes=False).name == Launch().name + "_m" and Launch().lanes
+    assert Launch(lanes=False, last=True).name == Launch().name + "_m_l" and not Launch().last
     for wrong, message in (("triton_n0_b32_w4_p1", "parts must be >= 1"), ("triton_s64_b32_w3_p1", "warps=3"),
                            ("triton_x64_b32_w4_p1", "is named triton_s<split>")):
         with pytest.raises(ValueError, match=message):

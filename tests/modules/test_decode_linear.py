@@ -63,7 +63,7 @@ def test_the_last_program_of_a_tile_adds_the_splits_up_as_the_second_kernel_does
                 assert torch.equal(LINEAR(x, *args, **launch, last=True), two_kernels), (rows, launch, len(args))
                 calls += launch.get("split_k", 1) > 1
     assert calls == 2 * len(SHAPES) * 3
-    assert not decode_linear._COUNTERS[x.device].any()
+    assert not decode_attention._COUNTERS[x.device].any()
 
 
 @pytest.mark.gpu
@@ -90,7 +90,7 @@ def test_on_a_gpu_the_last_program_reads_every_split_at_the_1b_shapes_call_after
             graph.replay()
             replayed.append(outs[0].clone())
         assert all(torch.equal(g, want) for g in got + replayed), (inner, cols)
-    assert not decode_linear._COUNTERS[x.device].any()
+    assert not decode_attention._COUNTERS[x.device].any()
 
 
 def rounded(t: torch.Tensor, dtype) -> torch.Tensor:

@@ -388,10 +388,10 @@ def test_packed_weights_hold_the_autocast_copies_at_no_extra_memory_and_follow_u
 
 
 class LaunchSpy:
-    """Stands in for a Triton kernel (``decode_attention._partial`` by default fields: its block, stages, warps and
-    loop): records each launch's ``fields``, then launches."""
+    """Stands in for a Triton kernel (``decode_attention._partial`` by default fields: its block, stages, warps, loop
+    and which kernel merges the splits): records each launch's ``fields``, then launches."""
 
-    def __init__(self, kernel, fields=("BLOCK", "STAGES", "num_warps", "LANES")):
+    def __init__(self, kernel, fields=("BLOCK", "STAGES", "num_warps", "LANES", "LAST")):
         self.kernel, self.fields, self.launches = kernel, fields, set()
 
     def __getitem__(self, grid):
@@ -856,17 +856,17 @@ def test_fused_triton_attention_compiles_and_captures_one_step_per_stage(sharp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("compile", "launch"), [("off", "triton_s16_b16_w2_p2"), ("fused", "triton_s16_b16_w2_p2"),
+@pytest.mark.parametrize(("compile", "launch"), [("off", "triton_s16_b16_w2_p2"), ("fused", "triton_s16_b16_w2_p2_l"),
                                                 ("off", "triton_n2_b16_w2_p1_m")])
 @pytest.mark.parametrize("attention", [TRITON])
 def test_a_triton_launch_configuration_reaches_the_kernels(sharp_policy, monkeypatch, compile, launch, attention):
-    """``RolloutEngine(triton_launch=...)``: the step's kernels launch with that block, warps, stages and loop (plain
-    and inside the compiled layer), with the eager loop's tokens and log-probs."""
+    """``RolloutEngine(triton_launch=...)``: the step's kernels launch with that block, warps, stages, loop and merge
+    (plain and inside the compiled layer), with the eager loop's tokens and log-probs."""
     spy = LaunchSpy(decode_attention._partial)
     monkeypatch.setattr(decode_attention, "_partial", spy)
     engine, _, _, _ = fused_like_eager(sharp_policy, 8, compile=compile, attention=attention, triton_launch=launch)
     expected = decode_attention.Launch.parse(launch)
-    assert spy.launches == {(expected.block, expected.stages, expected.warps, expected.lanes)}
+    assert spy.launches == {(expected.block, expected.stages, expected.warps, expected.lanes, expected.last)}
     assert pickle.loads(pickle.dumps(engine)).triton_launch == launch
 
 
