@@ -169,19 +169,25 @@ if triton is not None:
     @triton.jit
     def _merge(part_max, part_sum, part_acc, out, row, head, splits, dim, stride_or, stride_ok, stride_og, groups,
                SPLITS: tl.constexpr, DIM: tl.constexpr):
-        """The splits of (row, head) rescaled to one maximum, in split order, and written out. Read through L2
-        (``.cg``): other programs wrote them."""
+        """The splits of (row, head) rescaled to one maximum and written out; the values summed one split after the
+        other, in split order (unrolled rather than one ``[SPLITS, DIM]`` tile and a reduction across it: under
+        ``LAST`` that tile cost the first kernel 16 more registers per thread). Read through L2 (``.cg``): other
+        programs wrote them."""
         kv_head, group = head // groups, head % groups
         base = (row * tl.num_programs(1) + head) * splits
         s = tl.arange(0, SPLITS)
         used = s < splits
         best = tl.load(part_max + base + s, mask=used, other=float("-inf"), cache_modifier=".cg")  # [SPLITS]
-        weight = tl.exp(best - tl.max(best, 0))  # 0 for a split without filled slots
+        top = tl.max(best, 0)
+        weight = tl.exp(best - top)  # 0 for a split without filled slots
         total = tl.sum(weight * tl.load(part_sum + base + s, mask=used, other=0.0, cache_modifier=".cg"), 0)
         d = tl.arange(0, DIM)
-        acc = tl.load(part_acc + (base + s[:, None]) * DIM + d[None, :], mask=used[:, None], other=0.0,
-                      cache_modifier=".cg")
-        result = tl.sum(weight[:, None] * acc, 0) / total
+        acc = tl.zeros([DIM], tl.float32)
+        for split in tl.static_range(SPLITS):  # unrolled: no load waits for another split's arithmetic
+            at = base + tl.minimum(split, splits - 1)  # past the last split: the last one again, weighted 0
+            share = tl.where(split < splits, tl.exp(tl.load(part_max + at, cache_modifier=".cg") - top), 0.0)
+            acc += share * tl.load(part_acc + at * DIM + d, cache_modifier=".cg")
+        result = acc / total
         target = out + row * stride_or + kv_head * stride_ok + group * stride_og + d
         tl.store(target, result.to(out.dtype.element_ty), mask=d < dim)
 
