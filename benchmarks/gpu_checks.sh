@@ -91,7 +91,9 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         else
             echo "tests: mlflow/jsonargparse/omegaconf missing, skipping tests/callbacks/test_phase_memory.py"
         fi
-        run tests "${LIMIT_TESTS:-360}" $py -m pytest -v -p no:cacheprovider -m "gpu or triton" $files ;;
+        # TESTS_K narrows them (pytest -k), e.g. TESTS_K="decode_attention or linear or triton_lin or True-triton": the kernels and engine
+        # cases never run on a GPU (the per-position loop, _l, the Triton projections); the rest in a later call
+        run tests "${LIMIT_TESTS:-360}" $py -m pytest -v -p no:cacheprovider -m "gpu or triton" ${TESTS_K:+-k "$TESTS_K"} $files ;;
     *) echo "unknown part $part" >&2 ;;
     esac
 done
