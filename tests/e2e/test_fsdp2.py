@@ -33,9 +33,8 @@ STATIC_ENGINE = ("--model.policy.init_args.sampling.engine=static",)
     [
         (2, 2, (), ()),
         (1, 2, (), ()),  # 1 prompt: its group of 4 samples is split across the 2 processes
-        (2, 4, (), ()),
+        (2, 4, (), STATIC_ENGINE),  # 4 processes rolling out with the engine against one with the eager loop
         (2, 2, LORA_AND_CHECKPOINTING, ()),  # LoRA (reference = adapters off) with activation checkpointing
-        (2, 2, (), STATIC_ENGINE),
     ],
 )
 def test_several_processes_match_one_process(tmp_path, prompts, processes, extra, sharded_only):
