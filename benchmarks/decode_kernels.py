@@ -327,6 +327,22 @@ def best_triton(timings: dict) -> tuple[str | None, dict]:
     return (min(total, key=total.get) if total else None), total
 
 
+def tuned_attention(timings: dict) -> str | None:
+    """:func:`best_triton`'s configuration for a rollout, with ``_l`` added where the sweep says it pays: the best
+    lacks it, and at the best's size (splits or parts) and the engine's block, warps and stages the ``_l`` merge
+    took less time summed over the windows than ``_combine`` (the sweep times ``_l`` only there)."""
+    best, total = best_triton(timings)
+    if best is None:
+        return None
+    launch = decode_attention.Launch.parse(best)
+    if launch.last:
+        return best
+    size = dict(parts=launch.parts) if launch.parts else dict(split=launch.split)
+    plain = decode_attention.Launch()._replace(**size)
+    merged, last = total.get(plain.name), total.get(plain._replace(last=True).name)
+    return launch._replace(last=True).name if None not in (merged, last) and last < merged else best
+
+
 def timings_from_log(path, part: str = "attention") -> dict:
     """``{window: {impl: us}}`` from this script's output (a run cut short counts what it printed); for the
     ``linear`` part, ``{impl: us}``."""

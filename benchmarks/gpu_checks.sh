@@ -19,8 +19,8 @@
 # triton_best names go into COMPILE_1B as they are, e.g. COMPILE_1B=fused+pack+triton,fused+pack+triton_s64_b64_w8_p2;
 # `tune1b` runs `sweep` (with the Triton projections' launch configurations, --linear-sweep), then `rollout1b` with
 # COMPILE_1B=fused+pack+triton,fused+pack+<the engine's launch with the loop before (_m)>,fused+pack+<the sweep's
-# best attention over its windows>,fused+pack+<that>+<the best Triton projections where they beat cuBLAS, else
-# triton_lin>,fused: the engine's configuration against the kernel before, the best, and the Triton projections
+# best attention over its windows>,fused+pack+<that, with _l where _l won at its size>+<the best Triton projections
+# where they beat cuBLAS, else triton_lin>,fused: the engine's configuration against the kernel before, the best, and the Triton projections
 # (modules/decode_linear.py) in one process (the sweep's answer, timed whole);
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0 (minutes of compiling), and the
@@ -70,12 +70,15 @@ for part in $parts; do
         best=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
 from decode_kernels import best_triton, timings_from_log
 print(best_triton(timings_from_log(sys.argv[1]))[0] or "")' "$out/sweep.log")
+        tuned=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
+from decode_kernels import timings_from_log, tuned_attention
+print(tuned_attention(timings_from_log(sys.argv[1])) or "")' "$out/sweep.log")
         lin=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
 from decode_kernels import best_linear, timings_from_log
 print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$out/sweep.log")
         before=$($py -c 'from modules.decode_attention import Launch; print(Launch(lanes=False).name)')
-        echo "tune1b: the sweep's best attention: ${best:-none}, projections: $lin; the loop before: $before"
-        rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${best:-triton}+$lin,fused" ;;
+        echo "tune1b: the sweep's best attention: ${best:-none} (for the rollout: ${tuned:-none}), projections: $lin; the loop before: $before"
+        rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${tuned:-triton}+$lin,fused" ;;
     sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-200}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused,fused+pack+triton,fused+pack+triton+triton_lin}" ;;

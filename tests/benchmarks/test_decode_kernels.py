@@ -135,6 +135,18 @@ def test_triton_launch_configurations_equal_the_engines_default(layers):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_tuned_attention_adds_the_last_programs_merge_where_it_won_at_the_same_size():
+    engine = dk.engine_triton()  # triton_s128_b32_w4_p1
+    timings = {384: {engine: 20.0, engine + "_l": 18.0, "triton_s128_b64_w8_p2": 15.0, "triton_n4_b32_w4_p1": 25.0,
+                     "triton_n4_b32_w4_p1_l": 30.0, "matmul_compiled": 30.0}}
+    assert dk.tuned_attention(timings) == "triton_s128_b64_w8_p2_l"  # _l won at split 128
+    timings[384]["triton_n4_b64_w8_p2"] = 14.0  # the best now cuts rows in 4 parts, where _l lost
+    assert dk.tuned_attention(timings) == "triton_n4_b64_w8_p2"
+    timings[384]["triton_s64_b32_w2_p1_l"] = 10.0  # the best already merges in its last program
+    assert dk.tuned_attention(timings) == "triton_s64_b32_w2_p1_l"
+    assert dk.tuned_attention({384: {"matmul_compiled": 30.0}}) is None
+
+
 def test_the_best_triton_line_compares_with_the_engine_and_matmul(capsys):
     engine = dk.engine_triton()
     dk.report_best({384: {"matmul_compiled": 30.0, engine: 24.0, "triton_s64_b64_w8_p2": 12.0, "sdpa": 5.0}},
