@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from bicot.checkpointing import read_checkpoint_meta, recover_checkpoint
 from bicot.grpo import BiCoTGRPO, NonFiniteError
-from callbacks.progress import step_bar_for
+from bicot.progress import step_bar_for
 from datamodules.prompts import PromptDataModule
 from modules.rewards.ensemble import RewardExpertError
 
@@ -113,7 +113,7 @@ class BiCoTCLI(LightningCLI):
                 self._resumed_run = run_id
 
     def instantiate_trainer(self, **kwargs):
-        """Lightning's trainer, with the step bar (callbacks/progress.py) in place of Lightning's default bar; a
+        """Lightning's trainer, with the step bar (bicot/progress.py) in place of Lightning's default bar; a
         progress bar named in the config's callbacks stays."""
         given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         # read before the trainer exists: Lightning appends its own callbacks to this very list

@@ -8,7 +8,8 @@ total only where ``max_epochs`` bounds the run) and leave ``v_num`` out. Validat
 Lightning's.
 
 The CLI puts one in where Lightning would add its default bar (:func:`step_bar_for`); a progress bar named in
-``trainer.callbacks`` is kept as it is.
+``trainer.callbacks`` is kept as it is. (The CLI's own display, so it lives beside the CLI: ``bicot/`` does not
+import ``callbacks/``.)
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class StepRichProgressBar(_StepDescription, RichProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.progress is not None and self.train_progress_bar_id is not None:
-            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
+            self.progress.update(self.train_progress_bar_id,
+                                 description=self._get_train_description(trainer.current_epoch))
             self.refresh()
 
 

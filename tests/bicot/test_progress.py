@@ -3,15 +3,20 @@ place of Lightning's default bar and leaves a bar the config names alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from toyfit import fit_args, quiet_fit_environment, toy_callbacks
 
 from bicot.cli import BiCoTCLI
-from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar, step_bar_for, train_description
+from bicot.progress import StepRichProgressBar, StepTQDMProgressBar, step_bar_for, train_description
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "e2e" / "configs" / "tiny.yaml"  # a random tiny Janus: nothing to load
 
 
 @pytest.mark.parametrize(("epoch", "max_epochs", "step", "max_steps", "text"), [
@@ -82,10 +87,14 @@ def test_only_lightnings_own_default_bars_are_replaced():
     assert step_bar_for(Mine()) is None
 
 
-def _cli(workdir, *extra, overlay=None):
+def _cli(workdir, *extra):
+    """The ``bicot fit`` CLI on the tiny config, parsed and instantiated, not run (``enable_progress_bar`` is false
+    there unless ``extra`` says otherwise)."""
     workdir.mkdir()
-    with quiet_fit_environment():
-        return BiCoTCLI(args=fit_args(workdir, overlay, *extra)[1:], run=False)
+    args = ["-c", str(TINY), f"--data.train_file={REPO / 'datamodules' / 'fixtures' / 'toy_prompts.jsonl'}",
+            f"--trainer.logger.init_args.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+            f"--trainer.default_root_dir={workdir}", *extra]
+    return BiCoTCLI(args=args, run=False)
 
 
 def test_the_cli_trainer_has_the_step_bar_unless_the_config_names_a_bar_or_turns_it_off(tmp_path):
@@ -95,10 +104,11 @@ def test_the_cli_trainer_has_the_step_bar_unless_the_config_names_a_bar_or_turns
     assert cli.trainer.progress_bar_callback is bars[0]
 
     named = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 5}}
-    overlay = {"trainer": {"callbacks": [*toy_callbacks(), named]}}
-    cli = _cli(tmp_path / "named", "--trainer.enable_progress_bar=true", overlay=overlay)
+    overlay = tmp_path / "named.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [named]}}))
+    cli = _cli(tmp_path / "named", "-c", str(overlay), "--trainer.enable_progress_bar=true")
     assert type(cli.trainer.progress_bar_callback) is TQDMProgressBar
     assert cli.trainer.progress_bar_callback.refresh_rate == 5
 
-    cli = _cli(tmp_path / "off")  # fit_args turns the bar off
+    cli = _cli(tmp_path / "off")  # the tiny config turns the bar off
     assert cli.trainer.progress_bar_callback is None
