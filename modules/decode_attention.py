@@ -167,6 +167,20 @@ def check_device(device: torch.device, what: str = "attention", others: str = "m
 if triton is not None:
 
     @triton.jit
+    def _arrives_last(counter, programs):
+        """``last`` launches: whether this program is the last of ``programs`` to count its arrival on ``counter``.
+        The barrier puts every thread's stores before the count; the count (one thread, acquire-release at GPU
+        scope) publishes them and, for the last, makes the others' visible; its result reaches every thread
+        through shared memory and a barrier. The last one, having read what it needs, calls :func:`_rearm`."""
+        tl.debug_barrier()
+        return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == programs - 1
+
+    @triton.jit
+    def _rearm(counter):
+        """Set ``counter`` back to 0 for the next call (every program of this one has counted already)."""
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
     def _merge(part_max, part_sum, part_acc, out, row, head, splits, dim, stride_or, stride_ok, stride_og, groups,
                SPLITS: tl.constexpr, DIM: tl.constexpr):
         """The splits of (row, head) rescaled to one maximum and written out; the values summed one split after the
@@ -262,12 +276,11 @@ if triton is not None:
             tl.store(part_sum + at + one, total)
             tl.store(part_acc + at * DIM + d, acc)
             if LAST:  # _combine's merge by the last of the (row, head)'s programs to get here
-                tl.debug_barrier()  # every thread's stores before the arrival (the release covers the program's)
                 counter = count + row * tl.num_programs(1) + head
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+                if _arrives_last(counter, tl.num_programs(2)):
                     _merge(part_max, part_sum, part_acc, out, row, head, tl.num_programs(2), dim, stride_or,
                            stride_ok, stride_og, groups, SPLITS, DIM)
-                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next call
+                    _rearm(counter)
 
     @triton.jit
     def _combine(

@@ -41,6 +41,8 @@ from modules.decode_attention import check_device, counters, interpreted, triton
 if triton is not None:
     import triton.language as tl
 
+    from modules.decode_attention import _arrives_last, _rearm
+
 
 MAX_ROWS = 64  # rows per program; more rows read the weights once per 64 (the engine then uses F.linear instead)
 
@@ -176,14 +178,13 @@ if triton is not None:
             if GATED:
                 tl.store(part + SPLIT * rows_n * cols_n + at, up, mask=mask)
             if LAST:
-                tl.debug_barrier()  # every thread's stores before the arrival (the release covers the program's)
                 tile = count + row_block * tl.num_programs(0) + col_block
-                if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:  # the others' sums are out
+                if _arrives_last(tile, SPLIT):  # the others' sums are out
                     at = rows[:, None] * cols_n + cols[None, :]
                     acc, up = _add_splits(part, at, mask, rows_n * cols_n, SPLIT, GATED, BLOCK_M, BLOCK_N)
                     _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL,
                             w.dtype.element_ty, UPCAST)
-                    tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")  # zero again for the next call
+                    _rearm(tile)
         else:
             _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL,
                     w.dtype.element_ty, UPCAST)

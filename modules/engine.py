@@ -654,13 +654,11 @@ class RolloutEngine:
         Called once per sampling call: under FSDP2 every gather may put the full weights elsewhere. The
         optimizer updates weights in place, so after a step the graphs read the new values.
         """
-        if self.attention_on(state["hidden"].device) == "triton":
-            from modules.decode_attention import check_device
+        from modules.decode_attention import check_device
 
+        if self.attention_on(state["hidden"].device) == "triton":
             check_device(state["hidden"].device)
         if self.linear != "torch":
-            from modules.decode_attention import check_device
-
             check_device(state["hidden"].device, "linear", "torch")
             act = getattr(model.model.language_model.config, "hidden_act", "silu")
             if act != "silu":
