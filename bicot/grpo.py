@@ -328,6 +328,10 @@ class BiCoTGRPO(pl.LightningModule):
         for key in ("loss", "policy_loss", "kl", "kl_plan", "kl_image", "clip_frac"):
             self.log(f"train/{key}", getattr(stats, key) if stats else nan, prog_bar=key == "kl", **summed)
         self.log("train/kl_max", stats.kl_max if stats else nan, **dict(mean, reduce_fx="max"))
+        for level in loop.trained_levels(r, self.algo):  # the levels that train: constant over the run
+            self.log(f"train/rollout_kl/{level}", stats.rollout_kl[level] if stats else nan, **mean)
+        gap = stats.rollout_logp_gap_max if stats else nan
+        self.log("train/rollout_logp_gap_max", gap, **dict(mean, reduce_fx="max"))
         self.log("train/grad_norm", stats.grad_norm if stats else nan, **mean)
         skipped = self.skipped_steps + (0 if stats else 1)  # a reward skip is counted just after
         self.log("train/skipped_steps", float(skipped), **dict(mean, reduce_fx="max"))

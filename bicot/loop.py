@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -166,6 +166,13 @@ def loss_denominator(r: Rollout, algo: GRPOConfig) -> float:
     return tokens
 
 
+def trained_levels(r: Rollout, algo: GRPOConfig) -> tuple[str, ...]:
+    """The levels whose log-probs the update recomputes: ``plan`` when it trains and the rollout drew
+    plans, ``image`` when it trains. The same for every step of a run."""
+    plan = algo.train_plan and r.plan_tokens is not None
+    return tuple(level for level, on in (("plan", plan), ("image", algo.train_image)) if on)
+
+
 def minibatch_loss(
     policy: JanusPolicy, sub: Rollout, algo: GRPOConfig, old: dict[str, torch.Tensor] | None
 ) -> tuple[LossOutput, dict[str, torch.Tensor]]:
@@ -176,11 +183,12 @@ def minibatch_loss(
     """
     plan = image = None
     current = {}
-    if algo.train_plan and sub.plan_tokens is not None:
+    levels = trained_levels(sub, algo)
+    if "plan" in levels:
         current["plan"] = policy.plan_logprobs(plan_batch(sub))  # [r, T]
         old_plan = current["plan"].detach() if old is None else old["plan"]
         plan = TokenTerms(current["plan"], old_plan, sub.plan_mask, sub.ref_plan_logp)
-    if algo.train_image:
+    if "image" in levels:
         current["image"] = policy.image_logprobs(image_context(sub), sub.image_tokens)  # [r, N]
         old_image = current["image"].detach() if old is None else old["image"]
         mask = torch.ones_like(sub.image_tokens, dtype=torch.bool)
@@ -202,6 +210,11 @@ class UpdateStats:
     clip_frac: float = 0.0
     grad_norm: float = 0.0
     skipped: int = 0
+    rollout_kl: dict[str, float] = field(default_factory=dict)
+    """level (``plan``, ``image``; the levels that train) -> k3 estimate of KL(rollout policy || update
+    policy), the mean over the level's valid tokens of the first epoch (see :func:`rollout_mismatch`)."""
+    rollout_logp_gap_max: float = 0.0
+    """max ``|logp_update - logp_rollout|`` over both levels' valid tokens of the first epoch."""
 
 
 def update_phase(
@@ -228,10 +241,16 @@ def update_phase(
     stats = UpdateStats()
     slices = minibatches(r.num_rows, minibatch_size)
     olds: list[dict[str, torch.Tensor] | None] = [None] * len(slices)
+    k3_sums, token_counts = {}, {}  # level -> first epoch's sum of k3, and its valid tokens
     for _epoch in range(algo.mu):
         for i, rows in enumerate(slices):
             sub = r.rows(rows)
             out, current = minibatch_loss(policy, sub, algo, olds[i])
+            if olds[i] is None:  # first epoch: the weights the rollout sampled with
+                for level, (k3_sum, tokens, gap) in rollout_mismatch(sub, current).items():
+                    k3_sums[level] = k3_sums.get(level, 0.0) + k3_sum
+                    token_counts[level] = token_counts.get(level, 0) + tokens
+                    stats.rollout_logp_gap_max = max(stats.rollout_logp_gap_max, gap)
             olds[i] = olds[i] or current
             share = loss_denominator(sub, algo) / global_denominator  # this minibatch's part of the whole
             backward(out.loss * share * world_size)
@@ -239,7 +258,37 @@ def update_phase(
         grad_norm, applied = step()
         stats.grad_norm = grad_norm
         stats.skipped += 0 if applied else 1
+    stats.rollout_kl = {level: k3_sums[level] / max(token_counts[level], 1) for level in k3_sums}
     return stats
+
+
+def rollout_mismatch(sub: Rollout, current: dict[str, torch.Tensor]) -> dict[str, tuple[float, int, float]]:
+    """How far the rollout's log-probs are from the ones the update recomputed, per level.
+
+    The two differ only through the train-inference mismatch: bf16 rounding, the static engine's kernels,
+    LoRA dropout in the update. With ``d = logp_update - logp_rollout`` per valid token, ``exp(d) - 1 - d``
+    (k3) is a non-negative, unbiased estimate of KL(rollout policy || update policy) on tokens the rollout
+    sampled.
+
+    Args:
+        sub: a minibatch of the rollout (``plan_logp`` ``[r, T]`` valid where ``plan_mask``; ``image_logp``
+            ``[r, N]``, all valid).
+        current: :func:`minibatch_loss`'s detached log-probs of the levels that train, same shapes.
+
+    Returns:
+        level -> ``(sum of k3 over its valid tokens, valid tokens, max |d|)``.
+    """
+    sampled = {"plan": (sub.plan_logp, sub.plan_mask), "image": (sub.image_logp, None)}
+    out = {}
+    for level, logp in current.items():
+        rollout, mask = sampled[level]
+        d = logp.detach().float() - rollout.float()  # [r, T] or [r, N]
+        if mask is not None:
+            d = torch.where(mask, d, torch.zeros_like(d))  # k3(0) = |0| = 0: padding adds nothing
+        k3_sum, gap = torch.stack([(torch.expm1(d) - d).sum(), d.abs().amax()]).tolist()
+        tokens = int(mask.sum()) if mask is not None else d.numel()
+        out[level] = (k3_sum, tokens, gap)
+    return out
 
 
 def _accumulate(stats: UpdateStats, out: LossOutput, weight: float) -> None:

@@ -70,6 +70,21 @@ class MemoryLogger(Logger):
         self.calls.append((step, dict(metrics)))
 
 
+class NaNOnFirstCall(RewardExpert):
+    """Brightness, but NaN on its first call: the first update is skipped."""
+
+    name = "nan_first"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        scores = images.float().mean(dim=(1, 2, 3)) / 255
+        return torch.full_like(scores, math.nan) if self.calls == 1 else scores
+
+
 def make_policy(use_plan: bool = True) -> JanusPolicy:
     return JanusPolicy(tiny=TinyJanusSpec(), sampling=SamplingConfig(plan_max_tokens=4), use_plan=use_plan)
 
@@ -203,6 +218,9 @@ EXPECTED_METRICS = {
     "train/reward/length",
     "train/reward_std",
     "train/kl",
+    "train/rollout_kl/plan",
+    "train/rollout_kl/image",
+    "train/rollout_logp_gap_max",
     "train/loss",
     "train/clip_frac",
     "train/plan_tokens",
@@ -254,6 +272,9 @@ def test_fit_two_steps_logs_metrics_and_trains_only_trainable_parameters():
         float(module.last_rollout.plan_mask.sum(1).float().mean())
     )
     assert all(m["perf/images_per_s"] > 0 and m["time/rollout_s"] > 0 for m in steps)
+    # float32 weights and the eager loop: the update scores the sampled tokens as the rollout did
+    assert all(m["train/rollout_logp_gap_max"] < 1e-4 for m in steps)
+    assert all(0 <= m[f"train/rollout_kl/{level}"] < 1e-8 for m in steps for level in ("plan", "image"))
 
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.model.language_model.") for n in trainable)
@@ -293,3 +314,16 @@ def test_fit_logs_the_learning_rate_each_step_used():
     _, logger = fit(module)
     logged = [metrics["train/lr"] for _, metrics in logger.calls if "train/lr" in metrics]
     assert logged == pytest.approx([1e-3 * module._lr_factor(0, 2), 1e-3 * module._lr_factor(1, 2)])
+
+
+def test_fit_logs_the_rollout_mismatch_of_the_trained_levels_and_nan_for_a_skipped_update():
+    # plans are drawn but only image tokens train: no plan key at any step (keys are constant over a run)
+    algo = GRPOConfig(num_generations=2, beta=0.0, levels="token")
+    module = BiCoTGRPO(make_policy(), RewardEnsemble([NaNOnFirstCall()]), algo=algo)
+    _, logger = fit(module, max_steps=1)
+    steps = [m for _, m in logger.calls if "train/reward" in m]
+    assert len(steps) == 2  # the skipped update, then the one optimizer step
+    assert not any("train/rollout_kl/plan" in m for m in steps)
+    skipped, trained = steps
+    assert math.isnan(skipped["train/rollout_kl/image"]) and math.isnan(skipped["train/rollout_logp_gap_max"])
+    assert 0 <= trained["train/rollout_kl/image"] < 1e-8 and trained["train/rollout_logp_gap_max"] < 1e-4

@@ -450,6 +450,53 @@ def test_update_reports_grad_norm_and_skipped_steps():
     assert stats.grad_norm == 3.5
 
 
+def k3(d: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of KL per token, in float64: ``exp(d) - 1 - d``."""
+    d = d.double()
+    return d.exp() - 1 - d
+
+
+def test_rollout_mismatch_is_the_token_mean_of_k3_and_the_max_gap():
+    # The rollout's log-probs are the update's minus a known d: per plan row 0.15 * (row + 1) on valid
+    # tokens, so minibatches of 4 and 2 rows give a token mean unlike the mean of their means; padding
+    # holds 5.0, a gap of 5 that must not count.
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.0)
+    r = scored_rollout(policy, algo, None)
+    with torch.no_grad():
+        plan = policy.plan_logprobs(plan_batch(r))  # [R, T]
+        image = policy.image_logprobs(image_context(r), r.image_tokens)  # [R, N]
+    d_plan = 0.15 * torch.arange(1, R + 1, dtype=torch.float32)[:, None].expand_as(plan)  # [R, T]
+    d_image = torch.linspace(-0.5, 0.3, image.numel()).view_as(image)  # [R, N]
+    r.plan_logp = torch.where(r.plan_mask, plan - d_plan, torch.full_like(plan, 5.0))
+    r.image_logp = image - d_image
+    _, stats = run_update(policy, r, algo, minibatch_size=4)
+    assert set(stats.rollout_kl) == {"plan", "image"}
+    assert stats.rollout_kl["plan"] == pytest.approx(float(k3(d_plan[r.plan_mask]).mean()), rel=1e-4)
+    assert stats.rollout_kl["image"] == pytest.approx(float(k3(d_image).mean()), rel=1e-4)
+    assert stats.rollout_logp_gap_max == pytest.approx(0.15 * 6, abs=1e-4)  # row 5's valid tokens
+
+
+@pytest.mark.parametrize("mode", ["conditional", "guided"])
+def test_rollout_and_update_logprobs_agree_in_float32(mode):
+    # What users rely on: with float32 weights and the eager loop the update scores the tokens exactly
+    # as the rollout sampled them (the GRPO ratio of the first epoch assumes it).
+    algo = GRPOConfig(num_generations=G, beta=0.0)
+    policy = make_policy(image_logprob=mode)
+    r = make_rollout(policy)
+    score_phase(r, ensemble(), algo, policy, None)
+    _, stats = run_update(policy, r, algo, minibatch_size=4)
+    assert set(stats.rollout_kl) == {"plan", "image"}
+    assert all(0 <= kl < 1e-8 for kl in stats.rollout_kl.values()), stats.rollout_kl
+    assert stats.rollout_logp_gap_max < 1e-4
+    # and the metric sees a bf16 rollout scored by the float32 update
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = make_rollout(policy)
+    score_phase(r, ensemble(), algo, policy, None)
+    _, stats = run_update(policy, r, algo, minibatch_size=4)
+    assert stats.rollout_logp_gap_max > 1e-4 and all(kl > 0 for kl in stats.rollout_kl.values())
+
+
 # --------------------------------------------------------------------------- single-level ablations
 
 IMAGE_SIDE = (
@@ -476,6 +523,7 @@ def test_semantic_only_never_computes_image_logprobs(monkeypatch):
     assert image_side and all(grads[n] is None for n in image_side)
     assert grads[LM_WEIGHT].abs().sum() > 0
     assert stats.kl_image == 0.0 and stats.kl_plan > 0
+    assert set(stats.rollout_kl) == {"plan"}  # the level that does not train is not measured
 
 
 def test_token_only_never_computes_plan_logprobs(monkeypatch):
@@ -487,3 +535,4 @@ def test_token_only_never_computes_plan_logprobs(monkeypatch):
     grads = recorder.steps[0]
     assert grads[HEAD_WEIGHT].abs().sum() > 0
     assert stats.kl_plan == 0.0 and stats.kl_image > 0
+    assert set(stats.rollout_kl) == {"image"}
