@@ -41,7 +41,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 from modules import janus_ops  # noqa: E402
 from modules.decode_attention import Launch  # noqa: E402
 from modules.decode_linear import LinearLaunch  # noqa: E402
-from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine  # noqa: E402
+from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine, quantizable  # noqa: E402
 from modules.tiny import TinyJanusSpec, build_tiny_janus  # noqa: E402
 
 LM_SHAPES = {
@@ -95,11 +95,16 @@ def contexts(model, prompts: int, length: int, seed: int):
     return ids.to(device), mask.to(device), uncond.to(device)
 
 
-def lm_bytes(model) -> int:
-    """Bytes one image-token step must read: decoder layers, final norm, generation head and aligner."""
+def lm_bytes(model, fp8: bool = False) -> int:
+    """Bytes one image-token step must read: decoder layers, final norm, generation head and aligner; ``fp8``: with
+    the decoder's projections read as float8 (1 byte a weight, 4 per row for the scale: ``weights="fp8"``)."""
     parts = [model.model.language_model.layers, model.model.language_model.norm, model.model.generation_head,
              model.model.generation_aligner]
-    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    total = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    if fp8:
+        projections = [m.weight for layer in quantizable(model) for group in layer for m in group]
+        total -= sum(w.numel() * w.element_size() - w.numel() - 4 * w.shape[0] for w in projections)
+    return total
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
@@ -194,7 +199,8 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
                         "or a triton launch configuration (triton_s<split>_b<block>_w<warps>_p<stages> or "
                         "triton_n<parts>_..., as decode_kernels.py --triton-sweep names them), 'pack' (packed q/k/v and gate/up "
                         "weights) and/or 'triton_lin' or a triton_lin_n<N>_k<K>_s<S>_w<W>_p<P> launch (the projections in "
-                        "Triton, with pack), e.g. fused+reduce+pack, fused+pack+triton_s64_b64_w8_p2, fused+pack+triton+triton_lin")
+                        "Triton, with pack) and 'fp8' (the projections' weights in float8, with triton_lin), e.g. fused+reduce+pack, "
+                        "fused+pack+triton_s64_b64_w8_p2, fused+pack+triton+triton_lin, fused+pack+triton+triton_lin+fp8")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -219,7 +225,7 @@ def checked_args(parser: argparse.ArgumentParser, prompts: tuple[int, int], real
 
 
 def engine_options(spec: str) -> dict:
-    """``RolloutEngine`` arguments from one ``--compile`` entry: ``MODE[+ATTENTION][+pack][+triton_lin]``."""
+    """``RolloutEngine`` arguments from one ``--compile`` entry: ``MODE[+ATTENTION][+pack][+triton_lin][+fp8]``."""
     mode, *options = spec.split("+")
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(COMPILE_MODES)}")
@@ -234,10 +240,12 @@ def engine_options(spec: str) -> dict:
             kwargs.update(attention="triton", triton_launch=Launch.parse(option).name)
         elif option == "pack" and "pack" not in kwargs:
             kwargs["pack"] = True
+        elif option == "fp8" and "weights" not in kwargs:
+            kwargs["weights"] = "fp8"
         else:
             raise ValueError(f"unknown or repeated option {option!r} in {spec!r}: one of {', '.join(ATTENTION)} "
-                             "(or a triton launch, triton_s<split>_... or triton_n<parts>_...), pack, and/or triton_lin "
-                             "(or triton_lin_n<N>_...)")
+                             "(or a triton launch, triton_s<split>_... or triton_n<parts>_...), pack, triton_lin "
+                             "(or triton_lin_n<N>_...), and/or fp8")
     return kwargs
 
 
@@ -292,7 +300,8 @@ def main() -> None:
     kv_bytes_per_slot = 2 * cfg.num_hidden_layers * 2 * args.prompts * cfg.num_key_value_heads * cfg.head_dim * (
         2 if args.dtype == "bfloat16" else 4)
     # the least a step must read: the weights once and the filled cache (mean over the image) once
-    step_bytes = lm_bytes(model) + kv_bytes_per_slot * (args.prompt_tokens + n_tokens / 2)
+    kv_bytes = kv_bytes_per_slot * (args.prompt_tokens + n_tokens / 2)
+    step_bytes = lm_bytes(model) + kv_bytes
     bandwidth = copy_bandwidth(device)
 
     engines = {f"static[{spec}]": engine for spec, engine in b.engines(chunk=args.chunk).items()}
@@ -314,9 +323,11 @@ def main() -> None:
     common = (args, device, n_tokens, bandwidth, step_bytes)
     eager = record("eager", best["eager"], *common)
     for name, engine in engines.items():
-        static = record(name, best[name], *common, extra=dict(
+        least = common if engine.weights == "model" else (*common[:-1], lm_bytes(model, fp8=True) + kv_bytes)
+        static = record(name, best[name], *least, extra=dict(  # fp8: the fraction of the bytes it must read
             compile_mode=engine.mode(device), attention=engine.attention, pack=engine.pack,
-            triton_launch=engine.triton_launch, linear=engine.linear, compile_s=round(engine.stats.compile_s, 2),
+            triton_launch=engine.triton_launch, linear=engine.linear, weights=engine.weights,
+            compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s[name], 2), variants=engine.stats.variants, captures=engine.stats.captures))
         a, b = best["eager"]["out"], best[name]["out"]
         print(json.dumps(dict(
@@ -327,6 +338,7 @@ def main() -> None:
             cpu_time_ratio=round(best["eager"]["cpu"] / best[name]["cpu"], 2) if device.type == "cpu" else None,
             same_tokens=torch.equal(a.tokens, b.tokens),
             max_logp_diff=float((a.logp_guided - b.logp_guided).abs().max()),
+            mean_logp_diff=float((a.logp_guided - b.logp_guided).abs().mean()),
         )), flush=True)
 
 

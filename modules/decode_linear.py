@@ -111,9 +111,15 @@ if triton is not None:
         return y.to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om,
-                GATED: tl.constexpr, RESIDUAL: tl.constexpr, WEIGHT: tl.constexpr, EMULATE: tl.constexpr):
-        """The epilogue of both kernels: the eager calls' roundings, then the store."""
+    def _finish(acc, up, residual, out, scale, rows, cols, cols_n, mask, stride_rm, stride_om,
+                GATED: tl.constexpr, RESIDUAL: tl.constexpr, WEIGHT: tl.constexpr, EMULATE: tl.constexpr,
+                SCALED: tl.constexpr):
+        """The epilogue of both kernels: the rows' scales (SCALED: an fp8 weight), the eager calls' roundings, then
+        the store. ``WEIGHT``: the dtype the linear computes in (the weight's; bf16 for an fp8 weight)."""
+        if SCALED:  # sum(x * q) * s: the scale of each output row (the gate's, then the up's rows below)
+            acc *= tl.load(scale + cols, mask=cols < cols_n, other=0.0)[None, :]
+            if GATED:
+                up *= tl.load(scale + cols_n + cols, mask=cols < cols_n, other=0.0)[None, :]
         y = _round(acc, WEIGHT, EMULATE)  # F.linear's output, in the weight's dtype
         if GATED:  # F.silu(gate) * up, each rounded to the weight's dtype as the eager ops are
             silu = _round(y / (1.0 + tl.exp(-y)), WEIGHT, EMULATE)
@@ -139,11 +145,11 @@ if triton is not None:
 
     @triton.jit
     def _linear(
-        x, w, residual, out, part, count, rows_n, cols_n, inner, k_len, stride_xm, stride_wn, stride_rm, stride_om,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        x, w, residual, out, part, count, scale, rows_n, cols_n, inner, k_len, stride_xm, stride_wn, stride_rm,
+        stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
         SPLIT: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        LAST: tl.constexpr,
-    ):
+        LAST: tl.constexpr, WEIGHT: tl.constexpr, SCALED: tl.constexpr,
+    ):  # WEIGHT: the dtype the linear computes in (w's own; bf16 for an fp8 w, SCALED: with per-row scales)
         col_block, row_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,14 +168,13 @@ if triton is not None:
             b = tl.load(weights, mask=both, other=0.0)
             if UPCAST:  # the interpreter multiplies 16-bit floats' raw bits: the same products, exact in float32
                 # (UPCAST is the interpreter: _round emulates the GPUs' rounding to bf16 for it)
-                a, b = _round(a.to(tl.float32), w.dtype.element_ty, True), b.to(tl.float32)
-            else:
-                a = a.to(w.dtype.element_ty)  # autocast's cast of the input to the weight's dtype
+                a, b = _round(a.to(tl.float32), WEIGHT, True), b.to(tl.float32)
+            else:  # autocast's cast of the input to the weight's dtype; an fp8 weight widened (exactly) to bf16
+                a, b = a.to(WEIGHT), b.to(WEIGHT)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=precision)
             if GATED:  # the up rows sit cols_n rows below the gate rows
                 b = tl.load(weights + cols_n * stride_wn, mask=both, other=0.0)
-                if UPCAST:
-                    b = b.to(tl.float32)
+                b = b.to(tl.float32) if UPCAST else b.to(WEIGHT)
                 up = tl.dot(a, tl.trans(b), up, input_precision=precision)
         mask = in_rows[:, None] & in_cols[None, :]
         if SPLIT > 1:  # this split's sums; _sum_parts finishes, or with LAST the tile's last program here
@@ -182,26 +187,26 @@ if triton is not None:
                 if _arrives_last(tile, SPLIT):  # the others' sums are out
                     at = rows[:, None] * cols_n + cols[None, :]
                     acc, up = _add_splits(part, at, mask, rows_n * cols_n, SPLIT, GATED, BLOCK_M, BLOCK_N)
-                    _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL,
-                            w.dtype.element_ty, UPCAST)
+                    _finish(acc, up, residual, out, scale, rows, cols, cols_n, mask, stride_rm, stride_om, GATED,
+                            RESIDUAL, WEIGHT, UPCAST, SCALED)
                     _rearm(tile)
         else:
-            _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL,
-                    w.dtype.element_ty, UPCAST)
+            _finish(acc, up, residual, out, scale, rows, cols, cols_n, mask, stride_rm, stride_om, GATED, RESIDUAL,
+                    WEIGHT, UPCAST, SCALED)
 
     @triton.jit
     def _sum_parts(
-        part, w, residual, out, rows_n, cols_n, stride_rm, stride_om,
+        part, residual, out, scale, rows_n, cols_n, stride_rm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr,
-        RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
-    ):  # w: the weight, for its dtype only
+        RESIDUAL: tl.constexpr, EMULATE: tl.constexpr, WEIGHT: tl.constexpr, SCALED: tl.constexpr,
+    ):
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < rows_n)[:, None] & (cols < cols_n)[None, :]
         at = rows[:, None] * cols_n + cols[None, :]
         acc, up = _add_splits(part, at, mask, rows_n * cols_n, SPLIT, GATED, BLOCK_M, BLOCK_N)
-        _finish(acc, up, residual, out, rows, cols, mask, stride_rm, stride_om, GATED, RESIDUAL, w.dtype.element_ty,
-                EMULATE)
+        _finish(acc, up, residual, out, scale, rows, cols, cols_n, mask, stride_rm, stride_om, GATED, RESIDUAL, WEIGHT,
+                EMULATE, SCALED)
 
 
 @functools.cache
@@ -217,6 +222,34 @@ def auto_split(tiles: int, inner: int, block_k: int, device: torch.device) -> in
     return max(1, min(wanted, inner // (4 * block_k)))
 
 
+FP8 = torch.float8_e4m3fn  # the quantized weights' dtype (scale: float32 per output row)
+FP8_MAX = 448.0  # its largest finite value
+
+
+def quantize(weight: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+    """``weight [N, K]`` as float8 (e4m3) ``q`` and float32 ``scale [N]``: ``q * scale[:, None]`` approximates it, each
+    row scaled so its largest magnitude is the format's largest (448); an all-zero row gets scale 1. Written into
+    ``out``/``scale`` when given (fixed addresses for captured graphs). Returns ``(q, scale)``."""
+    amax = weight.detach().abs().amax(1, keepdim=True).float()  # [N, 1]
+    step = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (weight.detach().float() / step).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    if out is None:
+        return q, step.squeeze(1)
+    out.copy_(q)
+    scale.copy_(step.squeeze(1))
+    return out, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``q * scale[:, None]``: the weight a quantized ``decode_linear`` multiplies by."""
+    return q.float() * scale[:, None]
+
+
+_TRITON_DTYPES = {}
+if triton is not None:
+    _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
 @torch.library.custom_op("bicot::decode_linear", mutates_args=())
 def decode_linear(
     x: torch.Tensor,
@@ -229,19 +262,31 @@ def decode_linear(
     warps: int = 4,
     stages: int = 3,
     last: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T`` in the weight's dtype (``x`` cast to it first, as under autocast); with
     ``residual [M, N]``, ``residual + that`` in the residual's dtype; ``gated``: ``weight`` is ``[gate; up]``
     (``[2N, K]``) and the result ``silu(x @ gate^T) * (x @ up^T)``, ``[M, N]``. Rows and the weight's last dimension
     contiguous. The launch configuration (:class:`LinearLaunch`) changes the speed, not the result, except for
-    the order of the float32 sums."""
+    the order of the float32 sums.
+
+    ``scale``: ``weight`` is float8 e4m3 (:func:`quantize`) and ``scale`` its float32 scale per row (``[N]``, or
+    ``[2N]`` gated): the linear computes in bfloat16, ``x`` rounded to bf16 times the fp8 weights (exact in bf16),
+    summed in float32, times the row's scale, rounded to bf16. Half the weight bytes of bf16 to read."""
     check_device(x.device, "linear", "torch")
     LinearLaunch(block_n, block_k, split_k, warps, stages, last).checked()
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("decode_linear needs the last dimension of x, weight and residual contiguous")
+    if (scale is not None) != (weight.dtype == FP8):
+        raise ValueError(f"decode_linear: a float8_e4m3fn weight comes with its float32 scale per row and only it does, "
+                         f"got a {weight.dtype} weight and scale={'None' if scale is None else 'a tensor'}")
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != weight.shape[:1] or scale.stride(0) != 1):
+        raise ValueError(f"decode_linear: scale must be float32 [{weight.shape[0]}] and contiguous, got "
+                         f"{scale.dtype} {list(scale.shape)}")
     rows, inner = x.shape
     cols = weight.shape[0] // 2 if gated else weight.shape[0]
-    dtype = residual.dtype if residual is not None else weight.dtype
+    compute = torch.bfloat16 if scale is not None else weight.dtype
+    dtype = residual.dtype if residual is not None else compute
     out = torch.empty(rows, cols, dtype=dtype, device=x.device)
     block_m = max(16, min(MAX_ROWS, triton.next_power_of_2(rows)))
     split_k = split_k or auto_split(triton.cdiv(cols, block_n) * triton.cdiv(rows, block_m), inner, block_k, x.device)
@@ -254,22 +299,25 @@ def decode_linear(
     res = residual if residual is not None else out  # not read without RESIDUAL
     last = last and splits > 1
     count = counters(x.device, grid[0] * grid[1]) if last else out  # not touched without LAST
+    scales = scale if scale is not None else out  # not read without SCALED
+    common = dict(GATED=gated, RESIDUAL=residual is not None, WEIGHT=_TRITON_DTYPES[compute], SCALED=scale is not None)
     _linear[grid](
-        x, weight, res, out, part, count, rows, cols, inner, k_len, x.stride(0), weight.stride(0), res.stride(0),
-        out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits,
-        GATED=gated, RESIDUAL=residual is not None, IEEE=weight.dtype == torch.float32 or interpreted(),
-        UPCAST=interpreted(), LAST=last, num_warps=warps,
+        x, weight, res, out, part, count, scales, rows, cols, inner, k_len, x.stride(0), weight.stride(0),
+        res.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits,
+        IEEE=compute == torch.float32 or interpreted(), UPCAST=interpreted(), LAST=last, num_warps=warps, **common,
     )
     if splits > 1 and not last:
         _sum_parts[grid[:2]](
-            part, weight, res, out, rows, cols, res.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-            SPLIT=splits, GATED=gated, RESIDUAL=residual is not None, EMULATE=interpreted(),
+            part, res, out, scales, rows, cols, res.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+            SPLIT=splits, EMULATE=interpreted(), **common,
         )
     return out
 
 
 @decode_linear.register_fake
-def _(x, weight, residual=None, gated=False, block_n=64, block_k=128, split_k=0, warps=4, stages=3, last=False):
+def _(x, weight, residual=None, gated=False, block_n=64, block_k=128, split_k=0, warps=4, stages=3, last=False,
+      scale=None):
     cols = weight.shape[0] // 2 if gated else weight.shape[0]
-    dtype = residual.dtype if residual is not None else weight.dtype
+    compute = torch.bfloat16 if scale is not None else weight.dtype
+    dtype = residual.dtype if residual is not None else compute
     return x.new_empty(x.shape[0], cols, dtype=dtype)

@@ -87,6 +87,7 @@ TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # each win
 DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
 # Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
 RECOMPILE_LIMIT = 64
+WEIGHTS = ("model", "fp8")  # what the step's decoder projections read (RolloutEngine(weights=...))
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -221,8 +222,12 @@ def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, l
 
 def _project_triton(x, weight, residual=None, gated=False, launch=None) -> torch.Tensor:
     """``F.linear(x, weight)`` in :mod:`modules.decode_linear`'s Triton kernel, ``residual`` added and (``gated``,
-    ``weight`` the packed ``[gate; up]``) the MLP's activation applied inside it. ``launch``: a
+    ``weight`` the packed ``[gate; up]``) the MLP's activation applied inside it. ``weight`` may be a pair
+    ``(float8 weight, float32 scale per row)`` (``RolloutEngine(weights="fp8")``). ``launch``: a
     ``decode_linear.LinearLaunch`` (default: the module's)."""
+    if isinstance(weight, tuple):
+        weight, scale = weight
+        return torch.ops.bicot.decode_linear(x, weight, residual, gated, *(launch or ()), scale=scale)
     return torch.ops.bicot.decode_linear(x, weight, residual, gated, *(launch or ()))
 
 
@@ -251,7 +256,7 @@ def resolve_attention(attention: str, device: torch.device) -> str:
 
 def _decode_layer(
     layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul, qkv=None, gate_up=None, pad=None,
-    project=None,
+    project=None, o=None, down=None,
 ) -> torch.Tensor:
     """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
     ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
@@ -261,9 +266,11 @@ def _decode_layer(
     (``RolloutEngine(pack=True)``), one matmul instead of three (two); ``None``: the modules' own calls.
     ``project``: :func:`_project_triton` (``RolloutEngine(linear="triton")``) for the packed matrices and the plain
     o/down projections, with the residual adds and the activation inside its kernels, for up to
-    :data:`PROJECT_MAX_ROWS` rows; ``None`` (or more rows): ``F.linear``."""
+    :data:`PROJECT_MAX_ROWS` rows; ``None`` (or more rows): ``F.linear``. ``RolloutEngine(weights="fp8")``: ``qkv``,
+    ``gate_up``, ``o`` and ``down`` are each ``(float8 weight, float32 scale per row)`` and ``project`` runs them all,
+    whatever the rows (there is no bf16 weight to hand to cuBLAS)."""
     rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
-    if project is not None and rows > PROJECT_MAX_ROWS:
+    if project is not None and rows > PROJECT_MAX_ROWS and o is None:
         project = None  # the Triton projections would read the weights once per 64 rows: cuBLAS reads them once
     attn = layer.self_attn
     h = _rms_norm(layer.input_layernorm, x)
@@ -272,7 +279,7 @@ def _decode_layer(
     else:
         width = kv_heads * dim
         packed = F.linear(h, qkv) if project is None else project(h, qkv)
-        q, k, v = packed.split([qkv.shape[0] - 2 * width, width, width], -1)
+        q, k, v = packed.split([packed.shape[-1] - 2 * width, width, width], -1)
     # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
     q = _rope(q.view(rows, kv_heads, -1, dim), cos, sin)
     # .to: under autocast the projections and the cache need not share a dtype
@@ -280,8 +287,8 @@ def _decode_layer(
     values.index_copy_(2, slot, v.view(rows, kv_heads, 1, dim).to(values.dtype))
     # [R, kv_heads, groups, D]
     out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling, pad, slot).reshape(rows, -1)
-    if project is not None and _plain_linear(attn.o_proj):
-        x = project(out, attn.o_proj.weight, x)
+    if o is not None or (project is not None and _plain_linear(attn.o_proj)):
+        x = project(out, attn.o_proj.weight if o is None else o, x)
     else:
         x = x + attn.o_proj(out)
     mlp = layer.mlp
@@ -293,8 +300,8 @@ def _decode_layer(
         act = mlp.act_fn(gate) * up
     else:  # silu (RolloutEngine.bind checks the model's activation)
         act = project(h, gate_up, None, True)
-    if project is not None and _plain_linear(mlp.down_proj):
-        return project(act, mlp.down_proj.weight, x)
+    if down is not None or (project is not None and _plain_linear(mlp.down_proj)):
+        return project(act, mlp.down_proj.weight if down is None else down, x)
     return x + mlp.down_proj(act)
 
 
@@ -372,10 +379,11 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     cos, sin, bias = parts.inputs(lm.rotary_emb, slot, pad, kv[0].shape[2], x.dtype)
     bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
-        qkv, gate_up = state["packed"][i]  # the layer's packed weights, (None, None) without pack=True
+        # the layer's packed weights, (None, None) without pack=True; weights="fp8": (qkv, gate_up, o, down) quantized
+        qkv, gate_up, *o_down = state["packed"][i]
         x = parts.layer(
             layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up, pad,
-            parts.project,
+            parts.project, *o_down,
         )
     parts.finish(lm.norm, x, state)
 
@@ -475,6 +483,16 @@ class RolloutEngine:
             is split across programs: up to eight, as cuBLAS's path has). Needs ``pack`` and ``weight_copy`` (under autocast
             the kernels read the autocast copies) and the triton package; CUDA only (CPU: Triton's interpreter,
             for tests). Whether it beats cuBLAS is what ``benchmarks/decode_kernels.py --linear-sweep`` measures.
+        weights: the weights the step's decoder projections read. ``model`` (the default): the model's own (or
+            their autocast copies and packs). ``fp8``: a float8 (e4m3) copy of every decoder layer's q/k/v, o,
+            gate/up and down weights, one float32 scale per output row (:func:`modules.decode_linear.quantize`),
+            quantized from the live weights at every sampling call: half the bytes a bf16 step reads for them, the
+            bandwidth that bounds a decode step at the 7B shape. It samples from an approximation of the policy
+            (per weight, a relative rounding of up to 1/16; the heads, embeddings and the prefill keep the model's
+            weights), so the rollout's log-probs differ from the update's more than bf16's rounding does:
+            ``train/rollout_kl/*`` shows by how much in a run. Needs ``linear`` Triton (its kernels read fp8) and
+            plain bias-free projections (no LoRA on the language model: merge the adapters or use ``model``);
+            costs 1 byte per projection weight and no bf16 packs (Janus-Pro-1B: 1.2 GB, 7B: 6.1 GB).
     """
 
     def __init__(
@@ -486,6 +504,7 @@ class RolloutEngine:
         pack: bool = False,
         triton_launch: str | None = None,
         linear: str = "torch",
+        weights: str = "model",
     ) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -518,8 +537,13 @@ class RolloutEngine:
                     "engine linear 'triton' needs pack=True (its kernels read the packed q/k/v and gate/up matrices) "
                     "and weight_copy=True (under autocast they read the autocast copies)"
                 )
+        if weights not in WEIGHTS:
+            raise ValueError(f"engine weights must be one of {WEIGHTS}, got {weights!r}")
+        if weights == "fp8" and linear == "torch":
+            raise ValueError("engine weights 'fp8' needs linear 'triton' (or a triton_lin_ launch): the Triton "
+                             "projections are what read float8 weights")
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
-        self.pack, self.linear = pack, linear
+        self.pack, self.linear, self.weights = pack, linear, weights
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
@@ -540,6 +564,7 @@ class RolloutEngine:
             "launch": self.launch,
             "linear": self.linear,
             "linear_launch": self.linear_launch,
+            "weights": self.weights,
             "stats": EngineStats(),
             "graphs": CudaGraphs(),
             "_buffers": {},
@@ -606,20 +631,31 @@ class RolloutEngine:
     def step_weights(self, model, device: torch.device):
         """Inside: the weights the step reads. Under autocast the step's linear layers hold copies of their weights
         in the autocast dtype (see ``weight_copy``); with ``pack`` each decoder layer's q/k/v and gate/up
-        weights also sit packed in one matrix each, which :meth:`bind` hands to the step.
+        weights also sit packed in one matrix each, which :meth:`bind` hands to the step. With ``weights="fp8"``
+        the decoder's projections are quantized instead (no copies, no bf16 packs of them) and :meth:`bind` hands
+        the step their float8 matrices and scales.
 
-        Copies and packed matrices live in the engine's buffers (fixed addresses, so captured graphs stay valid
-        across optimizer steps and FSDP2 re-gathers) and are refreshed from the live weights on entry. A layer's
-        autocast copies of q/k/v (gate/up) are views of its packed matrix, so packing costs no memory under
+        Copies, packed and quantized matrices live in the engine's buffers (fixed addresses, so captured graphs
+        stay valid across optimizer steps and FSDP2 re-gathers) and are refreshed from the live weights on entry. A
+        layer's autocast copies of q/k/v (gate/up) are views of its packed matrix, so packing costs no memory under
         autocast; without it, the packed matrices are a copy of those weights. The modules get their own weights
         back on exit.
         """
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         copied = [] if not self.weight_copy or dtype is None else _step_linears(model, dtype)
-        groups = _packable(model) if self.pack else []
+        groups = _packable(model) if self.pack and self.weights == "model" else []
+        quantized = None
+        if self.weights == "fp8":
+            quantized = self._quantize(model, device)
+            projections = {id(m) for m, *_ in self._buffers[("fp8", id(model), device)]["targets"]}
+            copied = [m for m in copied if id(m) not in projections]  # the step reads their fp8 copies
         self._packed = None
         if not copied and not groups:
-            yield
+            self._packed = quantized
+            try:
+                yield
+            finally:
+                self._packed = None
             return
         weights = [m._parameters["weight"] for m in copied]
         key = ("step_weights", id(model), dtype, device)
@@ -632,7 +668,7 @@ class RolloutEngine:
                 entry["copies"] + entry["pack_views"],
                 [w.detach() for w in weights + [m.weight for m in entry["pack_modules"]]],
             )
-        self._packed = entry["packed"]
+        self._packed = quantized or entry["packed"]
         try:
             for module, copy in zip(copied, entry["copies"], strict=True):
                 module._parameters["weight"] = copy
@@ -641,6 +677,22 @@ class RolloutEngine:
             self._packed = None
             for module, weight in zip(copied, weights, strict=True):
                 module._parameters["weight"] = weight
+
+    def _quantize(self, model, device: torch.device) -> list:
+        """``weights="fp8"``: the decoder's projections quantized from the live weights into the engine's buffers
+        (fixed addresses); per layer ``(qkv, gate_up, o, down)``, each ``(float8 weight, float32 scale per row)``."""
+        from modules.decode_linear import quantize
+
+        layers = quantizable(model)
+        signature = [[(m.weight.shape, m.weight.dtype) for m in group] for layer in layers for group in layer]
+        key = ("fp8", id(model), device)
+        entry = self._buffers.get(key)
+        if entry is None or entry["signature"] != signature:
+            entry = self._buffers[key] = _fp8_buffers(layers, signature)
+        with torch.no_grad():
+            for module, q, scale in entry["targets"]:
+                quantize(module.weight, q, scale)
+        return entry["packed"]
 
     def captures(self, device: torch.device) -> bool:
         """Whether steps on ``device`` are captured by hand as CUDA graphs (``cudagraphs``; ``fused`` on CUDA)."""
@@ -660,6 +712,12 @@ class RolloutEngine:
             check_device(state["hidden"].device)
         if self.linear != "torch":
             check_device(state["hidden"].device, "linear", "torch")
+            device = state["hidden"].device
+            if self.weights == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+                name = torch.cuda.get_device_name(device)
+                raise RuntimeError(f"engine weights 'fp8' needs a GPU with float8 support (compute capability 8.9 or "
+                                   f"later: Ada, Hopper, Blackwell); this {name} has "
+                                   f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Use weights 'model'")
             act = getattr(model.model.language_model.config, "hidden_act", "silu")
             if act != "silu":
                 raise ValueError(f"engine linear 'triton' computes the MLP's silu in its kernel; this model's is {act!r}")
@@ -669,7 +727,7 @@ class RolloutEngine:
             return
         tensors = [*model.parameters(), *model.buffers(), *state["kv"]]
         tensors += [v for k, v in state.items() if k != "kv" and isinstance(v, torch.Tensor)]
-        tensors += [t for pair in self._packed or () for t in pair if t is not None]
+        tensors += [t for layer in self._packed or () for t in _tensors(layer)]
         self._addresses = tuple(t.data_ptr() for t in tensors)
 
     def sample_text(
@@ -1049,6 +1107,52 @@ def _weight_buffers(copied: list, groups: list, dtype, signature) -> dict:
             copies[i] = torch.empty_like(m._parameters["weight"], dtype=dtype)
     packed = [(packs[i], packs[i + 1]) for i in range(0, len(packs), 2)] if packs else None
     return dict(copies=copies, pack_views=pack_views, pack_modules=pack_modules, packed=packed, signature=signature)
+
+
+def quantizable(model) -> list[tuple[list[torch.nn.Linear], ...]]:
+    """Per decoder layer its ``([q, k, v], [gate, up], [o], [down])`` projections, for ``weights="fp8"``; a
+    ``ValueError`` that names the first one that is not a plain bias-free ``nn.Linear`` (a LoRA-wrapped one)."""
+    lm = model.model.language_model
+    layers = []
+    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj], [attn.o_proj], [mlp.down_proj])
+        for name, module in zip(("q", "k", "v", "gate", "up", "o", "down"), [m for g in groups for m in g], strict=True):
+            if not _plain_linear(module):
+                raise ValueError(
+                    f"engine weights 'fp8' quantizes plain bias-free nn.Linear projections; layer {i}'s {name}_proj is "
+                    f"a {type(module).__name__}{' with a bias' if getattr(module, 'bias', None) is not None else ''} "
+                    "(LoRA on the language model: merge the adapters or sample with engine weights 'model')"
+                )
+        layers.append(groups)
+    return layers
+
+
+def _fp8_buffers(layers: list, signature) -> dict:
+    """The buffers of ``weights="fp8"``: per layer ``packed`` ``((q, scale) of qkv, of gate_up, of o, of down)``,
+    float8 ``[rows, K]`` and float32 ``[rows]`` each; ``targets``: ``(module, q view, scale view)`` to quantize."""
+    from modules.decode_linear import FP8
+
+    packed, targets = [], []
+    for groups in layers:
+        pairs = []
+        for group in groups:
+            weight = group[0].weight
+            sizes = [m.weight.shape[0] for m in group]
+            q = torch.empty(sum(sizes), weight.shape[1], dtype=FP8, device=weight.device)
+            scale = torch.empty(sum(sizes), dtype=torch.float32, device=weight.device)
+            for module, q_view, scale_view in zip(group, q.split(sizes), scale.split(sizes), strict=True):
+                targets.append((module, q_view, scale_view))
+            pairs.append((q, scale))
+        packed.append(tuple(pairs))
+    return dict(packed=packed, targets=targets, signature=signature)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in nested tuples (a layer's packed weights)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for item in value or () for t in _tensors(item)]
 
 
 def _step_linears(model, dtype: torch.dtype) -> list[torch.nn.Linear]:

@@ -241,11 +241,15 @@ def plan(r: Recipe) -> MemoryPlan:
         slots = [round_up(n, DEFAULT_CHUNK["cuda"]) for n in (plan_kv, image_kv)]
         engine_buffers = kv_cache_bytes(shape, rollout_rows, slots[0], num.compute, num.compute)
         engine_buffers += kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), slots[1], num.compute, num.compute)
-        if num.casts:  # modules.engine's weight_copy: the decoder's, both heads' and the aligner's linear layers
-            linear = shape.layers * shape.layer_linear_params + sum(shape.head_params.values())
+        fp8 = r.engine_weights == "fp8"
+        if fp8:  # RolloutEngine(weights="fp8"): the decoder's projections in float8, a float32 scale per row
+            out_rows = (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.hidden + 2 * shape.intermediate
+            engine_buffers += shape.layers * (shape.layer_linear_params + 4 * out_rows)
+        if num.casts:  # modules.engine's weight_copy: the decoder's (but fp8's), both heads' and the aligner's linears
+            linear = (0 if fp8 else shape.layers * shape.layer_linear_params) + sum(shape.head_params.values())
             linear += shape.part_params["generation_aligner"]  # biases counted too: < 0.1 % over
             engine_buffers += linear * num.compute
-        elif r.engine_pack:  # RolloutEngine(pack=True) without the autocast copy: q/k/v and gate/up packed anew
+        elif r.engine_pack and not fp8:  # RolloutEngine(pack=True) without the autocast copy: q/k/v, gate/up packed
             packed = shape.hidden * ((shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.intermediate)
             engine_buffers += shape.layers * packed * num.compute
     on_device = r.reference_placement not in ("cpu", "offload")

@@ -84,6 +84,9 @@ class Recipe:
     engine_pack: bool = False
     """``sampling.engine_pack``: with bf16 weights (no autocast copy) the packed q/k/v and gate/up matrices are a
     second copy of those weights while rolling out; under autocast they hold the bf16 copies at no extra cost."""
+    engine_weights: str = "model"
+    """``sampling.engine_weights``: ``fp8`` holds a float8 copy of the decoder's projections (1 byte a weight, 4 a
+    row) while rolling out, instead of their bf16 packs or autocast copies."""
 
 
 # ---- reading a config ------------------------------------------------------------------------------
@@ -192,6 +195,7 @@ def recipe_from_config(
         engine=str(_get(sampling, "engine", default="eager")),
         engine_compile=str(_get(sampling, "engine_compile", default="auto")),
         engine_pack=bool(_get(sampling, "engine_pack", default=False)),
+        engine_weights=str(_get(sampling, "engine_weights", default="model")),
         activation_checkpointing=bool(
             _get(c, "model", "parallel", "activation_checkpointing", default=False)
             if activation_checkpointing is None
@@ -252,6 +256,7 @@ def recipe_from_module(
         engine=policy.sampling.engine,
         engine_compile=policy.sampling.engine_compile,
         engine_pack=policy.sampling.engine_pack,
+        engine_weights=policy.sampling.engine_weights,
         lora_params=lora,
         activation_checkpointing=module.parallel.activation_checkpointing,
         param_dtype=module.parallel.param_dtype,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -29,6 +30,23 @@ def test_triton_projections_by_default_or_at_a_launch_from_the_linear_sweep():
     assert engine_options("fused+pack+triton_s128_b32_w4_p1_m+triton_lin_n16_k256_s0_w4_p4") == dict(
         compile="fused", pack=True, attention="triton", triton_launch="triton_s128_b32_w4_p1_m",
         linear="triton_lin_n16_k256_s0_w4_p4")
+
+
+def test_fp8_weights_and_the_least_bytes_they_read():
+    from rollout import lm_bytes
+
+    from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+    assert engine_options("fused+pack+triton+triton_lin+fp8") == dict(compile="fused", pack=True, attention="triton",
+                                                                      linear="triton", weights="fp8")
+    model = build_tiny_janus(TinyJanusSpec())[0]
+    layers = model.model.language_model.layers
+    projections = [m for layer in layers for m in (*layer.self_attn.children(), *layer.mlp.children())
+                   if isinstance(m, torch.nn.Linear)]
+    assert len(projections) == 7 * len(layers)
+    # fp32 weights: 4 bytes each become 1, plus a 4-byte scale per row
+    saved = sum(3 * m.weight.numel() - 4 * m.weight.shape[0] for m in projections)
+    assert lm_bytes(model) - lm_bytes(model, fp8=True) == saved > 0
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -19,7 +19,7 @@ from bicot.loss import GRPOConfig
 from bicot.memory import Lengths, Numerics, kv_cache_bytes, layer_activation_bytes, load_shape, plan_for
 from bicot.templates import resolve_template
 from datamodules.records import PromptRecord
-from modules import janus_ops
+from modules import decode_attention, decode_linear, janus_ops
 from modules.policy import JanusPolicy, SamplingConfig
 from modules.tiny import TinyJanusSpec
 
@@ -389,6 +389,42 @@ def test_packed_engine_weights_match_the_plan(monkeypatch):
         sum(t.nbytes for t in packs), rel=1e-6)
     mixed = memory.recipe_from_config({**config, "trainer": {**config["trainer"], "precision": "bf16-mixed"}}, 1)
     assert memory.plan(mixed).engine_buffers_gib == memory.plan(dataclasses.replace(mixed, engine_pack=False)).engine_buffers_gib
+
+
+@pytest.mark.skipif(not decode_attention.available(), reason="needs the triton package")
+def test_fp8_engine_weights_match_the_plan():
+    """``sampling.engine_weights: fp8``: the float8 projections and their scales are what the plan counts, in place of
+    the bf16 packs (bf16 weights) or of the decoder's autocast copies (bf16-mixed, where the heads keep theirs)."""
+    from modules.engine import RolloutEngine
+
+    sampling = SamplingConfig(engine="static", engine_pack=True, engine_linear="triton", engine_weights="fp8")
+    planned = {}
+    for precision in ("bf16-true", "bf16-mixed"):
+        config = tiny_config(dataclasses.asdict(TinyJanusSpec(**MEASURE_SPEC)), precision)
+        config["model"]["policy"]["sampling"].update(engine="static", engine_pack=True, engine_linear="triton",
+                                                     engine_weights="fp8")
+        recipe = memory.recipe_from_config(config, 1)
+        assert recipe.engine_weights == "fp8"
+        kv_only = dataclasses.replace(recipe, engine_weights="model", engine_pack=False, precision="bf16-true")
+        planned[precision] = (memory.plan(recipe).engine_buffers_gib - memory.plan(kv_only).engine_buffers_gib) * GIB
+    for precision, dtype in (("bf16-true", "bfloat16"), ("bf16-mixed", "float32")):
+        policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC), sampling=sampling, dtype=dtype)
+        engine = RolloutEngine(compile="off", pack=True, linear="triton", weights="fp8")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            with engine.step_weights(policy.model, torch.device("cpu")):
+                pass
+        held = [t for e in engine._buffers.values() for layer in e["packed"] or () for t in _flat(layer)]
+        held += [t for e in engine._buffers.values() for t in e.get("copies", [])]
+        # bf16-true: the fp8 matrices and scales alone; bf16-mixed: the heads' bf16 copies too (the plan counts
+        # their biases: 640 numbers, 0.17 % at this tiny shape)
+        assert {t.dtype for t in held} == {decode_linear.FP8, torch.float32} | (
+            {torch.bfloat16} if precision == "bf16-mixed" else set())
+        assert sum(t.nbytes for t in held) == pytest.approx(planned[precision], rel=2e-3 if precision == "bf16-mixed"
+                                                            else 1e-9)
+
+
+def _flat(value):
+    return [value] if isinstance(value, torch.Tensor) else [t for item in value for t in _flat(item)]
 
 
 def test_tiny_states_after_one_step_match_the_plan():

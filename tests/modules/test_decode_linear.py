@@ -141,6 +141,93 @@ def test_a_float32_input_and_residual_with_bfloat16_weights_is_autocasts_arithme
     assert excess.max() <= 1e-6, excess.max()
 
 
+def test_quantize_rounds_each_row_to_float8_within_half_a_step_of_its_scale():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 96, generator=generator) * torch.logspace(-4, 2, 40)[:, None]  # rows of every magnitude
+    weight[7] = 0.0
+    q, scale = decode_linear.quantize(weight)
+    assert q.dtype == decode_linear.FP8 and scale.dtype == torch.float32 and scale.shape == (40,)
+    assert scale[7] == 1.0 and not q[7].float().any()
+    assert torch.equal(q.float().abs().amax(1)[scale != 1], torch.full((39,), decode_linear.FP8_MAX))
+    back = decode_linear.dequantize(q, scale)
+    # e4m3: 3 mantissa bits (half a step is 2^-4 of the value), subnormal steps of 2^-9 below 2^-6, in units of scale
+    bound = torch.maximum(weight.abs() * 2**-4, 2**-10 * scale[:, None]) * (1 + 1e-6)
+    assert ((back - weight).abs() <= bound).all()
+    q2, scale2 = torch.empty_like(q), torch.empty_like(scale)
+    assert decode_linear.quantize(weight, q2, scale2)[0] is q2 and torch.equal(q2.float(), q.float())
+
+
+@needs_triton
+@pytest.mark.parametrize("launch", [{}, *LAUNCHES, dict(LAUNCHES[1], last=True)])
+def test_fp8_weights_are_bf16_arithmetic_on_their_values_times_the_row_scales(launch):
+    """``scale``: the fp8 weights widened to bf16 (exactly), multiplied by the input rounded to bf16, summed in
+    float32, times each output row's scale (the gate's and the up's rows their own), rounded to bf16 as the plain
+    bf16 linear's sums are; the residual added in its own dtype."""
+    rows, inner, cols = 33, 200, 70
+    x, weight, residual = tensors(rows, inner, cols, torch.float32)
+    q, scale = decode_linear.quantize(weight)
+    sums = (x.bfloat16().float() @ q.float().T) * scale  # [rows, 2 * cols]
+    gate, up = rounded(sums[:, :cols], torch.bfloat16), rounded(sums[:, cols:], torch.bfloat16)
+    silu = rounded(gate * torch.sigmoid(gate), torch.bfloat16)
+    step = 2**-7
+    cases = {  # name: (kernel, arithmetic, bound on the difference: the order of the float32 sums)
+        "plain": (LINEAR(x, q[:cols], scale=scale[:cols], **launch), gate, step * gate.abs()),
+        "residual": (LINEAR(x, q[:cols], residual, scale=scale[:cols], **launch), residual + gate,
+                     step * gate.abs() + 1e-6),
+        "gated": (LINEAR(x, q, None, True, scale=scale, **launch), rounded(silu * up, torch.bfloat16),
+                  4 * step * (silu * up).abs()),
+    }
+    for name, (got, want, bound) in cases.items():
+        assert got.dtype == (torch.float32 if name == "residual" else torch.bfloat16), name
+        excess = (got.float() - want).abs() - bound
+        assert excess.max() <= 1e-6, (name, excess.max())
+        assert (got.float() == want).float().mean() > 0.9, name
+    assert (gate - F.linear(x, weight[:cols])).abs().max() > 10 * step  # the quantization shows: not the fp32 weight
+
+
+@needs_triton
+def test_fp8_weights_come_with_their_scales():
+    x, weight, _ = tensors(4, 64, 16, torch.float32)
+    q, scale = decode_linear.quantize(weight)
+    with pytest.raises(ValueError, match="float8_e4m3fn weight comes with its float32 scale per row"):
+        LINEAR(x, q)
+    with pytest.raises(ValueError, match="got a torch.float32 weight and scale=a tensor"):
+        LINEAR(x, weight, scale=scale)
+    with pytest.raises(ValueError, match=r"scale must be float32 \[32\] and contiguous, got torch.bfloat16"):
+        LINEAR(x, q, scale=scale.bfloat16())
+
+
+FP8_COMPILE = PRELUDE + """
+import triton.language as tl
+from modules import decode_linear as dl
+ALIGNED = {"x", "w", "residual", "out", "part", "count", "scale", "inner", "k_len", "stride_xm", "stride_wn",
+           "stride_rm", "stride_om"}
+types = dict(x="*bf16", w="*fp8e4nv", residual="*fp32", out="*bf16", part="*fp32", count="*i32", scale="*fp32")
+for gated, residual, split, last in ((False, False, 1, False), (True, False, 2, True), (False, True, 4, False)):
+    constexprs = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated, RESIDUAL=residual,
+                      IEEE=False, UPCAST=False, LAST=last, WEIGHT=tl.bfloat16, SCALED=True)
+    ptx = compile(dl._linear, types, constexprs, 90, ALIGNED, num_warps=4).asm["ptx"]
+    print("mma" if "mma.sync" in ptx or "wgmma" in ptx else "no-mma", "cp.async" if "cp.async" in ptx else "sync",
+          "cvt-e4m3" if "e4m3" in ptx else "no-cvt")
+    if split > 1 and not last:
+        compile(dl._sum_parts, dict(part="*fp32", residual="*fp32", out="*fp32", scale="*fp32"),
+                dict(BLOCK_M=32, BLOCK_N=16, SPLIT=split, GATED=gated, RESIDUAL=residual, EMULATE=False,
+                     WEIGHT=tl.bfloat16, SCALED=True), 90, num_warps=4)
+try:
+    compile(dl._linear, types, constexprs, 80, ALIGNED, num_warps=4)
+except Exception as error:
+    print("sm_80:", str(error).splitlines()[-1][:120])
+"""
+
+
+def test_the_fp8_kernels_compile_for_hopper_and_not_for_ampere():
+    """sm_90: the fp8 weights stream through shared memory and widen to bf16 for the tensor cores; sm_80 has no
+    e4m3 (the engine refuses compute capability below 8.9)."""
+    lines = compile_here(FP8_COMPILE).strip().splitlines()
+    assert lines[:3] == ["mma cp.async cvt-e4m3"] * 3, lines
+    assert lines[3].startswith("sm_80:") and "fp8e4nv not supported" in lines[3], lines
+
+
 def test_the_automatic_split_gives_every_processor_a_program_and_no_split_under_four_blocks():
     auto, cpu = decode_linear.auto_split, torch.device("cpu")  # 8 processors on CPU (the interpreter)
     assert auto(8, 2048, 128, cpu) == 1  # 8 tiles already give 8 processors one each
@@ -167,17 +254,19 @@ def test_a_launch_configuration_is_named_parsed_and_checked():
 # The kernels compiled for GPUs here: bf16 weights (the tensor cores' path, which the interpreter cannot run) and
 # float32, plain, with a residual, gated, one split and several.
 COMPILE = PRELUDE + """
+import triton.language as tl
 from modules import decode_linear as dl
-ALIGNED = {"x", "w", "residual", "out", "part", "count", "inner", "k_len", "stride_xm", "stride_wn", "stride_rm",
-           "stride_om"}
+ALIGNED = {"x", "w", "residual", "out", "part", "count", "scale", "inner", "k_len", "stride_xm", "stride_wn",
+           "stride_rm", "stride_om"}
 for arch in (80, 90):
     for dtype in ("bf16", "fp32"):
         types = {name: "*" + t for name, t in dict(x=dtype, w=dtype, residual=dtype, out=dtype, part="fp32",
-                                                   count="i32").items()}
+                                                   count="i32", scale="fp32").items()}
+        weight = dict(WEIGHT=tl.bfloat16 if dtype == "bf16" else tl.float32, SCALED=False)
         for gated, residual, split, last in ((False, False, 1, False), (False, True, 4, False), (True, False, 1, False),
                                              (True, False, 2, False), (False, True, 4, True), (True, False, 2, True)):
             constexprs = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated,
-                              RESIDUAL=residual, IEEE=dtype == "fp32", UPCAST=False, LAST=last)
+                              RESIDUAL=residual, IEEE=dtype == "fp32", UPCAST=False, LAST=last, **weight)
             ptx = compile(dl._linear, types, constexprs, arch, ALIGNED, num_warps=4).asm["ptx"]
             tensor_cores = "mma.sync" in ptx or "wgmma" in ptx
             # after the loop: the synchronisation and the reads of the splits' sums, in order
@@ -187,9 +276,9 @@ for arch in (80, 90):
             print(arch, dtype, gated, residual, split, last, ",".join(order) or "-", "mma" if tensor_cores else "no-mma",
                   "cp.async" if "cp.async" in ptx else "sync-loads")
             if split > 1 and not last:
-                compile(dl._sum_parts, dict(part="*fp32", w="*" + dtype, residual="*" + dtype, out="*" + dtype),
-                        dict(BLOCK_M=32, BLOCK_N=16, SPLIT=split, GATED=gated, RESIDUAL=residual, EMULATE=False), arch,
-                        num_warps=4)
+                compile(dl._sum_parts, dict(part="*fp32", residual="*" + dtype, out="*" + dtype, scale="*fp32"),
+                        dict(BLOCK_M=32, BLOCK_N=16, SPLIT=split, GATED=gated, RESIDUAL=residual, EMULATE=False,
+                             **weight), arch, num_warps=4)
 """
 
 
