@@ -22,6 +22,9 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
   configuration, and with ``--linear-sweep`` 17 more (columns 32/64/128, inner blocks 64/128/256, 3 or 4 stages;
   ``--linear-launches`` names others), each also with ``_l`` at the end (``last``: the last program of each
   output tile adds the splits up, no summing kernel): 36 in all. Needs the triton package and a CUDA device (or the interpreter);
+- ``triton_lin_fp8``: the default configuration on the packed weights quantized to float8 with a scale per row
+  (``engine_weights: fp8``; compute capability 8.9 or later): half the bytes, its ``bandwidth_fraction`` against
+  those, its ``max_diff`` the quantization's. Not a launch: never the sweep's best;
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 
@@ -209,11 +212,26 @@ def linear_separate(x: torch.Tensor, w: dict) -> torch.Tensor:
 
 def linear_triton(x: torch.Tensor, w: dict, split: tuple, launch: tuple = ()) -> torch.Tensor:
     """:func:`linear_packed` through ``modules.decode_linear`` (``launch``: a ``LinearLaunch``), the adds and the
-    activation inside the kernels."""
-    q, k, v = decode_linear.decode_linear(x, w["qkv"], None, False, *launch).split(split[:3], -1)
-    h = decode_linear.decode_linear(q + k + v, w["o"], x, False, *launch)
-    gated = decode_linear.decode_linear(h, w["gate_up"], None, True, *launch)
-    return decode_linear.decode_linear(gated, w["down"], h, False, *launch)
+    activation inside the kernels. A weight may be a pair ``(float8 weight, float32 scale per row)``
+    (:func:`quantized`)."""
+
+    def project(x, weight, residual=None, gated=False):
+        if isinstance(weight, tuple):
+            return decode_linear.decode_linear(x, weight[0], residual, gated, *launch, scale=weight[1])
+        return decode_linear.decode_linear(x, weight, residual, gated, *launch)
+
+    q, k, v = project(x, w["qkv"]).split(split[:3], -1)
+    h = project(q + k + v, w["o"], x)
+    gated = project(h, w["gate_up"], None, True)
+    return project(gated, w["down"], h)
+
+
+FP8_CANDIDATE = "triton_lin_fp8"
+
+
+def quantized(packed: list[dict]) -> list[dict]:
+    """Each layer's packed weights as ``(float8 weight, float32 scale per row)`` pairs (``engine_weights: fp8``)."""
+    return [{name: decode_linear.quantize(w) for name, w in layer.items()} for layer in packed]
 
 
 def linear_launches(args) -> list:
@@ -361,7 +379,8 @@ def timings_from_log(path, part: str = "attention") -> dict:
 
 def best_linear(timings: dict) -> str | None:
     """The fastest Triton projections (``triton_lin_...``) of ``{impl: us}``, where they beat every other
-    implementation (cuBLAS's); else ``None``."""
+    implementation (cuBLAS's); else ``None``. ``triton_lin_fp8`` reads other weights (not a launch): left out."""
+    timings = {name: us for name, us in timings.items() if name != FP8_CANDIDATE}
     ours = {name: us for name, us in timings.items() if name.startswith("triton_lin_")}
     if not ours:
         return None
@@ -410,6 +429,11 @@ def main() -> None:
     if decode_attention.available() and (args.device.type == "cuda" or decode_attention.interpreted()):
         for launch in linear_launches(args):
             linears[launch.name] = lambda x, i, launch=launch: linear_triton(x, layers.packed[i], layers.split, launch)
+        if args.device.type != "cuda" or torch.cuda.get_device_capability(args.device) >= (8, 9):
+            fp8 = quantized(layers.packed)  # the default launch on float8 weights: half the bytes to read
+            linears[FP8_CANDIDATE] = lambda x, i: linear_triton(x, fp8[i], layers.split)
+    fp8_bytes = sum(q.numel() + s.numel() * s.element_size() for layer in quantized(layers.packed[:1])
+                    for q, s in layer.values()) * layers.layers if FP8_CANDIDATE in linears else 0
     reference = None
     for name, fn in linears.items():
         try:
@@ -418,7 +442,9 @@ def main() -> None:
             print(json.dumps(dict(measure="decode_kernels", part="linear", impl=name,
                                   error=f"{type(error).__name__}: {str(error).splitlines()[0]}")), flush=True)
             continue
-        report(args, "linear", name, seconds, layers.linear_bytes(), bandwidth, out, reference, first)
+        # triton_lin_fp8: the fraction of its own bytes; its max_diff is the quantization's, not a wrong result
+        report(args, "linear", name, seconds, fp8_bytes if name == FP8_CANDIDATE else layers.linear_bytes(),
+               bandwidth, out, reference, first)
         reference = out if reference is None else reference
 
     compiled = dict(dynamic=False, fullgraph=True)

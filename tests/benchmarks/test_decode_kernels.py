@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import decode_kernels as dk  # noqa: E402
+from fp8_values import fp8_exact  # noqa: E402
 
 from modules import decode_attention, decode_linear  # noqa: E402
 from modules.engine import ATTENTION  # noqa: E402
@@ -45,6 +46,18 @@ def test_triton_projections_equal_the_separate_ones(layers):
         for i in range(layers.layers):
             torch.testing.assert_close(dk.linear_triton(layers.x, layers.packed[i], layers.split, launch),
                                        dk.linear_separate(layers.x, layers.separate[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fp8_candidate_is_the_triton_projections_on_the_dequantized_weights(layers):
+    """``triton_lin_fp8``: the packed weights quantized per row (``engine_weights: fp8``), through the same kernels:
+    on weights that float8 holds with power-of-two scales, bit for bit the kernels on their bf16 copies."""
+    exact = [{name: fp8_exact(w) for name, w in layer.items()} for layer in layers.packed]
+    fp8 = dk.quantized(exact)
+    for i in range(layers.layers):
+        assert all(torch.equal(decode_linear.dequantize(*fp8[i][n]), exact[i][n]) for n in exact[i])
+        bf16 = {name: w.bfloat16() for name, w in exact[i].items()}
+        x = layers.x.bfloat16()
+        assert torch.equal(dk.linear_triton(x, fp8[i], layers.split), dk.linear_triton(x, bf16, layers.split))
 
 
 def test_the_linear_sweep_starts_at_the_default_launch():
@@ -202,4 +215,6 @@ def test_the_best_triton_projections_are_named_only_where_they_beat_cublas(tmp_p
     assert dk.best_linear(timings) == "triton_lin_n32_k64_s0_w4_p4"
     assert dk.best_linear({**timings, "packed": 600.0}) is None  # cuBLAS faster: none
     assert dk.best_linear({"packed": 1.0}) is None
+    # the fp8 candidate reads other weights: never the launch to take, however fast
+    assert dk.best_linear({**timings, dk.FP8_CANDIDATE: 300.0}) == "triton_lin_n32_k64_s0_w4_p4"
     assert dk.timings_from_log(log) == {384: {"matmul": 9.0}}  # the attention part, by window

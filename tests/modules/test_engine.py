@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from fp8_values import fp8_exact
 from standin_graphs import StandInGraphs
 from torch import nn
 
@@ -1015,24 +1016,17 @@ def test_captured_graphs_under_autocast_see_in_place_weight_updates(tiny_janus_d
 
 
 
-def fp8_exact(policy) -> None:
-    """Every decoder projection's rows made float8 values times a power of two with a 448 (e4m3's largest) in
-    column 0: ``decode_linear.quantize`` then gives them back exactly, with power-of-two scales, and bf16 holds them
-    exactly too."""
+def fp8_exact_weights(policy) -> None:
+    """Every decoder projection of the policy made float8-exact (:func:`fp8_values.fp8_exact`), in place."""
     with torch.no_grad():
         for layer in policy.model.model.language_model.layers:
             for module in (*layer.self_attn.children(), *layer.mlp.children()):
                 if isinstance(module, torch.nn.Linear):
-                    w = module.weight
-                    amax = w.abs().amax(1, keepdim=True)
-                    step = torch.exp2(torch.round(torch.log2(amax / decode_linear.FP8_MAX)))  # [N, 1]
-                    q = (w / step).clamp(-decode_linear.FP8_MAX, decode_linear.FP8_MAX).to(decode_linear.FP8).float()
-                    q[:, 0] = decode_linear.FP8_MAX
-                    w.copy_(q * step)
+                    module.weight.copy_(fp8_exact(module.weight))
 
 
 def fp8_against_bf16(policy, device: str, **options) -> RolloutEngine:
-    """On fp8-exact weights (:func:`fp8_exact`), ``weights="fp8"`` samples bit for bit what the bf16 Triton step
+    """On fp8-exact weights (:func:`fp8_exact_weights`), ``weights="fp8"`` samples bit for bit what the bf16 Triton step
     samples under autocast (the same products, the same float32 sums, scaled exactly by powers of two): plans and
     images, before and after an in-place update of the weights (the quantized copies are refreshed per call, in
     place). Returns the fp8 engine."""
@@ -1051,7 +1045,7 @@ def fp8_against_bf16(policy, device: str, **options) -> RolloutEngine:
             for name in [f.name for f in dataclasses.fields(a)]:
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
 
-    fp8_exact(policy)
+    fp8_exact_weights(policy)
     same_samples()
     with torch.no_grad():  # in place, as the optimizer does
         for layer in policy.model.model.language_model.layers:
