@@ -6,8 +6,9 @@
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels sweep tune1b
 #
 # COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (1B default cudagraphs,fused; 7B default fused,
-# fused+pack+triton,fused+pack+triton+triton_lin,fused+pack+triton+triton_lin+fp8: the 1B config's engine, the Triton
-# projections, and those reading float8 weights (engine_weights fp8, the bytes that bound the 7B step); comma-separated,
+# fused+pack+triton,fused+pack+triton+triton_lin,fused+pack+triton+triton_lin+fp8,fused+pack+triton+triton_lin+fp8+fp8kv:
+# the 1B config's engine, the Triton projections, and those reading float8 weights (engine_weights fp8), then a float8
+# KV cache as well (engine_kv fp8): the bytes that bound the 7B step; comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
 # COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa,fused+triton); COMPILE_STEP the static engine's mode in step1b
 # (default fused+pack+triton, configs/janus_pro_1b_1gpu.yaml's engine on a GPU, against the eager loop). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
@@ -82,7 +83,7 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${tuned:-triton}+$lin,fused" ;;
     sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;
-    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-260}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused,fused+pack+triton,fused+pack+triton+triton_lin,fused+pack+triton+triton_lin+fp8}" ;;
+    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-300}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused,fused+pack+triton,fused+pack+triton+triton_lin,fused+pack+triton+triton_lin+fp8,fused+pack+triton+triton_lin+fp8+fp8kv}" ;;
     tests)
         # the kernels first (marked triton: compiled on the GPU; about 20 s), the CLI fits last (minutes)
         files="tests/modules/test_decode_attention.py tests/modules/test_decode_linear.py tests/modules/test_engine.py"

@@ -199,8 +199,9 @@ def shape_arguments(description: str, compile_default: str) -> argparse.Argument
                         "or a triton launch configuration (triton_s<split>_b<block>_w<warps>_p<stages> or "
                         "triton_n<parts>_..., as decode_kernels.py --triton-sweep names them), 'pack' (packed q/k/v and gate/up "
                         "weights) and/or 'triton_lin' or a triton_lin_n<N>_k<K>_s<S>_w<W>_p<P> launch (the projections in "
-                        "Triton, with pack) and 'fp8' (the projections' weights in float8, with triton_lin), e.g. fused+reduce+pack, "
-                        "fused+pack+triton_s64_b64_w8_p2, fused+pack+triton+triton_lin, fused+pack+triton+triton_lin+fp8")
+                        "Triton, with pack), 'fp8' (the projections' weights in float8, with triton_lin) and 'fp8kv' (the KV cache in "
+                        "float8, with triton), e.g. fused+reduce+pack, fused+pack+triton_s64_b64_w8_p2, "
+                        "fused+pack+triton+triton_lin, fused+pack+triton+triton_lin+fp8+fp8kv")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bf16 at the 1b/7b shapes on a GPU, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -225,7 +226,7 @@ def checked_args(parser: argparse.ArgumentParser, prompts: tuple[int, int], real
 
 
 def engine_options(spec: str) -> dict:
-    """``RolloutEngine`` arguments from one ``--compile`` entry: ``MODE[+ATTENTION][+pack][+triton_lin][+fp8]``."""
+    """``RolloutEngine`` arguments from one ``--compile`` entry: ``MODE[+ATTENTION][+pack][+triton_lin][+fp8][+fp8kv]``."""
     mode, *options = spec.split("+")
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(COMPILE_MODES)}")
@@ -242,10 +243,12 @@ def engine_options(spec: str) -> dict:
             kwargs["pack"] = True
         elif option == "fp8" and "weights" not in kwargs:
             kwargs["weights"] = "fp8"
+        elif option == "fp8kv" and "kv" not in kwargs:
+            kwargs["kv"] = "fp8"
         else:
             raise ValueError(f"unknown or repeated option {option!r} in {spec!r}: one of {', '.join(ATTENTION)} "
                              "(or a triton launch, triton_s<split>_... or triton_n<parts>_...), pack, triton_lin "
-                             "(or triton_lin_n<N>_...), and/or fp8")
+                             "(or triton_lin_n<N>_...), fp8 and/or fp8kv")
     return kwargs
 
 
@@ -323,10 +326,12 @@ def main() -> None:
     common = (args, device, n_tokens, bandwidth, step_bytes)
     eager = record("eager", best["eager"], *common)
     for name, engine in engines.items():
-        least = common if engine.weights == "model" else (*common[:-1], lm_bytes(model, fp8=True) + kv_bytes)
-        static = record(name, best[name], *least, extra=dict(  # fp8: the fraction of the bytes it must read
+        # fp8 / fp8kv: the fraction of the bytes this engine must read (a float8 cache: a byte an entry and 4 a vector)
+        cache = kv_bytes if engine.kv == "model" else kv_bytes * (1 + 4 / cfg.head_dim) / (2 if args.dtype == "bfloat16" else 4)
+        least = (*common[:-1], lm_bytes(model, fp8=engine.weights == "fp8") + cache)
+        static = record(name, best[name], *least, extra=dict(
             compile_mode=engine.mode(device), attention=engine.attention, pack=engine.pack,
-            triton_launch=engine.triton_launch, linear=engine.linear, weights=engine.weights,
+            triton_launch=engine.triton_launch, linear=engine.linear, weights=engine.weights, kv=engine.kv,
             compile_s=round(engine.stats.compile_s, 2),
             first_call_s=round(first_s[name], 2), variants=engine.stats.variants, captures=engine.stats.captures))
         a, b = best["eager"]["out"], best[name]["out"]

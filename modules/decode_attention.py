@@ -112,6 +112,18 @@ class Launch(NamedTuple):
                 + ("_l" if self.last else ""))
 
 
+FP8 = torch.float8_e4m3fn  # RolloutEngine(kv="fp8"): the cache's dtype, a float32 scale per slot's vector
+FP8_MAX = 448.0  # its largest finite value
+
+
+def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` as float8 (e4m3) vectors and their float32 scales ``[...]``: each vector scaled so its largest
+    magnitude is 448; an all-zero vector (a pad slot) gets scale 1. ``q * scale[..., None]`` approximates ``x``."""
+    amax = x.detach().abs().amax(-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.squeeze(-1)
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: arrival counters of the `last` launches, all zero
 
 
@@ -207,13 +219,13 @@ if triton is not None:
 
     @triton.jit
     def _partial(
-        q, keys, values, pad, slot, part_max, part_sum, part_acc, out, count,
+        q, keys, values, pad, slot, part_max, part_sum, part_acc, out, count, k_scale, v_scale,
         stride_qr, stride_qk, stride_qg, stride_kr, stride_kh, stride_ks,
-        stride_vr, stride_vh, stride_vs, stride_or, stride_ok, stride_og,
+        stride_vr, stride_vh, stride_vs, stride_or, stride_ok, stride_og, stride_sr, stride_sh,
         groups, dim, split_len, scaling,
         BLOCK: tl.constexpr, DIM: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, PARTS: tl.constexpr,
-        LANES: tl.constexpr, LAST: tl.constexpr, SPLITS: tl.constexpr,
-    ):
+        LANES: tl.constexpr, LAST: tl.constexpr, SPLITS: tl.constexpr, SCALED: tl.constexpr,
+    ):  # SCALED: float8 keys and values, each slot's vector with its float32 scale (k_scale/v_scale [R, kv_heads, S])
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head, group = head // groups, head % groups
         first_filled = tl.load(pad + row).to(tl.int32)  # int32 loop bounds throughout
@@ -245,19 +257,26 @@ if triton is not None:
             # both loads first: their round trips to memory overlap instead of following each other
             k = tl.load(k_row + n[:, None] * stride_ks + d[None, :], mask=both, other=0.0).to(tl.float32)
             v = tl.load(v_row + n[:, None] * stride_vs + d[None, :], mask=both, other=0.0).to(tl.float32)
-            score = tl.where(filled, tl.sum(k * query[None, :], 1), float("-inf"))  # [BLOCK], within each warp
+            score = tl.sum(k * query[None, :], 1)  # [BLOCK], within each warp
+            if SCALED:  # each key's and value's scale: on the score, and on the value's weight below
+                at = row * stride_sr + kv_head * stride_sh + n
+                score *= tl.load(k_scale + at, mask=filled, other=0.0)
+                v_weight = tl.load(v_scale + at, mask=filled, other=0.0)
+            else:
+                v_weight = tl.full([BLOCK], 1.0, tl.float32)
+            score = tl.where(filled, score, float("-inf"))
             if LANES:  # elementwise over the block's positions: no reduction across warps
                 new_best = tl.maximum(best, score)
                 shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a position not yet filled: exp(-inf) = 0
                 weight = tl.exp(score - shift)
                 rescale = tl.exp(best - shift)
-                acc = acc * rescale[:, None] + weight[:, None] * v
+                acc = acc * rescale[:, None] + (weight * v_weight)[:, None] * v
                 total = total * rescale + weight
             else:  # the block's maximum, normaliser and values reduced across warps at every iteration
                 new_best = tl.maximum(best, tl.max(score, 0))
                 weight = tl.exp(score - new_best)
                 rescale = tl.exp(best - new_best)
-                acc = acc * rescale[:, None] + tl.sum(weight[:, None] * v, 0)[None, :]
+                acc = acc * rescale[:, None] + tl.sum((weight * v_weight)[:, None] * v, 0)[None, :]
                 total = total * rescale + tl.sum(weight, 0)
             best = new_best
         # the positions merged (one already where not LANES); a split with no filled slot keeps -inf, 0 and 0
@@ -306,6 +325,8 @@ def decode_attention(
     parts: int = 0,
     lanes: bool = True,
     last: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [R, kv_heads, groups, D]`` (one query per row and head) over the slots ``pad[r] .. slot``
     of ``keys``/``values`` ``[R, kv_heads, S, D]`` (any strides along the first three dims, the last contiguous);
@@ -317,12 +338,25 @@ def decode_attention(
     program (a power of 2) and ``stages``, the blocks in flight (> 1: the loop is software-pipelined through
     shared memory, ``stages * block * D`` keys and as many values per program); ``parts`` > 0 cuts each row's
     filled slots into that many splits instead (see :class:`Launch`); ``lanes``, how the loop accumulates, and
-    ``last``, which kernel merges the splits (see the module). They change the speed, not the result."""
+    ``last``, which kernel merges the splits (see the module). They change the speed, not the result.
+
+    ``k_scale``/``v_scale`` ``[R, kv_heads, S]`` float32: ``keys``/``values`` are float8 (e4m3), each slot's
+    vector times its scale (:func:`quantize_vectors`; ``RolloutEngine(kv="fp8")``), half the bytes of bf16."""
     check_device(q.device)
     Launch(split, block, warps, stages, parts, lanes, last).checked()
     rows, kv_heads, groups, dim = q.shape
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of q, keys and values contiguous")
+    scaled = k_scale is not None
+    if (v_scale is not None) != scaled or (keys.dtype == FP8) != scaled or (values.dtype == FP8) != scaled:
+        raise ValueError(f"decode_attention: float8_e4m3fn keys and values come with their float32 scales per slot "
+                         f"(k_scale, v_scale) and only they do, got {keys.dtype} keys, {values.dtype} values and "
+                         f"{'no ' if k_scale is None else ''}k_scale, {'no ' if v_scale is None else ''}v_scale")
+    if scaled and not all(t.dtype == torch.float32 and t.shape == keys.shape[:3] and t.stride() == k_scale.stride()
+                          and t.stride(-1) == 1 for t in (k_scale, v_scale)):
+        raise ValueError(f"decode_attention: k_scale and v_scale must be float32 {list(keys.shape[:3])} with the same "
+                         f"strides, the last contiguous; got {k_scale.dtype} {list(k_scale.shape)} and {v_scale.dtype} "
+                         f"{list(v_scale.shape)}")
     splits = parts or triton.cdiv(keys.shape[2], split)
     padded = triton.next_power_of_2(dim)
     heads = kv_heads * groups
@@ -335,13 +369,15 @@ def decode_attention(
         part_acc = torch.empty(rows * heads * splits * padded, dtype=torch.float32, device=q.device)
     last = last and splits > 1
     count = counters(q.device, rows * heads) if last else out  # not touched without LAST
+    k_scale, v_scale = (k_scale, v_scale) if scaled else (out, out)  # not read without SCALED
     _partial[(rows, heads, splits)](
-        q, keys, values, pad, slot, part_max, part_sum, part_acc, out, count,
+        q, keys, values, pad, slot, part_max, part_sum, part_acc, out, count, k_scale, v_scale,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         groups, dim, split, scaling,
         BLOCK=block, DIM=padded, DIRECT=splits == 1, STAGES=stages, PARTS=parts, LANES=lanes, LAST=last,
-        SPLITS=triton.next_power_of_2(splits) if last else 1, num_warps=warps,
+        SPLITS=triton.next_power_of_2(splits) if last else 1, SCALED=scaled, num_warps=warps,
     )
     if splits > 1 and not last:
         _combine[(rows, heads)](
@@ -353,5 +389,5 @@ def decode_attention(
 
 @decode_attention.register_fake
 def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=0, lanes=True,
-      last=False):
+      last=False, k_scale=None, v_scale=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -216,8 +216,26 @@ def _attend_sdpa(q, keys, values, bias, scaling: float, pad=None, slot=None) -> 
 def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, launch=None) -> torch.Tensor:
     """As :func:`_attend_matmul`, in Triton kernels (:mod:`modules.decode_attention`, one or two) that read
     only each row's filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is
-    not read. ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
+    not read. ``keys``/``values`` may be pairs ``(float8 cache, float32 scale per slot)`` (``RolloutEngine(kv=
+    "fp8")``). ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
+    if isinstance(keys, tuple):
+        (keys, k_scale), (values, v_scale) = keys, values
+        return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()), k_scale=k_scale,
+                                                v_scale=v_scale)
     return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()))
+
+
+def _store(cache, slot: torch.Tensor, vectors: torch.Tensor) -> None:
+    """``vectors [R, kv_heads, 1, D]`` into slot ``slot`` of a layer's ``cache`` ``[R, kv_heads, S, D]``, in its dtype;
+    a pair ``(float8 cache, float32 scales [R, kv_heads, S])`` takes each vector quantized with its own scale."""
+    if isinstance(cache, tuple):
+        from modules.decode_attention import quantize_vectors
+
+        q, scale = quantize_vectors(vectors)
+        cache[0].view(torch.uint8).index_copy_(2, slot, q.view(torch.uint8))  # (no index_copy_ of float8 itself)
+        cache[1].index_copy_(2, slot, scale)
+    else:
+        cache.index_copy_(2, slot, vectors.to(cache.dtype))  # under autocast projections and cache may differ
 
 
 def _project_triton(x, weight, residual=None, gated=False, launch=None) -> torch.Tensor:
@@ -269,7 +287,9 @@ def _decode_layer(
     :data:`PROJECT_MAX_ROWS` rows; ``None`` (or more rows): ``F.linear``. ``RolloutEngine(weights="fp8")``: ``qkv``,
     ``gate_up``, ``o`` and ``down`` are each ``(float8 weight, float32 scale per row)`` and ``project`` runs them all,
     whatever the rows (there is no bf16 weight to hand to cuBLAS)."""
-    rows, kv_heads, dim = x.shape[0], keys.shape[1], keys.shape[-1]
+    fp8_cache = isinstance(keys, tuple)  # RolloutEngine(kv="fp8"): (float8 cache, scales), Triton attention only
+    cache = keys[0] if fp8_cache else keys
+    rows, kv_heads, dim = x.shape[0], cache.shape[1], cache.shape[-1]
     if project is not None and rows > PROJECT_MAX_ROWS and o is None:
         project = None  # the Triton projections would read the weights once per 64 rows: cuBLAS reads them once
     attn = layer.self_attn
@@ -282,11 +302,11 @@ def _decode_layer(
         q, k, v = packed.split([packed.shape[-1] - 2 * width, width, width], -1)
     # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
     q = _rope(q.view(rows, kv_heads, -1, dim), cos, sin)
-    # .to: under autocast the projections and the cache need not share a dtype
-    keys.index_copy_(2, slot, _rope(k.view(rows, kv_heads, 1, dim), cos, sin).to(keys.dtype))
-    values.index_copy_(2, slot, v.view(rows, kv_heads, 1, dim).to(values.dtype))
-    # [R, kv_heads, groups, D]
-    out = attend(q, keys[:, :, :window], values[:, :, :window], bias, attn.scaling, pad, slot).reshape(rows, -1)
+    _store(keys, slot, _rope(k.view(rows, kv_heads, 1, dim), cos, sin))
+    _store(values, slot, v.view(rows, kv_heads, 1, dim))
+    if not fp8_cache:  # (the fp8 cache is read by the Triton attention only: one window, the whole cache)
+        keys, values = keys[:, :, :window], values[:, :, :window]
+    out = attend(q, keys, values, bias, attn.scaling, pad, slot).reshape(rows, -1)  # [R, kv_heads, groups, D]
     if o is not None or (project is not None and _plain_linear(attn.o_proj)):
         x = project(out, attn.o_proj.weight if o is None else o, x)
     else:
@@ -376,7 +396,9 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     layer.
     """
     kv, slot, pad = state["kv"], state["slot"], state["pad"]
-    cos, sin, bias = parts.inputs(lm.rotary_emb, slot, pad, kv[0].shape[2], x.dtype)
+    if state.get("kv_scale") is not None:  # RolloutEngine(kv="fp8"): each cache with its scales per slot
+        kv = list(zip(kv, state["kv_scale"], strict=True))
+    cos, sin, bias = parts.inputs(lm.rotary_emb, slot, pad, state["kv"][0].shape[2], x.dtype)
     bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         # the layer's packed weights, (None, None) without pack=True; weights="fp8": (qkv, gate_up, o, down) quantized
@@ -493,6 +515,13 @@ class RolloutEngine:
             ``train/rollout_kl/*`` shows by how much in a run. Needs ``linear`` Triton (its kernels read fp8) and
             plain bias-free projections (no LoRA on the language model: merge the adapters or use ``model``);
             costs 1 byte per projection weight and no bf16 packs (Janus-Pro-1B: 1.2 GB, 7B: 6.1 GB).
+        kv: the KV cache's dtype. ``model`` (the default): the dtype the model computes in (autocast's under
+            autocast). ``fp8``: float8 (e4m3), each slot's key and value vector (per row and KV head) with its own
+            float32 scale (:func:`modules.decode_attention.quantize_vectors`), written as each token is and from
+            the prefill: half a bf16 cache's bytes plus 4 per vector (3% at head size 128), the other half of the
+            bytes a decode step reads at the 7B shape. Attention then reads dequantized keys and values (a
+            relative rounding of up to 1/16 of each vector's largest entry). Needs ``attention`` ``triton`` (or
+            ``auto`` where that is Triton): only its kernels read a float8 cache.
     """
 
     def __init__(
@@ -505,6 +534,7 @@ class RolloutEngine:
         triton_launch: str | None = None,
         linear: str = "torch",
         weights: str = "model",
+        kv: str = "model",
     ) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"engine compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -542,8 +572,13 @@ class RolloutEngine:
         if weights == "fp8" and linear == "torch":
             raise ValueError("engine weights 'fp8' needs linear 'triton' (or a triton_lin_ launch): the Triton "
                              "projections are what read float8 weights")
+        if kv not in WEIGHTS:
+            raise ValueError(f"engine kv must be one of {WEIGHTS}, got {kv!r}")
+        if kv == "fp8" and attention not in ("triton", "auto"):
+            raise ValueError(f"engine kv 'fp8' needs attention 'triton' (or 'auto' on a GPU): its kernels are what read "
+                             f"a float8 cache, not {attention!r}")
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
-        self.pack, self.linear, self.weights = pack, linear, weights
+        self.pack, self.linear, self.weights, self.kv = pack, linear, weights, kv
         self.stats = EngineStats()
         self.graphs = CudaGraphs()  # capture and replay for compile="cudagraphs"
         self._buffers: dict[tuple, dict] = {}
@@ -565,6 +600,7 @@ class RolloutEngine:
             "linear": self.linear,
             "linear_launch": self.linear_launch,
             "weights": self.weights,
+            "kv": self.kv,
             "stats": EngineStats(),
             "graphs": CudaGraphs(),
             "_buffers": {},
@@ -710,14 +746,17 @@ class RolloutEngine:
 
         if self.attention_on(state["hidden"].device) == "triton":
             check_device(state["hidden"].device)
+        elif self.kv == "fp8":
+            raise RuntimeError(f"engine kv 'fp8' needs the triton attention, and attention {self.attention!r} is "
+                               f"{self.attention_on(state['hidden'].device)!r} on {state['hidden'].device}")
+        device = state["hidden"].device
+        if "fp8" in (self.weights, self.kv) and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            what = "weights" if self.weights == "fp8" else "kv"
+            raise RuntimeError(f"engine {what} 'fp8' needs a GPU with float8 support (compute capability 8.9 or "
+                               f"later: Ada, Hopper, Blackwell); this {torch.cuda.get_device_name(device)} has "
+                               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Use {what} 'model'")
         if self.linear != "torch":
             check_device(state["hidden"].device, "linear", "torch")
-            device = state["hidden"].device
-            if self.weights == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-                name = torch.cuda.get_device_name(device)
-                raise RuntimeError(f"engine weights 'fp8' needs a GPU with float8 support (compute capability 8.9 or "
-                                   f"later: Ada, Hopper, Blackwell); this {name} has "
-                                   f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Use weights 'model'")
             act = getattr(model.model.language_model.config, "hidden_act", "silu")
             if act != "silu":
                 raise ValueError(f"engine linear 'triton' computes the MLP's silu in its kernel; this model's is {act!r}")
@@ -725,7 +764,7 @@ class RolloutEngine:
         state["packed"] = self._packed or [(None, None)] * layers  # per layer (qkv, gate_up)
         if not self.captures(state["hidden"].device):
             return
-        tensors = [*model.parameters(), *model.buffers(), *state["kv"]]
+        tensors = [*model.parameters(), *model.buffers(), *state["kv"], *(state.get("kv_scale") or ())]
         tensors += [v for k, v in state.items() if k != "kv" and isinstance(v, torch.Tensor)]
         tensors += [t for layer in self._packed or () for t in _tensors(layer)]
         self._addresses = tuple(t.data_ptr() for t in tensors)
@@ -781,6 +820,10 @@ class RolloutEngine:
         cfg = model.model.language_model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+        if self.kv == "fp8":
+            from modules.decode_attention import FP8
+
+            kv_dtype = FP8
         key = (kind, rows, device, dtype, kv_dtype, tuple((n, s, d) for n, (s, d) in sorted(outputs.items())))
         state = self._buffers.get(key)
         capacity = round_up(needed, self._chunk(device))
@@ -788,8 +831,12 @@ class RolloutEngine:
             shape = (rows, cfg.num_key_value_heads, capacity, head_dim)
             # zeros, not empty: masked slots are still multiplied by 0 in attention, so they must be finite
             kv = [torch.zeros(shape, device=device, dtype=kv_dtype) for _ in range(2 * cfg.num_hidden_layers)]
+            # kv="fp8": each slot's scale (1 in a pad slot, whose vector is 0)
+            scales = None if self.kv != "fp8" else [
+                torch.ones(shape[:3], device=device, dtype=torch.float32) for _ in range(2 * cfg.num_hidden_layers)]
             state = dict(
                 kv=kv,
+                kv_scale=scales,
                 hidden=torch.zeros(rows, cfg.hidden_size, device=device, dtype=dtype),
                 slot=torch.zeros(1, dtype=torch.long, device=device),
                 col=torch.zeros(1, dtype=torch.long, device=device),
@@ -798,7 +845,7 @@ class RolloutEngine:
                 **{n: torch.zeros(s, dtype=d, device=device) for n, (s, d) in outputs.items()},
             )
             if self.mode(device) in TORCH_COMPILE_MODES:
-                for t in [*state["kv"], *(v for k, v in state.items() if k != "kv")]:
+                for t in [*state["kv"], *(scales or ()), *(v for k, v in state.items() if k not in ("kv", "kv_scale"))]:
                     torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update them in place
             self._buffers[key] = state
         return state
@@ -1196,8 +1243,14 @@ def _prefill(model, state: dict, embeds: torch.Tensor, mask: torch.Tensor) -> No
     length = mask.shape[1]
     real = mask.bool()[:, None, :, None]  # [R, 1, L, 1]
     for i, layer in enumerate(cache.layers):
-        state["kv"][2 * i][:, :, :length].copy_(layer.keys.masked_fill(~real, 0))
-        state["kv"][2 * i + 1][:, :, :length].copy_(layer.values.masked_fill(~real, 0))
+        for j, prefilled in ((2 * i, layer.keys), (2 * i + 1, layer.values)):
+            prefilled = prefilled.masked_fill(~real, 0)  # [R, kv_heads, L, D]
+            if state.get("kv_scale") is not None:  # kv="fp8": each vector with its scale (a pad slot's: 1)
+                from modules.decode_attention import quantize_vectors
+
+                prefilled, scale = quantize_vectors(prefilled)
+                state["kv_scale"][j][:, :, :length].copy_(scale)
+            state["kv"][j][:, :, :length].copy_(prefilled)
     state["hidden"].copy_(hidden)
     state["pad"].copy_(length - mask.long().sum(1))
     state["slot"].fill_(length)

@@ -85,6 +85,10 @@ class SamplingConfig:
             log-probs are from the update's. Needs ``engine_linear`` triton, a GPU of compute capability 8.9 or
             later (Ada, Hopper) and no LoRA on the language model; costs 1 byte per projection weight (7B: 6.1 GB)
             instead of the bf16 packs.
+        engine_kv: the static engine's KV cache (``RolloutEngine(kv=...)``): ``model`` (the default: the dtype the
+            model computes in) or ``fp8`` (float8 e4m3, each slot's key and value vector with its own float32
+            scale: half the cache's bytes, the other half of a 7B step's reads). An approximation too (see
+            ``engine_weights``); needs ``engine_attention`` triton (or auto on a GPU) and compute capability 8.9.
     """
 
     plan_max_tokens: int = 64
@@ -102,6 +106,7 @@ class SamplingConfig:
     engine_pack: bool = False
     engine_linear: str = "torch"
     engine_weights: str = "model"
+    engine_kv: str = "model"
 
     def __post_init__(self) -> None:
         if self.plan_max_tokens < 1:
@@ -149,6 +154,11 @@ class SamplingConfig:
                 require("linear", "torch")  # a clear error now, not at the first rollout
         if self.engine_weights not in WEIGHTS:
             raise ValueError(f"sampling.engine_weights must be one of {WEIGHTS}, got {self.engine_weights!r}")
+        if self.engine_kv not in WEIGHTS:
+            raise ValueError(f"sampling.engine_kv must be one of {WEIGHTS}, got {self.engine_kv!r}")
+        if self.engine_kv == "fp8" and self.engine_attention not in ("triton", "auto"):
+            raise ValueError(f"sampling.engine_kv fp8 needs sampling.engine_attention triton (or auto on a GPU): its "
+                             f"kernels are what read a float8 cache, not {self.engine_attention!r}")
         if self.engine_weights == "fp8" and self.engine_linear == "torch":
             raise ValueError("sampling.engine_weights fp8 needs sampling.engine_linear triton (or a triton_lin_ launch "
                              "name): the Triton projections are what read float8 weights")
@@ -350,7 +360,7 @@ class JanusPolicy(pl.LightningModule):
             sampling = self.sampling
             self._engine = RolloutEngine(
                 compile=sampling.engine_compile, attention=sampling.engine_attention, pack=sampling.engine_pack,
-                linear=sampling.engine_linear, weights=sampling.engine_weights,
+                linear=sampling.engine_linear, weights=sampling.engine_weights, kv=sampling.engine_kv,
             )
         return self._engine
 

@@ -70,7 +70,7 @@ def update_tokens(r: Recipe) -> tuple[int, int]:
     return text, image
 
 
-def kv_cache_bytes(shape: ModelShape, rows: int, tokens: int, k_bytes: int, v_bytes: int) -> int:
+def kv_cache_bytes(shape: ModelShape, rows: int, tokens: int, k_bytes: float, v_bytes: float) -> float:
     """``layers x rows x tokens x kv_heads x head_dim x (K bytes + V bytes)``."""
     return shape.layers * rows * tokens * shape.kv_heads * shape.head_dim * (k_bytes + v_bytes)
 
@@ -239,8 +239,10 @@ def plan(r: Recipe) -> MemoryPlan:
     engine_buffers = 0
     if r.engine == "static":
         slots = [round_up(n, DEFAULT_CHUNK["cuda"]) for n in (plan_kv, image_kv)]
-        engine_buffers = kv_cache_bytes(shape, rollout_rows, slots[0], num.compute, num.compute)
-        engine_buffers += kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), slots[1], num.compute, num.compute)
+        # kv "fp8": 1 byte an entry and a float32 scale per vector of head_dim entries
+        cache = num.compute if r.engine_kv == "model" else 1 + 4 / shape.head_dim
+        engine_buffers = kv_cache_bytes(shape, rollout_rows, slots[0], cache, cache)
+        engine_buffers += kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), slots[1], cache, cache)
         fp8 = r.engine_weights == "fp8"
         if fp8:  # RolloutEngine(weights="fp8"): the decoder's projections in float8, a float32 scale per row
             out_rows = (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.hidden + 2 * shape.intermediate

@@ -87,6 +87,8 @@ class Recipe:
     engine_weights: str = "model"
     """``sampling.engine_weights``: ``fp8`` holds a float8 copy of the decoder's projections (1 byte a weight, 4 a
     row) while rolling out, instead of their bf16 packs or autocast copies."""
+    engine_kv: str = "model"
+    """``sampling.engine_kv``: ``fp8`` holds the static engine's KV cache in float8, a float32 scale a vector."""
 
 
 # ---- reading a config ------------------------------------------------------------------------------
@@ -196,6 +198,7 @@ def recipe_from_config(
         engine_compile=str(_get(sampling, "engine_compile", default="auto")),
         engine_pack=bool(_get(sampling, "engine_pack", default=False)),
         engine_weights=str(_get(sampling, "engine_weights", default="model")),
+        engine_kv=str(_get(sampling, "engine_kv", default="model")),
         activation_checkpointing=bool(
             _get(c, "model", "parallel", "activation_checkpointing", default=False)
             if activation_checkpointing is None
@@ -257,6 +260,7 @@ def recipe_from_module(
         engine_compile=policy.sampling.engine_compile,
         engine_pack=policy.sampling.engine_pack,
         engine_weights=policy.sampling.engine_weights,
+        engine_kv=policy.sampling.engine_kv,
         lora_params=lora,
         activation_checkpointing=module.parallel.activation_checkpointing,
         param_dtype=module.parallel.param_dtype,

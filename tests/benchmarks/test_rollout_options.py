@@ -32,13 +32,14 @@ def test_triton_projections_by_default_or_at_a_launch_from_the_linear_sweep():
         linear="triton_lin_n16_k256_s0_w4_p4")
 
 
-def test_fp8_weights_and_the_least_bytes_they_read():
+def test_fp8_weights_and_cache_and_the_least_bytes_they_read():
     from rollout import lm_bytes
 
     from modules.tiny import TinyJanusSpec, build_tiny_janus
 
     assert engine_options("fused+pack+triton+triton_lin+fp8") == dict(compile="fused", pack=True, attention="triton",
                                                                       linear="triton", weights="fp8")
+    assert engine_options("fused+triton+fp8kv") == dict(compile="fused", attention="triton", kv="fp8")
     model = build_tiny_janus(TinyJanusSpec())[0]
     layers = model.model.language_model.layers
     projections = [m for layer in layers for m in (*layer.self_attn.children(), *layer.mlp.children())

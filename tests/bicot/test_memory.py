@@ -423,6 +423,26 @@ def test_fp8_engine_weights_match_the_plan():
                                                             else 1e-9)
 
 
+def test_fp8_kv_cache_matches_the_plan():
+    """``sampling.engine_kv: fp8``: a byte an entry and a float32 scale a vector, what the engine allocates."""
+    from bicot.memory.plan import kv_cache_bytes
+    from bicot.memory.shapes import shape_from_model
+    from modules.engine import RolloutEngine
+
+    policy = JanusPolicy(tiny=TinyJanusSpec(**MEASURE_SPEC), dtype="bfloat16")
+    engine = RolloutEngine(attention="triton", kv="fp8", chunk=128)
+    state = engine.buffers(policy.model, "image", 6, 200, {}, torch.device("cpu"), torch.bfloat16)
+    held = sum(t.nbytes for t in state["kv"] + state["kv_scale"])
+    shape = shape_from_model(policy.model, "tiny")
+    assert held == kv_cache_bytes(shape, 6, 256, 1 + 4 / shape.head_dim, 1 + 4 / shape.head_dim)
+    config = tiny_config(dataclasses.asdict(TinyJanusSpec(**MEASURE_SPEC)), "bf16-true")
+    config["model"]["policy"]["sampling"].update(engine="static", engine_attention="triton", engine_kv="fp8")
+    recipe = memory.recipe_from_config(config, 1)
+    assert recipe.engine_kv == "fp8"
+    fp8, bf16 = (memory.plan(dataclasses.replace(recipe, engine_kv=kv)).engine_buffers_gib for kv in ("fp8", "model"))
+    assert fp8 == pytest.approx(bf16 * (1 + 4 / shape.head_dim) / 2, rel=1e-9)  # the engine buffers are the caches
+
+
 def _flat(value):
     return [value] if isinstance(value, torch.Tensor) else [t for item in value for t in _flat(item)]
 

@@ -31,7 +31,7 @@ STATIC_ENGINE = ("--model.policy.init_args.sampling.engine=static",)
 @pytest.mark.parametrize(
     ("prompts", "processes", "extra", "sharded_only"),
     [
-        (2, 2, (), ()),
+        # (2 prompts on 2 processes, plain, is what the cases below each vary: not run on its own)
         (1, 2, (), ()),  # 1 prompt: its group of 4 samples is split across the 2 processes
         (2, 4, (), STATIC_ENGINE),  # 4 processes rolling out with the engine against one with the eager loop
         (2, 2, LORA_AND_CHECKPOINTING, ()),  # LoRA (reference = adapters off) with activation checkpointing

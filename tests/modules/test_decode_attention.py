@@ -39,6 +39,39 @@ def reference(q, keys, values, pad, slot, scaling):
     return ATTENTION["matmul"](q.float(), keys.float(), values.float(), bias, scaling)
 
 
+def test_quantize_vectors_scales_each_slot_to_float8():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 40, 24, generator=generator) * torch.logspace(-3, 2, 40)[:, None]  # slots of every size
+    x[1, 0, 7] = 0.0  # a pad slot
+    q, scale = decode_attention.quantize_vectors(x)
+    assert q.dtype == decode_attention.FP8 and scale.dtype == torch.float32 and scale.shape == (3, 2, 40)
+    assert scale[1, 0, 7] == 1.0 and not q[1, 0, 7].float().any()
+    back = q.float() * scale[..., None]
+    bound = torch.maximum(x.abs() * 2**-4, 2**-10 * scale[..., None]) * (1 + 1e-6)  # e4m3's half steps
+    assert ((back - x).abs() <= bound).all()
+
+
+@needs_triton
+@pytest.mark.parametrize(("capacity", "filled", "launch"), [(128, 70, ()), (300, 263, (48, 32, 4, 3, 0)),
+                                                             (300, 263, (128, 16, 2, 2, 3, False, True))])
+def test_fp8_keys_and_values_with_their_slot_scales_are_the_attention_of_their_values(capacity, filled, launch):
+    """``k_scale``/``v_scale``: float8 keys and values, each slot's vector times its scale; the scores and the
+    weighted sum are the float32 attention over those values (one split, several, parts with the last program
+    merging)."""
+    q, keys, values, pad = case(3, 2, 3, capacity, 24)
+    (k8, ks), (v8, vs) = decode_attention.quantize_vectors(keys), decode_attention.quantize_vectors(values)
+    slot = torch.tensor([filled - 1], device=DEVICE)
+    expected = reference(q, k8.float() * ks[..., None], v8.float() * vs[..., None], pad, slot, 24**-0.5)
+    got = decode_attention.decode_attention(q, k8, v8, pad, slot, 24**-0.5, *launch, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    exact = reference(q, keys, values, pad, slot, 24**-0.5)
+    assert (got - exact).abs().max() > 1e-3  # the quantization shows: these are not the float32 keys and values
+    with pytest.raises(ValueError, match="float8_e4m3fn keys and values come with their float32 scales"):
+        decode_attention.decode_attention(q, k8, v8, pad, slot, 24**-0.5)
+    with pytest.raises(ValueError, match="k_scale and v_scale must be float32"):
+        decode_attention.decode_attention(q, k8, v8, pad, slot, 24**-0.5, k_scale=ks, v_scale=vs[:, :, :10])
+
+
 @needs_triton
 @pytest.mark.parametrize(
     ("rows", "kv_heads", "groups", "capacity", "dim", "filled"),
@@ -167,15 +200,15 @@ from modules import decode_attention as da
 # what a launch on a GPU specializes: pointers 16-byte aligned, integers (strides, sizes) divisible by 16
 ALIGNED = {"q", "keys", "values", "pad", "slot", "part_max", "part_sum", "part_acc", "out", "count", "stride_qr",
            "stride_qk", "stride_qg", "stride_kr", "stride_kh", "stride_ks", "stride_vr", "stride_vh", "stride_vs",
-           "stride_or", "stride_ok", "stride_og", "dim", "split_len"}
+           "stride_or", "stride_ok", "stride_og", "dim", "split_len", "k_scale", "v_scale", "stride_sr", "stride_sh"}
 
-def partial_types(dtype, part):
-    tensors = dict(q=dtype, keys=dtype, values=dtype, out=dtype, pad="i64", slot="i64", part_max=part,
-                   part_sum=part, part_acc=part, count="i32")
+def partial_types(dtype, part, cache=None):  # cache: the keys' and values' dtype (fp8e4nv: with their scales)
+    tensors = dict(q=dtype, keys=cache or dtype, values=cache or dtype, out=dtype, pad="i64", slot="i64",
+                   part_max=part, part_sum=part, part_acc=part, count="i32", k_scale="fp32", v_scale="fp32")
     return {name: "*" + t for name, t in tensors.items()} | dict(scaling="fp32")
 
-def partial_constexprs(**given):  # the splits merged by _combine unless given LAST=True (and SPLITS)
-    return dict(LAST=False, SPLITS=1) | given
+def partial_constexprs(**given):  # the splits merged by _combine unless given LAST=True (and SPLITS); unscaled
+    return dict(LAST=False, SPLITS=1, SCALED=False) | given
 """
 
 COMPILE_FOR_GPUS = COMPILER + """
@@ -197,6 +230,38 @@ for arch in (80, 90):
         compile(da._combine, types, dict(SPLITS=8, DIM=128), arch)
     print("compiled", arch)
 """
+
+# RolloutEngine(kv="fp8"): float8 keys and values with their scales per slot (e4m3: compute capability 8.9 on)
+FP8_LOOP = COMPILER + """
+for stages, parts, lanes, last in ((1, 0, True, False), (2, 0, True, False), (1, 4, False, True)):
+    constexprs = partial_constexprs(BLOCK=32, DIM=128, DIRECT=False, STAGES=stages, PARTS=parts, LANES=lanes,
+                                    LAST=last, SPLITS=8 if last else 1, SCALED=True)
+    ptx = compile(da._partial, partial_types("bf16", "fp32", "fp8e4nv"), constexprs, 90, ALIGNED,
+                  num_warps=4).asm["ptx"]
+    lines = ptx.splitlines()
+    header = next(i for i, line in enumerate(lines) if "Inner Loop Header" in line)
+    label = lines[header].split(":")[0]
+    back = max(i for i, line in enumerate(lines) if "bra" in line and label in line)
+    loop = "\\n".join(lines[header : back + 1])
+    ops = re.findall(r"ld\\.global\\.[.\\w]+|cp\\.async\\.c[ag][.\\w]*|bar\\.sync", loop)
+    print(f"{stages}/{parts}/{lanes}", "e4m3" if "e4m3" in loop else "no-e4m3", " ".join(ops))
+try:
+    compile(da._partial, partial_types("bf16", "fp32", "fp8e4nv"), constexprs, 80, ALIGNED, num_warps=4)
+except Exception as error:
+    print("sm_80", "fp8e4nv not supported" in str(error))
+"""
+
+
+def test_the_fp8_cache_kernel_compiles_for_hopper_reading_half_the_bytes():
+    """32 fp8 keys x 128 dims over 128 threads: 32 bytes each, two 16-byte loads for keys and two for values where
+    bf16 takes four and four (``test_the_compiled_loop_keeps_keys_and_values_in_flight``), converted from e4m3 in the
+    loop; pipelined, asynchronous copies. sm_80 has no e4m3."""
+    lines = dict(line.split(" ", 1) for line in compile_here(FP8_LOOP).strip().splitlines())
+    for key in ("1/0/True", "1/4/False"):
+        ops = lines[key].split()
+        assert ops[0] == "e4m3" and ops[1:].count("ld.global.v4.b32") == 4, ops
+    assert lines["2/0/True"].startswith("e4m3") and "cp.async" in lines["2/0/True"], lines
+    assert lines["sm_80"] == "True"
 
 # The loop's memory, synchronisation and shared-memory instructions in the Hopper binary's PTX, in order, from
 # the loop's header to its branch back, for one and two stages, splits and parts, and both ways to accumulate.
