@@ -513,7 +513,7 @@ class RolloutEngine:
             (per weight, a relative rounding of up to 1/16; the heads, embeddings and the prefill keep the model's
             weights), so the rollout's log-probs differ from the update's more than bf16's rounding does:
             ``train/rollout_kl/*`` shows by how much in a run. Needs ``linear`` Triton (its kernels read fp8) and
-            plain bias-free projections (no LoRA on the language model: merge the adapters or use ``model``);
+            bias-free projections (a LoRA-adapted one is quantized with its adapters merged, in float32);
             costs 1 byte per projection weight and no bf16 packs (Janus-Pro-1B: 1.2 GB, 7B: 6.1 GB).
         kv: the KV cache's dtype. ``model`` (the default): the dtype the model computes in (autocast's under
             autocast). ``fp8``: float8 (e4m3), each slot's key and value vector (per row and KV head) with its own
@@ -683,7 +683,8 @@ class RolloutEngine:
         quantized = None
         if self.weights == "fp8":
             quantized = self._quantize(model, device)
-            projections = {id(m) for m, *_ in self._buffers[("fp8", id(model), device)]["targets"]}
+            targets = self._buffers[("fp8", id(model), device)]["targets"]
+            projections = {id(sub) for m, *_ in targets for sub in m.modules()}  # LoRA's own linears included
             copied = [m for m in copied if id(m) not in projections]  # the step reads their fp8 copies
         self._packed = None
         if not copied and not groups:
@@ -720,14 +721,16 @@ class RolloutEngine:
         from modules.decode_linear import quantize
 
         layers = quantizable(model)
-        signature = [[(m.weight.shape, m.weight.dtype) for m in group] for layer in layers for group in layer]
+        signature = [[(_base_linear(m).weight.shape, _base_linear(m).weight.dtype) for m in group] for layer in layers
+                     for group in layer]
         key = ("fp8", id(model), device)
         entry = self._buffers.get(key)
         if entry is None or entry["signature"] != signature:
             entry = self._buffers[key] = _fp8_buffers(layers, signature)
-        with torch.no_grad():
+        # a LoRA layer's weight with its adapters merged in full precision (autocast would round B @ A to bf16)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for module, q, scale in entry["targets"]:
-                quantize(module.weight, q, scale)
+                quantize(_live_weight(module), q, scale)
         return entry["packed"]
 
     def captures(self, device: torch.device) -> bool:
@@ -1156,20 +1159,37 @@ def _weight_buffers(copied: list, groups: list, dtype, signature) -> dict:
     return dict(copies=copies, pack_views=pack_views, pack_modules=pack_modules, packed=packed, signature=signature)
 
 
-def quantizable(model) -> list[tuple[list[torch.nn.Linear], ...]]:
-    """Per decoder layer its ``([q, k, v], [gate, up], [o], [down])`` projections, for ``weights="fp8"``; a
-    ``ValueError`` that names the first one that is not a plain bias-free ``nn.Linear`` (a LoRA-wrapped one)."""
+def _base_linear(module):
+    """``module`` itself, or the linear layer a LoRA adapter wraps (``None`` for anything else)."""
+    from modules.lora import BaseTunerLayer
+
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _live_weight(module) -> torch.Tensor:
+    """The weight ``module`` applies (a LoRA layer's merged with its adapters: :func:`modules.lora.merged_weight`)."""
+    from modules.lora import BaseTunerLayer, merged_weight
+
+    return merged_weight(module) if isinstance(module, BaseTunerLayer) else module.weight
+
+
+def quantizable(model) -> list[tuple[list[torch.nn.Module], ...]]:
+    """Per decoder layer its ``([q, k, v], [gate, up], [o], [down])`` projections, for ``weights="fp8"``: bias-free
+    ``nn.Linear`` layers, LoRA-adapted or not (an adapted one is quantized with its adapters merged); a
+    ``ValueError`` that names the first one that is neither."""
     lm = model.model.language_model
     layers = []
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         attn, mlp = layer.self_attn, layer.mlp
         groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj], [attn.o_proj], [mlp.down_proj])
         for name, module in zip(("q", "k", "v", "gate", "up", "o", "down"), [m for g in groups for m in g], strict=True):
-            if not _plain_linear(module):
+            base = _base_linear(module)
+            if not _plain_linear(base):
                 raise ValueError(
-                    f"engine weights 'fp8' quantizes plain bias-free nn.Linear projections; layer {i}'s {name}_proj is "
-                    f"a {type(module).__name__}{' with a bias' if getattr(module, 'bias', None) is not None else ''} "
-                    "(LoRA on the language model: merge the adapters or sample with engine weights 'model')"
+                    f"engine weights 'fp8' quantizes bias-free nn.Linear projections (LoRA-adapted or not); layer "
+                    f"{i}'s {name}_proj is a {type(base).__name__}"
+                    f"{' with a bias' if getattr(base, 'bias', None) is not None else ''}: sample with engine weights "
+                    "'model'"
                 )
         layers.append(groups)
     return layers
@@ -1184,8 +1204,8 @@ def _fp8_buffers(layers: list, signature) -> dict:
     for groups in layers:
         pairs = []
         for group in groups:
-            weight = group[0].weight
-            sizes = [m.weight.shape[0] for m in group]
+            weight = _base_linear(group[0]).weight
+            sizes = [_base_linear(m).weight.shape[0] for m in group]
             q = torch.empty(sum(sizes), weight.shape[1], dtype=FP8, device=weight.device)
             scale = torch.empty(sum(sizes), dtype=torch.float32, device=weight.device)
             for module, q_view, scale_view in zip(group, q.split(sizes), scale.split(sizes), strict=True):

@@ -84,6 +84,19 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
+def merged_weight(layer: BaseTunerLayer) -> torch.Tensor:
+    """The weight an adapted linear layer applies in eval mode: its base weight plus each active adapter's
+    ``scaling * B @ A`` (what :func:`merged_copy`'s ``merge`` writes, the same additions), or the base weight alone
+    where the adapters are off (:func:`adapters_disabled`) or already merged."""
+    weight = layer.get_base_layer().weight
+    if layer.disable_adapters or layer.merged:
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            weight = weight + layer.get_delta_weight(adapter)
+    return weight
+
+
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy with every adapter merged into its base weight and removed: a stock Janus model."""
     merged = copy.deepcopy(model)

@@ -83,8 +83,8 @@ class SamplingConfig:
             quantized from the live weights at every rollout: half the bytes per decode step, the bound at the 7B
             shape). Samples from an approximation of the policy: ``train/rollout_kl/*`` shows how far its
             log-probs are from the update's. Needs ``engine_linear`` triton, a GPU of compute capability 8.9 or
-            later (Ada, Hopper) and no LoRA on the language model; costs 1 byte per projection weight (7B: 6.1 GB)
-            instead of the bf16 packs.
+            later (Ada, Hopper); LoRA adapters are merged into the copy. Costs 1 byte per projection weight (7B:
+            6.1 GB) instead of the bf16 packs.
         engine_kv: the static engine's KV cache (``RolloutEngine(kv=...)``): ``model`` (the default: the dtype the
             model computes in) or ``fp8`` (float8 e4m3, each slot's key and value vector with its own float32
             scale: half the cache's bytes, the other half of a 7B step's reads). An approximation too (see
@@ -253,7 +253,7 @@ class JanusPolicy(pl.LightningModule):
         self.trainable = add_lora(self.model, lora) if lora is not None else set_trainable(self.model, trainable)
         if self.sampling.engine == "static" and self.sampling.engine_weights == "fp8":
             try:
-                quantizable(self.model)  # a clear error now (LoRA on a projection), not at the first rollout
+                quantizable(self.model)  # a clear error now (a projection with a bias), not at the first rollout
             except ValueError as error:
                 raise ValueError(f"sampling.{error}") from None
         self.num_image_tokens = self.model.config.vision_config.num_image_tokens

@@ -21,9 +21,11 @@ from modules.engine import (
     _DrawnNoise,
     _uncached_autocast,
     keeps_buffers,
+    quantizable,
     window_for,
     window_ladder,
 )
+from modules.lora import adapters_disabled
 from modules.policy import JanusPolicy, SamplingConfig
 
 PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
@@ -1102,10 +1104,49 @@ def test_fp8_weights_are_checked_when_configured(tiny_janus_dir):
     if not decode_attention.available():
         return
     sampling = SamplingConfig(engine="static", engine_pack=True, engine_linear="triton", engine_weights="fp8")
-    with pytest.raises(ValueError, match="layer 0's q_proj is a .*LoRA on the language model: merge the adapters"):
-        JanusPolicy(str(tiny_janus_dir), sampling=sampling, lora=LoraSpec(r=2, target_modules=["q_proj"]))
+    policy = JanusPolicy(str(tiny_janus_dir), sampling=sampling, lora=LoraSpec(r=2, target_modules=["q_proj"]))
+    assert len(quantizable(policy.model)) == policy.model.config.text_config.num_hidden_layers  # LoRA: merged
+    policy.model.model.language_model.layers[1].mlp.up_proj = nn.Linear(8, 8, bias=True)
+    with pytest.raises(ValueError, match="layer 1's up_proj is a Linear with a bias: sample with engine weights"):
+        quantizable(policy.model)
     engine = JanusPolicy(str(tiny_janus_dir), sampling=sampling)._sampler()
     assert engine.weights == "fp8" and pickle.loads(pickle.dumps(engine)).weights == "fp8"
+
+
+@pytest.mark.skipif(not decode_attention.interpreted(), reason="needs triton with TRITON_INTERPRET=1")
+def test_fp8_weights_of_lora_projections_are_their_merged_weights_quantized(tiny_janus_dir):
+    """A LoRA-adapted projection is quantized with its adapters merged (in float32, also under autocast), refreshed at
+    every call: the fp8 copies equal those of the merged model (what ``export_model`` saves), and so do the
+    samples; with the adapters off, the base weights'."""
+    from modules.lora import LoraSpec, merged_copy
+
+    policy = JanusPolicy(str(tiny_janus_dir), lora=LoraSpec(r=2, target_modules=["q_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():  # adapters that do something (peft starts B at zero)
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    ctx = policy.image_context(PROMPTS, None)
+    merged = merged_copy(policy.model)
+    runs = []
+    for model in (policy.model, merged):
+        engine = RolloutEngine(pack=True, linear="triton", weights="fp8")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = engine.sample_image_tokens(model, ctx.cond_ids, ctx.cond_mask, 4, ctx.uncond_ids, 3.0,
+                                             noise=stream(3))
+        (entry,) = [e for key, e in engine._buffers.items() if key[0] == "fp8"]
+        runs.append((out, [t for layer in entry["packed"] for pair in layer for t in pair]))
+    (a, weights_a), (b, weights_b) = runs
+    assert all(torch.equal(x.view(torch.uint8) if x.dtype == decode_linear.FP8 else x,
+                           y.view(torch.uint8) if y.dtype == decode_linear.FP8 else y)
+               for x, y in zip(weights_a, weights_b, strict=True))
+    # the prefill is each model's own forward: under autocast the adapters' path rounds apart from the base's
+    assert torch.equal(a.tokens, b.tokens)
+    close(a.logp_guided, b.logp_guided, atol=1e-2)
+    with adapters_disabled(policy.model):  # the base weights alone: other fp8 copies
+        engine = RolloutEngine(pack=True, linear="triton", weights="fp8")
+        engine.sample_image_tokens(policy.model, ctx.cond_ids, ctx.cond_mask, 1, ctx.uncond_ids, 3.0, noise=stream(3))
+    (entry,) = [e for key, e in engine._buffers.items() if key[0] == "fp8"]
+    assert not torch.equal(entry["packed"][0][0][1], weights_a[1])  # layer 0's q/k/v scales moved with q's adapter
 
 
 def test_an_fp8_cache_is_checked_when_configured_and_bound(sharp_policy):
