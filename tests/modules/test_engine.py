@@ -1180,6 +1180,12 @@ def test_fp8_cache_holds_each_slots_vector_quantized_and_samples_near_the_exact_
             for kv, out in outs.items()}
     # measured: fp8 0.044 at most (0.015 on average), the exact cache 1.4e-6
     assert gaps["model"].max() < FP32_ATOL < gaps["fp8"].mean() and gaps["fp8"].max() < FP8_ATOL, gaps
+    ids, mask = plan_contexts(sharp_policy)  # the plan stage reads its float8 cache too
+    text = {kv: plans(e.sample_text, sharp_policy, ids, mask, 9, max_tokens=6) for kv, e in engines.items()}
+    rows = (text["fp8"].tokens == text["model"].tokens).all(1)
+    assert rows.any()
+    close(text["fp8"].logp[rows], text["model"].logp[rows], atol=FP8_ATOL)
+    assert not torch.equal(text["fp8"].logp[rows], text["model"].logp[rows])
     (fp8,) = [s for k, s in engines["fp8"]._buffers.items() if k[0] == "image"]
     (exact,) = [s for k, s in engines["model"]._buffers.items() if k[0] == "image"]
     filled, rows = int(fp8["slot"]), torch.cat([same, same])  # both CFG branches of a prompt sample its tokens
