@@ -8,19 +8,12 @@ import random
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_cli import E2E_CONFIGS, bicot, tiny_args  # noqa: I001
+from test_cli import E2E_CONFIGS, bicot, run_in_process, tiny_args  # noqa: I001
 
 from bicot.cli import main
 from datamodules.prompts import PromptDataError, load_prompts
 
 GOOD = {"prompt": "a red circle", "task_type": "color", "nouns": ["circle"]}
-
-
-def run_in_process(capsys, tmp_path, *args: str) -> tuple[int, str]:
-    """Run ``bicot fit`` here (fast: no interpreter start-up); return (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny_args(tmp_path, *args)])
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def prompt_file(tmp_path, lines: list[str], name: str = "prompts.jsonl"):
