@@ -41,7 +41,7 @@ def test_several_processes_match_one_process(tmp_path, prompts, processes, extra
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
-    common = ("--trainer.max_steps=3", "--model.algo.num_generations=4", f"--data.batch_size={prompts}", *extra)
+    common = ("--trainer.max_steps=2", "--model.algo.num_generations=4", f"--data.batch_size={prompts}", *extra)
     one = bicot("fit", *tiny_args(single, *common), cwd=single)
     assert one.returncode == 0, one.stderr[-3000:]
     fsdp = REPO / "configs" / "strategy" / "fsdp2.yaml"
@@ -50,13 +50,13 @@ def test_several_processes_match_one_process(tmp_path, prompts, processes, extra
     assert two.returncode == 0, two.stderr[-3000:]
     for name in COMPARED:
         a, b = history(single / "mlflow.db", name), history(double / "mlflow.db", name)
-        assert len(a) == len(b) == 3, name
+        assert len(a) == len(b) == 2, name
         # Same global batch, same per-row noise, gradients averaged over ranks with the global token
         # count: only float summation order differs. Measured differences are ~1e-7.
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), name
     assert history(single / "mlflow.db", "train/kl")[-1] > 0  # the policy moved, so the match is not trivial
     # the engine logs its compile time at every step: it sampled where it was asked to, and only there
-    assert len(history(double / "mlflow.db", "time/engine_compile_s")) == (3 if sharded_only else 0)
+    assert len(history(double / "mlflow.db", "time/engine_compile_s")) == (2 if sharded_only else 0)
     assert not history(single / "mlflow.db", "time/engine_compile_s")
     # group statistics on gathered rewards: the same fraction of all-equal groups either way
     assert history(single / "mlflow.db", "train/zero_std_frac") == history(double / "mlflow.db", "train/zero_std_frac")
