@@ -88,7 +88,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import LM_SHAPES, copy_bandwidth, device_name  # noqa: E402
 
-from modules import decode_attention, decode_linear  # noqa: E402
+from modules import decode_attention, decode_linear, fp8  # noqa: E402
 from modules.engine import ATTENTION, CudaGraphs, attention_bias  # noqa: E402
 
 SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -231,7 +231,7 @@ FP8_CANDIDATE = "triton_lin_fp8"
 
 def quantized(packed: list[dict]) -> list[dict]:
     """Each layer's packed weights as ``(float8 weight, float32 scale per row)`` pairs (``engine_weights: fp8``)."""
-    return [{name: decode_linear.quantize(w) for name, w in layer.items()} for layer in packed]
+    return [{name: fp8.quantize(w) for name, w in layer.items()} for layer in packed]
 
 
 def linear_launches(args) -> list:
@@ -430,8 +430,8 @@ def main() -> None:
         for launch in linear_launches(args):
             linears[launch.name] = lambda x, i, launch=launch: linear_triton(x, layers.packed[i], layers.split, launch)
         if args.device.type != "cuda" or torch.cuda.get_device_capability(args.device) >= (8, 9):
-            fp8 = quantized(layers.packed)  # the default launch on float8 weights: half the bytes to read
-            linears[FP8_CANDIDATE] = lambda x, i: linear_triton(x, fp8[i], layers.split)
+            fp8_layers = quantized(layers.packed)  # the default launch on float8 weights: half the bytes to read
+            linears[FP8_CANDIDATE] = lambda x, i: linear_triton(x, fp8_layers[i], layers.split)
     fp8_bytes = sum(q.numel() + s.numel() * s.element_size() for layer in quantized(layers.packed[:1])
                     for q, s in layer.values()) * layers.layers if FP8_CANDIDATE in linears else 0
     reference = None

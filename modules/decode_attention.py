@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import torch
 
+from modules.fp8 import FP8
+
 try:
     import triton
     import triton.language as tl
@@ -110,18 +112,6 @@ class Launch(NamedTuple):
         size = f"n{self.parts}" if self.parts else f"s{self.split}"
         return (f"triton_{size}_b{self.block}_w{self.warps}_p{self.stages}" + ("" if self.lanes else "_m")
                 + ("_l" if self.last else ""))
-
-
-FP8 = torch.float8_e4m3fn  # RolloutEngine(kv="fp8"): the cache's dtype, a float32 scale per slot's vector
-FP8_MAX = 448.0  # its largest finite value
-
-
-def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., D]`` as float8 (e4m3) vectors and their float32 scales ``[...]``: each vector scaled so its largest
-    magnitude is 448; an all-zero vector (a pad slot) gets scale 1. ``q * scale[..., None]`` approximates ``x``."""
-    amax = x.detach().abs().amax(-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.squeeze(-1)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: arrival counters of the `last` launches, all zero
@@ -261,22 +251,22 @@ if triton is not None:
             if SCALED:  # each key's and value's scale: on the score, and on the value's weight below
                 at = row * stride_sr + kv_head * stride_sh + n
                 score *= tl.load(k_scale + at, mask=filled, other=0.0)
-                v_weight = tl.load(v_scale + at, mask=filled, other=0.0)
-            else:
-                v_weight = tl.full([BLOCK], 1.0, tl.float32)
+                v_scales = tl.load(v_scale + at, mask=filled, other=0.0)
             score = tl.where(filled, score, float("-inf"))
             if LANES:  # elementwise over the block's positions: no reduction across warps
                 new_best = tl.maximum(best, score)
                 shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a position not yet filled: exp(-inf) = 0
                 weight = tl.exp(score - shift)
                 rescale = tl.exp(best - shift)
-                acc = acc * rescale[:, None] + (weight * v_weight)[:, None] * v
+                v_weight = weight * v_scales if SCALED else weight
+                acc = acc * rescale[:, None] + v_weight[:, None] * v
                 total = total * rescale + weight
             else:  # the block's maximum, normaliser and values reduced across warps at every iteration
                 new_best = tl.maximum(best, tl.max(score, 0))
                 weight = tl.exp(score - new_best)
                 rescale = tl.exp(best - new_best)
-                acc = acc * rescale[:, None] + tl.sum((weight * v_weight)[:, None] * v, 0)[None, :]
+                v_weight = weight * v_scales if SCALED else weight
+                acc = acc * rescale[:, None] + tl.sum(v_weight[:, None] * v, 0)[None, :]
                 total = total * rescale + tl.sum(weight, 0)
             best = new_best
         # the positions merged (one already where not LANES); a split with no filled slot keeps -inf, 0 and 0
@@ -341,7 +331,7 @@ def decode_attention(
     ``last``, which kernel merges the splits (see the module). They change the speed, not the result.
 
     ``k_scale``/``v_scale`` ``[R, kv_heads, S]`` float32: ``keys``/``values`` are float8 (e4m3), each slot's
-    vector times its scale (:func:`quantize_vectors`; ``RolloutEngine(kv="fp8")``), half the bytes of bf16."""
+    vector times its scale (:func:`modules.fp8.quantize`; ``RolloutEngine(kv="fp8")``), half the bytes of bf16."""
     check_device(q.device)
     Launch(split, block, warps, stages, parts, lanes, last).checked()
     rows, kv_heads, groups, dim = q.shape

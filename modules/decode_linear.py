@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 
 from modules.decode_attention import check_device, counters, interpreted, triton
+from modules.fp8 import FP8
 
 if triton is not None:
     import triton.language as tl
@@ -222,29 +223,6 @@ def auto_split(tiles: int, inner: int, block_k: int, device: torch.device) -> in
     return max(1, min(wanted, inner // (4 * block_k)))
 
 
-FP8 = torch.float8_e4m3fn  # the quantized weights' dtype (scale: float32 per output row)
-FP8_MAX = 448.0  # its largest finite value
-
-
-def quantize(weight: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None):
-    """``weight [N, K]`` as float8 (e4m3) ``q`` and float32 ``scale [N]``: ``q * scale[:, None]`` approximates it, each
-    row scaled so its largest magnitude is the format's largest (448); an all-zero row gets scale 1. Written into
-    ``out``/``scale`` when given (fixed addresses for captured graphs). Returns ``(q, scale)``."""
-    amax = weight.detach().abs().amax(1, keepdim=True).float()  # [N, 1]
-    step = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (weight.detach().float() / step).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-    if out is None:
-        return q, step.squeeze(1)
-    out.copy_(q)
-    scale.copy_(step.squeeze(1))
-    return out, scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 ``q * scale[:, None]``: the weight a quantized ``decode_linear`` multiplies by."""
-    return q.float() * scale[:, None]
-
-
 _TRITON_DTYPES = {}
 if triton is not None:
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -270,7 +248,7 @@ def decode_linear(
     contiguous. The launch configuration (:class:`LinearLaunch`) changes the speed, not the result, except for
     the order of the float32 sums.
 
-    ``scale``: ``weight`` is float8 e4m3 (:func:`quantize`) and ``scale`` its float32 scale per row (``[N]``, or
+    ``scale``: ``weight`` is float8 e4m3 (:func:`modules.fp8.quantize`) and ``scale`` its float32 scale per row (``[N]``, or
     ``[2N]`` gated): the linear computes in bfloat16, ``x`` rounded to bf16 times the fp8 weights (exact in bf16),
     summed in float32, times the row's scale, rounded to bf16. Half the weight bytes of bf16 to read."""
     check_device(x.device, "linear", "torch")

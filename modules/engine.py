@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from transformers import DynamicCache
 
+from modules import fp8
 from modules.janus_ops import (
     ImageSample,
     RowNoise,
@@ -229,9 +230,7 @@ def _store(cache, slot: torch.Tensor, vectors: torch.Tensor) -> None:
     """``vectors [R, kv_heads, 1, D]`` into slot ``slot`` of a layer's ``cache`` ``[R, kv_heads, S, D]``, in its dtype;
     a pair ``(float8 cache, float32 scales [R, kv_heads, S])`` takes each vector quantized with its own scale."""
     if isinstance(cache, tuple):
-        from modules.decode_attention import quantize_vectors
-
-        q, scale = quantize_vectors(vectors)
+        q, scale = fp8.quantize(vectors)
         cache[0].view(torch.uint8).index_copy_(2, slot, q.view(torch.uint8))  # (no index_copy_ of float8 itself)
         cache[1].index_copy_(2, slot, scale)
     else:
@@ -259,6 +258,21 @@ def _plain_linear(module) -> bool:
 ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
 ATTENTION_CHOICES = ("auto", *ATTENTION)  # auto: see resolve_attention
 FILLED_ONLY = ("triton",)  # attention choices that read only the filled slots: one window (the whole cache)
+
+
+def check_float8(weights: str, kv: str, linear: str, attention: str, name: str = "engine {}") -> None:
+    """A ``ValueError`` naming the setting where ``weights``/``kv`` is not one of :data:`WEIGHTS`, or ``fp8`` without
+    the Triton kernels that read it (``linear``, ``attention``). ``name`` spells a setting (``engine weights``; the
+    config's ``sampling.engine_{}``)."""
+    for key, value in (("weights", weights), ("kv", kv)):
+        if value not in WEIGHTS:
+            raise ValueError(f"{name.format(key)} must be one of {WEIGHTS}, got {value!r}")
+    if weights == "fp8" and linear == "torch":
+        raise ValueError(f"{name.format('weights')} fp8 needs {name.format('linear')} triton (or a triton_lin_ launch "
+                         "name): the Triton projections are what read float8 weights")
+    if kv == "fp8" and attention not in ("triton", "auto"):
+        raise ValueError(f"{name.format('kv')} fp8 needs {name.format('attention')} triton (or auto on a GPU): its "
+                         f"kernels are what read a float8 cache, not {attention!r}")
 
 
 def resolve_attention(attention: str, device: torch.device) -> str:
@@ -507,7 +521,7 @@ class RolloutEngine:
             for tests). Whether it beats cuBLAS is what ``benchmarks/decode_kernels.py --linear-sweep`` measures.
         weights: the weights the step's decoder projections read. ``model`` (the default): the model's own (or
             their autocast copies and packs). ``fp8``: a float8 (e4m3) copy of every decoder layer's q/k/v, o,
-            gate/up and down weights, one float32 scale per output row (:func:`modules.decode_linear.quantize`),
+            gate/up and down weights, one float32 scale per output row (:func:`modules.fp8.quantize`),
             quantized from the live weights at every sampling call: half the bytes a bf16 step reads for them, the
             bandwidth that bounds a decode step at the 7B shape. It samples from an approximation of the policy
             (per weight, a relative rounding of up to 1/16; the heads, embeddings and the prefill keep the model's
@@ -517,7 +531,7 @@ class RolloutEngine:
             costs 1 byte per projection weight and no bf16 packs (Janus-Pro-1B: 1.2 GB, 7B: 6.1 GB).
         kv: the KV cache's dtype. ``model`` (the default): the dtype the model computes in (autocast's under
             autocast). ``fp8``: float8 (e4m3), each slot's key and value vector (per row and KV head) with its own
-            float32 scale (:func:`modules.decode_attention.quantize_vectors`), written as each token is and from
+            float32 scale (:func:`modules.fp8.quantize`), written as each token is and from
             the prefill: half a bf16 cache's bytes plus 4 per vector (3% at head size 128), the other half of the
             bytes a decode step reads at the 7B shape. Attention then reads dequantized keys and values (a
             relative rounding of up to 1/16 of each vector's largest entry). Needs ``attention`` ``triton`` (or
@@ -567,16 +581,7 @@ class RolloutEngine:
                     "engine linear 'triton' needs pack=True (its kernels read the packed q/k/v and gate/up matrices) "
                     "and weight_copy=True (under autocast they read the autocast copies)"
                 )
-        if weights not in WEIGHTS:
-            raise ValueError(f"engine weights must be one of {WEIGHTS}, got {weights!r}")
-        if weights == "fp8" and linear == "torch":
-            raise ValueError("engine weights 'fp8' needs linear 'triton' (or a triton_lin_ launch): the Triton "
-                             "projections are what read float8 weights")
-        if kv not in WEIGHTS:
-            raise ValueError(f"engine kv must be one of {WEIGHTS}, got {kv!r}")
-        if kv == "fp8" and attention not in ("triton", "auto"):
-            raise ValueError(f"engine kv 'fp8' needs attention 'triton' (or 'auto' on a GPU): its kernels are what read "
-                             f"a float8 cache, not {attention!r}")
+        check_float8(weights, kv, linear, attention)
         self.compile, self.chunk, self.weight_copy, self.attention = compile, chunk, weight_copy, attention
         self.pack, self.linear, self.weights, self.kv = pack, linear, weights, kv
         self.stats = EngineStats()
@@ -682,9 +687,9 @@ class RolloutEngine:
         groups = _packable(model) if self.pack and self.weights == "model" else []
         quantized = None
         if self.weights == "fp8":
-            quantized = self._quantize(model, device)
-            targets = self._buffers[("fp8", id(model), device)]["targets"]
-            projections = {id(sub) for m, *_ in targets for sub in m.modules()}  # LoRA's own linears included
+            entry = self._quantize(model, device)
+            quantized = entry["packed"]
+            projections = {id(sub) for m, *_ in entry["targets"] for sub in m.modules()}  # LoRA's linears included
             copied = [m for m in copied if id(m) not in projections]  # the step reads their fp8 copies
         self._packed = None
         if not copied and not groups:
@@ -715,11 +720,10 @@ class RolloutEngine:
             for module, weight in zip(copied, weights, strict=True):
                 module._parameters["weight"] = weight
 
-    def _quantize(self, model, device: torch.device) -> list:
+    def _quantize(self, model, device: torch.device) -> dict:
         """``weights="fp8"``: the decoder's projections quantized from the live weights into the engine's buffers
-        (fixed addresses); per layer ``(qkv, gate_up, o, down)``, each ``(float8 weight, float32 scale per row)``."""
-        from modules.decode_linear import quantize
-
+        (fixed addresses); returns :func:`_fp8_buffers`'s entry (``packed``: per layer ``(qkv, gate_up, o, down)``,
+        each ``(float8 weight, float32 scale per row)``)."""
         layers = quantizable(model)
         signature = [[(_base_linear(m).weight.shape, _base_linear(m).weight.dtype) for m in group] for layer in layers
                      for group in layer]
@@ -730,8 +734,8 @@ class RolloutEngine:
         # a LoRA layer's weight with its adapters merged in full precision (autocast would round B @ A to bf16)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for module, q, scale in entry["targets"]:
-                quantize(_live_weight(module), q, scale)
-        return entry["packed"]
+                fp8.quantize(_live_weight(module), q, scale)
+        return entry
 
     def captures(self, device: torch.device) -> bool:
         """Whether steps on ``device`` are captured by hand as CUDA graphs (``cudagraphs``; ``fused`` on CUDA)."""
@@ -747,25 +751,25 @@ class RolloutEngine:
         """
         from modules.decode_attention import check_device
 
-        if self.attention_on(state["hidden"].device) == "triton":
-            check_device(state["hidden"].device)
+        device = state["hidden"].device
+        if self.attention_on(device) == "triton":
+            check_device(device)
         elif self.kv == "fp8":
             raise RuntimeError(f"engine kv 'fp8' needs the triton attention, and attention {self.attention!r} is "
-                               f"{self.attention_on(state['hidden'].device)!r} on {state['hidden'].device}")
-        device = state["hidden"].device
+                               f"{self.attention_on(device)!r} on {device}")
         if "fp8" in (self.weights, self.kv) and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             what = "weights" if self.weights == "fp8" else "kv"
             raise RuntimeError(f"engine {what} 'fp8' needs a GPU with float8 support (compute capability 8.9 or "
                                f"later: Ada, Hopper, Blackwell); this {torch.cuda.get_device_name(device)} has "
                                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Use {what} 'model'")
         if self.linear != "torch":
-            check_device(state["hidden"].device, "linear", "torch")
+            check_device(device, "linear", "torch")
             act = getattr(model.model.language_model.config, "hidden_act", "silu")
             if act != "silu":
                 raise ValueError(f"engine linear 'triton' computes the MLP's silu in its kernel; this model's is {act!r}")
         layers = model.model.language_model.config.num_hidden_layers
         state["packed"] = self._packed or [(None, None)] * layers  # per layer (qkv, gate_up)
-        if not self.captures(state["hidden"].device):
+        if not self.captures(device):
             return
         tensors = [*model.parameters(), *model.buffers(), *state["kv"], *(state.get("kv_scale") or ())]
         tensors += [v for k, v in state.items() if k != "kv" and isinstance(v, torch.Tensor)]
@@ -824,9 +828,7 @@ class RolloutEngine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
         if self.kv == "fp8":
-            from modules.decode_attention import FP8
-
-            kv_dtype = FP8
+            kv_dtype = fp8.FP8
         key = (kind, rows, device, dtype, kv_dtype, tuple((n, s, d) for n, (s, d) in sorted(outputs.items())))
         state = self._buffers.get(key)
         capacity = round_up(needed, self._chunk(device))
@@ -1160,7 +1162,7 @@ def _weight_buffers(copied: list, groups: list, dtype, signature) -> dict:
 
 
 def _base_linear(module):
-    """``module`` itself, or the linear layer a LoRA adapter wraps (``None`` for anything else)."""
+    """The linear layer a LoRA adapter wraps, or ``module`` itself."""
     from modules.lora import BaseTunerLayer
 
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -1198,15 +1200,13 @@ def quantizable(model) -> list[tuple[list[torch.nn.Module], ...]]:
 def _fp8_buffers(layers: list, signature) -> dict:
     """The buffers of ``weights="fp8"``: per layer ``packed`` ``((q, scale) of qkv, of gate_up, of o, of down)``,
     float8 ``[rows, K]`` and float32 ``[rows]`` each; ``targets``: ``(module, q view, scale view)`` to quantize."""
-    from modules.decode_linear import FP8
-
     packed, targets = [], []
     for groups in layers:
         pairs = []
         for group in groups:
             weight = _base_linear(group[0]).weight
             sizes = [_base_linear(m).weight.shape[0] for m in group]
-            q = torch.empty(sum(sizes), weight.shape[1], dtype=FP8, device=weight.device)
+            q = torch.empty(sum(sizes), weight.shape[1], dtype=fp8.FP8, device=weight.device)
             scale = torch.empty(sum(sizes), dtype=torch.float32, device=weight.device)
             for module, q_view, scale_view in zip(group, q.split(sizes), scale.split(sizes), strict=True):
                 targets.append((module, q_view, scale_view))
@@ -1266,9 +1266,7 @@ def _prefill(model, state: dict, embeds: torch.Tensor, mask: torch.Tensor) -> No
         for j, prefilled in ((2 * i, layer.keys), (2 * i + 1, layer.values)):
             prefilled = prefilled.masked_fill(~real, 0)  # [R, kv_heads, L, D]
             if state.get("kv_scale") is not None:  # kv="fp8": each vector with its scale (a pad slot's: 1)
-                from modules.decode_attention import quantize_vectors
-
-                prefilled, scale = quantize_vectors(prefilled)
+                prefilled, scale = fp8.quantize(prefilled)
                 state["kv_scale"][j][:, :, :length].copy_(scale)
             state["kv"][j][:, :, :length].copy_(prefilled)
     state["hidden"].copy_(hidden)

@@ -14,7 +14,14 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
-from modules.engine import ATTENTION_CHOICES, COMPILE_MODES, WEIGHTS, EngineStats, RolloutEngine, quantizable
+from modules.engine import (
+    ATTENTION_CHOICES,
+    COMPILE_MODES,
+    EngineStats,
+    RolloutEngine,
+    check_float8,
+    quantizable,
+)
 from modules.hub import load_cache_first
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
@@ -152,16 +159,8 @@ class SamplingConfig:
                                  "packed q/k/v and gate/up matrices)")
             if self.engine == "static":
                 require("linear", "torch")  # a clear error now, not at the first rollout
-        if self.engine_weights not in WEIGHTS:
-            raise ValueError(f"sampling.engine_weights must be one of {WEIGHTS}, got {self.engine_weights!r}")
-        if self.engine_kv not in WEIGHTS:
-            raise ValueError(f"sampling.engine_kv must be one of {WEIGHTS}, got {self.engine_kv!r}")
-        if self.engine_kv == "fp8" and self.engine_attention not in ("triton", "auto"):
-            raise ValueError(f"sampling.engine_kv fp8 needs sampling.engine_attention triton (or auto on a GPU): its "
-                             f"kernels are what read a float8 cache, not {self.engine_attention!r}")
-        if self.engine_weights == "fp8" and self.engine_linear == "torch":
-            raise ValueError("sampling.engine_weights fp8 needs sampling.engine_linear triton (or a triton_lin_ launch "
-                             "name): the Triton projections are what read float8 weights")
+        check_float8(self.engine_weights, self.engine_kv, self.engine_linear, self.engine_attention,
+                     "sampling.engine_{}")
 
 
 @dataclass

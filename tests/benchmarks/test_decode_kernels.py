@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import decode_kernels as dk  # noqa: E402
 from fp8_values import fp8_exact  # noqa: E402
 
-from modules import decode_attention, decode_linear  # noqa: E402
+from modules import decode_attention, decode_linear, fp8  # noqa: E402
 from modules.engine import ATTENTION  # noqa: E402
 
 
@@ -52,12 +52,12 @@ def test_the_fp8_candidate_is_the_triton_projections_on_the_dequantized_weights(
     """``triton_lin_fp8``: the packed weights quantized per row (``engine_weights: fp8``), through the same kernels:
     on weights that float8 holds with power-of-two scales, bit for bit the kernels on their bf16 copies."""
     exact = [{name: fp8_exact(w) for name, w in layer.items()} for layer in layers.packed]
-    fp8 = dk.quantized(exact)
+    quantized = dk.quantized(exact)
     for i in range(layers.layers):
-        assert all(torch.equal(decode_linear.dequantize(*fp8[i][n]), exact[i][n]) for n in exact[i])
+        assert all(torch.equal(fp8.dequantize(*quantized[i][n]), exact[i][n]) for n in exact[i])
         bf16 = {name: w.bfloat16() for name, w in exact[i].items()}
         x = layers.x.bfloat16()
-        assert torch.equal(dk.linear_triton(x, fp8[i], layers.split), dk.linear_triton(x, bf16, layers.split))
+        assert torch.equal(dk.linear_triton(x, quantized[i], layers.split), dk.linear_triton(x, bf16, layers.split))
 
 
 def test_the_linear_sweep_starts_at_the_default_launch():

@@ -19,7 +19,7 @@ from bicot.loss import GRPOConfig
 from bicot.memory import Lengths, Numerics, kv_cache_bytes, layer_activation_bytes, load_shape, plan_for
 from bicot.templates import resolve_template
 from datamodules.records import PromptRecord
-from modules import decode_attention, decode_linear, janus_ops
+from modules import decode_attention, fp8, janus_ops
 from modules.policy import JanusPolicy, SamplingConfig
 from modules.tiny import TinyJanusSpec
 
@@ -417,7 +417,7 @@ def test_fp8_engine_weights_match_the_plan():
         held += [t for e in engine._buffers.values() for t in e.get("copies", [])]
         # bf16-true: the fp8 matrices and scales alone; bf16-mixed: the heads' bf16 copies too (the plan counts
         # their biases: 640 numbers, 0.17 % at this tiny shape)
-        assert {t.dtype for t in held} == {decode_linear.FP8, torch.float32} | (
+        assert {t.dtype for t in held} == {fp8.FP8, torch.float32} | (
             {torch.bfloat16} if precision == "bf16-mixed" else set())
         assert sum(t.nbytes for t in held) == pytest.approx(planned[precision], rel=2e-3 if precision == "bf16-mixed"
                                                             else 1e-9)
@@ -439,8 +439,8 @@ def test_fp8_kv_cache_matches_the_plan():
     config["model"]["policy"]["sampling"].update(engine="static", engine_attention="triton", engine_kv="fp8")
     recipe = memory.recipe_from_config(config, 1)
     assert recipe.engine_kv == "fp8"
-    fp8, bf16 = (memory.plan(dataclasses.replace(recipe, engine_kv=kv)).engine_buffers_gib for kv in ("fp8", "model"))
-    assert fp8 == pytest.approx(bf16 * (1 + 4 / shape.head_dim) / 2, rel=1e-9)  # the engine buffers are the caches
+    planned = {kv: memory.plan(dataclasses.replace(recipe, engine_kv=kv)).engine_buffers_gib for kv in ("fp8", "model")}
+    assert planned["fp8"] == pytest.approx(planned["model"] * (1 + 4 / shape.head_dim) / 2, rel=1e-9)  # the engine buffers are the caches
 
 
 def _flat(value):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from triton_aot import PRELUDE, compile_here
 
-from modules import decode_attention
+from modules import decode_attention, fp8
 from modules.engine import ATTENTION, RolloutEngine, attention_bias
 
 pytestmark = pytest.mark.triton
@@ -39,18 +39,6 @@ def reference(q, keys, values, pad, slot, scaling):
     return ATTENTION["matmul"](q.float(), keys.float(), values.float(), bias, scaling)
 
 
-def test_quantize_vectors_scales_each_slot_to_float8():
-    generator = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 2, 40, 24, generator=generator) * torch.logspace(-3, 2, 40)[:, None]  # slots of every size
-    x[1, 0, 7] = 0.0  # a pad slot
-    q, scale = decode_attention.quantize_vectors(x)
-    assert q.dtype == decode_attention.FP8 and scale.dtype == torch.float32 and scale.shape == (3, 2, 40)
-    assert scale[1, 0, 7] == 1.0 and not q[1, 0, 7].float().any()
-    back = q.float() * scale[..., None]
-    bound = torch.maximum(x.abs() * 2**-4, 2**-10 * scale[..., None]) * (1 + 1e-6)  # e4m3's half steps
-    assert ((back - x).abs() <= bound).all()
-
-
 @needs_triton
 @pytest.mark.parametrize(("capacity", "filled", "launch"), [(128, 70, ()), (300, 263, (48, 32, 4, 3, 0)),
                                                              (300, 263, (128, 16, 2, 2, 3, False, True))])
@@ -59,9 +47,9 @@ def test_fp8_keys_and_values_with_their_slot_scales_are_the_attention_of_their_v
     weighted sum are the float32 attention over those values (one split, several, parts with the last program
     merging)."""
     q, keys, values, pad = case(3, 2, 3, capacity, 24)
-    (k8, ks), (v8, vs) = decode_attention.quantize_vectors(keys), decode_attention.quantize_vectors(values)
+    (k8, ks), (v8, vs) = fp8.quantize(keys), fp8.quantize(values)
     slot = torch.tensor([filled - 1], device=DEVICE)
-    expected = reference(q, k8.float() * ks[..., None], v8.float() * vs[..., None], pad, slot, 24**-0.5)
+    expected = reference(q, fp8.dequantize(k8, ks), fp8.dequantize(v8, vs), pad, slot, 24**-0.5)
     got = decode_attention.decode_attention(q, k8, v8, pad, slot, 24**-0.5, *launch, k_scale=ks, v_scale=vs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     exact = reference(q, keys, values, pad, slot, 24**-0.5)

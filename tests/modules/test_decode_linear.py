@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from triton_aot import PRELUDE, compile_here
 
-from modules import decode_attention, decode_linear
+from modules import decode_attention, decode_linear, fp8
 
 pytestmark = pytest.mark.triton
 needs_triton = pytest.mark.skipif(
@@ -141,22 +141,6 @@ def test_a_float32_input_and_residual_with_bfloat16_weights_is_autocasts_arithme
     assert excess.max() <= 1e-6, excess.max()
 
 
-def test_quantize_rounds_each_row_to_float8_within_half_a_step_of_its_scale():
-    generator = torch.Generator().manual_seed(3)
-    weight = torch.randn(40, 96, generator=generator) * torch.logspace(-4, 2, 40)[:, None]  # rows of every magnitude
-    weight[7] = 0.0
-    q, scale = decode_linear.quantize(weight)
-    assert q.dtype == decode_linear.FP8 and scale.dtype == torch.float32 and scale.shape == (40,)
-    assert scale[7] == 1.0 and not q[7].float().any()
-    assert torch.equal(q.float().abs().amax(1)[scale != 1], torch.full((39,), decode_linear.FP8_MAX))
-    back = decode_linear.dequantize(q, scale)
-    # e4m3: 3 mantissa bits (half a step is 2^-4 of the value), subnormal steps of 2^-9 below 2^-6, in units of scale
-    bound = torch.maximum(weight.abs() * 2**-4, 2**-10 * scale[:, None]) * (1 + 1e-6)
-    assert ((back - weight).abs() <= bound).all()
-    q2, scale2 = torch.empty_like(q), torch.empty_like(scale)
-    assert decode_linear.quantize(weight, q2, scale2)[0] is q2 and torch.equal(q2.float(), q.float())
-
-
 @needs_triton
 @pytest.mark.parametrize("launch", [{}, *LAUNCHES, dict(LAUNCHES[1], last=True)])
 def test_fp8_weights_are_bf16_arithmetic_on_their_values_times_the_row_scales(launch):
@@ -165,7 +149,7 @@ def test_fp8_weights_are_bf16_arithmetic_on_their_values_times_the_row_scales(la
     bf16 linear's sums are; the residual added in its own dtype."""
     rows, inner, cols = 33, 200, 70
     x, weight, residual = tensors(rows, inner, cols, torch.float32)
-    q, scale = decode_linear.quantize(weight)
+    q, scale = fp8.quantize(weight)
     sums = (x.bfloat16().float() @ q.float().T) * scale  # [rows, 2 * cols]
     gate, up = rounded(sums[:, :cols], torch.bfloat16), rounded(sums[:, cols:], torch.bfloat16)
     silu = rounded(gate * torch.sigmoid(gate), torch.bfloat16)
@@ -188,7 +172,7 @@ def test_fp8_weights_are_bf16_arithmetic_on_their_values_times_the_row_scales(la
 @needs_triton
 def test_fp8_weights_come_with_their_scales():
     x, weight, _ = tensors(4, 64, 16, torch.float32)
-    q, scale = decode_linear.quantize(weight)
+    q, scale = fp8.quantize(weight)
     with pytest.raises(ValueError, match="float8_e4m3fn weight comes with its float32 scale per row"):
         LINEAR(x, q)
     with pytest.raises(ValueError, match="got a torch.float32 weight and scale=a tensor"):

@@ -14,7 +14,7 @@ from torch import nn
 import modules.engine as engine_module
 from bicot.loop import RowPlacement, rollout_phase
 from datamodules.records import PromptRecord
-from modules import decode_attention, decode_linear, janus_ops
+from modules import decode_attention, decode_linear, fp8, janus_ops
 from modules.engine import (
     RolloutEngine,
     _decode_layer,
@@ -1073,10 +1073,10 @@ def test_fp8_weights_are_the_bf16_step_where_the_weights_are_fp8_values(sharp_po
         gaps[name] = (out.logp_guided - forced).abs()
     # measured: fp8 0.17 at most (0.049 on average) against bf16's 0.054 (0.013) on this sharp model
     assert gaps["fp8"].max() < FP8_ATOL and gaps["fp8"].mean() > 2 * gaps["model"].mean(), gaps
-    fp8 = fp8_against_bf16(sharp_policy, "cpu")
-    (entry,) = [e for key, e in fp8._buffers.items() if key[0] == "fp8"]
-    assert all(q.dtype == decode_linear.FP8 and s.dtype == torch.float32 for layer in entry["packed"] for q, s in layer)
-    assert not any(key[0] == "step_weights" and e["packed"] for key, e in fp8._buffers.items())  # no bf16 packs
+    engine = fp8_against_bf16(sharp_policy, "cpu")
+    (entry,) = [e for key, e in engine._buffers.items() if key[0] == "fp8"]
+    assert all(q.dtype == fp8.FP8 and s.dtype == torch.float32 for layer in entry["packed"] for q, s in layer)
+    assert not any(key[0] == "step_weights" and e["packed"] for key, e in engine._buffers.items())  # no bf16 packs
 
 
 @pytest.mark.gpu
@@ -1086,8 +1086,8 @@ def test_on_a_gpu_fp8_weights_are_the_bf16_step_where_the_weights_are_fp8_values
     """The compiled fp8 kernels, inside the fused step captured as CUDA graphs: bit for bit the bf16 step on
     fp8-exact weights, and after an in-place update the graphs replay (no new capture) the refreshed copies."""
     policy = JanusPolicy(str(tiny_janus_dir), dtype="float32").to("cuda")
-    fp8 = fp8_against_bf16(policy, "cuda", compile="fused", attention="auto")
-    assert fp8.stats.captures == fp8.stats.variants > 0  # captured once per variant, replayed after the update
+    engine = fp8_against_bf16(policy, "cuda", compile="fused", attention="auto")
+    assert engine.stats.captures == engine.stats.variants > 0  # captured once per variant, replayed after the update
 
 
 def test_fp8_weights_are_checked_when_configured(tiny_janus_dir):
@@ -1095,7 +1095,7 @@ def test_fp8_weights_are_checked_when_configured(tiny_janus_dir):
 
     with pytest.raises(ValueError, match=r"engine weights must be one of \('model', 'fp8'\), got 'int8'"):
         RolloutEngine(weights="int8")
-    with pytest.raises(ValueError, match="engine weights 'fp8' needs linear 'triton'"):
+    with pytest.raises(ValueError, match="engine weights fp8 needs engine linear triton"):
         RolloutEngine(pack=True, weights="fp8")
     with pytest.raises(ValueError, match="sampling.engine_weights must be one of"):
         SamplingConfig(engine="static", engine_weights="bf16")
@@ -1136,8 +1136,8 @@ def test_fp8_weights_of_lora_projections_are_their_merged_weights_quantized(tiny
         (entry,) = [e for key, e in engine._buffers.items() if key[0] == "fp8"]
         runs.append((out, [t for layer in entry["packed"] for pair in layer for t in pair]))
     (a, weights_a), (b, weights_b) = runs
-    assert all(torch.equal(x.view(torch.uint8) if x.dtype == decode_linear.FP8 else x,
-                           y.view(torch.uint8) if y.dtype == decode_linear.FP8 else y)
+    assert all(torch.equal(x.view(torch.uint8) if x.dtype == fp8.FP8 else x,
+                           y.view(torch.uint8) if y.dtype == fp8.FP8 else y)
                for x, y in zip(weights_a, weights_b, strict=True))
     # the prefill is each model's own forward: under autocast the adapters' path rounds apart from the base's
     assert torch.equal(a.tokens, b.tokens)
@@ -1152,7 +1152,7 @@ def test_fp8_weights_of_lora_projections_are_their_merged_weights_quantized(tiny
 def test_an_fp8_cache_is_checked_when_configured_and_bound(sharp_policy):
     with pytest.raises(ValueError, match="engine kv must be one of"):
         RolloutEngine(attention="triton", kv="fp16")
-    with pytest.raises(ValueError, match="engine kv 'fp8' needs attention 'triton'.* not 'matmul'"):
+    with pytest.raises(ValueError, match="engine kv fp8 needs engine attention triton.* not 'matmul'"):
         RolloutEngine(kv="fp8")
     with pytest.raises(ValueError, match="sampling.engine_kv must be one of"):
         SamplingConfig(engine="static", engine_kv="int8")
@@ -1186,13 +1186,13 @@ def test_fp8_cache_holds_each_slots_vector_quantized_and_samples_near_the_exact_
     assert rows.any()
     close(text["fp8"].logp[rows], text["model"].logp[rows], atol=FP8_ATOL)
     assert not torch.equal(text["fp8"].logp[rows], text["model"].logp[rows])
-    (fp8,) = [s for k, s in engines["fp8"]._buffers.items() if k[0] == "image"]
+    (quantized,) = [s for k, s in engines["fp8"]._buffers.items() if k[0] == "image"]
     (exact,) = [s for k, s in engines["model"]._buffers.items() if k[0] == "image"]
-    filled, rows = int(fp8["slot"]), torch.cat([same, same])  # both CFG branches of a prompt sample its tokens
-    for i, (cache, scale, want) in enumerate(zip(fp8["kv"], fp8["kv_scale"], exact["kv"], strict=True)):
-        assert cache.dtype == decode_attention.FP8 and scale.dtype == torch.float32
+    filled, rows = int(quantized["slot"]), torch.cat([same, same])  # both CFG branches of a prompt sample its tokens
+    for i, (cache, scale, want) in enumerate(zip(quantized["kv"], quantized["kv_scale"], exact["kv"], strict=True)):
+        assert cache.dtype == fp8.FP8 and scale.dtype == torch.float32
         cache, scale, want = cache[rows, :, :filled], scale[rows, :, :filled], want[rows, :, :filled]
-        got = cache.float() * scale[..., None]
+        got = fp8.dequantize(cache, scale)
         pads = want.abs().amax(-1) == 0  # the left padding's slots
         assert pads.any() and (scale[pads] == 1).all() and not got[pads].any()
         if i < 2:  # the first layer's keys and values (later layers' inputs have seen the quantized attention)
