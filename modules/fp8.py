@@ -13,14 +13,21 @@ FP8_MAX = 448.0  # its largest finite value
 def quantize(x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None):
     """``x [..., D]`` as float8 ``q`` and float32 ``scale [...]``: ``q * scale[..., None]`` approximates ``x``, each
     vector scaled so its largest magnitude is e4m3's largest (448); an all-zero vector (a pad slot) gets scale 1.
-    Written into ``out``/``scale`` when given (fixed addresses for captured graphs). Returns ``(q, scale)``."""
-    amax = x.detach().abs().amax(-1, keepdim=True).float()
-    step = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (x.detach().float() / step).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    Written into ``out``/``scale`` when given (fixed addresses for captured graphs). Returns ``(q, scale)``.
+
+    Three passes over a 16-bit ``x`` (the engine quantizes every decoder projection of the 7B model at each
+    sampling call, about 6 G elements): the largest magnitude (a reduction, no ``abs`` copy), the division (one
+    float32 temporary: ``x`` is promoted, not copied first) and the conversion, written straight into ``out``.
+    No clamp: ``|x| / scale`` is at most 448 times ``1 + 2^-22`` (the rounding of the scale and of the division),
+    which e4m3fn's conversion rounds to 448 (it gives NaN only from 464 up)."""
+    x = x.detach()
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).float()  # exact: one of x's magnitudes
+    step = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    scaled = x / step  # float32
     step = step.squeeze(-1)
     if out is None:
-        return q, step
-    out.copy_(q)
+        return scaled.to(FP8), step
+    out.copy_(scaled)
     scale.copy_(step)
     return out, scale
 
