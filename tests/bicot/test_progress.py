@@ -11,6 +11,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from mlflow_store import store_uri
 
 from bicot.cli import BiCoTCLI
 from bicot.progress import StepRichProgressBar, StepTQDMProgressBar, step_bar_for, train_description
@@ -92,7 +93,7 @@ def _cli(workdir, *extra):
     there unless ``extra`` says otherwise)."""
     workdir.mkdir()
     args = ["-c", str(TINY), f"--data.train_file={REPO / 'datamodules' / 'fixtures' / 'toy_prompts.jsonl'}",
-            f"--trainer.logger.init_args.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+            f"--trainer.logger.init_args.tracking_uri={store_uri(workdir)}",
             f"--trainer.default_root_dir={workdir}", *extra]
     return BiCoTCLI(args=args, run=False)
 

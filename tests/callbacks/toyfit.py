@@ -10,6 +10,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow_store import store_uri
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "configs" / "toy.yaml"
@@ -48,7 +49,7 @@ def fit_args(workdir: Path, overlay: dict | None = None, *extra: str) -> list[st
     return [
         *args,
         f"--trainer.max_steps={MAX_STEPS}",
-        f"--trainer.logger.init_args.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"--trainer.logger.init_args.tracking_uri={store_uri(workdir)}",
         f"--trainer.logger.init_args.artifact_location={workdir / 'artifacts'}",
         f"--trainer.default_root_dir={workdir}",
         "--trainer.enable_progress_bar=false",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow_store import store_uri
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_CONFIGS = REPO / "tests" / "e2e" / "configs"
@@ -41,7 +42,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "-c",
         str(TINY),
         f"--data.train_file={PROMPTS}",
-        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"--trainer.logger.init_args.tracking_uri={store_uri(tmp_path)}",
         *extra,
     ]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 from mlflow import MlflowClient
+from mlflow_store import store_uri
 
 from bicot.cli import main
 from bicot.scoring import FolderData, FolderScorer
@@ -97,7 +98,7 @@ def generate_and_score(tmp_path: Path, prompts: Path, root: Path, batch: int) ->
         f"--data.val_batch_size={batch}",
         "--model.policy.init_args.predict_images_per_prompt=2",
         f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"--trainer.logger.init_args.tracking_uri={store_uri(tmp_path)}",
     )
 
 
@@ -179,7 +180,7 @@ def test_score_folder_config_through_bicot_test(tmp_path, toy_prompts, capsys):
         str(EVAL / "score_folder_toy.yaml"),
         f"--data.init_args.folder={root}",
         f"--model.init_args.results_dir={tmp_path / 'scored'}",
-        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"--trainer.logger.init_args.tracking_uri={store_uri(tmp_path)}",
     )
     scored = list(csv.DictReader((tmp_path / "scored" / "scores.csv").open()))
     original = list(csv.DictReader((root / "test_scores" / "scores.csv").open()))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow_store import store_uri
 
 from bicot.cli import main
 from modules.rewards.tiny import save_tiny_git, save_tiny_grounding_dino, save_tiny_hps, save_tiny_orm
@@ -81,7 +82,7 @@ def test_missing_expert_checkpoint_stops_at_start_up(tmp_path, monkeypatch, caps
                 str(ONE_GPU),
                 f"--model.policy.init_args.model_name_or_path={tiny_janus_dir}",
                 "--trainer.accelerator=cpu",
-                f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                f"--trainer.logger.init_args.tracking_uri={store_uri(tmp_path)}",
             ]
         )
     assert stop.value.code == 2
@@ -142,7 +143,7 @@ def test_recipe_fits_one_step_on_tiny_checkpoints(
             "--trainer.strategy=auto",
             "--trainer.max_steps=1",
             "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"--trainer.logger.init_args.tracking_uri={store_uri(tmp_path)}",
             f"--data.train_file={SAMPLE}",
             "--data.batch_size=2",
             # Short plans keep a CPU step brief; the recipe's own plan length is checked by --print_config.
