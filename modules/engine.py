@@ -1266,9 +1266,9 @@ def _prefill(model, state: dict, embeds: torch.Tensor, mask: torch.Tensor) -> No
         for j, prefilled in ((2 * i, layer.keys), (2 * i + 1, layer.values)):
             prefilled = prefilled.masked_fill(~real, 0)  # [R, kv_heads, L, D]
             if state.get("kv_scale") is not None:  # kv="fp8": each vector with its scale (a pad slot's: 1)
-                prefilled, scale = fp8.quantize(prefilled)
-                state["kv_scale"][j][:, :, :length].copy_(scale)
-            state["kv"][j][:, :, :length].copy_(prefilled)
+                fp8.quantize(prefilled, state["kv"][j][:, :, :length], state["kv_scale"][j][:, :, :length])
+            else:
+                state["kv"][j][:, :, :length].copy_(prefilled)
     state["hidden"].copy_(hidden)
     state["pad"].copy_(length - mask.long().sum(1))
     state["slot"].fill_(length)
