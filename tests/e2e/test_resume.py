@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from test_cli import REPO, bicot, tiny_args  # noqa: I001
+from test_cli import REPO, bicot, run_in_process, tiny_args  # noqa: I001
 
 E2E = Path(__file__).resolve().parent
 COMPARED = ("train/loss", "train/reward", "train/kl", "train/grad_norm", "train/plan_tokens")
@@ -88,11 +88,9 @@ def test_two_steps_resume_two_steps_equals_four_steps(tmp_path):
     assert run.info.status == "FINISHED"
 
 
-def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(tmp_path):
-    r = bicot(
-        "fit", *tiny_args(tmp_path, "--trainer.max_steps=1"), *checkpointing(tmp_path, "ckpt"), cwd=tmp_path
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(capsys, tmp_path):
+    code, err = run_in_process(capsys, tmp_path, "--trainer.max_steps=1", *checkpointing(tmp_path, "ckpt"))
+    assert code == 0, err[-3000:]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = checkpoint["state_dict"].keys()
     assert keys and not any(k.startswith(("reference.", "rewards.")) for k in keys)
@@ -101,27 +99,22 @@ def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(tmp_path):
     _, (run,) = runs(tmp_path / "mlflow.db")
     assert checkpoint["bicot"]["mlflow_run_id"] == run.info.run_id
     # A resume under another model shape is refused with a message, not a traceback.
-    r = bicot(
-        "fit",
-        *tiny_args(tmp_path, "--trainer.max_steps=2", "--model.policy.init_args.tiny.hidden_size=64"),
+    code, err = run_in_process(
+        capsys,
+        tmp_path,
+        "--trainer.max_steps=2",
+        "--model.policy.init_args.tiny.hidden_size=64",
         *checkpointing(tmp_path, "ckpt"),
         "--ckpt_path=last",
-        cwd=tmp_path,
     )
-    assert r.returncode != 0
-    assert "different model" in r.stderr and "Traceback" not in r.stderr
+    assert code not in (0, None)
+    assert "different model" in err and "Traceback" not in err
 
 
-def test_ckpt_path_last_without_a_checkpoint_is_a_clear_error(tmp_path):
-    r = bicot(
-        "fit",
-        *tiny_args(tmp_path),
-        *checkpointing(tmp_path, "nothing_here"),
-        "--ckpt_path=last",
-        cwd=tmp_path,
-    )
-    assert r.returncode != 0
-    assert "no last.ckpt" in r.stderr and "Traceback" not in r.stderr
+def test_ckpt_path_last_without_a_checkpoint_is_a_clear_error(capsys, tmp_path):
+    code, err = run_in_process(capsys, tmp_path, *checkpointing(tmp_path, "nothing_here"), "--ckpt_path=last")
+    assert code not in (0, None)
+    assert "no last.ckpt" in err and "Traceback" not in err
 
 
 KILL_DURING_SAVE = r"""
@@ -194,7 +187,7 @@ def _launch(tmp_path: Path, *args: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_a_checkpoint_and_mark_the_run_killed(tmp_path, sig):
+def test_sigterm_and_sigint_save_a_checkpoint_and_mark_the_run_killed(capsys, tmp_path, sig):
     # Checkpoints every 1000 steps, so the only checkpoint can come from the signal handler.
     fragment = checkpointing(tmp_path, "ckpt", every=1000)
     proc = _launch(tmp_path, *tiny_args(tmp_path, "--trainer.max_steps=100000"), *fragment)
@@ -207,20 +200,15 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_mark_the_run_killed(tmp_path, 
     assert run.info.status == "KILLED"
     steps = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert steps >= 1
-    resumed = bicot(
-        "fit",
-        *tiny_args(tmp_path, f"--trainer.max_steps={steps + 1}"),
-        *fragment,
-        "--ckpt_path=last",
-        cwd=tmp_path,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resume runs in this process: the checkpoint and the run it continues came from the killed one
+    code, err = run_in_process(capsys, tmp_path, f"--trainer.max_steps={steps + 1}", *fragment, "--ckpt_path=last")
+    assert code == 0, err[-3000:]
     _, (run,) = runs(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
 
 
 @pytest.mark.slow
-def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
+def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(capsys, tmp_path):
     fragment = checkpointing(tmp_path, "ckpt", every=2)
     proc = _launch(tmp_path, *tiny_args(tmp_path, "--trainer.max_steps=100000"), *fragment)
     _wait_for(tmp_path / "ckpt" / "last.ckpt", proc)
@@ -229,14 +217,8 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     proc.communicate(timeout=60)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert saved >= 2 and saved % 2 == 0
-    r = bicot(
-        "fit",
-        *tiny_args(tmp_path, f"--trainer.max_steps={saved + 2}"),
-        *fragment,
-        "--ckpt_path=last",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = run_in_process(capsys, tmp_path, f"--trainer.max_steps={saved + 2}", *fragment, "--ckpt_path=last")
+    assert code == 0, err[-3000:]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == saved + 2
 
 
