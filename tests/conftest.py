@@ -31,6 +31,18 @@ TINY_SPEC = dict(
 )
 
 
+WORKERS_MAX = 4
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (the README's test command): one worker per core this process may use, at most
+    ``WORKERS_MAX``. Each worker holds its own torch, Lightning and MLflow (up to 1.3 GB), and most of the
+    suite's time is interpreter start-ups and small single-threaded fits, which is what a second core
+    overlaps; beyond a few workers the multi-process FSDP2 tests only compete for the same cores."""
+    return max(1, min(len(os.sched_getaffinity(0)), WORKERS_MAX))
+
+
 @pytest.fixture(scope="session")
 def tiny_spec() -> TinyJanusSpec:
     """The shape of the session's tiny checkpoint (a fresh copy: specs are mutable dataclasses)."""
