@@ -55,6 +55,18 @@ def images(sample_fn, policy, ctx, seed, cfg=3.0, temperature=1.0, top_k=0, top_
     )
 
 
+def randomize_lora(policy: JanusPolicy, seed: int = 0) -> None:
+    """Both LoRA factors from a seeded generator. peft starts B at zero (a no-op adapter), so a random B makes the
+    adapters matter; it draws A from the global RNG, whose state depends on the tests that ran before in this
+    process, so A is drawn here too and the model is the same whatever ran before."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                scale = param.shape[-1] ** -0.5 if "lora_A" in name else 1.0  # A: peft's scale, unit-size outputs
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def plans(sample_fn, policy, ids, mask, seed, max_tokens=12, temperature=1.0, top_k=0, top_p=1.0):
     tok = policy.tokenizer
     return sample_fn(policy.model, ids, mask, max_tokens, tok.eos_token_id, policy.pad_id, temperature, top_k, top_p,
@@ -500,11 +512,7 @@ def test_lora_adapters_are_applied_like_the_eager_loop(tiny_janus_dir):
     from modules.lora import LoraSpec
 
     policy = JanusPolicy(str(tiny_janus_dir), lora=LoraSpec(r=2))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero (a no-op adapter): make the adapters matter
-                param.copy_(torch.randn(param.shape, generator=generator))
+    randomize_lora(policy)
     ctx = policy.image_context(PROMPTS, None)
     a = images(janus_ops.sample_image_tokens, policy, ctx, 13)
     b = images(RolloutEngine().sample_image_tokens, policy, ctx, 13)
@@ -908,11 +916,7 @@ def test_fused_parts_run_uncaptured_on_cpu_with_lora_under_autocast(tiny_janus_d
     from modules.lora import LoraSpec
 
     policy = JanusPolicy(str(tiny_janus_dir), dtype="float32", lora=LoraSpec(r=2))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:  # make the adapters matter (peft starts them as no-ops)
-                param.copy_(torch.randn(param.shape, generator=generator))
+    randomize_lora(policy)
     engine = RolloutEngine(compile="fused")
     assert not engine.captures(torch.device("cpu"))
     ctx = policy.image_context(PROMPTS, None)
