@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -41,6 +42,14 @@ def pytest_xdist_auto_num_workers(config) -> int:
     suite's time is interpreter start-ups and small single-threaded fits, which is what a second core
     overlaps; beyond a few workers the multi-process FSDP2 tests only compete for the same cores."""
     return max(1, min(len(os.sched_getaffinity(0)), WORKERS_MAX))
+
+
+@pytest.fixture(autouse=True)
+def _same_global_rng():
+    """Every test starts from the same global RNG state, whatever ran before it in its process: with ``-n`` the
+    tests a worker runs, and their order, change from run to run."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
