@@ -38,7 +38,7 @@ WORKERS_MAX = 4
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (the README's test command): one worker per core this process may use, at most
-    ``WORKERS_MAX``. Each worker holds its own torch, Lightning and MLflow (up to 1.3 GB), and most of the
+    ``WORKERS_MAX``. Each worker holds its own torch, Lightning and MLflow (up to 1.4 GB on a 2-core CPU), and most of the
     suite's time is interpreter start-ups and small single-threaded fits, which is what a second core
     overlaps; beyond a few workers the multi-process FSDP2 tests only compete for the same cores."""
     return max(1, min(len(os.sched_getaffinity(0)), WORKERS_MAX))

@@ -11,6 +11,7 @@ as MLflow leaves a new one; it still creates the ``bicot`` experiment and its ru
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import shutil
 import tempfile
@@ -36,3 +37,16 @@ def store_uri(folder: Path) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_template(), db)
     return f"sqlite:///{db}"
+
+
+@contextlib.contextmanager
+def tracking_uri_kept():
+    """Put back MLflow's global tracking URI on the way out: ``MLFlowLogger`` sets it as a side effect of a fit run
+    in the pytest process."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(uri)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import mlflow
 import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from mlflow_store import store_uri
+from mlflow_store import store_uri, tracking_uri_kept
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "configs" / "toy.yaml"
@@ -72,14 +71,13 @@ def default_overlay(workdir: Path) -> dict:
 def quiet_fit_environment():
     """Run from the repository (toy.yaml names its prompt file relative to it), on one thread, and put
     back MLflow's global tracking URI, which ``MLFlowLogger`` sets as a side effect."""
-    threads, uri = torch.get_num_threads(), mlflow.get_tracking_uri()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: extra threads only spin on a busy 2-core machine
     try:
-        with contextlib.chdir(REPO):
+        with tracking_uri_kept(), contextlib.chdir(REPO):
             yield
     finally:
         torch.set_num_threads(threads)
-        mlflow.set_tracking_uri(uri)
 
 
 def only_run(workdir: Path) -> tuple[MlflowClient, Run]:

@@ -1,4 +1,4 @@
-"""Reward experts that misbehave on purpose, for the fault tests (importable by fits in the pytest process and by CLI processes)."""
+"""Reward experts that misbehave on purpose, for the fault tests (fits in the pytest process and CLI processes)."""
 
 from __future__ import annotations
 

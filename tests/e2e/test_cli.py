@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from mlflow_store import store_uri
+from mlflow_store import store_uri, tracking_uri_kept
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_CONFIGS = REPO / "tests" / "e2e" / "configs"
@@ -57,15 +56,13 @@ def cli_in_process(capsys, workdir: Path, *argv: str) -> tuple[int, str, str]:
     """
     from bicot.cli import main
 
-    uri = mlflow.get_tracking_uri()
     try:
-        with contextlib.chdir(workdir):  # relative outputs (MLflow's artifacts) land in the test's folder
+        # from workdir: relative outputs (MLflow's artifacts) land in the test's folder
+        with tracking_uri_kept(), contextlib.chdir(workdir):
             main(list(argv))
         code = 0
     except SystemExit as stop:
         code = 0 if stop.code is None else stop.code
-    finally:
-        mlflow.set_tracking_uri(uri)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

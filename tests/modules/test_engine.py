@@ -56,15 +56,13 @@ def images(sample_fn, policy, ctx, seed, cfg=3.0, temperature=1.0, top_k=0, top_
 
 
 def randomize_lora(policy: JanusPolicy, seed: int = 0) -> None:
-    """Both LoRA factors from a seeded generator. peft starts B at zero (a no-op adapter), so a random B makes the
-    adapters matter; it draws A from the global RNG, whose state depends on the tests that ran before in this
-    process, so A is drawn here too and the model is the same whatever ran before."""
+    """peft starts LoRA's B at zero (a no-op adapter): a random B makes the adapters matter. (peft draws A from the
+    global RNG, which ``tests/conftest.py`` seeds before every test.)"""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in policy.model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                scale = param.shape[-1] ** -0.5 if "lora_A" in name else 1.0  # A: peft's scale, unit-size outputs
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
 
 
 def plans(sample_fn, policy, ids, mask, seed, max_tokens=12, temperature=1.0, top_k=0, top_p=1.0):
