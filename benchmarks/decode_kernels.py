@@ -29,7 +29,7 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 
 Attention (``part: "attention"``), one query per row and head over a window of the cache, with the engine's
-additive bias (left padding masked), through the engine's own functions (``modules.engine.ATTENTION``, chosen
+additive bias (left padding masked), through the engine's own functions (``modules.decode_step.ATTENTION``, chosen
 with ``RolloutEngine(attention=...)``):
 - ``matmul``: the default (``q @ K^T``, float32 softmax, ``@ V``), plain calls;
 - ``matmul_compiled``: the same under ``torch.compile``, as ``fused`` runs it (matmuls stay cuBLAS calls,
@@ -89,7 +89,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import LM_SHAPES, copy_bandwidth, device_name  # noqa: E402
 
 from modules import decode_attention, decode_linear, fp8  # noqa: E402
-from modules.engine import ATTENTION, CudaGraphs, attention_bias  # noqa: E402
+from modules.decode_step import ATTENTION, attention_bias  # noqa: E402
+from modules.engine_capture import CudaGraphs  # noqa: E402
 
 SHAPES = {**LM_SHAPES, "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=4, intermediate_size=344)}
@@ -309,7 +310,7 @@ def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, o
 
 
 def triton_candidates(args) -> dict:
-    """``{name: attend}``: ``attention="triton"`` (same arguments as :data:`modules.engine.ATTENTION`'s) at each
+    """``{name: attend}``: ``attention="triton"`` (same arguments as :data:`modules.decode_step.ATTENTION`'s) at each
     launch configuration of ``args.triton_*``: splits of ``--triton-splits`` slots (a block larger than its split
     is skipped), then each row in ``--triton-parts`` parts. First, at each size and the engine's block, warps and
     stages, the default loop, the one that merges each block into one running softmax (``_m``, the kernel

@@ -41,7 +41,9 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 from modules import janus_ops  # noqa: E402
 from modules.decode_attention import Launch  # noqa: E402
 from modules.decode_linear import LinearLaunch  # noqa: E402
-from modules.engine import ATTENTION, COMPILE_MODES, RolloutEngine, quantizable  # noqa: E402
+from modules.decode_step import ATTENTION  # noqa: E402
+from modules.engine import COMPILE_MODES, RolloutEngine  # noqa: E402
+from modules.engine_weights import quantizable  # noqa: E402
 from modules.tiny import TinyJanusSpec, build_tiny_janus  # noqa: E402
 
 LM_SHAPES = {

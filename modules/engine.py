@@ -19,7 +19,7 @@ how a step runs:
   when a new window costs a capture (``off``, ``cudagraphs``), ``chunk * 2^k`` when it costs a compile.
   ``attention="triton"`` reads each row's filled slots and nothing else, so its one window is the whole cache.
 * **The step.** Generation head (or ``lm_head``), CFG mix, sampling, embedding of the sampled token and
-  one decoder step over all layers are one function whose state (cache, hidden, slot, outputs, noise)
+  one decoder step over all layers are one function (:mod:`modules.decode_step`) whose state (cache, hidden, slot, outputs, noise)
   lives in preallocated buffers that it updates in place. Only the uniform draw of the noise runs outside
   it, from the caller's generator, into a fixed buffer. On CUDA the function is captured by hand as one
   CUDA graph per (rows, capacity, window, sampling settings) and replayed. ``fused`` (the default on CUDA)
@@ -61,33 +61,45 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from transformers import DynamicCache
 
 from modules import fp8
-from modules.janus_ops import (
-    ImageSample,
-    RowNoise,
-    TextSample,
-    guide,
-    lm_hidden,
-    model_entry,
-    positions_from_mask,
-    sample_tokens,
-    scaled_logprobs,
+from modules.decode_step import (
+    ATTENTION_CHOICES,
+    FILLED_ONLY,
+    StepParts,
+    image_step,
+    project_triton,
+    text_step,
 )
+from modules.engine_capture import (
+    CapturedStep,
+    CudaGraphs,
+    first_line,
+    inductor_compiles,
+    raise_recompile_limit,
+    sync,
+)
+from modules.engine_weights import (
+    base_linear,
+    fp8_buffers,
+    live_weight,
+    nested_tensors,
+    packable,
+    quantizable,
+    step_linears,
+    weight_buffers,
+)
+from modules.janus_ops import ImageSample, RowNoise, TextSample, lm_hidden, model_entry, positions_from_mask
 
 COMPILE_MODES = ("auto", "off", "cudagraphs", "fused", "fused-autotune", "default", "reduce-overhead", "max-autotune")
 FUSED_MODES = ("fused", "fused-autotune")  # the step's parts compiled one by one, the whole step captured by hand
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # each window variant is a compile
 DEFAULT_CHUNK = {"cuda": 128, "cpu": 64}
-# Each (rows, capacity, window, settings) variant of a step is one dynamo recompile of the same code.
-RECOMPILE_LIMIT = 64
 WEIGHTS = ("model", "fp8")  # what the step's decoder projections read (RolloutEngine(weights=...))
 
 
@@ -124,142 +136,6 @@ def window_for(filled: int, ladder: list[int]) -> int:
     return next(w for w in ladder if w >= filled)
 
 
-# ---------------------------------------------------------------------------------------------
-# The decode step: pure tensor code over preallocated buffers (what torch.compile sees).
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _DrawnNoise:
-    """Stands in for ``RowNoise`` inside the step: the uniforms were drawn outside, the transform is here.
-
-    The formula is ``RowNoise.gumbel``'s; ``tests/modules/test_engine.py`` checks they agree bit for bit.
-    """
-
-    uniform: torch.Tensor  # [rows, V]
-
-    def gumbel(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        return -torch.log(-torch.log(self.uniform.clamp(min=1e-20)))
-
-
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    # LlamaRMSNorm's arithmetic (float32 statistics, cast, then the weight) in one fused call.
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated): 4 ops instead of 7.
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
-
-
-def _rotary(rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin with its first half negated)``, ``[R, 1, 1, D]``: LlamaRotaryEmbedding's arithmetic.
-
-    Written out rather than called so the step has no decorators or autocast regions to trace.
-    """
-    freqs = positions[:, None].float() * rotary.inv_freq.float()[None]  # [R, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [R, D]
-    cos = (emb.cos() * rotary.attention_scaling).to(dtype)
-    sin = (emb.sin() * rotary.attention_scaling).to(dtype)
-    half = emb.shape[-1] // 2
-    sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-    return cos[:, None, None], sin[:, None, None]
-
-
-def _step_inputs(rotary, slot: torch.Tensor, pad: torch.Tensor, capacity: int, dtype: torch.dtype):
-    """What every layer of one step shares: ``(cos, sin, bias)``, the rotary factors ``[R, 1, 1, D]`` of the new
-    token and the attention bias ``[R, 1, 1, capacity]`` (0 over the row's real context and tokens so far, -inf
-    elsewhere).
-
-    ``slot``: ``[1]`` long, the cache slot of the new token (the same for every row); ``pad``: ``[R]`` long, each
-    row's left padding. Independent of the window, so that under ``compile="fused"`` it compiles once.
-    """
-    cos, sin = _rotary(rotary, slot - pad, dtype)  # position = slot - left padding
-    return cos, sin, attention_bias(pad, slot, capacity)
-
-
-def attention_bias(pad: torch.Tensor, slot: torch.Tensor, capacity: int) -> torch.Tensor:
-    """The additive attention bias ``[R, 1, 1, capacity]`` of the token at ``slot``: 0 over each row's real context
-    and tokens so far (slots ``pad[r] .. slot``), -inf elsewhere (its left padding and the slots not yet filled)."""
-    cols = torch.arange(capacity, device=pad.device)[None]  # [1, C]
-    allowed = (cols >= pad[:, None]) & (cols <= slot)  # [R, C]
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=pad.device).masked_fill(~allowed, float("-inf"))
-    return bias.view(pad.shape[0], 1, 1, capacity)
-
-
-def _attend_matmul(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
-    """Attention of one query per row and head: ``q [R, kv_heads, groups, D]`` over ``keys``/``values``
-    ``[R, kv_heads, W, D]`` with the additive ``bias [R, 1, 1, W]``; returns ``[R, kv_heads, groups, D]``.
-    (``pad [R]``/``slot [1]``, the same mask as indices, are what :func:`_attend_triton` reads instead.)
-
-    Batched one-row matmuls (cuBLAS), the scores and softmax in float32: the engine's default.
-    """
-    scores = (q @ keys.transpose(-1, -2)).float() * scaling  # [R, kv_heads, groups, W]
-    probs = (scores + bias).softmax(-1).to(q.dtype)
-    return probs @ values
-
-
-def _attend_reduce(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
-    """As :func:`_attend_matmul`, written as multiply-and-sum reductions in float32, so that under
-    ``compile="fused"`` inductor emits reduction kernels that stream the cache. Uncompiled it materialises a
-    ``[R, kv_heads, groups, W, D]`` product per layer: meant for ``fused`` only."""
-    scores = (q.float()[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1) * scaling
-    probs = (scores + bias).softmax(-1)
-    return (probs[..., None] * values.float()[:, :, None]).sum(-2).to(q.dtype)
-
-
-def _attend_sdpa(q, keys, values, bias, scaling: float, pad=None, slot=None) -> torch.Tensor:
-    """As :func:`_attend_matmul`, through ``F.scaled_dot_product_attention`` with the bias as its mask (in the
-    query's dtype, so softmax is not float32 throughout as in the other two)."""
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), scale=scaling)
-
-
-def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, launch=None) -> torch.Tensor:
-    """As :func:`_attend_matmul`, in Triton kernels (:mod:`modules.decode_attention`, one or two) that read
-    only each row's filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is
-    not read. ``keys``/``values`` may be pairs ``(float8 cache, float32 scale per slot)`` (``RolloutEngine(kv=
-    "fp8")``). ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
-    if isinstance(keys, tuple):
-        (keys, k_scale), (values, v_scale) = keys, values
-        return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()), k_scale=k_scale,
-                                                v_scale=v_scale)
-    return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()))
-
-
-def _store(cache, slot: torch.Tensor, vectors: torch.Tensor) -> None:
-    """``vectors [R, kv_heads, 1, D]`` into slot ``slot`` of a layer's ``cache`` ``[R, kv_heads, S, D]``, in its dtype;
-    a pair ``(float8 cache, float32 scales [R, kv_heads, S])`` takes each vector quantized with its own scale."""
-    if isinstance(cache, tuple):
-        q, scale = fp8.quantize(vectors)
-        cache[0].view(torch.uint8).index_copy_(2, slot, q.view(torch.uint8))  # (no index_copy_ of float8 itself)
-        cache[1].index_copy_(2, slot, scale)
-    else:
-        cache.index_copy_(2, slot, vectors.to(cache.dtype))  # under autocast projections and cache may differ
-
-
-def _project_triton(x, weight, residual=None, gated=False, launch=None) -> torch.Tensor:
-    """``F.linear(x, weight)`` in :mod:`modules.decode_linear`'s Triton kernel, ``residual`` added and (``gated``,
-    ``weight`` the packed ``[gate; up]``) the MLP's activation applied inside it. ``weight`` may be a pair
-    ``(float8 weight, float32 scale per row)`` (``RolloutEngine(weights="fp8")``). ``launch``: a
-    ``decode_linear.LinearLaunch`` (default: the module's)."""
-    if isinstance(weight, tuple):
-        weight, scale = weight
-        return torch.ops.bicot.decode_linear(x, weight, residual, gated, *(launch or ()), scale=scale)
-    return torch.ops.bicot.decode_linear(x, weight, residual, gated, *(launch or ()))
-
-
-PROJECT_MAX_ROWS = 64  # modules.decode_linear.MAX_ROWS (not imported here: it needs no Triton import)
-
-
-def _plain_linear(module) -> bool:
-    return type(module) is torch.nn.Linear and module.bias is None
-
-
-ATTENTION = {"matmul": _attend_matmul, "reduce": _attend_reduce, "sdpa": _attend_sdpa, "triton": _attend_triton}
-ATTENTION_CHOICES = ("auto", *ATTENTION)  # auto: see resolve_attention
-FILLED_ONLY = ("triton",)  # attention choices that read only the filled slots: one window (the whole cache)
-
-
 def check_float8(weights: str, kv: str, linear: str, attention: str, name: str = "engine {}") -> None:
     """A ``ValueError`` naming the setting where ``weights``/``kv`` is not one of :data:`WEIGHTS`, or ``fp8`` without
     the Triton kernels that read it (``linear``, ``attention``). ``name`` spells a setting (``engine weights``; the
@@ -284,178 +160,6 @@ def resolve_attention(attention: str, device: torch.device) -> str:
     from modules import decode_attention
 
     return "triton" if decode_attention.runs_on(device) else "matmul"
-
-
-def _decode_layer(
-    layer, x, keys, values, cos, sin, bias, slot, window: int, attend=_attend_matmul, qkv=None, gate_up=None, pad=None,
-    project=None, o=None, down=None,
-) -> torch.Tensor:
-    """One new token per row (``x [R, H]``) through one decoder layer, writing its key and value at ``slot`` of
-    ``keys``/``values`` ``[R, kv_heads, capacity, head_dim]``; returns the layer's output ``[R, H]``. Attention
-    (``attend``, one of :data:`ATTENTION`) reads slots ``[0, window)`` only (``slot < window``); ``bias`` is
-    ``[R, 1, 1, window]`` (``pad [R]``, each row's left padding, the same mask for ``attention="triton"``).
-    ``qkv``/``gate_up``: the layer's q, k, v (gate, up) weights packed into one matrix
-    (``RolloutEngine(pack=True)``), one matmul instead of three (two); ``None``: the modules' own calls.
-    ``project``: :func:`_project_triton` (``RolloutEngine(linear="triton")``) for the packed matrices and the plain
-    o/down projections, with the residual adds and the activation inside its kernels, for up to
-    :data:`PROJECT_MAX_ROWS` rows; ``None`` (or more rows): ``F.linear``. ``RolloutEngine(weights="fp8")``: ``qkv``,
-    ``gate_up``, ``o`` and ``down`` are each ``(float8 weight, float32 scale per row)`` and ``project`` runs them all,
-    whatever the rows (there is no bf16 weight to hand to cuBLAS)."""
-    fp8_cache = isinstance(keys, tuple)  # RolloutEngine(kv="fp8"): (float8 cache, scales), Triton attention only
-    cache = keys[0] if fp8_cache else keys
-    rows, kv_heads, dim = x.shape[0], cache.shape[1], cache.shape[-1]
-    if project is not None and rows > PROJECT_MAX_ROWS and o is None:
-        project = None  # the Triton projections would read the weights once per 64 rows: cuBLAS reads them once
-    attn = layer.self_attn
-    h = _rms_norm(layer.input_layernorm, x)
-    if qkv is None:
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-    else:
-        width = kv_heads * dim
-        packed = F.linear(h, qkv) if project is None else project(h, qkv)
-        q, k, v = packed.split([packed.shape[-1] - 2 * width, width, width], -1)
-    # One query per row: heads grouped by the KV head they share, [R, kv_heads, groups, D].
-    q = _rope(q.view(rows, kv_heads, -1, dim), cos, sin)
-    _store(keys, slot, _rope(k.view(rows, kv_heads, 1, dim), cos, sin))
-    _store(values, slot, v.view(rows, kv_heads, 1, dim))
-    if not fp8_cache:  # (the fp8 cache is read by the Triton attention only: one window, the whole cache)
-        keys, values = keys[:, :, :window], values[:, :, :window]
-    out = attend(q, keys, values, bias, attn.scaling, pad, slot).reshape(rows, -1)  # [R, kv_heads, groups, D]
-    if o is not None or (project is not None and _plain_linear(attn.o_proj)):
-        x = project(out, attn.o_proj.weight if o is None else o, x)
-    else:
-        x = x + attn.o_proj(out)
-    mlp = layer.mlp
-    h = _rms_norm(layer.post_attention_layernorm, x)
-    if gate_up is None:
-        act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
-    elif project is None:
-        gate, up = F.linear(h, gate_up).chunk(2, -1)
-        act = mlp.act_fn(gate) * up
-    else:  # silu (RolloutEngine.bind checks the model's activation)
-        act = project(h, gate_up, None, True)
-    if down is not None or (project is not None and _plain_linear(mlp.down_proj)):
-        return project(act, mlp.down_proj.weight if down is None else down, x)
-    return x + mlp.down_proj(act)
-
-
-def _finish(norm, x: torch.Tensor, state: dict) -> None:
-    """The final norm into ``state["hidden"]``; every buffer moves on by one slot."""
-    state["hidden"].copy_(_rms_norm(norm, x))
-    state["slot"].add_(1)
-    state["col"].add_(1)
-
-
-def _image_head(model, state: dict, batch: int, use_cfg: bool, cfg_scale: float, sampling: tuple) -> torch.Tensor:
-    """Sample one image token per row from ``state["hidden"]``, write the outputs at ``col``; returns the
-    embeddings ``[R, H]`` of the sampled tokens (both CFG branches)."""
-    temperature, top_k, top_p = sampling
-    logits = model.model.generation_head(state["hidden"])  # [R, V]
-    cond = logits[:batch]
-    guided = guide(cond, logits[batch:] if use_cfg else None, cfg_scale)
-    noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
-    tok, lp, entropy = sample_tokens(guided, temperature, top_k, top_p, noise)  # [B] each
-    lp_cond = scaled_logprobs(cond, temperature).gather(-1, tok[:, None])  # [B, 1]
-    col = state["col"]
-    state["tokens"].index_copy_(1, col, tok[:, None])
-    state["lp_guided"].index_copy_(1, col, lp[:, None])
-    state["lp_cond"].index_copy_(1, col, lp_cond)
-    state["entropy"].index_copy_(1, col, entropy[:, None])
-    step_ids = torch.cat([tok, tok]) if use_cfg else tok  # [R]
-    return model.prepare_embeddings_for_image_generation(step_ids)
-
-
-def _text_head(model, state: dict, eos_id: int, pad_id: int, sampling: tuple) -> torch.Tensor:
-    """Sample one text token per row (pad after a row's EOS), write the outputs at ``col``; returns its
-    embeddings ``[R, H]``."""
-    temperature, top_k, top_p = sampling
-    noise = None if state["uniform"] is None else _DrawnNoise(state["uniform"])
-    tok, lp, entropy = sample_tokens(
-        model.lm_head(state["hidden"]), temperature, top_k, top_p, noise
-    )  # [R] each
-    live = ~state["finished"]
-    tok = torch.where(live, tok, torch.full_like(tok, pad_id))
-    col = state["col"]
-    state["tokens"].index_copy_(1, col, tok[:, None])
-    state["logp"].index_copy_(1, col, torch.where(live, lp, torch.zeros_like(lp))[:, None])
-    state["entropy"].index_copy_(1, col, torch.where(live, entropy, torch.zeros_like(entropy))[:, None])
-    state["valid"].index_copy_(1, col, live[:, None])
-    state["finished"].logical_or_(tok == eos_id)
-    return model.get_input_embeddings()(tok)
-
-
-class StepParts:
-    """The pieces of one decode step. Plain functions by default; under ``compile="fused"`` each is compiled by
-    inductor on its own ("regional" compilation: the 24 or 30 decoder layers share one compiled layer, so a
-    window costs a few small compiles instead of one of the whole unrolled model)."""
-
-    def __init__(self, wrap=None, attention: str = "matmul", launch=None, project=None) -> None:
-        wrap = wrap or (lambda fn: fn)
-        self.inputs, self.layer, self.finish = wrap(_step_inputs), wrap(_decode_layer), wrap(_finish)
-        self.attention, self.attend = attention, ATTENTION[attention]  # attend: an argument of the layer
-        if attention == "triton" and launch is not None:  # another launch configuration than the module's
-            self.attend = functools.partial(_attend_triton, launch=launch)
-        self.project = project  # an argument of the layer: None (F.linear and the modules' calls) or the Triton one
-        self.image_head, self.text_head = wrap(_image_head), wrap(_text_head)
-
-
-PLAIN = StepParts()
-
-
-def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) -> None:
-    """The sampled tokens' embeddings ``x [R, H]`` through every decoder layer of ``lm`` (the ``LlamaModel``);
-    writes their keys and values at ``state["slot"]`` and the final hidden states into ``state["hidden"]``.
-
-    ``state["kv"]`` holds ``2 * layers`` buffers ``[R, kv_heads, capacity, head_dim]``: keys then values of each
-    layer.
-    """
-    kv, slot, pad = state["kv"], state["slot"], state["pad"]
-    if state.get("kv_scale") is not None:  # RolloutEngine(kv="fp8"): each cache with its scales per slot
-        kv = list(zip(kv, state["kv_scale"], strict=True))
-    cos, sin, bias = parts.inputs(lm.rotary_emb, slot, pad, state["kv"][0].shape[2], x.dtype)
-    bias = bias[..., :window]  # one view per step, not one per layer
-    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
-        # the layer's packed weights, (None, None) without pack=True; weights="fp8": (qkv, gate_up, o, down) quantized
-        qkv, gate_up, *o_down = state["packed"][i]
-        x = parts.layer(
-            layer, x, kv[2 * i], kv[2 * i + 1], cos, sin, bias, slot, window, parts.attend, qkv, gate_up, pad,
-            parts.project, *o_down,
-        )
-    parts.finish(lm.norm, x, state)
-
-
-def image_step(
-    model,
-    state: dict,
-    *,
-    window: int,
-    batch: int,
-    use_cfg: bool,
-    cfg_scale: float,
-    sampling: tuple,
-    parts: StepParts = PLAIN,
-):
-    """Sample one image token per row from ``state["hidden"]`` and advance every buffer by one slot.
-
-    ``state`` holds ``kv``, ``hidden [R, H]``, ``slot [1]``, ``col [1]``, ``pad [R]``, ``uniform [B, V]`` (or
-    ``None`` when greedy), ``packed`` (per layer ``(qkv, gate_up)``, see :meth:`RolloutEngine.bind`) and the outputs ``tokens``/``lp_cond``/``lp_guided``/``entropy`` ``[B, N]``, written at
-    ``col``.
-    """
-    x = parts.image_head(model, state, batch, use_cfg, cfg_scale, sampling)
-    _advance(parts, model.model.language_model, x, state, window)
-
-
-def text_step(
-    model, state: dict, *, window: int, eos_id: int, pad_id: int, sampling: tuple, parts: StepParts = PLAIN
-):
-    """Sample one text token per row (pad after a row's EOS) and advance every buffer by one slot.
-
-    ``state`` as in :func:`image_step` plus ``finished [R]`` bool; outputs ``tokens``/``logp``/``valid``/``entropy``
-    ``[R, T]``. Finished rows keep decoding pad tokens: rows never see each other, so this only costs
-    compute, and it keeps one graph for the whole stage.
-    """
-    x = parts.text_head(model, state, eos_id, pad_id, sampling)
-    _advance(parts, model.model.language_model, x, state, window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +333,7 @@ class RolloutEngine:
         """
         self._buffers.clear()
         for step, *_ in self._steps.values():
-            if isinstance(step, _CapturedStep):
+            if isinstance(step, CapturedStep):
                 step.drop()  # stays warm: the next call captures straight away
         # every graph of the pool is gone, and CUDA's allocator frees a pool with its last graph: a new one
         self.graphs.pool = None
@@ -683,8 +387,8 @@ class RolloutEngine:
         back on exit.
         """
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        copied = [] if not self.weight_copy or dtype is None else _step_linears(model, dtype)
-        groups = _packable(model) if self.pack and self.weights == "model" else []
+        copied = [] if not self.weight_copy or dtype is None else step_linears(model, dtype)
+        groups = packable(model) if self.pack and self.weights == "model" else []
         quantized = None
         if self.weights == "fp8":
             entry = self._quantize(model, device)
@@ -704,7 +408,7 @@ class RolloutEngine:
         signature = [(w.shape, w.dtype) for w in weights], [[(m.weight.shape, m.weight.dtype) for m in g] for g in groups]
         entry = self._buffers.get(key)
         if entry is None or entry["signature"] != signature:
-            entry = self._buffers[key] = _weight_buffers(copied, groups, dtype, signature)
+            entry = self._buffers[key] = weight_buffers(copied, groups, dtype, signature)
         with torch.no_grad():
             torch._foreach_copy_(
                 entry["copies"] + entry["pack_views"],
@@ -722,19 +426,19 @@ class RolloutEngine:
 
     def _quantize(self, model, device: torch.device) -> dict:
         """``weights="fp8"``: the decoder's projections quantized from the live weights into the engine's buffers
-        (fixed addresses); returns :func:`_fp8_buffers`'s entry (``packed``: per layer ``(qkv, gate_up, o, down)``,
+        (fixed addresses); returns :func:`fp8_buffers`'s entry (``packed``: per layer ``(qkv, gate_up, o, down)``,
         each ``(float8 weight, float32 scale per row)``)."""
         layers = quantizable(model)
-        signature = [[(_base_linear(m).weight.shape, _base_linear(m).weight.dtype) for m in group] for layer in layers
+        signature = [[(base_linear(m).weight.shape, base_linear(m).weight.dtype) for m in group] for layer in layers
                      for group in layer]
         key = ("fp8", id(model), device)
         entry = self._buffers.get(key)
         if entry is None or entry["signature"] != signature:
-            entry = self._buffers[key] = _fp8_buffers(layers, signature)
+            entry = self._buffers[key] = fp8_buffers(layers, signature)
         # a LoRA layer's weight with its adapters merged in full precision (autocast would round B @ A to bf16)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for module, q, scale in entry["targets"]:
-                fp8.quantize(_live_weight(module), q, scale)
+                fp8.quantize(live_weight(module), q, scale)
         return entry
 
     def captures(self, device: torch.device) -> bool:
@@ -773,7 +477,7 @@ class RolloutEngine:
             return
         tensors = [*model.parameters(), *model.buffers(), *state["kv"], *(state.get("kv_scale") or ())]
         tensors += [v for k, v in state.items() if k != "kv" and isinstance(v, torch.Tensor)]
-        tensors += [t for layer in self._packed or () for t in _tensors(layer)]
+        tensors += [t for layer in self._packed or () for t in nested_tensors(layer)]
         self._addresses = tuple(t.data_ptr() for t in tensors)
 
     def sample_text(
@@ -903,7 +607,7 @@ class RolloutEngine:
             # CUDA graphs are recorded on the 2nd or 3rd call (warm-up first): count those as capture time.
             timed = entry[1] < (3 if mode == "reduce-overhead" else 1) and mode != "off"
         if timed:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
@@ -915,11 +619,11 @@ class RolloutEngine:
         except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor's errors (InductorError) among them
             raise RuntimeError(
                 f"the rollout engine's decode step does not compile here (engine_compile {mode!r}): "
-                f"{_first_line(error)}. Set sampling.engine_compile to 'cudagraphs' (CUDA) or 'off', which "
+                f"{first_line(error)}. Set sampling.engine_compile to 'cudagraphs' (CUDA) or 'off', which "
                 "run the step uncompiled."
             ) from error
         if timed:
-            _sync(device)
+            sync(device)
             self.stats.compile_s += time.perf_counter() - start
         entry[1] += 1
         self.stats.steps += 1
@@ -932,10 +636,10 @@ class RolloutEngine:
             fn(model, state, **consts)
 
         if captured:
-            return _CapturedStep(step, self.graphs)
+            return CapturedStep(step, self.graphs)
         if mode == "off" or mode in FUSED_MODES:
             return step
-        _raise_recompile_limit()
+        raise_recompile_limit()
         # dynamic=False: each window is its own static graph (CUDA graphs need fixed shapes).
         return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
 
@@ -952,7 +656,7 @@ class RolloutEngine:
                 f"RolloutEngine: compiling the decode step with inductor (engine_compile {mode}), once per run: "
                 f"{cost}; engine_compile cudagraphs starts without compiling."
             )
-            _raise_recompile_limit()
+            raise_recompile_limit()
             options = dict(dynamic=None, fullgraph=True)
             if mode == "fused-autotune":
                 options["mode"] = "max-autotune-no-cudagraphs"  # the engine captures the graphs itself
@@ -961,281 +665,8 @@ class RolloutEngine:
 
     def _step_parts(self, wrap, attention: str) -> StepParts:
         """The step's parts with this engine's kernels: ``attention`` resolved, the Triton launches, ``linear``."""
-        project = None if self.linear == "torch" else functools.partial(_project_triton, launch=self.linear_launch)
+        project = None if self.linear == "torch" else functools.partial(project_triton, launch=self.linear_launch)
         return StepParts(wrap, attention=attention, launch=self.launch, project=project)
-
-
-def inductor_compiles(device: torch.device) -> bool:
-    """Whether inductor compiles and runs a small kernel on ``device``; warns with the error where it cannot."""
-    try:
-        probe = torch.compile(_probe, fullgraph=True, dynamic=False)
-        x = torch.arange(8, dtype=torch.float32, device=device)
-        if not torch.equal(probe(x).cpu(), _probe(x).cpu()):
-            raise RuntimeError("the compiled probe kernel gave other values than eager")
-        return True
-    except Exception as error:  # a missing Triton or C compiler surfaces as many exception types
-        warnings.warn(
-            f"engine compile='auto': inductor cannot compile on {device} ({_first_line(error)}); "
-            "using 'cudagraphs' (hand-captured, uncompiled steps) instead of 'fused'. Set "
-            "sampling.engine_compile explicitly to choose.",
-            stacklevel=3,
-        )
-        return False
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
-def _probe(x: torch.Tensor) -> torch.Tensor:
-    # a pointwise chain and a reduction, integer-valued: exact in float32 whatever the kernel's order
-    y = (x * 2 + 1) * (x - 3)
-    return y - y.amax()
-
-
-def _raise_recompile_limit() -> None:
-    dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
-
-
-class CudaGraphs:
-    """How ``compile="cudagraphs"`` warms a step up and captures it (swappable: the CPU tests use a stand-in).
-
-    All graphs of an engine share one memory pool: they run one after another and keep nothing alive
-    between replays (every result goes into the engine's buffers), so their temporaries can share memory.
-    """
-
-    def __init__(self) -> None:
-        self.pool = None
-
-    @staticmethod
-    def available(device: torch.device) -> bool:
-        """Whether steps on ``device`` can be captured (``compile="fused"`` runs uncaptured where not)."""
-        return device.type == "cuda"
-
-    def warmup(self, run, device: torch.device) -> None:
-        """Run ``run()`` once on a side stream, as CUDA graph capture asks (lazy library set-up happens here)."""
-        with _side_stream(device):
-            run()
-
-    def capture(self, run, device: torch.device):
-        """Record ``run()`` into a CUDA graph without executing it; returns the graph's ``replay``.
-
-        ``torch.cuda.graph``'s steps by hand, minus its ``empty_cache``: captures happen at every rollout
-        when the buffers are released between rollouts, and emptying the allocator each time would cost
-        fresh ``cudaMalloc`` calls afterwards.
-        """
-        with _side_stream(device):
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize(device)
-            graph.capture_begin(pool=self.pool)
-            try:
-                run()
-            finally:
-                graph.capture_end()
-        return graph.replay
-
-
-@contextlib.contextmanager
-def _side_stream(device: torch.device):
-    """Inside: a fresh side stream that waits for the current one (and is waited for on exit), and autocast
-    without its cast cache. Warm-up and capture both run there."""
-    if device.type != "cuda":
-        raise RuntimeError(f"engine compile='cudagraphs' needs a CUDA device, got {device}; use 'off' or 'default'")
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side), _uncached_autocast(device):
-        yield
-    current.wait_stream(side)
-
-
-def _uncached_autocast(device: torch.device):
-    """Autocast as it is, without its weight-cast cache: a captured graph must do its own casts.
-
-    A cast cached outside the graph is freed when the caller's autocast region ends, and the graph would
-    go on reading it; cast inside the graph, the bf16 copy of each weight is remade at every replay.
-    """
-    if not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
-
-
-class _CapturedStep:
-    """One step variant under ``compile="cudagraphs"``: warm-up, capture, then replays.
-
-    The first call runs the step eagerly on a side stream: that is both the warm-up capture needs and the
-    step itself. The second call captures the step (capture executes nothing) and replays it once; later
-    calls replay. When the weights or buffers sit at other addresses than at capture, the next call
-    captures again.
-    """
-
-    def __init__(self, step, graphs: CudaGraphs) -> None:
-        self.step, self.graphs = step, graphs
-        self.warm = False
-        self.replay = None
-        self.addresses: tuple = ()
-
-    def drop(self) -> None:
-        """Forget the graph (its buffers are gone); the next call captures again."""
-        self.replay, self.addresses = None, ()
-
-    def ready(self, addresses: tuple) -> bool:
-        """Whether the next call only replays.
-
-        ``addresses`` is one tuple per sampling call (:meth:`RolloutEngine.bind`): compared by value once per
-        call, then by identity at every step of it.
-        """
-        if self.replay is None:
-            return False
-        if self.addresses is not addresses:
-            if self.addresses != addresses:
-                return False
-            self.addresses = addresses
-        return True
-
-    def __call__(self, state: dict, addresses: tuple, ready: bool) -> int:
-        """Run one step (``ready``: what :meth:`ready` said); returns 1 when it captured a graph, else 0."""
-        device = state["hidden"].device
-        if ready:
-            self.replay()
-            return 0
-        if not self.warm:
-            self.graphs.warmup(lambda: self.step(state), device)
-            self.warm = True
-            return 0
-        self.replay = self.graphs.capture(lambda: self.step(state), device)
-        self.addresses = addresses
-        self.replay()
-        return 1
-
-
-def _packable(model) -> list[list[torch.nn.Linear]]:
-    """Per decoder layer, its q/k/v and its gate/up projections (two groups, in that order; an empty group where
-    they cannot be packed: a LoRA-wrapped projection, a bias, or dtypes that differ)."""
-    lm = model.model.language_model
-    groups = []
-    for layer in lm.layers[: lm.config.num_hidden_layers]:
-        attn, mlp = layer.self_attn, layer.mlp
-        for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
-            plain = all(type(m) is torch.nn.Linear and m.bias is None for m in group)
-            same = plain and len({(m.weight.dtype, m.weight.shape[1]) for m in group}) == 1
-            groups.append(group if same else [])
-    return groups
-
-
-def _weight_buffers(copied: list, groups: list, dtype, signature) -> dict:
-    """The buffers of :meth:`RolloutEngine.step_weights`.
-
-    ``copies``: one per copied linear (for a packed one, a view of its pack). ``pack_views``/``pack_modules``: the
-    views of packed weights that are not copied anyway, and their modules (the weights are read at every
-    refresh: FSDP2 may gather them elsewhere). ``packed``: per layer ``(qkv, gate_up)``, a matrix or None.
-    ``signature``: the weights' shapes and dtypes they were made for.
-    """
-    copy_of = {id(m): i for i, m in enumerate(copied)}
-    copies: list = [None] * len(copied)
-    pack_views, pack_modules, packs = [], [], []
-    for group in groups:
-        if not group:
-            packs.append(None)
-            continue
-        # the autocast dtype where the weights are copied for autocast, else the weights' own
-        target = dtype if id(group[0]) in copy_of else group[0].weight.dtype
-        pack = torch.empty(sum(m.weight.shape[0] for m in group), group[0].weight.shape[1], dtype=target,
-                           device=group[0].weight.device)
-        views = pack.split([m.weight.shape[0] for m in group])
-        for module, view in zip(group, views, strict=True):
-            if id(module) in copy_of:
-                copies[copy_of[id(module)]] = view
-            else:
-                pack_views.append(view)
-                pack_modules.append(module)
-        packs.append(pack)
-    for i, m in enumerate(copied):
-        if copies[i] is None:
-            copies[i] = torch.empty_like(m._parameters["weight"], dtype=dtype)
-    packed = [(packs[i], packs[i + 1]) for i in range(0, len(packs), 2)] if packs else None
-    return dict(copies=copies, pack_views=pack_views, pack_modules=pack_modules, packed=packed, signature=signature)
-
-
-def _base_linear(module):
-    """The linear layer a LoRA adapter wraps, or ``module`` itself."""
-    from modules.lora import BaseTunerLayer
-
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def _live_weight(module) -> torch.Tensor:
-    """The weight ``module`` applies (a LoRA layer's merged with its adapters: :func:`modules.lora.merged_weight`)."""
-    from modules.lora import BaseTunerLayer, merged_weight
-
-    return merged_weight(module) if isinstance(module, BaseTunerLayer) else module.weight
-
-
-def quantizable(model) -> list[tuple[list[torch.nn.Module], ...]]:
-    """Per decoder layer its ``([q, k, v], [gate, up], [o], [down])`` projections, for ``weights="fp8"``: bias-free
-    ``nn.Linear`` layers, LoRA-adapted or not (an adapted one is quantized with its adapters merged); a
-    ``ValueError`` that names the first one that is neither."""
-    lm = model.model.language_model
-    layers = []
-    for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
-        attn, mlp = layer.self_attn, layer.mlp
-        groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj], [attn.o_proj], [mlp.down_proj])
-        for name, module in zip(("q", "k", "v", "gate", "up", "o", "down"), [m for g in groups for m in g], strict=True):
-            base = _base_linear(module)
-            if not _plain_linear(base):
-                raise ValueError(
-                    f"engine weights 'fp8' quantizes bias-free nn.Linear projections (LoRA-adapted or not); layer "
-                    f"{i}'s {name}_proj is a {type(base).__name__}"
-                    f"{' with a bias' if getattr(base, 'bias', None) is not None else ''}: sample with engine weights "
-                    "'model'"
-                )
-        layers.append(groups)
-    return layers
-
-
-def _fp8_buffers(layers: list, signature) -> dict:
-    """The buffers of ``weights="fp8"``: per layer ``packed`` ``((q, scale) of qkv, of gate_up, of o, of down)``,
-    float8 ``[rows, K]`` and float32 ``[rows]`` each; ``targets``: ``(module, q view, scale view)`` to quantize."""
-    packed, targets = [], []
-    for groups in layers:
-        pairs = []
-        for group in groups:
-            weight = _base_linear(group[0]).weight
-            sizes = [_base_linear(m).weight.shape[0] for m in group]
-            q = torch.empty(sum(sizes), weight.shape[1], dtype=fp8.FP8, device=weight.device)
-            scale = torch.empty(sum(sizes), dtype=torch.float32, device=weight.device)
-            for module, q_view, scale_view in zip(group, q.split(sizes), scale.split(sizes), strict=True):
-                targets.append((module, q_view, scale_view))
-            pairs.append((q, scale))
-        packed.append(tuple(pairs))
-    return dict(packed=packed, targets=targets, signature=signature)
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    """The tensors in nested tuples (a layer's packed weights)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    return [t for item in value or () for t in _tensors(item)]
-
-
-def _step_linears(model, dtype: torch.dtype) -> list[torch.nn.Linear]:
-    """The linear layers a decode step runs (LoRA's included) whose weights autocast would cast to ``dtype``."""
-    parts = [model.model.language_model, model.model.generation_head, model.model.generation_aligner, model.lm_head]
-    return [
-        m
-        for part in parts
-        for m in part.modules()
-        if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and m.weight.dtype != dtype
-    ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _check_model(model) -> None:

@@ -14,14 +14,9 @@ from transformers import AutoProcessor, JanusForConditionalGeneration
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
-from modules.engine import (
-    ATTENTION_CHOICES,
-    COMPILE_MODES,
-    EngineStats,
-    RolloutEngine,
-    check_float8,
-    quantizable,
-)
+from modules.decode_step import ATTENTION_CHOICES
+from modules.engine import COMPILE_MODES, EngineStats, RolloutEngine, check_float8
+from modules.engine_weights import quantizable
 from modules.hub import load_cache_first
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus

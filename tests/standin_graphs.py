@@ -1,4 +1,4 @@
-"""A stand-in for the engine's CUDA-graph backend (``modules.engine.CudaGraphs``), so that captured steps run
+"""A stand-in for the engine's CUDA-graph backend (``modules.engine_capture.CudaGraphs``), so that captured steps run
 on CPU: a "capture" records the step without running it, a replay runs it."""
 
 from __future__ import annotations

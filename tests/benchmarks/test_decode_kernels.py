@@ -16,7 +16,7 @@ import decode_kernels as dk  # noqa: E402
 from fp8_values import fp8_exact  # noqa: E402
 
 from modules import decode_attention, decode_linear, fp8  # noqa: E402
-from modules.engine import ATTENTION  # noqa: E402
+from modules.decode_step import ATTENTION  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 from triton_aot import PRELUDE, compile_here
 
 from modules import decode_attention, fp8
-from modules.engine import ATTENTION, RolloutEngine, attention_bias
+from modules.decode_step import ATTENTION, attention_bias
+from modules.engine import RolloutEngine
 
 pytestmark = pytest.mark.triton
 needs_triton = pytest.mark.skipif(

@@ -15,16 +15,9 @@ import modules.engine as engine_module
 from bicot.loop import RowPlacement, rollout_phase
 from datamodules.records import PromptRecord
 from modules import decode_attention, decode_linear, fp8, janus_ops
-from modules.engine import (
-    RolloutEngine,
-    _decode_layer,
-    _DrawnNoise,
-    _uncached_autocast,
-    keeps_buffers,
-    quantizable,
-    window_for,
-    window_ladder,
-)
+from modules.decode_step import _DrawnNoise, decode_layer
+from modules.engine import RolloutEngine, keeps_buffers, window_for, window_ladder
+from modules.engine_weights import packable, quantizable
 from modules.lora import adapters_disabled
 from modules.policy import JanusPolicy, SamplingConfig
 
@@ -439,17 +432,17 @@ def test_triton_projections_sample_the_eager_tokens_and_logprobs(sharp_policy, m
 def test_triton_projections_leave_more_rows_than_one_block_to_cublas(sharp_policy, monkeypatch):
     """Past ``decode_linear.MAX_ROWS`` rows the kernels would read the weights once per block of rows: the step
     uses ``F.linear`` there (6 rows here, against a limit lowered to 4)."""
-    from modules import engine as engine_module
+    from modules import decode_step
 
-    assert engine_module.PROJECT_MAX_ROWS == decode_linear.MAX_ROWS
+    assert decode_step.PROJECT_MAX_ROWS == decode_linear.MAX_ROWS
     spy = LaunchSpy(decode_linear._linear, ("GATED",))
     monkeypatch.setattr(decode_linear, "_linear", spy)
-    monkeypatch.setattr(engine_module, "PROJECT_MAX_ROWS", 4)
+    monkeypatch.setattr(decode_step, "PROJECT_MAX_ROWS", 4)
     ctx = sharp_policy.image_context(PROMPTS, None)  # 3 prompts with CFG: 6 rows
     a = images(janus_ops.sample_image_tokens, sharp_policy, ctx, 3, n=4)
     b = images(RolloutEngine(pack=True, linear="triton").sample_image_tokens, sharp_policy, ctx, 3, n=4)
     assert torch.equal(a.tokens, b.tokens) and not spy.launches
-    monkeypatch.setattr(engine_module, "PROJECT_MAX_ROWS", 64)
+    monkeypatch.setattr(decode_step, "PROJECT_MAX_ROWS", 64)
     images(RolloutEngine(pack=True, linear="triton").sample_image_tokens, sharp_policy, ctx, 3, n=2)
     assert spy.launches == {(False,), (True,)}  # the same rows under the real limit: the kernels
 
@@ -493,11 +486,10 @@ def test_triton_projections_are_checked_when_the_engine_is_made_and_bound(sharp_
 
 
 def test_lora_wrapped_projections_are_not_packed(tiny_janus_dir):
-    from modules.engine import _packable
     from modules.lora import LoraSpec
 
     policy = JanusPolicy(str(tiny_janus_dir), lora=LoraSpec(r=2, target_modules=["q_proj"]))
-    groups = _packable(policy.model)
+    groups = packable(policy.model)
     assert groups[0] == [] and len(groups[1]) == 2  # q/k/v: q is wrapped; gate/up: packed
     ctx = policy.image_context(PROMPTS, None)
     a = images(janus_ops.sample_image_tokens, policy, ctx, 15, n=10)
@@ -740,18 +732,6 @@ def test_cudagraphs_on_cpu_says_it_needs_cuda(sharp_policy):
         images(RolloutEngine(compile="cudagraphs").sample_image_tokens, sharp_policy, ctx, 0, n=2)
 
 
-def test_capture_autocast_keeps_the_dtype_and_drops_the_cast_cache():
-    cpu = torch.device("cpu")
-    with _uncached_autocast(cpu):
-        assert not torch.is_autocast_enabled("cpu")  # no autocast outside: none inside
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.is_autocast_cache_enabled()
-        with _uncached_autocast(cpu):
-            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            assert not torch.is_autocast_cache_enabled()
-        assert torch.is_autocast_cache_enabled()
-
-
 def test_sampling_config_chooses_the_engine_compile_mode(sharp_policy):
     with pytest.raises(ValueError, match="sampling.engine_compile must be one of"):
         SamplingConfig(engine="static", engine_compile="fast")
@@ -804,7 +784,7 @@ def _layer_compiles() -> int:
     """How many compiled variants dynamo holds for the decoder-layer part of the step."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    return len(_debug_get_cache_entry_list(_decode_layer.__code__))
+    return len(_debug_get_cache_entry_list(decode_layer.__code__))
 
 
 def fused_like_eager(policy, n: int, **engine_options):
