@@ -236,24 +236,7 @@ def plan(r: Recipe) -> MemoryPlan:
         kv_cache_bytes(shape, rollout_rows, plan_kv, *eager_cache_bytes(num)),
         kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), image_kv, *eager_cache_bytes(num)),
     )
-    engine_buffers = 0
-    if r.engine == "static":
-        slots = [round_up(n, DEFAULT_CHUNK["cuda"]) for n in (plan_kv, image_kv)]
-        # kv "fp8": 1 byte an entry and a float32 scale per vector of head_dim entries
-        cache = num.compute if r.engine_kv == "model" else 1 + 4 / shape.head_dim
-        engine_buffers = kv_cache_bytes(shape, rollout_rows, slots[0], cache, cache)
-        engine_buffers += kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), slots[1], cache, cache)
-        fp8 = r.engine_weights == "fp8"
-        if fp8:  # RolloutEngine(weights="fp8"): the decoder's projections in float8, a float32 scale per row
-            out_rows = (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.hidden + 2 * shape.intermediate
-            engine_buffers += shape.layers * (shape.layer_linear_params + 4 * out_rows)
-        if num.casts:  # modules.engine's weight_copy: the decoder's (but fp8's), both heads' and the aligner's linears
-            linear = (0 if fp8 else shape.layers * shape.layer_linear_params) + sum(shape.head_params.values())
-            linear += shape.part_params["generation_aligner"]  # biases counted too: < 0.1 % over
-            engine_buffers += linear * num.compute
-        elif r.engine_pack and not fp8:  # RolloutEngine(pack=True) without the autocast copy: q/k/v, gate/up packed
-            packed = shape.hidden * ((shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.intermediate)
-            engine_buffers += shape.layers * packed * num.compute
+    engine_buffers = _engine_buffer_bytes(r, num, rollout_rows, plan_kv, image_kv) if r.engine == "static" else 0
     on_device = r.reference_placement not in ("cpu", "offload")
     score_gather = 0
     if r.reference == "copy" and (r.reference_placement == "offload" or r.sharded):
@@ -314,6 +297,29 @@ def plan(r: Recipe) -> MemoryPlan:
     )
     p.total_gib = max(p.phases().values())
     return p
+
+
+def _engine_buffer_bytes(r: Recipe, num: Numerics, rollout_rows: int, plan_kv: int, image_kv: int) -> float:
+    """What the static rollout engine holds: both stages' KV buffers (``plan_kv``/``image_kv`` slots before rounding
+    up to the CUDA chunk), the float8 weights, the autocast weight copies or the packed projections."""
+    shape = r.shape
+    slots = [round_up(n, DEFAULT_CHUNK["cuda"]) for n in (plan_kv, image_kv)]
+    # kv "fp8": 1 byte an entry and a float32 scale per vector of head_dim entries
+    cache = num.compute if r.engine_kv == "model" else 1 + 4 / shape.head_dim
+    total = kv_cache_bytes(shape, rollout_rows, slots[0], cache, cache)
+    total += kv_cache_bytes(shape, rollout_rows * (2 if r.cfg else 1), slots[1], cache, cache)
+    fp8 = r.engine_weights == "fp8"
+    if fp8:  # RolloutEngine(weights="fp8"): the decoder's projections in float8, a float32 scale per row
+        out_rows = (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.hidden + 2 * shape.intermediate
+        total += shape.layers * (shape.layer_linear_params + 4 * out_rows)
+    if num.casts:  # the engine's weight_copy: the decoder's (but fp8's), both heads' and the aligner's linears
+        linear = (0 if fp8 else shape.layers * shape.layer_linear_params) + sum(shape.head_params.values())
+        linear += shape.part_params["generation_aligner"]  # biases counted too: < 0.1 % over
+        total += linear * num.compute
+    elif r.engine_pack and not fp8:  # RolloutEngine(pack=True) without the autocast copy: q/k/v, gate/up packed
+        packed = shape.hidden * ((shape.heads + 2 * shape.kv_heads) * shape.head_dim + 2 * shape.intermediate)
+        total += shape.layers * packed * num.compute
+    return total
 
 
 def _update_gather_bytes(r: Recipe, num: Numerics) -> int:
