@@ -65,19 +65,25 @@ def fit(workdir: Path, *overrides: str, resume: bool = False, extra: tuple[str, 
     return bicot("fit", *args, *(["--ckpt_path=last"] if resume else []), cwd=workdir)
 
 
+def fit_in_process(capsys, workdir: Path, *overrides: str, resume: bool = False) -> tuple[int, str]:
+    """:func:`fit` in this process (no interpreter start-up); returns (exit code, stderr)."""
+    args = [*overrides, *checkpointing(workdir, "ckpt"), *(["--ckpt_path=last"] if resume else [])]
+    return run_in_process(capsys, workdir, *args)
+
+
 @pytest.mark.slow
-def test_two_steps_resume_two_steps_equals_four_steps(tmp_path):
+def test_two_steps_resume_two_steps_equals_four_steps(capsys, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir()
     part.mkdir()
-    r = fit(full, "--trainer.max_steps=4")
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = fit(part, "--trainer.max_steps=2")
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = fit_in_process(capsys, full, "--trainer.max_steps=4")
+    assert code == 0, err[-3000:]
+    code, err = fit_in_process(capsys, part, "--trainer.max_steps=2")
+    assert code == 0, err[-3000:]
     two = trainable_state(part / "ckpt" / "last.ckpt")
-    r = fit(part, "--trainer.max_steps=4", resume=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming MLflow run" in r.stderr
+    code, err = fit_in_process(capsys, part, "--trainer.max_steps=4", resume=True)
+    assert code == 0, err[-3000:]
+    assert "resuming MLflow run" in err
     a, b = trainable_state(full / "ckpt" / "last.ckpt"), trainable_state(part / "ckpt" / "last.ckpt")
     assert a.keys() == b.keys() and all(k.startswith("policy.model.model.language_model.") for k in a)
     for key in a:
