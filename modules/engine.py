@@ -18,16 +18,17 @@ how a step runs:
   smallest that covers the filled part, never the whole preallocated length: one window per ``chunk``
   when a new window costs a capture (``off``, ``cudagraphs``), ``chunk * 2^k`` when it costs a compile.
   ``attention="triton"`` reads each row's filled slots and nothing else, so its one window is the whole cache.
-* **The step.** Generation head (or ``lm_head``), CFG mix, sampling, embedding of the sampled token and
-  one decoder step over all layers are one function (:mod:`modules.decode_step`) whose state (cache, hidden, slot, outputs, noise)
-  lives in preallocated buffers that it updates in place. Only the uniform draw of the noise runs outside
-  it, from the caller's generator, into a fixed buffer. On CUDA the function is captured by hand as one
-  CUDA graph per (rows, capacity, window, sampling settings) and replayed. ``fused`` (the default on CUDA)
-  first compiles the step's parts (:class:`StepParts`: sampling head, per-step inputs, one decoder layer,
-  final norm) with inductor one by one, so every layer runs the same compiled layer and a window costs a
-  few small compiles (seconds), then captures the whole step. ``cudagraphs`` captures the plain step
-  (about one step's time to capture, slower steps). ``torch.compile(mode="reduce-overhead")`` fuses the
-  whole step with inductor (minutes of compiling). Fixed buffer addresses are what make replay possible.
+* **The step** (:mod:`modules.decode_step`). Generation head (or ``lm_head``), CFG mix, sampling, embedding of
+  the sampled token and one decoder step over all layers are one function whose state (cache, hidden, slot,
+  outputs, noise) lives in preallocated buffers that it updates in place. Only the uniform draw of the noise
+  runs outside it, from the caller's generator, into a fixed buffer. On CUDA the function is captured by hand
+  as one CUDA graph per (rows, capacity, window, sampling settings) and replayed. ``fused`` (the default on
+  CUDA) first compiles the step's parts (:class:`~modules.decode_step.StepParts`: sampling head, per-step
+  inputs, one decoder layer, final norm) with inductor one by one, so every layer runs the same compiled layer
+  and a window costs a few small compiles (seconds), then captures the whole step. ``cudagraphs`` captures the
+  plain step (about one step's time to capture, slower steps). ``torch.compile(mode="reduce-overhead")`` fuses
+  the whole step with inductor (minutes of compiling). Fixed buffer addresses are what make replay possible
+  (:mod:`modules.engine_capture`).
   On CPU the step runs uncompiled by default (faster at the toy shape once compile time counts).
 * **Mixed precision.** Under autocast with fp32 weights the step's linear layers read a copy of their
   weights in the autocast dtype, refreshed per sampling call (``weight_copy``), instead of a cast per
@@ -198,8 +199,8 @@ class RolloutEngine:
             read a copy of their weights in the autocast dtype, refreshed at every sampling call, instead
             of casting every weight at every token. Same values as autocast's own casts; costs one
             autocast-dtype copy of those weights (Janus-Pro-1B: 2.8 GiB, 7B: 12.3 GiB) while buffers are held.
-        attention: how a step attends over the cache (:data:`ATTENTION_CHOICES`): ``matmul`` (batched one-row
-            matmuls, the default), ``reduce`` (multiply-and-sum reductions that inductor turns into kernels
+        attention: how a step attends over the cache (:data:`~modules.decode_step.ATTENTION_CHOICES`): ``matmul``
+            (batched one-row matmuls, the default), ``reduce`` (multiply-and-sum reductions that inductor turns into kernels
             streaming the cache; for ``fused``), ``sdpa``, ``triton`` (:mod:`modules.decode_attention`: split-K
             Triton kernels that read only each row's filled slots, so one window, the whole cache, serves every
             step: one capture per cache size; CUDA only, needs the triton package), or ``auto``
