@@ -83,7 +83,6 @@ from modules.engine_capture import (
     first_line,
     inductor_compiles,
     raise_recompile_limit,
-    sync,
 )
 from modules.engine_weights import (
     base_linear,
@@ -608,7 +607,7 @@ class RolloutEngine:
             # CUDA graphs are recorded on the 2nd or 3rd call (warm-up first): count those as capture time.
             timed = entry[1] < (3 if mode == "reduce-overhead" else 1) and mode != "off"
         if timed:
-            sync(device)
+            _sync(device)
             start = time.perf_counter()
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
@@ -624,7 +623,7 @@ class RolloutEngine:
                 "run the step uncompiled."
             ) from error
         if timed:
-            sync(device)
+            _sync(device)
             self.stats.compile_s += time.perf_counter() - start
         entry[1] += 1
         self.stats.steps += 1
@@ -668,6 +667,12 @@ class RolloutEngine:
         """The step's parts with this engine's kernels: ``attention`` resolved, the Triton launches, ``linear``."""
         project = None if self.linear == "torch" else functools.partial(project_triton, launch=self.linear_launch)
         return StepParts(wrap, attention=attention, launch=self.launch, project=project)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so that a timed first call counts its kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _check_model(model) -> None:

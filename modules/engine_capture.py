@@ -160,8 +160,3 @@ class CapturedStep:
         self.addresses = addresses
         self.replay()
         return 1
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

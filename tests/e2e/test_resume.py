@@ -59,16 +59,19 @@ def trainable_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def checkpointed(workdir: Path, *overrides: str, resume: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
+    """The overrides of a fit that checkpoints every step into ``workdir/ckpt`` (``resume``: from its last)."""
+    return [*overrides, *checkpointing(workdir, "ckpt"), *extra, *(["--ckpt_path=last"] if resume else [])]
+
+
 def fit(workdir: Path, *overrides: str, resume: bool = False, extra: tuple[str, ...] = ()):
-    """``bicot fit`` of the tiny config in ``workdir``, checkpointing every step into ``workdir/ckpt``."""
-    args = [*tiny_args(workdir, *overrides), *checkpointing(workdir, "ckpt"), *extra]
-    return bicot("fit", *args, *(["--ckpt_path=last"] if resume else []), cwd=workdir)
+    """``bicot fit`` of the tiny config in ``workdir`` (a process), checkpointing every step into ``workdir/ckpt``."""
+    return bicot("fit", *tiny_args(workdir, *checkpointed(workdir, *overrides, resume=resume, extra=extra)), cwd=workdir)
 
 
 def fit_in_process(capsys, workdir: Path, *overrides: str, resume: bool = False) -> tuple[int, str]:
     """:func:`fit` in this process (no interpreter start-up); returns (exit code, stderr)."""
-    args = [*overrides, *checkpointing(workdir, "ckpt"), *(["--ckpt_path=last"] if resume else [])]
-    return run_in_process(capsys, workdir, *args)
+    return run_in_process(capsys, workdir, *checkpointed(workdir, *overrides, resume=resume))
 
 
 @pytest.mark.slow
