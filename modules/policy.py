@@ -326,7 +326,9 @@ class JanusPolicy(pl.LightningModule):
             s.plan_top_p,
             noise,
         )
-        texts = self.tokenizer.batch_decode(out.tokens * out.mask, skip_special_tokens=True)
+        # each row's own tokens up to its EOS; the pads after it are left out by the mask, not by their id
+        rows = [row[keep].tolist() for row, keep in zip(out.tokens, out.mask.bool(), strict=True)]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return PlanBatch(ids, mask, out.tokens, out.mask, out.logp, [t.strip() for t in texts], out.entropy)
 
     @torch.no_grad()

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import nn
-from transformers import JanusForConditionalGeneration
+from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
 
 from datamodules.records import PromptRecord
 from modules.policy import PARTS, CheckpointError, JanusPolicy, SamplingConfig
-from modules.tiny import SPECIAL_TOKENS, build_word_tokenizer
+from modules.tiny import PAD, SPECIAL_TOKENS, build_word_tokenizer
 
 TEMPLATE = "describe {prompt} with every object and colour"
 PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
@@ -338,6 +339,41 @@ def test_plans_stop_at_eos_with_pad_and_mask_after_it(tiny_policy):
         text = plans.texts[row]
         assert "<" not in text and text == text.strip()
         assert tokenizer(text, add_special_tokens=False).input_ids == plans.tokens[row, :words].tolist()
+
+
+def test_plan_text_leaves_out_the_pads_after_eos_whatever_their_id(tiny_policy):
+    """Janus-Pro's pad is a special token near id 100000 and its id 0 is an ordinary one; the tiny tokenizer's
+    id 0 is its pad. A copy with the two swapped: text after EOS must not show up as the word at id 0."""
+    tokenizer = tiny_policy.tokenizer
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert tokenizer.pad_token_id == 0  # the premise: otherwise this test checks nothing new
+    word = next(w for w, i in state["model"]["vocab"].items() if w.isalpha() and i > 20)
+    new_pad = state["model"]["vocab"][word]
+    state["model"]["vocab"][word], state["model"]["vocab"][PAD] = 0, new_pad
+    for added in state["added_tokens"]:
+        if added["content"] == PAD:
+            added["id"] = new_pad
+    swapped = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        pad_token=PAD,
+        unk_token=tokenizer.unk_token,
+        padding_side="left",
+        chat_template=tokenizer.chat_template,
+    )
+    assert swapped.pad_token_id == new_pad and swapped.convert_ids_to_tokens(0) == word
+    tiny_policy.tokenizer, tiny_policy.pad_id = swapped, new_pad
+    tiny_policy.sampling = SamplingConfig(plan_max_tokens=4)
+    eos = swapped.eos_token_id
+    specials = [i for i in swapped.all_special_ids if i != eos]
+    tiny_policy.model.lm_head = ScheduledEOS(tiny_policy.model.lm_head, eos, specials + [0], [1, None])
+    plans = tiny_policy.sample_plans(["a red circle"], TEMPLATE, 2, tiny_policy.noise(5))
+
+    assert plans.mask.sum(1).tolist() == [2, 4] and (plans.tokens[0, 2:] == new_pad).all()
+    for row, words in enumerate([1, 4]):
+        assert word not in plans.texts[row].split()
+        assert swapped(plans.texts[row], add_special_tokens=False).input_ids == plans.tokens[row, :words].tolist()
 
 
 def test_sampling_stops_when_every_plan_has_ended(tiny_policy):
