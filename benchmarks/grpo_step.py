@@ -12,7 +12,7 @@ memory per phase), then the ratio of steady-state step times::
     python benchmarks/grpo_step.py --shape 1b --eager-steps 1 --steps 3
 
 The 1B recipe is ``configs/janus_pro_1b_1gpu.yaml``'s: fp32 master weights with bf16-mixed compute, the
-language model trainable, a frozen fp32 reference, 4 prompts x 8 samples (64 rows with CFG), plans of up
+language model and its text head trainable (the default), a frozen fp32 reference, 4 prompts x 8 samples (64 rows with CFG), plans of up
 to 128 tokens, cfg 5, minibatch 8. The language model and generation parts have the real shape
 (``benchmarks/rollout.py``); the vision and VQ towers are tiny and the tokenizer is the tiny word-level one,
 so plan-token sampling reads the real 102,400-row head but the plans are random words. The first step

@@ -199,7 +199,10 @@ class JanusPolicy(pl.LightningModule):
     Args:
         model_name_or_path: a local folder in ``save_pretrained`` layout or a hub id.
         tiny: build a tiny random Janus of this shape instead (tests, offline runs).
-        trainable: parts to train (see :data:`PARTS`, or ``["all"]``); the paper trains the language model.
+        trainable: parts to train (see :data:`PARTS`, or ``["all"]``). The default trains what the paper trains: the
+            language model with its text head (T2I-R1 freezes only the vision towers, the aligners, the generation
+            embeddings/head and the VQ model). transformers' Janus keeps that head, ``lm_head``, outside
+            ``language_model``; an untied head (Janus-Pro's) stays frozen unless named.
         dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
         trust_remote_code: passed to ``from_pretrained``; never on unless set.
         attn_implementation: attention kernel for ``from_pretrained`` (``sdpa``, ``eager``, ...).
@@ -217,7 +220,7 @@ class JanusPolicy(pl.LightningModule):
         self,
         model_name_or_path: str | None = None,
         tiny: TinyJanusSpec | None = None,
-        trainable: Sequence[str] = ("language_model",),
+        trainable: Sequence[str] = ("language_model", "lm_head"),
         dtype: str = "float32",
         trust_remote_code: bool = False,
         attn_implementation: str | None = "sdpa",

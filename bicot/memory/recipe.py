@@ -183,7 +183,7 @@ def recipe_from_config(
         sharded=any(s in strategy for s in ("FSDP2Strategy", "ModelParallelStrategy", "fsdp")),
         precision=str(trainer.get("precision") or "32-true"),
         policy_dtype=_get(policy, "dtype", default="float32"),
-        trainable_params=_trainable(model, _get(policy, "trainable", default=["language_model"])),
+        trainable_params=_trainable(model, _get(policy, "trainable", default=["language_model", "lm_head"])),
         prompts=int(_get(c, "data", "batch_size", default=1)),
         group_size=int(_get(algo, "num_generations", default=8)),
         minibatch_size=_get(c, "model", "minibatch_size"),

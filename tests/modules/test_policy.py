@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -12,8 +13,8 @@ from torch import nn
 from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
 
 from datamodules.records import PromptRecord
-from modules.policy import PARTS, CheckpointError, JanusPolicy, SamplingConfig
-from modules.tiny import PAD, SPECIAL_TOKENS, build_word_tokenizer
+from modules.policy import PARTS, CheckpointError, JanusPolicy, SamplingConfig, set_trainable
+from modules.tiny import PAD, SPECIAL_TOKENS, build_tiny_janus, build_word_tokenizer
 
 TEMPLATE = "describe {prompt} with every object and colour"
 PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
@@ -174,6 +175,18 @@ def test_default_trains_the_language_model_only(tiny_policy):
         assert flag == inside, name
     assert model.lm_head.weight.requires_grad  # tied to the embeddings, or trained as part of the LM
     assert any(name.startswith("model.vqmodel.") for name in trains)
+
+
+def test_default_trains_an_untied_text_head_as_the_paper(tiny_spec):
+    """Janus-Pro's ``lm_head`` is its own matrix, outside ``language_model``; the paper trains it."""
+    model, _ = build_tiny_janus(tiny_spec)
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untie, as Janus-Pro-1B/7B
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    default = inspect.signature(JanusPolicy).parameters["trainable"].default
+    assert set_trainable(model, default) == ["language_model", "lm_head"]
+    assert model.lm_head.weight.requires_grad and not model.model.generation_head.proj_out.weight.requires_grad
+    set_trainable(model, ["language_model"])
+    assert not model.lm_head.weight.requires_grad  # the head of an untied model is its own part
 
 
 def test_trainable_all_and_a_single_part(tiny_janus_dir):
