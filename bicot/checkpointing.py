@@ -107,7 +107,8 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 
     ``path`` is a checkpoint file or a distributed checkpoint folder (its ``meta.pt``)."""
     path = Path(path)
-    if path.is_dir():
+    folder = path.is_dir()
+    if folder:
         if not (path / DISTRIBUTED_META).is_file():
             raise CheckpointMismatchError(
                 f"{str(path)!r} is a folder but not a distributed checkpoint (no {DISTRIBUTED_META} in it)"
@@ -118,7 +119,13 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a truncated or foreign file: say which and why
-        raise CheckpointMismatchError(f"{str(path)!r} is not a readable bicot checkpoint: {err}") from err
+        reason = " ".join(str(err).split())
+        raise CheckpointMismatchError(f"{str(path)!r} is not a readable bicot checkpoint: {reason}") from err
+    if not isinstance(checkpoint, dict) or not (folder or "pytorch-lightning_version" in checkpoint):
+        raise CheckpointMismatchError(
+            f"{str(path)!r} is not a Lightning checkpoint (a file `torch.save` wrote, without Lightning's "
+            "entries); give a checkpoint a bicot run wrote (ModelCheckpoint's *.ckpt)"
+        )
     return checkpoint.get("bicot", {})
 
 

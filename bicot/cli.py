@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -50,7 +52,11 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 
 class SaveConfigToRun(SaveConfigCallback):
-    """Store the fully resolved config in the run: ``config/config.yaml`` in MLflow, or the log folder."""
+    """Store the fully resolved config in the run: ``config/config.yaml`` in MLflow, or the log folder.
+
+    A resumed run keeps the ``config/config.yaml`` that started it; a resume whose config differs adds its own
+    beside it, ``config/config_resume_<k>.yaml`` (k = 1, 2, ...), so every stretch of steps keeps its config.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, save_to_log_dir=False, **kwargs)
@@ -59,12 +65,44 @@ class SaveConfigToRun(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_text(logger.run_id, text, "config/config.yaml")
+                logger.experiment.log_text(logger.run_id, text, config_artifact(logger, text))
                 return
         if trainer.loggers and trainer.log_dir is not None:  # no logger: no run folder to write into
             os.makedirs(trainer.log_dir, exist_ok=True)
             with open(os.path.join(trainer.log_dir, self.config_filename), "w") as f:
                 f.write(text)
+
+
+def config_artifact(logger: MLFlowLogger, text: str) -> str:
+    """Where this config goes in the run: ``config/config.yaml``, or, in a run that has one (a resume),
+    the next ``config/config_resume_<k>.yaml``; the same text as the last one written goes there again."""
+    client, run_id = logger.experiment, logger.run_id
+    saved = sorted(
+        (a.path for a in client.list_artifacts(run_id, "config") if not a.is_dir),
+        key=lambda path: (path != "config/config.yaml", len(path), path),
+    )
+    if "config/config.yaml" not in saved:
+        return "config/config.yaml"
+    last = saved[-1]
+    with tempfile.TemporaryDirectory() as folder:
+        if Path(client.download_artifacts(run_id, last, folder)).read_text() == text:
+            return last
+    return f"config/config_resume_{len(saved)}.yaml"
+
+
+def fresh_run_name() -> str:
+    """An MLflow-style run name ("bold-owl-123") drawn from fresh entropy: ``seed_everything`` has seeded
+    ``random`` by the time MLflow would draw one, and every run would get the same name."""
+    state = random.getstate()
+    random.seed()
+    try:
+        from mlflow.utils.name_utils import _generate_random_name
+
+        return _generate_random_name()
+    except ImportError:  # a private helper: a plain unique name if it moves
+        return f"run-{random.randrange(16**8):08x}"
+    finally:
+        random.setstate(state)
 
 
 class BiCoTCLI(LightningCLI):
@@ -96,20 +134,37 @@ class BiCoTCLI(LightningCLI):
             run=run,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before anything is built: a truncated or foreign file is one line, not a traceback.
+
+        Lightning's own version loads the whole checkpoint (every tensor, into memory) to merge hyperparameters
+        saved in it into the config. bicot's modules save none (the config is the record, kept in the run), so
+        this one only reads the checkpoint's small entries, memory-mapped."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            path = Path(ckpt_path).expanduser()
+            if path.exists():
+                self._checkpoint_meta = read_checkpoint_meta(path)
+
     def before_instantiate_classes(self) -> None:
-        """Resolving ``--ckpt_path`` early lets a resumed fit log into the MLflow run that wrote it."""
-        if self.subcommand != "fit":
-            return
+        """Resolving ``--ckpt_path`` early lets a resumed fit log into the MLflow run that wrote it. A run
+        without a name gets a fresh one (MLflow's own draw would follow the seeded RNG: the same every run)."""
         config = self.config[self.subcommand]
-        if not config.get("ckpt_path"):
+        for logger in _mlflow_loggers(config.trainer.get("logger")):
+            if logger.init_args.get("run_name") is None and logger.init_args.get("run_id") is None:
+                logger.init_args.run_name = fresh_run_name()
+        if self.subcommand != "fit" or not config.get("ckpt_path"):
             return
         path = resolve_checkpoint(config.ckpt_path, config.trainer)
         config.ckpt_path = str(path)
-        run_id = read_checkpoint_meta(path).get("mlflow_run_id")
+        self._checkpoint_meta = read_checkpoint_meta(path)
+        run_id = self._checkpoint_meta.get("mlflow_run_id")
         logger = config.trainer.get("logger")
         if run_id and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
             if logger.init_args.get("run_id") is None:
                 logger.init_args.run_id = run_id
+                logger.init_args.run_name = None  # the run has its name
                 self._resumed_run = run_id
 
     def instantiate_trainer(self, **kwargs):
@@ -127,11 +182,22 @@ class BiCoTCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        # A checkpoint of another model is refused here, before the run it came from is touched (its status,
+        # its config); Lightning would only call the module's check after the run had been set going.
+        meta = getattr(self, "_checkpoint_meta", None)
+        if meta is not None and isinstance(self.model, BiCoTGRPO):
+            self.model.check_checkpoint({"bicot": meta} if meta else {})
         run_id = getattr(self, "_resumed_run", None)
         for logger in self.trainer.loggers:
             if run_id and isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
                 logger.experiment.update_run(run_id, status="RUNNING")
                 print(f"bicot: resuming MLflow run {run_id}", file=sys.stderr)
+
+
+def _mlflow_loggers(node) -> list[Namespace]:
+    """The MLFlowLogger entries of a config's ``trainer.logger`` (one entry or a list)."""
+    nodes = node if isinstance(node, list) else [node]
+    return [n for n in nodes if isinstance(n, Namespace) and str(n.get("class_path", "")).endswith("MLFlowLogger")]
 
 
 def names_class(argv: list[str], key: str) -> bool:
@@ -180,6 +246,19 @@ def resolve_checkpoint(ckpt_path: str, trainer_config: Namespace) -> Path:
 USER_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException, RewardExpertError, NonFiniteError)
 
 
+def user_message(err: BaseException) -> str:
+    """The error as one line. jsonargparse wraps a value refused by a class whose field is optional (``algo``,
+    ``sampling``: ``X | None``) in a report on every Union member, the value's dump included; keep the reason."""
+    text = str(err)
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        listed = text.split("\nErrors:\n", 1)[-1].split("\nGiven value type:", 1)[0]
+        reasons = [line.strip()[2:] for line in listed.splitlines() if line.strip().startswith("- ")]
+        reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+        if reasons:
+            text = "; ".join(reasons)
+    return " ".join(text.split())
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point. Errors in configs or data end with one clear line; ``BICOT_DEBUG=1`` shows tracebacks."""
     try:
@@ -194,7 +273,7 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         if os.environ.get("BICOT_DEBUG") == "1":
             raise
-        print(f"bicot: error: {err}", file=sys.stderr)
+        print(f"bicot: error: {user_message(err)}", file=sys.stderr)
         print("bicot: set BICOT_DEBUG=1 to see the full traceback", file=sys.stderr)
         sys.exit(2)
 

@@ -459,7 +459,9 @@ class PromptDataModule(pl.LightningDataModule):
         _check_int("seed", seed, -(2**63))
         if not isinstance(shuffle, bool):
             raise ValueError(f"shuffle must be true or false, got {shuffle!r}")
-        self.save_hyperparameters()
+        # kept in checkpoints, not logged: the run's config artifact records them, and MLflow params cannot change,
+        # so a resume with another data value would fail where it logged them again
+        self.save_hyperparameters(logger=False)
         self.files = files
         self.batch_size = batch_size
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size

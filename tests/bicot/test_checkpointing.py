@@ -55,8 +55,8 @@ def test_a_crash_between_the_renames_keeps_the_old_checkpoint(tmp_path, monkeypa
 
 def test_swap_replaces_a_file(tmp_path):
     target, written = tmp_path / "last.ckpt", tmp_path / "new.tmp"
-    torch.save({"bicot": {"n": 1}}, target)
-    torch.save({"bicot": {"n": 2}}, written)
+    torch.save({"pytorch-lightning_version": "2.6.6", "bicot": {"n": 1}}, target)
+    torch.save({"pytorch-lightning_version": "2.6.6", "bicot": {"n": 2}}, written)
     swap_into_place(written, target)
     assert read_checkpoint_meta(target) == {"n": 2} and not written.exists()
 
@@ -65,3 +65,17 @@ def test_a_folder_that_is_not_a_distributed_checkpoint_is_named(tmp_path):
     (tmp_path / "some_folder").mkdir()
     with pytest.raises(CheckpointMismatchError, match="not a distributed checkpoint"):
         read_checkpoint_meta(tmp_path / "some_folder")
+
+
+def test_a_truncated_a_foreign_and_a_text_file_are_each_named(tmp_path):
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {"w": torch.zeros(4096)}, "bicot": {}}, whole)
+    assert read_checkpoint_meta(whole) == {}
+    (tmp_path / "cut.ckpt").write_bytes(whole.read_bytes()[:5000])
+    torch.save({"a": 1}, tmp_path / "foreign.ckpt")
+    (tmp_path / "text.ckpt").write_text("hello")
+    for name, reason in [("cut", "not a readable bicot checkpoint"), ("foreign", "not a Lightning checkpoint"),
+                         ("text", "not a readable bicot checkpoint")]:
+        with pytest.raises(CheckpointMismatchError, match=reason) as caught:
+            read_checkpoint_meta(tmp_path / f"{name}.ckpt")
+        assert f"{name}.ckpt" in str(caught.value) and "\n" not in str(caught.value)

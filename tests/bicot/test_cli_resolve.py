@@ -1,13 +1,15 @@
-"""``--ckpt_path=last`` resolves to the newest last checkpoint of the configured ModelCheckpoint folder."""
+"""``--ckpt_path=last`` resolves to the newest last checkpoint of the configured ModelCheckpoint folder; runs
+without a name get a fresh one; jsonargparse's reports are cut to their reason."""
 
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 from jsonargparse import Namespace
 
-from bicot.cli import resolve_checkpoint
+from bicot.cli import fresh_run_name, resolve_checkpoint, user_message
 
 
 def trainer_config(dirpath) -> Namespace:
@@ -64,3 +66,25 @@ def test_lightnings_advertising_tips_are_dropped_and_other_info_is_kept(package)
         logger.setLevel(level)
         rank_zero_module.log = original
     assert seen == ["GPU available: False, used: False"]
+
+
+def test_fresh_run_names_differ_under_a_fixed_seed_and_leave_the_seeded_stream_alone():
+    names = set()
+    for _ in range(5):
+        random.seed(0)  # what seed_everything(0) does before MLflow would draw a name
+        names.add(fresh_run_name())
+        assert random.random() == random.Random(0).random()  # the seeded stream goes on untouched
+    assert len(names) > 1 and all(name and " " not in name for name in names)
+
+
+def test_a_union_report_is_cut_to_its_reason_on_one_line():
+    report = (
+        "Does not validate against any of the Union subtypes\nSubtypes: [<class 'bicot.loss.GRPOConfig'>, "
+        "<class 'NoneType'>]\nErrors:\n  - GRPOConfig.num_generations must be >= 2, got 1\n  - Expected a "
+        "<class 'NoneType'>\nGiven value type: <class 'jsonargparse._namespace.Namespace'>\nGiven value: "
+        "Namespace(beta=0.01, num_generations=1)"
+    )
+    assert user_message(ValueError(report)) == "GRPOConfig.num_generations must be >= 2, got 1"
+    assert user_message(ValueError("Problem with given class_path 'x':\n  bad")) == (
+        "Problem with given class_path 'x': bad"
+    )

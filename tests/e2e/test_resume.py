@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from test_cli import REPO, bicot, run_in_process, tiny_args  # noqa: I001
 
@@ -93,8 +95,15 @@ def test_two_steps_resume_two_steps_equals_four_steps(capsys, tmp_path):
         assert torch.equal(a[key], b[key]), key  # bit-exact on CPU
     assert any(not torch.equal(two[k], b[k]) for k in b)  # the resumed steps did train
     assert metrics(full / "mlflow.db") == metrics(part / "mlflow.db")  # same values at the same steps
-    _, (run,) = runs(part / "mlflow.db")  # one run, continued
+    client, (run,) = runs(part / "mlflow.db")  # one run, continued
     assert run.info.status == "FINISHED"
+    # the config that trained steps 0-1 stays; the resume's (max_steps 4) is kept beside it
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == [
+        "config/config.yaml",
+        "config/config_resume_1.yaml",
+    ]
+    assert saved_config(client, run.info.run_id)["trainer"]["max_steps"] == 2
+    assert saved_config(client, run.info.run_id, "config_resume_1.yaml")["trainer"]["max_steps"] == 4
 
 
 def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(capsys, tmp_path):
@@ -118,6 +127,31 @@ def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(capsys, tmp
     )
     assert code not in (0, None)
     assert "different model" in err and "Traceback" not in err
+    # ... before the run it came from is touched: still FINISHED, with the config that trained it
+    client, (after,) = runs(tmp_path / "mlflow.db")
+    assert after.info.status == "FINISHED" and after.info.run_id == run.info.run_id
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/config.yaml"]
+    assert saved_config(client, run.info.run_id)["trainer"]["max_steps"] == 1
+    # A file that is not a checkpoint: one line, for fit and for the other subcommands.
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    code, err = run_in_process(capsys, tmp_path, f"--ckpt_path={tmp_path / 'notes.ckpt'}")
+    assert code not in (0, None) and "notes.ckpt' is not a readable bicot checkpoint" in err
+    assert "Traceback" not in err
+    assert len(runs(tmp_path / "mlflow.db")[1]) == 1  # refused before a run was opened
+    # A resume may change what leaves the model alone (here the data): the run goes on, both configs kept.
+    code, err = run_in_process(
+        capsys, tmp_path, "--trainer.max_steps=2", "--data.max_prompts=12", *checkpointing(tmp_path, "ckpt"),
+        "--ckpt_path=last",
+    )
+    assert code in (0, None), err[-3000:]
+    client, (after,) = runs(tmp_path / "mlflow.db")
+    assert after.info.status == "FINISHED" and after.info.run_id == run.info.run_id
+    assert saved_config(client, run.info.run_id)["data"]["max_prompts"] is None
+    assert saved_config(client, run.info.run_id, "config_resume_1.yaml")["data"]["max_prompts"] == 12
+
+
+def saved_config(client: MlflowClient, run_id: str, name: str = "config.yaml") -> dict:
+    return yaml.safe_load(Path(client.download_artifacts(run_id, f"config/{name}", tempfile.mkdtemp())).read_text())
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_a_clear_error(capsys, tmp_path):
