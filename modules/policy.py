@@ -10,7 +10,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from transformers import AutoProcessor, JanusForConditionalGeneration
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoProcessor, JanusForConditionalGeneration
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
@@ -464,7 +465,13 @@ def load_janus(
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
 ):
-    """Load ``(JanusForConditionalGeneration, processor)`` from a folder or hub id, or build a tiny one."""
+    """Load ``(JanusForConditionalGeneration, processor)`` from a folder or hub id, or build a tiny one.
+
+    Raises:
+        CheckpointError: one line naming ``source`` and the cause: a missing or non-Janus folder, an unreadable
+            config or weights file, a config whose shapes do not match the weights, missing tokenizer files, or
+            files the loaders cannot find (not in the cache, offline).
+    """
     if (source is None) == (tiny is None):
         raise CheckpointError(
             "set exactly one of model_name_or_path (a Janus folder or hub id) and tiny (a random tiny model)"
@@ -474,6 +481,7 @@ def load_janus(
         return model.to(dtype), processor
     check_janus_source(source)
     kwargs = {"trust_remote_code": trust_remote_code}
+    failed = f"could not load a Janus checkpoint from {source!r}"
     try:
         model = load_cache_first(
             JanusForConditionalGeneration.from_pretrained,
@@ -482,13 +490,22 @@ def load_janus(
             attn_implementation=attn_implementation,
             **kwargs,
         )
+        check_tokenizer_files(source)  # after the weights: a folder that has none fails above, naming them
         processor = load_cache_first(AutoProcessor.from_pretrained, source, **kwargs)
+    except SafetensorError as err:  # a local folder's weights were checked above: a hub id's cached file
+        raise CheckpointError(
+            f"{failed}: a safetensors weights file is not readable ({_one_line(err)}); re-download or re-save it"
+        ) from None
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):  # transformers' refusal of tensors of another shape
+            raise
+        raise CheckpointError(f"{failed}: config.json does not match the weights ({_mismatch(source)})") from None
     except OSError as err:
         # "org/name" is a hub id and a relative path at once: say where the folder was looked for
         missing = not Path(source).is_absolute() and not Path(source).expanduser().exists()
         relative = f" (no folder {source!r} under {Path.cwd()})" if missing else ""
         raise CheckpointError(
-            f"could not load a Janus checkpoint from {source!r}{relative}: {err}. Give a local folder written "
+            f"{failed}{relative}: {_one_line(err)}. Give a local folder written "
             "by save_pretrained (config.json, safetensors weights, tokenizer and processor files; a relative "
             "path is read from the current directory), or a hub id that is already in the local Hugging "
             "Face cache (no downloads happen offline)."
@@ -496,11 +513,52 @@ def load_janus(
     return model, processor
 
 
-def check_janus_source(source: str) -> None:
-    """Fail early, with the path named, when a local checkpoint is missing or is not a Janus model."""
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _local_folder(source: str) -> Path | None:
+    """The folder ``source`` names, or ``None`` for a hub id (the rule of :func:`check_janus_source`)."""
     path = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
-    if not looks_local:
+    return path if looks_local else None
+
+
+def _mismatch(source: str) -> str:
+    """How the weights' shapes differ from those ``source``'s config.json asks for: a count and one example.
+
+    Compares the safetensors headers with a model built from the config on the meta device (no memory, no
+    weights read). Only called once transformers has refused the load; says less where it cannot tell.
+    """
+    fallback = "tensors of another shape; see the load report above"
+    folder = _local_folder(source)
+    if folder is None:
+        return fallback
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = JanusForConditionalGeneration._from_config(config)
+        expected = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
+        differ = []
+        for file in sorted(folder.glob("model*.safetensors")):
+            with safe_open(file, "pt") as weights:
+                for key in weights.keys():
+                    shape = list(weights.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        differ.append((key, shape, expected[key]))
+    except Exception:  # only the message's detail depends on it: never hide the load's own error
+        return fallback
+    if not differ:
+        return fallback
+    key, saved, wanted = differ[0]
+    return f"{len(differ)} tensors of another shape, e.g. {key}: checkpoint {saved}, config {wanted}"
+
+
+def check_janus_source(source: str) -> None:
+    """Fail early, with the path named, when a local checkpoint is missing, is not a Janus model, or has a config
+    or safetensors weights file that cannot be read. Hub ids are left to the loaders."""
+    path = _local_folder(source)
+    if path is None:
         return  # a hub id such as deepseek-community/Janus-Pro-1B
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {str(path)!r} (from model_name_or_path={source!r})")
@@ -508,8 +566,41 @@ def check_janus_source(source: str) -> None:
     if not config.is_file():
         raise CheckpointError(f"{str(path)!r} is not a Janus checkpoint: it has no config.json")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        settings = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{str(config)!r} is not valid JSON: {err}") from err
+    if not isinstance(settings, dict):
+        raise CheckpointError(
+            f"could not load a Janus checkpoint from {str(path)!r}: config.json is not a JSON object "
+            f"(it holds a {type(settings).__name__})"
+        )
+    model_type = settings.get("model_type")
     if model_type != "janus":
         raise CheckpointError(f"{str(path)!r} is not a Janus checkpoint: config.json has model_type={model_type!r}")
+    for file in sorted(path.glob("model*.safetensors")):  # the weights transformers reads; headers only
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"could not load a Janus checkpoint from {str(path)!r}: {file.name} is not a readable safetensors "
+                f"file ({_one_line(err)}); re-download or re-save it"
+            ) from None
+
+
+def check_tokenizer_files(source: str) -> None:
+    """Refuse a local folder without the files the Janus processor's tokenizer is read from (transformers' own
+    error for it blames a missing sentencepiece and names no folder). Hub ids are left to the loaders."""
+    path = _local_folder(source)
+    if path is None:
+        return
+    vocabulary = (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+    settings = (path / "tokenizer_config.json").is_file()
+    if vocabulary and settings:
+        return
+    needs = "tokenizer.json or tokenizer.model, and tokenizer_config.json"
+    what = "no tokenizer_config.json" if vocabulary else "no tokenizer.json" if settings else "no tokenizer files"
+    raise CheckpointError(
+        f"could not load a Janus checkpoint from {str(path)!r}: {what} (the tokenizer is read from {needs}); save "
+        "the processor into the folder too (processor.save_pretrained)"
+    )

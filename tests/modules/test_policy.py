@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +164,64 @@ def test_trust_remote_code_is_off_unless_asked(tiny_janus_dir, monkeypatch):
     JanusPolicy(str(tiny_janus_dir))
     JanusPolicy(str(tiny_janus_dir), trust_remote_code=True)
     assert [c.get("trust_remote_code") for c in calls] == [False, True]
+
+
+def broken_copy(tiny_janus_dir, tmp_path) -> Path:
+    """A copy of the saved tiny checkpoint, for a test to break one thing in."""
+    return Path(shutil.copytree(tiny_janus_dir, tmp_path / "ckpt"))
+
+
+def refusal(folder: Path) -> str:
+    """The one-line CheckpointError that loading ``folder`` raises; it names the folder."""
+    with pytest.raises(CheckpointError) as err:
+        JanusPolicy(str(folder))
+    message = str(err.value)
+    assert str(folder) in message and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("damage", "cause"),
+    [
+        pytest.param(lambda data: data[:100_000], "incomplete metadata", id="truncated"),  # a download cut short
+        pytest.param(lambda data: bytes(range(256)) * 400, "header too large", id="not_safetensors"),
+    ],
+)
+def test_unreadable_weights_are_named(tiny_janus_dir, tmp_path, damage, cause):
+    folder = broken_copy(tiny_janus_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    message = refusal(folder)
+    assert "model.safetensors is not a readable safetensors file" in message and cause in message, message
+
+
+def test_config_that_does_not_match_the_weights_names_a_tensor(tiny_janus_dir, tmp_path):
+    folder = broken_copy(tiny_janus_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    hidden = config["text_config"]["hidden_size"]
+    config["text_config"]["hidden_size"] = 2 * hidden
+    (folder / "config.json").write_text(json.dumps(config))
+    message = refusal(folder)
+    assert "config.json does not match the weights" in message, message
+    # one example: a language-model tensor, with the checkpoint's shape and the shape the config asks for
+    example = re.search(r"e\.g\. (model\.language_model\.\S+): checkpoint \[([\d, ]+)\], config \[([\d, ]+)\]", message)
+    assert example, message
+    saved = load_file(folder / "model.safetensors")[example[1]]
+    assert example[2] == ", ".join(map(str, saved.shape)) and example[3] != example[2]
+
+
+def test_folder_without_tokenizer_files_is_refused(tiny_janus_dir, tmp_path):
+    folder = broken_copy(tiny_janus_dir, tmp_path)
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+    message = refusal(folder)
+    assert "no tokenizer files" in message and "tokenizer.json" in message and "sentencepiece" not in message
+
+
+def test_config_that_is_not_a_json_object_is_refused(tiny_janus_dir, tmp_path):
+    folder = broken_copy(tiny_janus_dir, tmp_path)
+    (folder / "config.json").write_text("[1, 2]")
+    assert "config.json is not a JSON object" in refusal(folder)
 
 
 # --------------------------------------------------------------------------- trainable parts
