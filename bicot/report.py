@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import math
 import sys
 from collections.abc import Sequence
@@ -95,11 +96,33 @@ def read_scores(path: str | Path) -> list[RunScores]:
     """Read a ``scores.csv`` of ``bicot test``: columns ``run,benchmark,category,images,unreadable,<expert>...``.
 
     Raises:
-        ReportError: missing file, missing columns, or a value that is not a number.
+        ReportError: missing or unreadable file, a folder, text that is not UTF-8, missing columns, or a
+            value that is not a number.
     """
     path = Path(path)
+    if path.is_dir():
+        hint = f"; did you mean {path / 'scores.csv'}?" if (path / "scores.csv").is_file() else ""
+        raise ReportError(f"{path} is a folder, not a score file{hint}")
     if not path.is_file():
         raise ReportError(f"score file not found: {path}")
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as err:  # the decoder's offset is within a chunk: find the line in the bytes
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as exact:
+            line = data.count(b"\n", 0, exact.start) + 1
+            where = f", line {line}"
+        raise ReportError(
+            f"{path}{where}: not UTF-8 text; is this a scores.csv of `bicot test`? (save it as UTF-8)"
+        ) from err
+    except OSError as err:
+        raise ReportError(f"cannot read {path}: {err.strerror or err}") from err
+
+
+def _read_rows(path: Path) -> list[RunScores]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
@@ -172,7 +195,8 @@ def build_report(
     Args:
         paths: ``scores.csv`` files of ``bicot test`` runs.
         benchmarks: only these benchmarks (each gets a section, with its published rows, even if no
-            file has it); default: every benchmark in the files.
+            file has it); default: every benchmark in the files. A name neither in the files nor in
+            ``PUBLISHED`` or ``TITLES`` raises :class:`ReportError` (a typo would give an empty table).
         names: labels of the runs, one per file (default: the run names inside the files).
         published: add the published reference rows.
     """
@@ -183,7 +207,16 @@ def build_report(
         for run in read_scores(path):
             run.run = names[i] if names is not None else run.run
             runs.append(run)
-    order = list(benchmarks) if benchmarks else list(dict.fromkeys(r.benchmark for r in runs))
+    found = list(dict.fromkeys(r.benchmark for r in runs))
+    known = sorted({*found, *PUBLISHED, *TITLES})  # in the files, or named by this module
+    unknown = [b for b in benchmarks or () if b not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ReportError(
+            f"unknown benchmark {unknown[0]!r}{f'; did you mean {close[0]!r}?' if close else ''} "
+            f"(known: {', '.join(known)}; in these score files: {', '.join(found)})"
+        )
+    order = list(benchmarks) if benchmarks else found
     sections = [benchmark_table(b, [r for r in runs if r.benchmark == b], published) for b in order]
     return "# Evaluation report\n\n" + "\n".join(sections)
 
@@ -203,8 +236,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"bicot.report: error: {err}", file=sys.stderr)
         sys.exit(2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as err:
+            reason = "it is a folder" if Path(args.out).is_dir() else (err.strerror or str(err))
+            print(f"bicot.report: error: cannot write the report to {args.out}: {reason}", file=sys.stderr)
+            sys.exit(2)
         print(f"bicot.report: wrote {args.out}", file=sys.stderr)
     else:
         print(text)

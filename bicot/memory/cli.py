@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
 from bicot.memory.plan import MemoryPlan, engine_holds_buffers, plan_for, rows, update_tokens
 from bicot.memory.recipe import Lengths
-from bicot.memory.shapes import PRESETS
+from bicot.memory.shapes import PRESET_ALIASES, PRESETS
 
 _ALL = ("rollout", "score", "update")
 
@@ -116,6 +119,41 @@ def parse_config(args: list[str]) -> Any:
         sys.argv = argv
 
 
+def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type``: a number of ``kind`` no less than ``low`` (``float``: finite and above ``low``)."""
+
+    def number(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if kind is float and not (math.isfinite(value) and value > low):
+            raise argparse.ArgumentTypeError(f"must be a number above {low:g}, got {text}")
+        if kind is int and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return number
+
+
+def _shape_problem(source: str) -> str | None:
+    """Why ``--shape source`` cannot be read, found before the slow config parse; ``None`` if it may be.
+
+    Checked as :func:`bicot.memory.load_shape` reads it: a preset, else a folder, else a hub id, which
+    is ``name`` or ``owner/name`` (anything else with a slash, or rooted, is meant as a folder).
+    """
+    key = source.lower()
+    if PRESET_ALIASES.get(key, key) in PRESETS:
+        return None
+    folder, hint = Path(source).expanduser(), f"give a checkpoint folder or a preset: {', '.join(PRESETS)}"
+    if folder.is_dir():
+        return None if (folder / "config.json").is_file() else f"the folder has no config.json; {hint}"
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
+        return f"no such folder; {hint}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m bicot.memory -c CONFIG [-c MORE] [--world-size N] [--gpu-gib 80] [--dotted.overrides]``."""
     from bicot import memory  # the package's docstring describes the command
@@ -124,25 +162,38 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bicot.memory", description=memory.__doc__.splitlines()[0]
     )
     parser.add_argument("-c", "--config", action="append", required=True, help="a bicot config (repeatable)")
-    parser.add_argument("--world-size", type=int, help="GPUs in all (default: trainer.devices x num_nodes)")
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    parser.add_argument(
+        "--world-size", type=_at_least(1), help="GPUs in all (default: trainer.devices x num_nodes)"
+    )
+    parser.add_argument("--gpu-gib", type=_at_least(0, float), default=80.0, help="memory of one GPU in GiB")
     parser.add_argument(
         "--shape", help=f"replace the config's model: {' or '.join(PRESETS)} or a checkpoint folder"
     )
-    parser.add_argument("--prompt-tokens", type=int, default=Lengths.prompt_tokens)
-    parser.add_argument("--template-tokens", type=int, default=Lengths.template_tokens)
+    parser.add_argument("--prompt-tokens", type=_at_least(1), default=Lengths.prompt_tokens)
+    parser.add_argument("--template-tokens", type=_at_least(0), default=Lengths.template_tokens)
     parser.add_argument("--activation-checkpointing", choices=("on", "off"), help="override the config")
     parser.add_argument("--json", action="store_true", help="print the plan's numbers as JSON")
     args, overrides = parser.parse_known_args(argv)
+
+    def fail(message: str) -> NoReturn:  # one line, no usage: the flags parsed, the value is wrong
+        parser.exit(2, f"{parser.prog}: error: {' '.join(message.split())}\n")
+
+    if args.shape and (problem := _shape_problem(args.shape)):
+        fail(f"--shape {args.shape}: {problem}")
     config = parse_config([a for path in args.config for a in ("-c", path)] + overrides)
     checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "on"
-    memory_plan = plan_for(
-        config,
-        args.world_size,
-        shape=args.shape,
-        activation_checkpointing=checkpointing,
-        lengths=Lengths(args.prompt_tokens, args.template_tokens),
-    )
+    try:
+        memory_plan = plan_for(
+            config,
+            args.world_size,
+            shape=args.shape,
+            activation_checkpointing=checkpointing,
+            lengths=Lengths(args.prompt_tokens, args.template_tokens),
+        )
+    except ValueError as err:  # the plan's own messages name what to change; anything else is a bug
+        if not str(err).startswith("memory plan: "):
+            raise
+        fail(str(err).removeprefix("memory plan: "))
     if args.json:
         numbers = {k: round(v, 3) for k, v in vars(memory_plan).items() if isinstance(v, float)}
         print(json.dumps(numbers | {"world_size": memory_plan.recipe.world_size, "gpu_gib": args.gpu_gib}))

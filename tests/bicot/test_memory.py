@@ -201,6 +201,60 @@ def test_warn_if_too_big():
     assert "WARNING" not in memory.format_plan(p, p.total_gib + 1)
 
 
+CONFIG_1B = str(ROOT / "configs/janus_pro_1b_1gpu.yaml")
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--world-size", "0", "argument --world-size: must be at least 1, got 0"),
+        ("--world-size", "two", "argument --world-size: not an integer: 'two'"),
+        ("--prompt-tokens", "-5", "argument --prompt-tokens: must be at least 1, got -5"),
+        ("--template-tokens", "-1", "argument --template-tokens: must be at least 0, got -1"),
+        ("--gpu-gib", "0", "argument --gpu-gib: must be a number above 0, got 0"),
+        ("--gpu-gib", "nan", "argument --gpu-gib: must be a number above 0, got nan"),
+    ],
+)
+def test_cli_refuses_meaningless_numbers(flag, value, message, capsys):
+    """Refused by argparse, before the config is parsed: a plan for 0 GPUs or -5 tokens means nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        memory.main(["-c", CONFIG_1B, flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m bicot.memory: error: {message}"
+
+
+def test_cli_shape_that_cannot_be_read_is_one_line(tmp_path, capsys):
+    missing, empty = tmp_path / "no-such-checkpoint", tmp_path / "empty"
+    empty.mkdir()
+    hint = "give a checkpoint folder or a preset: janus-pro-1b, janus-pro-7b"
+    for shape, problem in ((missing, "no such folder"), (empty, "the folder has no config.json")):
+        with pytest.raises(SystemExit) as exit_info:
+            memory.main(["-c", CONFIG_1B, "--shape", str(shape)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"python -m bicot.memory: error: --shape {shape}: {problem}; {hint}\n"
+
+
+def test_cli_plan_errors_are_one_line(monkeypatch, capsys):
+    """The plan's own errors (a hub id not in the cache, an unknown dtype) end the command in one line."""
+    def plan_for(*args, **kwargs):
+        raise ValueError("memory plan: cannot read a Janus config from 'owner/name' (not in the\ncache)")
+
+    monkeypatch.setattr("bicot.memory.cli.parse_config", lambda args: {})
+    monkeypatch.setattr("bicot.memory.cli.plan_for", plan_for)
+    with pytest.raises(SystemExit) as exit_info:
+        memory.main(["-c", CONFIG_1B, "--shape", "owner/name"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "python -m bicot.memory: error: cannot read a Janus config from 'owner/name' (not in the cache)\n"
+    )
+    def bug(*args, **kwargs):
+        raise ValueError("math domain error")
+
+    monkeypatch.setattr("bicot.memory.cli.plan_for", bug)  # not one of the plan's messages: a traceback
+    with pytest.raises(ValueError, match="math domain error"):
+        memory.main(["-c", CONFIG_1B])
+
+
 def test_plan_of_a_live_module_matches_the_plan_of_its_config(tiny_spec):
     """``recipe_from_module`` (for ``BiCoTGRPO.setup``) counts the built model like the config path does."""
     import lightning.pytorch as pl

@@ -97,3 +97,54 @@ def test_bad_score_files_are_named(tmp_path, runs, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(other)])
     assert exit_info.value.code == 2 and "bicot.report: error:" in capsys.readouterr().err
+
+
+def test_unknown_benchmark_is_refused_with_the_known_names(runs, capsys):
+    with pytest.raises(ReportError, match=r"unknown benchmark 'compbnech'; did you mean 'compbench'\?") as info:
+        build_report(runs, benchmarks=["compbnech"])
+    assert "known: compbench, geneval, plain, toy, wise" in str(info.value)
+    assert "in these score files: compbench, toy" in str(info.value)
+    assert "## Toy world" in build_report(runs, benchmarks=["toy"])  # a benchmark of the files is known
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(runs[0]), "--benchmark", "compbnech"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("bicot.report: error: unknown benchmark 'compbnech'")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_score_file_not_utf8_is_named(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(f"{HEADER},hps\nr\xe9sum\xe9,toy,color,3,0,0.5\n".encode("latin-1"))
+    with pytest.raises(ReportError, match=r"latin1.csv, line 2: not UTF-8 text"):
+        read_scores(latin1)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(latin1)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == (
+        f"bicot.report: error: {latin1}, line 2: not UTF-8 text; "
+        "is this a scores.csv of `bicot test`? (save it as UTF-8)\n"
+    )
+
+
+def test_out_that_is_a_folder_is_refused(runs, tmp_path, capsys):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(runs[2]), "--out", str(folder)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == f"bicot.report: error: cannot write the report to {folder}: it is a folder\n"
+
+
+def test_score_folder_points_at_its_scores_csv(runs, tmp_path, capsys):
+    with pytest.raises(ReportError, match=r"janus is a folder, not a score file; did you mean .*janus/scores.csv\?"):
+        read_scores(runs[0].parent)
+    with pytest.raises(ReportError, match=r"is a folder, not a score file$"):
+        read_scores(tmp_path)  # no scores.csv inside: no suggestion
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(runs[0].parent)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"bicot.report: error: {runs[0].parent} is a folder, not a score file; did you mean {runs[0]}?\n"
+    )
