@@ -335,7 +335,10 @@ class FolderScorer(pl.LightningModule):
     """Scores a folder of generated images with reward experts, per category (``bicot test``).
 
     Needs :class:`FolderData` as the datamodule. Logs ``test/<expert>/<category>`` (and ``.../all``),
-    prints the table, and writes ``scores.csv``, ``scores.md`` and ``scores.jsonl``.
+    prints the table, and writes ``scores.csv``, ``scores.md`` and ``scores.jsonl``. A file that cannot be
+    decoded as an image scores 0 and is counted as unreadable; when no file can be decoded the run stops
+    with :class:`PromptDataError` instead of logging zeros. (An index entry naming a file that does not
+    exist already stops the run at setup, see :class:`ImageFolderPrompts`.)
 
     Args:
         rewards: the experts (weights are not used: each expert is its own column).
@@ -398,8 +401,24 @@ class FolderScorer(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         data = self._data()
+        self._check_some_readable(data)
         benchmark = self.benchmark or folder_benchmark(data.folder, data.records)
         run = self.run_name or data.folder.resolve().name
         results = Path(self.results_dir) if self.results_dir else data.folder
         self.collector.finish(self, results, run, benchmark)
         self.collector = None
+
+    def _check_some_readable(self, data: FolderData) -> None:
+        """Stop when no image could be decoded: an all-zero table would pass for a result.
+
+        The counts are the metric's, summed over every process, so all processes stop together.
+        """
+        state = self.collector.metric.compute()
+        images, unreadable = int(state["counts"].sum()), int(state["unreadable"].sum())
+        if images and unreadable == images:
+            bad = [row["image"] for row in self.collector.per_image if not row.get("readable", True)]
+            example = f" (e.g. {bad[0]!r})" if bad else ""
+            raise PromptDataError(
+                f"none of the {images} file(s) in {str(data.folder)!r} can be read as an image{example}: "
+                "nothing to score"
+            )

@@ -229,18 +229,43 @@ def _geneval_record(obj: dict[str, Any], where: _Where) -> PromptRecord:
 # ----------------------------------------------------------------------------- file readers
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
+    """The file as text; ``utf-8-sig`` drops a leading byte order mark (editors on Windows write one)."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise PromptDataError(f"{path}: not UTF-8 text ({err})") from err
     except OSError as err:
         raise PromptDataError(f"{path}: cannot read prompt file ({err})") from err
 
 
+def _read_lines(path: Path) -> list[str]:
+    return _read_text(path).splitlines()
+
+
+def _json_lines(path: Path) -> list[str]:
+    r"""The lines of a JSON file, split at ``\n``, ``\r\n`` or ``\r`` only.
+
+    ``str.splitlines`` also splits at U+2028, U+0085 and other characters that JSON strings may hold
+    verbatim (``json.dumps(..., ensure_ascii=False)`` writes them), which would cut a valid record in two.
+    """
+    return re.split(r"\r\n|\r|\n", _read_text(path))
+
+
+def _json_problem(err: json.JSONDecodeError) -> str:
+    """json's reason and column, e.g. ``Invalid control character '\\x00' at column 18``.
+
+    ``err.msg`` may itself end in "at" (``Invalid control character at``), so that word is dropped first.
+    """
+    reason = re.sub(r"\s+at$", "", err.msg)
+    if reason.startswith("Invalid control character") and err.pos < len(err.doc):
+        reason = f"{reason} {err.doc[err.pos]!r}"
+    return f"{reason} at column {err.colno}"
+
+
 def _load_json_lines(path: Path, default_task: str) -> list[PromptRecord]:
     records = []
-    for number, line in enumerate(_read_lines(path), start=1):
+    for number, line in enumerate(_json_lines(path), start=1):
         if not line.strip():
             continue
         where = _Where(path, number)
@@ -250,7 +275,7 @@ def _load_json_lines(path: Path, default_task: str) -> list[PromptRecord]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise where.error(None, f"malformed JSON ({err.msg} at column {err.colno})") from err
+            raise where.error(None, f"malformed JSON ({_json_problem(err)})") from err
         if not isinstance(obj, dict):
             raise where.error(None, f"expected a JSON object, got {type(obj).__name__}")
         # GenEval metadata is the only schema with `include`; everything else is read as T2I-R1.
@@ -296,8 +321,7 @@ class _Record(_Where):
 
 def _is_json_array(path: Path) -> bool:
     """Whether a ``.json`` file holds one JSON array (WISE) rather than JSON Lines."""
-    text = "".join(_read_lines(path)[:50]).lstrip()
-    return text.startswith("[")
+    return _read_text(path).lstrip().startswith("[")
 
 
 def _wise_record(obj: Any, where: _Record, category: str, seen: dict[str, int]) -> PromptRecord:
@@ -339,9 +363,9 @@ def load_wise(path: str | Path, task_type: str | None = None) -> list[PromptReco
     """
     path = Path(path)
     try:
-        data = json.loads("\n".join(_read_lines(path)))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
-        raise PromptDataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+        raise PromptDataError(f"{path}, line {err.lineno}: malformed JSON ({_json_problem(err)})") from err
     if not isinstance(data, list):
         raise PromptDataError(f"{path}: expected a JSON array of WISE records, got {type(data).__name__}")
     category = task_type if task_type is not None else path.stem
@@ -368,10 +392,13 @@ def load_prompts(path: str | Path, task_type: str | None = None) -> list[PromptR
         The records in file order, each with ``source = "path:line"``.
 
     Raises:
-        PromptDataError: the file is missing, unreadable, holds no prompts, has another suffix,
+        PromptDataError: the file is missing or a folder, unreadable, holds no prompts, has another suffix,
             or a record is malformed (the message names file, line and field).
     """
     path = Path(path)
+    if path.is_dir():
+        accepted = ", ".join(JSON_SUFFIXES + TEXT_SUFFIXES)
+        raise PromptDataError(f"{path} is a folder, not a prompt file (a {accepted} file)")
     if not path.is_file():
         raise PromptDataError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
@@ -420,8 +447,10 @@ class PromptDataModule(pl.LightningDataModule):
 
     Every loader yields ``list[PromptRecord]`` of length ``<= batch_size`` (prompts per step; the
     policy draws G samples for each). The train loader shuffles with a ``torch.Generator`` seeded by
-    ``seed``, so a run's order is reproducible; under a distributed strategy Lightning swaps in its
-    own ``DistributedSampler``. Without ``val_file``, ``val_dataloader`` returns ``[]``, which
+    ``seed``, so a run's order is reproducible. Under a distributed strategy every process gets the
+    same, whole global batch and takes its own rows of the rollout (``BiCoTGRPO.placement``): the
+    loaders serve an iterable dataset, so Lightning does not swap in a ``DistributedSampler`` that
+    would split the prompts. Without ``val_file``, ``val_dataloader`` returns ``[]``, which
     Lightning 2.6 accepts and treats as "no validation".
 
     Args:
@@ -472,6 +501,8 @@ class PromptDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the files the stage needs (each once); ``None`` loads every file that is set."""
+        # Lightning passes a TrainerFn (a str enum whose repr is `<TrainerFn.VALIDATING: 'validate'>`).
+        stage = getattr(stage, "value", stage)
         if stage is None:
             required, optional = (), tuple(self.files)
         elif stage in _STAGE_SPLITS:

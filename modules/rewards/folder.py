@@ -77,15 +77,23 @@ class ImageFolderPrompts(Dataset):
             to ``folder``); without it every image's prompt is read from its file name.
 
     Raises:
-        PromptDataError: the folder is missing or holds no images, or an index record lacks ``image``.
+        PromptDataError: the folder is missing, a file or holds no images, or an index record lacks
+            ``image`` or names a file that does not exist. (A file that exists but cannot be decoded is
+            kept: its ``ImageItem.image`` is ``None``.)
     """
 
     def __init__(self, folder: str | Path, index: str | Path | None = None) -> None:
         self.folder = Path(folder)
+        if self.folder.is_file():
+            hint = ""
+            if self.folder.name == "plans.jsonl":
+                hint = f"; to score the images it lists, give the folder that holds it: {str(self.folder.parent)!r}"
+            raise PromptDataError(f"{str(self.folder)!r} is a file, not an image folder{hint}")
         if not self.folder.is_dir():
             raise PromptDataError(f"image folder not found: {str(self.folder)!r}")
         if index is not None:
             self.items = [(self._indexed_path(record), record) for record in load_prompts(index)]
+            self._check_indexed_files()
         else:
             files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             self.items = [(p, PromptRecord(prompt=prompt_from_filename(p), source=str(p))) for p in files]
@@ -96,9 +104,19 @@ class ImageFolderPrompts(Dataset):
         name = record.extra.get("image")
         if not isinstance(name, str) or not name:
             raise PromptDataError(
-                f"{record.source}: field 'image' is missing (the image file, relative to the folder)"
+                f"{_line_of(record)}: field 'image' is missing (the image file, relative to the folder)"
             )
         return self.folder / name
+
+    def _check_indexed_files(self) -> None:
+        """Refuse an index that names files which are not there: they would silently score 0."""
+        missing = [(path, record) for path, record in self.items if not path.is_file()]
+        if not missing:
+            return
+        path, record = missing[0]
+        problem = "is a folder, not an image file" if path.is_dir() else f"not found in {str(self.folder)!r}"
+        more = f" ({len(missing) - 1} more index entries name missing images)" if len(missing) > 1 else ""
+        raise PromptDataError(f"{_line_of(record)}: image {record.extra['image']!r} {problem}{more}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -106,6 +124,12 @@ class ImageFolderPrompts(Dataset):
     def __getitem__(self, i: int) -> ImageItem:
         path, record = self.items[i]
         return ImageItem(path=str(path), image=read_image(path), record=record)
+
+
+def _line_of(record: PromptRecord) -> str:
+    """``"<file>, line <n>"`` for a record read by ``load_prompts`` (its source is ``"<file>:<n>"``)."""
+    path, _, line = record.source.rpartition(":")
+    return f"{path}, line {line}" if path and line.isdigit() else record.source
 
 
 def _as_list(batch: list[ImageItem]) -> list[ImageItem]:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from bicot.scoring import ALL, CategoryMeans, FolderData, FolderScorer, ScoreRow, ScoreTable, infer_benchmark
+from datamodules.prompts import PromptDataError
 from datamodules.records import PromptRecord
 from modules.rewards.color import COLORS, MAX_DIST, ColorMatchExpert
 from modules.rewards.ensemble import RewardEnsemble
@@ -142,3 +143,40 @@ def test_folder_without_index_reads_prompts_from_file_names(tmp_path):
     table = score_folder(folder)
     assert [(r["category"], r["images"]) for r in table] == [("non", "2"), ("all", "2")]
     assert float(table[-1]["color"]) == pytest.approx(1.0)
+
+
+def write_plans(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"image": name, "prompt": "a red cup", "task_type": "color"} for name in names]
+    (folder / "plans.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_index_entry_without_its_image_stops_at_setup(tmp_path):
+    folder = tmp_path / "run_a"
+    write_image(folder / "00000_0000.png", COLORS["red"])
+    write_plans(folder, ["00000_0000.png", "00000_0001.png"])  # the second image was never written (or deleted)
+    with pytest.raises(PromptDataError) as info:
+        score_folder(folder)
+    assert str(info.value) == f"{folder / 'plans.jsonl'}, line 2: image '00000_0001.png' not found in {str(folder)!r}"
+    assert not (folder / "scores.csv").exists()
+
+
+def test_every_image_unreadable_is_an_error_not_a_table_of_zeros(tmp_path):
+    folder = tmp_path / "run_a"
+    write_plans(folder, ["00000_0000.png", "00001_0000.png"])
+    for name in ("00000_0000.png", "00001_0000.png"):
+        (folder / name).write_bytes(b"not a png")
+    with pytest.raises(PromptDataError) as info:
+        score_folder(folder, expect_unreadable=True)
+    assert str(info.value) == (
+        f"none of the 2 file(s) in {str(folder)!r} can be read as an image (e.g. '00000_0000.png'): nothing to score"
+    )
+    assert not (folder / "scores.csv").exists()
+
+
+def test_plans_file_given_as_the_folder_points_to_its_folder(tmp_path):
+    folder = tmp_path / "run_a"
+    write_image(folder / "00000_0000.png", COLORS["red"])
+    write_plans(folder, ["00000_0000.png"])
+    with pytest.raises(PromptDataError, match=r"plans.jsonl' is a file, not an image folder; .* holds it: '.*run_a'$"):
+        FolderData(str(folder / "plans.jsonl")).setup("test")

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from datamodules.prompts import (
     PromptDataError,
@@ -282,6 +283,57 @@ def test_not_utf8(tmp_path):
         load_prompts(path)
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some Windows editors write first
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("color_val.txt", "a red car\na blue sky\n"),
+        ("p.jsonl", '{"prompt": "a red car"}\n{"prompt": "a blue sky"}\n'),
+        ("p.json", '{"prompt": "a red car"}\r\n{"prompt": "a blue sky"}\r\n'),
+        ("wise.json", '[{"prompt_id": 1, "Prompt": "a red car"},\n {"prompt_id": 2, "Prompt": "a blue sky"}]'),
+    ],
+)
+def test_leading_byte_order_mark_is_dropped(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(BOM + text.encode("utf-8"))
+    assert [r.prompt for r in load_prompts(path)] == ["a red car", "a blue sky"]
+
+
+def test_json_lines_split_only_at_line_breaks(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 / U+0085 verbatim; str.splitlines would cut the record there.
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028cat\x85dog"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (record,) = load_prompts(path)
+    assert record.prompt == "a\u2028cat\x85dog" and record.source == f"{path}:1"
+
+
+def test_folder_given_as_prompt_file(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    with pytest.raises(PromptDataError, match=r"prompts is a folder, not a prompt file \(a \.jsonl"):
+        load_prompts(tmp_path / "prompts")
+    dm = PromptDataModule(train_file=str(tmp_path))
+    with pytest.raises(PromptDataError, match=f"^{tmp_path} is a folder, not a prompt file"):
+        dm.setup("fit")
+
+
+def test_malformed_json_message_says_at_once(tmp_path):
+    path = write_lines(tmp_path / "nul.jsonl", ['{"prompt": "fine"}', '{"prompt": "a cat\x00"}'])
+    with pytest.raises(PromptDataError) as info:
+        load_prompts(path)
+    assert str(info.value) == f"{path}, line 2: malformed JSON (Invalid control character '\\x00' at column 18)"
+    wise = tmp_path / "wise.json"
+    wise.write_text('[\n  {"prompt_id": 1, "Prompt": "a\x00"}\n]', encoding="utf-8")
+    with pytest.raises(PromptDataError) as info:
+        load_prompts(wise)
+    assert str(info.value) == f"{wise}, line 2: malformed JSON (Invalid control character '\\x00' at column 32)"
+    truncated = write_lines(tmp_path / "cut.jsonl", ['{"prompt": '])
+    with pytest.raises(PromptDataError) as info:
+        load_prompts(truncated)
+    assert str(info.value) == f"{truncated}, line 1: malformed JSON (Expecting value at column 12)"
+
+
 # ----------------------------------------------------------------------------- datamodule
 
 
@@ -382,6 +434,22 @@ def test_missing_file_names_config_key(stage, key):
         PromptDataModule().setup(stage)
 
 
+@pytest.mark.parametrize(
+    ("stage", "split"), [(TrainerFn.VALIDATING, "val"), (TrainerFn.TESTING, "test"), (TrainerFn.PREDICTING, "predict")]
+)
+def test_missing_file_names_the_stage_not_the_enum(stage, split):
+    # Lightning calls setup with a TrainerFn, a str enum whose repr is `<TrainerFn.VALIDATING: 'validate'>`.
+    with pytest.raises(PromptDataError) as info:
+        PromptDataModule().setup(stage)
+    assert str(info.value).startswith(f"stage {stage.value!r} needs {split} prompts: set data.{split}_file")
+
+
+def test_trainer_validate_without_val_file_names_the_stage():
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(PromptDataError, match=r"^stage 'validate' needs val prompts"):
+        trainer.validate(_CountingModule(), datamodule=PromptDataModule())
+
+
 def test_missing_path_is_reported_at_setup(tmp_path):
     dm = PromptDataModule(train_file=str(tmp_path / "absent.jsonl"))
     with pytest.raises(PromptDataError, match="prompt file not found: .*absent.jsonl"):
@@ -437,3 +505,17 @@ def test_trainer_fit_with_and_without_validation(ten_prompts, with_val, val_batc
     trainer.fit(model, datamodule=dm)
     assert model.train_prompts == 9  # three full batches of 3; the tenth prompt waits for a later epoch
     assert model.val_batches == val_batches
+
+
+def test_distributed_processes_each_get_the_whole_global_batch(ten_prompts):
+    # What the docstring says: Lightning injects no DistributedSampler, every process sees every prompt.
+    doc = " ".join(PromptDataModule.__doc__.split())
+    assert "every process gets the same, whole global batch" in doc
+    assert "Lightning does not swap in a ``DistributedSampler``" in doc
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert trainer._accelerator_connector.is_distributed and trainer._accelerator_connector.use_distributed_sampler
+    dm = PromptDataModule(train_file=str(ten_prompts), batch_size=5, shuffle=False)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING) is loader
+    assert sum(len(batch) for batch in loader) == 10

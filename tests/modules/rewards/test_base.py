@@ -162,8 +162,37 @@ def test_score_folder_with_an_index_file(folder, tmp_path):
 def test_index_record_without_image_names_the_line(folder, tmp_path):
     index = tmp_path / "index.jsonl"
     index.write_text(json.dumps({"prompt": "a cat"}) + "\n")
-    with pytest.raises(PromptDataError, match=r"index.jsonl:1: field 'image' is missing"):
+    with pytest.raises(PromptDataError, match=r"index.jsonl, line 1: field 'image' is missing"):
         ImageFolderPrompts(folder, index)
+
+
+def test_index_naming_a_missing_image_names_file_line_and_image(folder, tmp_path):
+    index = tmp_path / "index.jsonl"
+    names = ["a red circle_000000.png", "gone_000001.png", "broken_000002.png", "also gone.png"]
+    index.write_text("".join(json.dumps({"prompt": "a cat", "image": name}) + "\n" for name in names))
+    with pytest.raises(PromptDataError) as info:
+        ImageFolderPrompts(folder, index)
+    assert str(info.value) == (
+        f"{index}, line 2: image 'gone_000001.png' not found in {str(folder)!r} "
+        "(1 more index entries name missing images)"
+    )
+    # A file that is there but cannot be decoded is kept: it scores 0 and is counted as unreadable.
+    index.write_text(json.dumps({"prompt": "a cat", "image": "broken_000002.png"}) + "\n")
+    (item,) = ImageFolderPrompts(folder, index)
+    assert item.image is None
+
+
+def test_file_given_as_the_folder(folder):
+    with pytest.raises(PromptDataError, match=r"a red circle_000000.png' is a file, not an image folder$"):
+        ImageFolderPrompts(folder / "a red circle_000000.png")
+    plans = folder / "plans.jsonl"
+    plans.write_text(json.dumps({"prompt": "a cat", "image": "a red circle_000000.png"}) + "\n")
+    with pytest.raises(PromptDataError) as info:
+        ImageFolderPrompts(plans)
+    assert str(info.value) == (
+        f"{str(plans)!r} is a file, not an image folder; to score the images it lists, give the folder "
+        f"that holds it: {str(folder)!r}"
+    )
 
 
 def test_empty_or_missing_folder(tmp_path):
