@@ -95,6 +95,10 @@ class BiCoTGRPO(pl.LightningModule):
             raise ValueError(f"grad_clip and warmup_steps must be >= 0, got {grad_clip}, {warmup_steps}")
         if minibatch_size is not None and minibatch_size < 1:
             raise ValueError(f"minibatch_size must be >= 1 or null, got {minibatch_size}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (AdamW's), got {list(betas)}")
+        if not math.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
         self.policy = policy
         self.rewards = rewards
         if self.algo.beta > 0 and reference is None:
@@ -325,10 +329,13 @@ class BiCoTGRPO(pl.LightningModule):
         stds = group_std(r.global_rewards, r.group_size)  # the same on every process
         self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
         nan = float("nan")
-        for key in ("loss", "policy_loss", "kl", "kl_plan", "kl_image", "clip_frac"):
+        for key in ("loss", "policy_loss", "kl", "clip_frac"):
             self.log(f"train/{key}", getattr(stats, key) if stats else nan, prog_bar=key == "kl", **summed)
         self.log("train/kl_max", stats.kl_max if stats else nan, **dict(mean, reduce_fx="max"))
-        for level in loop.trained_levels(r, self.algo):  # the levels that train: constant over the run
+        # the levels that train, constant over the run; a level that does not train has no reference log-probs,
+        # so its KL is not measured: no key rather than a 0 that would read as "no drift"
+        for level in loop.trained_levels(r, self.algo):
+            self.log(f"train/kl_{level}", getattr(stats, f"kl_{level}") if stats else nan, **summed)
             self.log(f"train/rollout_kl/{level}", stats.rollout_kl[level] if stats else nan, **mean)
         gap = stats.rollout_logp_gap_max if stats else nan
         self.log("train/rollout_logp_gap_max", gap, **dict(mean, reduce_fx="max"))

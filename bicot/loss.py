@@ -72,6 +72,10 @@ class GRPOConfig:
             )
         if self.mu < 1:
             raise ValueError(f"GRPOConfig.mu must be >= 1, got {self.mu!r}")
+        if self.clip_eps_low >= 1:  # the ratio is positive: a lower bound 1 - eps <= 0 never clips
+            raise ValueError(
+                f"GRPOConfig.clip_eps_low must be < 1 (the ratio is clipped at 1 - it), got {self.clip_eps_low!r}"
+            )
 
     @property
     def train_plan(self) -> bool:

@@ -100,10 +100,11 @@ class RewardEnsemble(pl.LightningModule):
         weights = {name: 1.0 for name in known}
         for name, weight in given.items():
             weights[name] = _check_weight(name, weight, known)
+        total = sum(weights.values())
+        if total <= 0:  # every reward 0: every advantage 0, nothing would learn
+            what = "normalise reward weights" if normalize else "train on reward weights"
+            raise ValueError(f"cannot {what} that sum to 0: {weights}")
         if normalize:
-            total = sum(weights.values())
-            if total <= 0:
-                raise ValueError(f"cannot normalise reward weights that sum to 0: {weights}")
             weights = {name: weight / total for name, weight in weights.items()}
         return weights
 

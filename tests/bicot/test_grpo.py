@@ -130,6 +130,9 @@ def test_template_is_resolved_when_the_policy_plans():
         (dict(grad_clip=-1.0), "grad_clip"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(minibatch_size=0), "minibatch_size"),
+        (dict(betas=(0.9, 1.5)), "betas"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(weight_decay=-1.0), "weight_decay"),
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs, match):
@@ -323,7 +326,8 @@ def test_fit_logs_the_rollout_mismatch_of_the_trained_levels_and_nan_for_a_skipp
     _, logger = fit(module, max_steps=1)
     steps = [m for _, m in logger.calls if "train/reward" in m]
     assert len(steps) == 2  # the skipped update, then the one optimizer step
-    assert not any("train/rollout_kl/plan" in m for m in steps)
+    assert not any("train/rollout_kl/plan" in m or "train/kl_plan" in m for m in steps)  # not a 0: no key
+    assert all("train/kl_image" in m for m in steps)
     skipped, trained = steps
     assert math.isnan(skipped["train/rollout_kl/image"]) and math.isnan(skipped["train/rollout_logp_gap_max"])
     assert 0 <= trained["train/rollout_kl/image"] < 1e-8 and trained["train/rollout_logp_gap_max"] < 1e-4

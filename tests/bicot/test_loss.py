@@ -402,6 +402,7 @@ def test_config_defaults_and_levels():
         ("beta", -0.1),
         ("beta", float("inf")),
         ("clip_eps_low", -0.1),
+        ("clip_eps_low", 1.0),
         ("clip_eps_high", -0.5),
         ("adv_eps", 0.0),
         ("plan_weight", -1.0),

@@ -47,6 +47,13 @@ def test_recipe_parses_with_the_papers_algorithm(recipe, capsys):
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert config["data"]["train_file"].endswith("t2i_r1/geneval_and_t2i_data_final.jsonl")
     assert config["trainer"]["logger"]["init_args"]["tracking_uri"] == "sqlite:///mlflow.db"
+    # what the README's "Resume and faults" promises: SIGTERM / Ctrl+C write last.ckpt; checkpoint writes are
+    # atomic (one process: the plugin; FSDP2 swaps its checkpoint folders into place itself)
+    assert "callbacks.faults.GracefulStop" in [c["class_path"] for c in config["trainer"]["callbacks"]]
+    strategy = config["trainer"].get("strategy")
+    fsdp2 = isinstance(strategy, dict) and strategy["class_path"] == "bicot.parallel.FSDP2Strategy"
+    plugins = [p["class_path"] for p in config["trainer"].get("plugins") or []]
+    assert fsdp2 or "bicot.checkpointing.AtomicCheckpointIO" in plugins
 
 
 def test_7b_recipe_is_the_papers_run(capsys):

@@ -100,6 +100,9 @@ def test_bad_expert_lists():
         RewardEnsemble([ConstantExpert("a", 0.1), ConstantExpert("a", 0.2)])
     with pytest.raises(ValueError, match="sum to 0"):
         RewardEnsemble([ConstantExpert("a", 0.1)], weights={"a": 0.0}, normalize_weights=True)
+    with pytest.raises(ValueError, match="sum to 0"):  # normalised or not, nothing would learn
+        RewardEnsemble([ConstantExpert("a", 0.1), IndexExpert()], weights={"a": 0.0, "index": 0.0})
+    assert RewardEnsemble([ConstantExpert("a", 0.1), IndexExpert()], weights={"a": 0.0}).weights["a"] == 0.0
     with pytest.raises(ValueError, match="RewardExpert"):
         RewardEnsemble([torch.nn.Linear(1, 1)])
 
