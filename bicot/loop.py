@@ -129,6 +129,10 @@ def score_phase(
     """
     out = rewards(r.images, r.records)
     device = r.image_tokens.device
+    if gather is not None and rewards.on_error == "zero":  # an expert zeroed on one process is zeroed on all
+        flags = torch.tensor([float(name in out.failed) for name in rewards.names], device=device)
+        anywhere = gather(flags).reshape(-1, len(rewards.names)).amax(0)
+        out = rewards.zero_failed_elsewhere(out, [n for n, f in zip(rewards.names, anywhere.tolist(), strict=True) if f])
     r.rewards = out.total.to(device)  # [R]
     r.reward_per_expert = {name: score.to(device) for name, score in out.per_expert.items()}
     r.global_rewards = gather(r.rewards) if gather is not None else r.rewards  # [R_global]

@@ -23,10 +23,12 @@ class RewardOutput:
     Attributes:
         total: float32 ``[N]`` on CPU, the weighted sum of the experts' scores.
         per_expert: expert name -> float32 ``[N]`` on CPU, each expert's unweighted score in ``[0, 1]``.
+        failed: the experts that raised on this batch and were scored 0 (``on_error: zero``).
     """
 
     total: Tensor
     per_expert: dict[str, Tensor]
+    failed: tuple[str, ...] = ()
 
 
 class RewardExpertError(RuntimeError):
@@ -58,11 +60,12 @@ class RewardEnsemble(pl.LightningModule):
         weights: expert name -> weight >= 0; experts left out weigh 1.0.
         normalize_weights: divide the weights by their sum, so the total stays in ``[0, 1]``.
         on_error: ``raise`` (stop the run, naming the expert and the batch) or ``zero`` (score that
-            expert 0 for the batch, warn, and count it in ``errors[name]``).
+            expert 0 for the batch, warn, and count it in ``errors[name]``; under data parallel the
+            training step zeroes it on every process, see :meth:`zero_failed_elsewhere`).
 
     Raises:
         ValueError: no experts, a duplicate or unusable name, or a weight that is unknown,
-            negative, not finite or not a number (all weights zero when normalising).
+            negative, not finite or not a number, or weights that are all zero.
     """
 
     def __init__(
@@ -129,7 +132,7 @@ class RewardEnsemble(pl.LightningModule):
         """
         n = int(images.shape[0]) if images.ndim > 0 else 0
         per_expert: dict[str, Tensor] = {}
-        total = torch.zeros(n, dtype=torch.float32)
+        failed: list[str] = []
         for name, expert in self.experts.items():
             try:
                 scores = expert(images, prompts)
@@ -143,7 +146,26 @@ class RewardEnsemble(pl.LightningModule):
                     raise RewardExpertError(message) from err
                 rank_zero_warn(f"{message}; scoring it 0 for this batch (rewards.on_error=zero)")
                 self.errors[name] = self.errors.get(name, 0) + 1
+                failed.append(name)
                 scores = torch.zeros(n)
             per_expert[name] = scores.detach().float().cpu()
+        return self.combine(per_expert, tuple(failed))
+
+    def combine(self, per_expert: dict[str, Tensor], failed: tuple[str, ...] = ()) -> RewardOutput:
+        """The weighted sum of the experts' scores (each ``[N]`` on CPU) as a :class:`RewardOutput`."""
+        total = torch.zeros_like(next(iter(per_expert.values())))
+        for name in self.names:
             total = total + self.weights[name] * per_expert[name]
-        return RewardOutput(total=total, per_expert=per_expert)
+        return RewardOutput(total=total, per_expert=per_expert, failed=failed)
+
+    def zero_failed_elsewhere(self, out: RewardOutput, failed_anywhere: Sequence[str]) -> RewardOutput:
+        """``out`` with every expert that failed on any process scored 0 here too.
+
+        Under data parallel a group's samples may sit on several processes; an expert zeroed on one of them
+        only would give the group's rows different reward scales, hence advantages no sample earned.
+        """
+        more = [name for name in failed_anywhere if name not in out.failed]
+        if not more:
+            return out
+        per_expert = {name: torch.zeros_like(s) if name in more else s for name, s in out.per_expert.items()}
+        return self.combine(per_expert, (*out.failed, *more))

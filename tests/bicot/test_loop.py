@@ -274,6 +274,29 @@ def test_score_gives_zero_advantage_to_a_group_of_equal_rewards():
     torch.testing.assert_close(r.advantages, torch.tensor([-a, 0.0, a, 0.0, 0.0, 0.0]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("failed_there", [False, True])
+def test_an_expert_zeroed_on_another_process_is_zeroed_here_too(failed_there):
+    """``rewards.on_error: zero`` under data parallel: a group may span processes, so an expert that raised on
+    one of them scores 0 on every one (else the group's rows would differ by that expert's scale)."""
+    policy = make_policy()
+    r = make_rollout(policy)
+    rewards = RewardEnsemble([Brightness(), Table()], weights={"brightness": 0.5, "table": 2.0}, on_error="zero")
+
+    def gather(values):  # this process, then a second one whose brightness expert raised (or not)
+        if values.numel() == len(rewards.names):  # the experts' failure flags
+            return torch.cat([values, torch.tensor([float(failed_there), 0.0])])
+        return torch.cat([values, values])  # its rows' rewards: this process's, for the test
+
+    score_phase(r, rewards, GRPOConfig(num_generations=G, beta=0.0), policy, None, gather=gather)
+    table = 2.0 * torch.tensor(Table().values)
+    assert (r.reward_per_expert["brightness"] == 0).all() == failed_there
+    if failed_there:
+        torch.testing.assert_close(r.rewards, table)
+    else:
+        torch.testing.assert_close(r.rewards, table + 0.5 * r.reward_per_expert["brightness"])
+    assert not any(rewards.errors.values())  # it raised elsewhere: this process counts no error of its own
+
+
 def test_score_without_reward_scaling_only_centres():
     policy = make_policy()
     r = make_rollout(policy)
