@@ -57,6 +57,9 @@ class SamplingConfig:
         cfg_scale: classifier-free guidance weight (1 turns guidance off; the paper uses 5).
         image_logprob: ``conditional`` (the paper: log-probs from the conditional logits) or
             ``guided`` (from the CFG mixture actually sampled from; costs a second branch in the update).
+            Either way, and for plans, a log-prob is that of the whole tempered distribution, not of its
+            top-k/top-p truncation the samples come from (the same in rollout and update; it matters to the
+            ratio only with ``mu > 1``).
         engine: ``eager`` (the KV-cached loop of ``janus_ops``) or ``static`` (``modules.engine``: static
             KV cache, one decode-step function, CUDA graphs on GPU; same tokens and log-probs).
         engine_compile: how the static engine runs its step (``RolloutEngine(compile=...)``): ``auto``
