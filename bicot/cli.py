@@ -211,8 +211,11 @@ def names_class(argv: list[str], key: str) -> bool:
         if config and Path(config).is_file():
             try:
                 node = yaml.safe_load(Path(config).read_text())
-            except yaml.YAMLError:
-                continue  # the parser reports the file's problem itself
+            except yaml.YAMLError as err:  # jsonargparse would name "<unicode string>", not the file
+                mark = getattr(err, "problem_mark", None)
+                where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(err, "problem", None) or str(err)
+                raise ValueError(f"{config}{where}: not valid YAML ({problem})") from None
             if isinstance(node, dict) and isinstance(node.get(key), dict) and "class_path" in node[key]:
                 return True
     return False

@@ -243,6 +243,9 @@ class JanusPolicy(pl.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.use_plan = use_plan
         self.reasoning_template = reasoning_template
+        count = predict_images_per_prompt
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:  # before any output folder exists
+            raise ValueError(f"predict_images_per_prompt must be an integer >= 1, got {count!r}")
         self.predict_images_per_prompt = predict_images_per_prompt
         self.seed = seed
         self._engine = None  # the static rollout engine, built on first use (it holds per-shape buffers)

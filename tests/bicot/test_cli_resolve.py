@@ -9,7 +9,7 @@ import random
 import pytest
 from jsonargparse import Namespace
 
-from bicot.cli import fresh_run_name, resolve_checkpoint, user_message
+from bicot.cli import fresh_run_name, names_class, resolve_checkpoint, user_message
 
 
 def trainer_config(dirpath) -> Namespace:
@@ -88,3 +88,13 @@ def test_a_union_report_is_cut_to_its_reason_on_one_line():
     assert user_message(ValueError("Problem with given class_path 'x':\n  bad")) == (
         "Problem with given class_path 'x': bad"
     )
+
+
+def test_a_config_file_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("model:\n  class_path: bicot.scoring.FolderScorer\n")
+    bad.write_text("trainer:\n  max_steps: [1\nmodel: {}\n")
+    assert names_class(["fit", "-c", str(good)], "model") and not names_class(["fit", "-c", str(good)], "data")
+    with pytest.raises(ValueError, match=r"bad\.yaml, line 3, column 6: not valid YAML \(expected ','") as caught:
+        names_class(["fit", "-c", str(good), f"--config={bad}"], "data")
+    assert "\n" not in str(caught.value)

@@ -85,6 +85,12 @@ def test_unknown_dtype_is_refused(tiny_janus_dir):
         JanusPolicy(str(tiny_janus_dir), dtype="float64")
 
 
+@pytest.mark.parametrize("count", [0, -1, True])
+def test_predict_images_per_prompt_below_one_is_refused_by_name(tiny_janus_dir, count):
+    with pytest.raises(ValueError, match=f"predict_images_per_prompt must be an integer >= 1, got {count!r}"):
+        JanusPolicy(str(tiny_janus_dir), predict_images_per_prompt=count)
+
+
 def test_missing_checkpoint_folder_names_the_path(tmp_path):
     missing = tmp_path / "no_such_checkpoint"
     with pytest.raises(CheckpointError, match="not found") as err:
