@@ -154,6 +154,8 @@ class BiCoTCLI(LightningCLI):
         for logger in _mlflow_loggers(config.trainer.get("logger")):
             if logger.init_args.get("run_name") is None and logger.init_args.get("run_id") is None:
                 logger.init_args.run_name = fresh_run_name()
+        if self.subcommand == "fit":
+            check_even_shares(config)
         if self.subcommand != "fit" or not config.get("ckpt_path"):
             return
         path = resolve_checkpoint(config.ckpt_path, config.trainer)
@@ -192,6 +194,28 @@ class BiCoTCLI(LightningCLI):
             if run_id and isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
                 logger.experiment.update_run(run_id, status="RUNNING")
                 print(f"bicot: resuming MLflow run {run_id}", file=sys.stderr)
+
+
+def check_even_shares(config: Namespace) -> None:
+    """Refuse, before any process starts, a training batch whose rollout rows do not split evenly over the
+    processes the trainer config asks for (each process would stop at its first step, each saying so)."""
+    trainer, model, data = config.get("trainer") or {}, config.get("model"), config.get("data")
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if isinstance(devices, str) and devices.isdigit():  # the command line gives "2"
+        devices = int(devices)
+    algo = model.get("algo") if isinstance(model, Namespace) and "class_path" not in model else None
+    batch = data.get("batch_size") if isinstance(data, Namespace) and "class_path" not in data else None
+    group = algo.get("num_generations") if isinstance(algo, Namespace) else None
+    world = None
+    if isinstance(devices, int | list) and isinstance(nodes, int):
+        world = (len(devices) if isinstance(devices, list) else devices) * nodes
+    if not (isinstance(world, int) and isinstance(batch, int) and isinstance(group, int)) or world < 1:
+        return  # "auto" devices, another model or data class: the first step checks it
+    if (batch * group) % world:
+        raise ValueError(
+            f"data.batch_size x model.algo.num_generations = {batch} x {group} = {batch * group} rollout rows "
+            f"must be divisible by the {world} processes (trainer.devices x trainer.num_nodes)"
+        )
 
 
 def _mlflow_loggers(node) -> list[Namespace]:
