@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -12,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import yaml
-from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse import ArgumentError, Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
@@ -126,7 +127,7 @@ class BiCoTCLI(LightningCLI):
             None if other_data else PromptDataModule,
             subclass_mode_model=other_model,
             subclass_mode_data=other_data,
-            parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
+            parser_kwargs={"parser_mode": "omegaconf+", "default_env": False, "exit_on_error": False},
             save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
@@ -150,7 +151,7 @@ class BiCoTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Resolving ``--ckpt_path`` early lets a resumed fit log into the MLflow run that wrote it. A run
         without a name gets a fresh one (MLflow's own draw would follow the seeded RNG: the same every run)."""
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         for logger in _mlflow_loggers(config.trainer.get("logger")):
             if logger.init_args.get("run_name") is None and logger.init_args.get("run_id") is None:
                 logger.init_args.run_name = fresh_run_name()
@@ -270,20 +271,55 @@ def resolve_checkpoint(ckpt_path: str, trainer_config: Namespace) -> Path:
 
 
 # Failures caused by what the user gave (configs, data, checkpoints): one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException, RewardExpertError, NonFiniteError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    MisconfigurationException,
+    RewardExpertError,
+    NonFiniteError,
+    ArgumentError,  # jsonargparse's, raised (exit_on_error: False) rather than printed after the whole usage
+)
+
+
+# the lines of jsonargparse's Union report that are not reasons
+_UNION_REPORT = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Expected a <class 'NoneType'>",
+)
 
 
 def user_message(err: BaseException) -> str:
-    """The error as one line. jsonargparse wraps a value refused by a class whose field is optional (``algo``,
-    ``sampling``: ``X | None``) in a report on every Union member, the value's dump included; keep the reason."""
-    text = str(err)
-    if text.startswith("Does not validate against any of the Union subtypes"):
-        listed = text.split("\nErrors:\n", 1)[-1].split("\nGiven value type:", 1)[0]
-        reasons = [line.strip()[2:] for line in listed.splitlines() if line.strip().startswith("- ")]
-        reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+    """The error as one line, led by the config key it concerns.
+
+    jsonargparse reports a value refused by a field that may also be ``None`` (``algo``, ``sampling``,
+    ``trainer.precision``) on every member of the Union, with a dump of the value: only the members' reasons
+    are kept, without the ``NoneType`` one, and the given value where it is short.
+    """
+    text, key = str(err), None
+    lead = re.match(r'\s*Parser key "([^"]+)":\s*\n', text)
+    if lead:
+        key, text = lead.group(1), text[lead.end() :]
+    if "Does not validate against any of the Union subtypes" in text:
+        reasons: list[str] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("- "):
+                reasons.append(line[2:])
+            elif reasons and line and not line.startswith(_UNION_REPORT):
+                reasons[-1] += " " + line  # a reason's nested lines
+        reasons = [r for r in dict.fromkeys(reasons) if not r.startswith(_UNION_REPORT)]
+        given = re.findall(r"\n\s*Given value: (.*)", text)
+        value = given[-1].strip() if given else ""
         if reasons:
             text = "; ".join(reasons)
-    return " ".join(text.split())
+            if value and len(value) < 80 and not value.startswith(("Namespace(", "NestedArg(")):
+                text += f" (got {value})"
+    text = " ".join(text.split())
+    return f"{key}: {text}" if key else text
 
 
 def main(args: list[str] | None = None) -> None:

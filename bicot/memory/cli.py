@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -180,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.shape and (problem := _shape_problem(args.shape)):
         fail(f"--shape {args.shape}: {problem}")
-    config = parse_config([a for path in args.config for a in ("-c", path)] + overrides)
+    try:
+        config = parse_config([a for path in args.config for a in ("-c", path)] + overrides)
+    except (ArgumentError, ValueError) as err:  # a config bicot fit would refuse: its one line
+        from bicot.cli import user_message
+
+        fail(user_message(err))
     checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "on"
     try:
         memory_plan = plan_for(

@@ -117,3 +117,17 @@ def test_rollout_rows_that_do_not_split_over_the_processes_are_refused_before_an
         check_even_shares(fit_config([0, 1], batch_size=3, num_generations=2, num_nodes=2))
     for config in (fit_config(2, 1, 4), fit_config("auto", 1, 3), fit_config("-1", 1, 3), fit_config(1, 1, 3), fit_config([0, 1, 2], 3, 1)):
         check_even_shares(config)  # even, or nothing to check before the trainer exists
+
+
+def test_a_nested_parse_report_keeps_its_key_and_reasons():
+    report = (
+        'Parser key "trainer.callbacks":\n  - Expected a path but x.Y either not accessible or invalid\n'
+        "  - Does not validate against any of the Union subtypes\n    Subtypes: [list[Callback], <class "
+        "'NoneType'>]\n    Errors:\n      - Problem with given class_path 'x.Y':\n          no attribute 'Y'\n"
+        "      - Problem with given class_path 'x.Y':\n          no attribute 'Y'\n      - Expected a <class "
+        "'NoneType'>\n    Given value type: <class 'str'>\n    Given value: x.Y"
+    )
+    assert user_message(ValueError(report)) == (
+        "trainer.callbacks: Expected a path but x.Y either not accessible or invalid; Problem with given "
+        "class_path 'x.Y': no attribute 'Y' (got x.Y)"
+    )

@@ -76,6 +76,8 @@ def test_bad_experts_and_weights(capsys, tmp_path, body, named):
         ("--model.algo.beta=-0.1", "beta"),
         ("--model.algo.num_generations=1", "num_generations"),
         ("--model.policy.init_args.sampling.image_top_p=1.5", "image_top_p"),
+        ("--model.algo.betta=0.1", "model.algo: Problem with given class_path 'bicot.loss.GRPOConfig': Option 'betta'"),
+        ("--trainer.precision=bf17", "trainer.precision: "),
         ("--model.lr=0", "lr"),
         ("--data.batch_size=0", "batch_size"),
     ],
@@ -85,6 +87,7 @@ def test_bad_values(capsys, tmp_path, override, named):
     assert code != 0 and "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("bicot: error:")]
     assert named in line and "Union" not in err and "Given value" not in err  # the reason, not jsonargparse's report
+    assert "usage:" not in err  # a parse error is one line too, without the ~80 lines of usage
 
 
 def test_a_folder_that_is_not_a_janus_checkpoint(capsys, tmp_path):
