@@ -123,7 +123,7 @@ def read_scores(path: str | Path) -> list[RunScores]:
 
 
 def _read_rows(path: Path) -> list[RunScores]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's leading BOM is dropped
         reader = csv.DictReader(f)
         missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

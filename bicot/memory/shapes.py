@@ -129,6 +129,12 @@ def load_shape(source: str | None = None, tiny: Any = None) -> ModelShape:
             vq_config=dict(projection_dim=h, image_token_embed_dim=h),
         )
     else:
+        folder = Path(source).expanduser()
+        if folder.is_dir() and not (folder / "config.json").is_file():  # transformers would plan its defaults
+            raise ValueError(
+                f"memory plan: cannot read a Janus config from {source!r} (the folder has no config.json); give a "
+                f"checkpoint folder or a preset with --shape {sorted(PRESETS)}"
+            )
         try:  # a folder's config.json, or a cached hub id: never weights, never the network
             config = JanusConfig.from_pretrained(
                 Path(source).expanduser() if Path(source).expanduser().is_dir() else source,

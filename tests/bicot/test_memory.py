@@ -559,3 +559,8 @@ def test_tiny_update_peak_matches_the_plan(tmp_path, precision, checkpointing, l
     p = plan_for(config, 1, lengths=exact_lengths(r))
     estimate = (p.activations_gib + p.weight_casts_gib + p.logits_gib + p.gradients_gib) * GIB
     assert low < measured / estimate < high
+
+
+def test_a_folder_without_config_json_is_not_planned_as_transformers_defaults(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_shape(str(tmp_path))

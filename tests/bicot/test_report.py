@@ -148,3 +148,10 @@ def test_score_folder_points_at_its_scores_csv(runs, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"bicot.report: error: {runs[0].parent} is a folder, not a score file; did you mean {runs[0]}?\n"
     )
+
+
+def test_a_score_file_a_spreadsheet_saved_with_a_bom_reads_the_same(runs, tmp_path):
+    bom = tmp_path / "bom" / "scores.csv"
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + runs[1].read_bytes())
+    assert read_scores(bom) == read_scores(runs[1])
