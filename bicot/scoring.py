@@ -182,9 +182,14 @@ def folder_benchmark(folder: Path, records: Sequence[PromptRecord]) -> str:
     """The benchmark named by ``folder/prediction.json`` (written by BenchmarkWriter), else inferred."""
     manifest = folder / "prediction.json"
     if manifest.is_file():
-        name = json.loads(manifest.read_text(encoding="utf-8")).get("benchmark")
-        if name:
-            return str(name)
+        try:
+            settings = json.loads(manifest.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PromptDataError(f"{manifest}: not valid JSON ({' '.join(str(err).split())})") from None
+        if not isinstance(settings, dict):
+            raise PromptDataError(f"{manifest}: expected a JSON object, got {type(settings).__name__}")
+        if settings.get("benchmark"):
+            return str(settings["benchmark"])
     return infer_benchmark(records)
 
 
@@ -369,7 +374,9 @@ class FolderScorer(pl.LightningModule):
         return data
 
     def on_test_epoch_start(self) -> None:
-        categories = [r.task_type for r in self._data().records]
+        data = self._data()
+        self._benchmark = self.benchmark or folder_benchmark(data.folder, data.records)  # a bad manifest: now
+        categories = [r.task_type for r in data.records]
         self.collector = ScoreCollector(self.rewards.names, categories, self.device)
 
     def test_step(self, batch: Sequence[ImageItem], batch_idx: int) -> None:
@@ -402,7 +409,7 @@ class FolderScorer(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         data = self._data()
         self._check_some_readable(data)
-        benchmark = self.benchmark or folder_benchmark(data.folder, data.records)
+        benchmark = self._benchmark
         run = self.run_name or data.folder.resolve().name
         results = Path(self.results_dir) if self.results_dir else data.folder
         self.collector.finish(self, results, run, benchmark)

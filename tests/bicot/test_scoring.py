@@ -180,3 +180,18 @@ def test_plans_file_given_as_the_folder_points_to_its_folder(tmp_path):
     write_plans(folder, ["00000_0000.png"])
     with pytest.raises(PromptDataError, match=r"plans.jsonl' is a file, not an image folder; .* holds it: '.*run_a'$"):
         FolderData(str(folder / "plans.jsonl")).setup("test")
+
+
+@pytest.mark.parametrize(("manifest", "words"), [("{not json", "not valid JSON"), ("[1]", "expected a JSON object")])
+def test_a_damaged_prediction_json_stops_before_scoring_naming_the_file(tmp_path, manifest, words):
+    folder = tmp_path / "run_a"
+    write_image(folder / "00000_0000.png", COLORS["red"])
+    write_plans(folder, ["00000_0000.png"])
+    (folder / "prediction.json").write_text(manifest)
+    scored = []
+    scorer = FolderScorer(RewardEnsemble([ColorMatchExpert()]))
+    scorer.test_step = lambda batch, batch_idx: scored.append(batch)  # must not run
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(PromptDataError, match=f"prediction.json: {words}"):
+        trainer.test(scorer, FolderData(str(folder)), verbose=False)
+    assert not scored and not (folder / "scores.csv").exists()
