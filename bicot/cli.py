@@ -337,7 +337,10 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get("BICOT_DEBUG") == "1":
             raise
         print(f"bicot: error: {user_message(err)}", file=sys.stderr)
-        print("bicot: set BICOT_DEBUG=1 to see the full traceback", file=sys.stderr)
+        if isinstance(err, ArgumentError):  # the command line or a config file: point at the options
+            print("bicot: the options: bicot --help, bicot fit --help", file=sys.stderr)
+        else:
+            print("bicot: set BICOT_DEBUG=1 to see the full traceback", file=sys.stderr)
         sys.exit(2)
 
 
