@@ -422,8 +422,8 @@ def test_plans_stop_at_eos_with_pad_and_mask_after_it(tiny_policy):
 
 
 def test_plan_text_leaves_out_the_pads_after_eos_whatever_their_id(tiny_policy):
-    """Janus-Pro's pad is a special token near id 100000 and its id 0 is an ordinary one; the tiny tokenizer's
-    id 0 is its pad. A copy with the two swapped: text after EOS must not show up as the word at id 0."""
+    """Nothing ties a tokenizer's id 0 to its pad (DeepSeek's tokenizers put their special tokens near 100000);
+    the tiny tokenizer's id 0 is its pad. A copy with a word at id 0: text after EOS must not show that word."""
     tokenizer = tiny_policy.tokenizer
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     assert tokenizer.pad_token_id == 0  # the premise: otherwise this test checks nothing new
