@@ -20,7 +20,7 @@ from datamodules.records import PromptRecord
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "datamodules" / "fixtures"
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "data"  # the prompt sets shipped with the project
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -100,9 +100,7 @@ def test_shipped_toy_prompts():
 
 
 def test_real_t2i_r1_training_file():
-    path = SHARED_DATA / "t2i_r1" / "geneval_and_t2i_data_final.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = DATA / "t2i_r1" / "geneval_and_t2i_data_final.jsonl"
     records = load_prompts(path)
     assert len(records) == 7223
     assert sum(r.task_type == "spatial" for r in records) == 2195
@@ -139,9 +137,7 @@ def test_geneval_records(tmp_path):
 
 
 def test_real_geneval_file():
-    path = SHARED_DATA / "geneval" / "evaluation_metadata.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = DATA / "geneval" / "evaluation_metadata.jsonl"
     records = load_prompts(path)
     assert len(records) == 553
     positions = [r for r in records if r.task_type == "position"]
@@ -199,9 +195,7 @@ def test_text_file(tmp_path):
 
 
 def test_real_compbench_file():
-    path = SHARED_DATA / "t2i_compbench" / "3d_spatial_train.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = DATA / "t2i_compbench" / "3d_spatial_train.txt"
     records = load_prompts(path)
     assert len(records) == 700 and records[0].task_type == "3d_spatial"
 
