@@ -388,8 +388,9 @@ class BiCoTGRPO(pl.LightningModule):
             self.log(key, value, on_step=False, on_epoch=True, rank_zero_only=True)
 
     def on_train_start(self) -> None:
-        """With ``validate_before_fit``, score the starting policy on the validation prompts (step 0)."""
-        if not self.validate_before_fit or self.trainer.datamodule is None:
+        """With ``validate_before_fit``, score the starting policy on the validation prompts (step 0). A resumed
+        run does not: its starting policy was scored when the run began."""
+        if not self.validate_before_fit or self.trainer.datamodule is None or self.global_step > 0:
             return
         loader = self.trainer.datamodule.val_dataloader()
         if not loader:

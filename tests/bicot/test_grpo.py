@@ -2,6 +2,7 @@
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -331,3 +332,21 @@ def test_fit_logs_the_rollout_mismatch_of_the_trained_levels_and_nan_for_a_skipp
     skipped, trained = steps
     assert math.isnan(skipped["train/rollout_kl/image"]) and math.isnan(skipped["train/rollout_logp_gap_max"])
     assert 0 <= trained["train/rollout_kl/image"] < 1e-8 and trained["train/rollout_logp_gap_max"] < 1e-4
+
+
+@pytest.mark.parametrize("global_step, validates", [(0, True), (3, False)])
+def test_validate_before_fit_scores_the_starting_policy_once_not_again_on_resume(global_step, validates):
+    module = make_module(validate_before_fit=True)
+    scored = []
+
+    def evaluate(batch, batch_idx, tally):
+        scored.append(batch_idx)
+        tally.add("val/reward", torch.ones(len(batch)))
+
+    module.evaluate = evaluate
+    data = PromptDataModule(train_file=str(TOY_PROMPTS), val_file=str(TOY_PROMPTS), batch_size=2)
+    data.setup("fit")
+    logger = MemoryLogger()
+    module._trainer = SimpleNamespace(datamodule=data, global_step=global_step, is_global_zero=True, loggers=[logger])
+    module.on_train_start()
+    assert bool(scored) == validates and bool(logger.calls) == validates  # a resume (step 3): nothing again
