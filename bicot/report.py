@@ -179,8 +179,11 @@ def benchmark_table(benchmark: str, runs: Sequence[RunScores], published: bool =
             "The other rows are bicot runs scored by the reward expert named in *scored by*: compare rows "
             "scored the same way; a bicot expert is not the benchmark's own scorer."
         )
-    counts = "; ".join(f"{r.run}: {r.images.get(ALL, sum(r.images.values()))}" for r in runs)
-    notes.append(f"Images scored per run: {counts}.")
+    if runs:
+        counts = "; ".join(f"{r.run}: {r.images.get(ALL, sum(r.images.values()))}" for r in runs)
+        notes.append(f"Images scored per run: {counts}.")
+    else:  # a benchmark asked for by name that none of the score files holds
+        notes.append("None of the given score files holds a run of this benchmark: only the published rows.")
     return f"## {title}\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 

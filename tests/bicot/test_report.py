@@ -155,3 +155,10 @@ def test_a_score_file_a_spreadsheet_saved_with_a_bom_reads_the_same(runs, tmp_pa
     bom.parent.mkdir()
     bom.write_bytes(b"\xef\xbb\xbf" + runs[1].read_bytes())
     assert read_scores(bom) == read_scores(runs[1])
+
+
+def test_a_benchmark_no_file_holds_says_so_under_its_published_rows(runs):
+    report = build_report([runs[2]], benchmarks=["compbench"])  # only the toy run is given
+    assert "(published)" in report and "toy_start" not in report
+    assert "None of the given score files holds a run of this benchmark" in report
+    assert "Images scored per run: ." not in report
