@@ -11,7 +11,7 @@ from bicot.loss import GRPOConfig, LossOutput, TokenTerms, bicot_loss, group_adv
 from bicot.rollout import Rollout
 from modules.policy import ImageContext, JanusPolicy, PlanBatch
 from modules.reference import ReferencePolicy
-from modules.rewards.ensemble import RewardEnsemble
+from modules.rewards.ensemble import RewardEnsemble, RewardExpertError
 
 # ---------------------------------------------------------------------------------------------
 # Phase 1: rollout. Plans (semantic-level CoT), then image tokens with CFG (token-level CoT).
@@ -126,13 +126,32 @@ def score_phase(
     Args:
         gather: ``[R] -> [R_global]``, the rewards of every process in global row order. Only these
             scalars cross the network; groups split across processes get the right statistics.
+
+    Raises:
+        RewardExpertError: an expert raised (``rewards.on_error: raise``) on this process or on another; every
+            process raises at the same point, so none is left waiting for the others in a collective.
     """
-    out = rewards(r.images, r.records)
     device = r.image_tokens.device
-    if gather is not None and rewards.on_error == "zero":  # an expert zeroed on one process is zeroed on all
-        flags = torch.tensor([float(name in out.failed) for name in rewards.names], device=device)
-        anywhere = gather(flags).reshape(-1, len(rewards.names)).amax(0)
-        out = rewards.zero_failed_elsewhere(out, [n for n, f in zip(rewards.names, anywhere.tolist(), strict=True) if f])
+    failure: RewardExpertError | None = None
+    try:
+        out = rewards(r.images, r.records)
+    except RewardExpertError as err:
+        if gather is None:
+            raise
+        failure, out = err, None
+    if gather is not None:  # what failed where: [raised, zeroed expert 1, ...] over every process
+        names = rewards.names
+        flags = [float(out is None), *(float(out is not None and name in out.failed) for name in names)]
+        seen = gather(torch.tensor(flags, device=device)).reshape(-1, len(names) + 1).amax(0).tolist()
+        if seen[0]:
+            if failure is not None:
+                raise failure
+            raise RewardExpertError(
+                "a reward expert raised on another process (its message is in that process's output); every "
+                "process stops with it"
+            )
+        # an expert zeroed on one process is zeroed on all (rewards.on_error: zero)
+        out = rewards.zero_failed_elsewhere(out, [n for n, f in zip(names, seen[1:], strict=True) if f])
     r.rewards = out.total.to(device)  # [R]
     r.reward_per_expert = {name: score.to(device) for name, score in out.per_expert.items()}
     r.global_rewards = gather(r.rewards) if gather is not None else r.rewards  # [R_global]

@@ -14,7 +14,7 @@ from datamodules.records import PromptRecord
 from modules.policy import JanusPolicy, SamplingConfig
 from modules.reference import ReferencePolicy
 from modules.rewards.base import RewardExpert
-from modules.rewards.ensemble import RewardEnsemble
+from modules.rewards.ensemble import RewardEnsemble, RewardExpertError
 from modules.tiny import TinyJanusSpec
 
 G = 3
@@ -283,8 +283,8 @@ def test_an_expert_zeroed_on_another_process_is_zeroed_here_too(failed_there):
     rewards = RewardEnsemble([Brightness(), Table()], weights={"brightness": 0.5, "table": 2.0}, on_error="zero")
 
     def gather(values):  # this process, then a second one whose brightness expert raised (or not)
-        if values.numel() == len(rewards.names):  # the experts' failure flags
-            return torch.cat([values, torch.tensor([float(failed_there), 0.0])])
+        if values.numel() == 1 + len(rewards.names):  # [raised, zeroed brightness, zeroed table]
+            return torch.cat([values, torch.tensor([0.0, float(failed_there), 0.0])])
         return torch.cat([values, values])  # its rows' rewards: this process's, for the test
 
     score_phase(r, rewards, GRPOConfig(num_generations=G, beta=0.0), policy, None, gather=gather)
@@ -295,6 +295,36 @@ def test_an_expert_zeroed_on_another_process_is_zeroed_here_too(failed_there):
     else:
         torch.testing.assert_close(r.rewards, table + 0.5 * r.reward_per_expert["brightness"])
     assert not any(rewards.errors.values())  # it raised elsewhere: this process counts no error of its own
+
+
+class Raises(RewardExpert):
+    name = "raises"
+
+    def score(self, images, prompts):
+        raise RuntimeError("simulated expert failure")
+
+
+@pytest.mark.parametrize("where", ["here", "there"])
+def test_an_expert_that_raises_on_any_process_stops_every_process_at_the_same_gather(where):
+    """``rewards.on_error: raise`` under data parallel: the process whose expert raised still takes part in the
+    gather of failure flags, then every process raises, so none waits for the others until the timeout."""
+    policy = make_policy()
+    r = make_rollout(policy)
+    experts = [Table(), Raises()] if where == "here" else [Table(), Brightness()]
+    rewards = RewardEnsemble(experts)
+    gathered = []
+
+    def gather(values):  # this process, then a second one that raised (or not)
+        gathered.append(values.clone())
+        other = torch.zeros_like(values)
+        other[0] = float(where == "there")
+        return torch.cat([values, other])
+
+    with pytest.raises(RewardExpertError) as info:
+        score_phase(r, rewards, GRPOConfig(num_generations=G, beta=0.0), policy, None, gather=gather)
+    assert len(gathered) == 1 and gathered[0][0] == float(where == "here")  # the flags, before anything else
+    expected = "'raises' failed" if where == "here" else "raised on another process"
+    assert expected in str(info.value)
 
 
 def test_score_without_reward_scaling_only_centres():
