@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from datamodules.records import PromptRecord
-from modules.hub import load_cache_first
+from modules.hub import load_cache_first, local_folder
 from modules.seeding import image_seeds, rank_share
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,9 +26,8 @@ def load_pipeline(source: str, dtype: torch.dtype, trust_remote_code: bool = Fal
     """``DiffusionPipeline.from_pretrained(source)`` with a clear error for a missing or foreign folder."""
     from diffusers import DiffusionPipeline  # optional dependency: imported only when a baseline is used
 
-    path = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
-    if looks_local:
+    path = local_folder(source)
+    if path is not None:
         if not path.is_dir():
             raise BaselineLoadError(f"diffusers pipeline folder not found: {str(path)!r}")
         if not (path / "model_index.json").is_file():

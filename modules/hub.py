@@ -21,6 +21,17 @@ from typing import Any
 MARKER_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "model_index.json")
 
 
+def local_folder(source: str) -> Path | None:
+    """The folder ``source`` names, or ``None`` where it is a hub id (``name`` or ``owner/name``).
+
+    A source that starts with ``.``, ``/`` or ``~``, exists, or has more than one slash is meant as a folder,
+    whether or not it exists (so a missing one is reported as a missing folder, not looked up on the hub).
+    """
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
+    return path if looks_local else None
+
+
 def cached_locally(source: str) -> bool:
     """Whether hub id ``source`` has files in the local Hugging Face cache (asks no server)."""
     from huggingface_hub import try_to_load_from_cache

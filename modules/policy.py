@@ -18,7 +18,7 @@ from modules import janus_ops
 from modules.decode_step import ATTENTION_CHOICES
 from modules.engine import COMPILE_MODES, EngineStats, RolloutEngine, check_float8
 from modules.engine_weights import quantizable
-from modules.hub import load_cache_first
+from modules.hub import load_cache_first, local_folder
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
 
@@ -523,13 +523,6 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def _local_folder(source: str) -> Path | None:
-    """The folder ``source`` names, or ``None`` for a hub id (the rule of :func:`check_janus_source`)."""
-    path = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
-    return path if looks_local else None
-
-
 def _mismatch(source: str) -> str:
     """How the weights' shapes differ from those ``source``'s config.json asks for: a count and one example.
 
@@ -537,7 +530,7 @@ def _mismatch(source: str) -> str:
     weights read). Only called once transformers has refused the load; says less where it cannot tell.
     """
     fallback = "tensors of another shape; see the load report above"
-    folder = _local_folder(source)
+    folder = local_folder(source)
     if folder is None:
         return fallback
     try:
@@ -563,7 +556,7 @@ def _mismatch(source: str) -> str:
 def check_janus_source(source: str) -> None:
     """Fail early, with the path named, when a local checkpoint is missing, is not a Janus model, or has a config
     or safetensors weights file that cannot be read. Hub ids are left to the loaders."""
-    path = _local_folder(source)
+    path = local_folder(source)
     if path is None:
         return  # a hub id such as deepseek-community/Janus-Pro-1B
     if not path.is_dir():
@@ -597,7 +590,7 @@ def check_janus_source(source: str) -> None:
 def check_tokenizer_files(source: str) -> None:
     """Refuse a local folder without the files the Janus processor's tokenizer is read from (transformers' own
     error for it blames a missing sentencepiece and names no folder). Hub ids are left to the loaders."""
-    path = _local_folder(source)
+    path = local_folder(source)
     if path is None:
         return
     vocabulary = (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()

@@ -8,12 +8,11 @@ import math
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn
 
 from bicot.memory.plan import MemoryPlan, engine_holds_buffers, plan_for, rows, update_tokens
 from bicot.memory.recipe import Lengths
-from bicot.memory.shapes import PRESET_ALIASES, PRESETS
+from bicot.memory.shapes import PRESETS
 
 _ALL = ("rollout", "score", "update")
 
@@ -138,23 +137,6 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     return number
 
 
-def _shape_problem(source: str) -> str | None:
-    """Why ``--shape source`` cannot be read, found before the slow config parse; ``None`` if it may be.
-
-    Checked as :func:`bicot.memory.load_shape` reads it: a preset, else a folder, else a hub id, which
-    is ``name`` or ``owner/name`` (anything else with a slash, or rooted, is meant as a folder).
-    """
-    key = source.lower()
-    if PRESET_ALIASES.get(key, key) in PRESETS:
-        return None
-    folder, hint = Path(source).expanduser(), f"give a checkpoint folder or a preset: {', '.join(PRESETS)}"
-    if folder.is_dir():
-        return None if (folder / "config.json").is_file() else f"the folder has no config.json; {hint}"
-    if source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
-        return f"no such folder; {hint}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m bicot.memory -c CONFIG [-c MORE] [--world-size N] [--gpu-gib 80] [--dotted.overrides]``."""
     from bicot import memory  # the package's docstring describes the command
@@ -179,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     def fail(message: str) -> NoReturn:  # one line, no usage: the flags parsed, the value is wrong
         parser.exit(2, f"{parser.prog}: error: {' '.join(message.split())}\n")
 
-    if args.shape and (problem := _shape_problem(args.shape)):
-        fail(f"--shape {args.shape}: {problem}")
     try:
         config = parse_config([a for path in args.config for a in ("-c", path)] + overrides)
     except (ArgumentError, ValueError) as err:  # a config bicot fit would refuse: its one line

@@ -4,7 +4,6 @@ device (presets, checkpoint configs or a tiny spec; never weights), dtype sizes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,6 +111,7 @@ def load_shape(source: str | None = None, tiny: Any = None) -> ModelShape:
     (its config.json only), a hub id in the local Hugging Face cache, or a tiny spec (``model.policy.tiny``)."""
     from transformers import JanusConfig, JanusForConditionalGeneration
 
+    from modules.hub import local_folder
     from modules.tiny import TinyJanusSpec, build_tiny_janus
 
     if tiny is not None:
@@ -129,22 +129,15 @@ def load_shape(source: str | None = None, tiny: Any = None) -> ModelShape:
             vq_config=dict(projection_dim=h, image_token_embed_dim=h),
         )
     else:
-        folder = Path(source).expanduser()
-        if folder.is_dir() and not (folder / "config.json").is_file():  # transformers would plan its defaults
-            raise ValueError(
-                f"memory plan: cannot read a Janus config from {source!r} (the folder has no config.json); give a "
-                f"checkpoint folder or a preset with --shape {sorted(PRESETS)}"
-            )
+        folder, hint = local_folder(str(source)), f"give a checkpoint folder or a preset: {', '.join(PRESETS)}"
+        if folder is not None and not folder.is_dir():
+            raise ValueError(f"memory plan: no checkpoint folder {str(folder)!r}; {hint}")
+        if folder is not None and not (folder / "config.json").is_file():  # transformers would plan its defaults
+            raise ValueError(f"memory plan: the folder {str(folder)!r} has no config.json; {hint}")
         try:  # a folder's config.json, or a cached hub id: never weights, never the network
-            config = JanusConfig.from_pretrained(
-                Path(source).expanduser() if Path(source).expanduser().is_dir() else source,
-                local_files_only=True,
-            )
+            config = JanusConfig.from_pretrained(folder or source, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise ValueError(
-                f"memory plan: cannot read a Janus config from {source!r} ({err}); give a "
-                f"checkpoint folder or a preset with --shape {sorted(PRESETS)}"
-            ) from err
+            raise ValueError(f"memory plan: cannot read a Janus config from {source!r} ({err}); {hint}") from err
         key = str(source)
     with torch.device("meta"):
         return shape_from_model(JanusForConditionalGeneration(config), key)
