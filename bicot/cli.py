@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from bicot.checkpointing import read_checkpoint_meta, recover_checkpoint
-from bicot.grpo import BiCoTGRPO, NonFiniteError
+from bicot.grpo import BiCoTGRPO, NonFiniteError, check_even_shares
 from bicot.progress import step_bar_for
 from datamodules.prompts import PromptDataModule
 from modules.rewards.ensemble import RewardExpertError
@@ -140,9 +140,10 @@ class BiCoTCLI(LightningCLI):
 
         Lightning's own version loads the whole checkpoint (every tensor, into memory) to merge hyperparameters
         saved in it into the config. bicot's modules save none (the config is the record, kept in the run), so
-        this one only reads the checkpoint's small entries, memory-mapped."""
+        this one only reads the checkpoint's small entries, memory-mapped. ``fit`` reads them once, in
+        :meth:`before_instantiate_classes`, after resolving ``last`` and recovering a checkpoint a crash left aside."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand not in (None, "fit") else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             path = Path(ckpt_path).expanduser()
             if path.exists():
@@ -156,7 +157,7 @@ class BiCoTCLI(LightningCLI):
             if logger.init_args.get("run_name") is None and logger.init_args.get("run_id") is None:
                 logger.init_args.run_name = fresh_run_name()
         if self.subcommand == "fit":
-            check_even_shares(config)
+            check_config_shares(config)
         if self.subcommand != "fit" or not config.get("ckpt_path"):
             return
         path = resolve_checkpoint(config.ckpt_path, config.trainer)
@@ -197,7 +198,7 @@ class BiCoTCLI(LightningCLI):
                 print(f"bicot: resuming MLflow run {run_id}", file=sys.stderr)
 
 
-def check_even_shares(config: Namespace) -> None:
+def check_config_shares(config: Namespace) -> None:
     """Refuse, before any process starts, a training batch whose rollout rows do not split evenly over the
     processes the trainer config asks for (each process would stop at its first step, each saying so)."""
     trainer, model, data = config.get("trainer") or {}, config.get("model"), config.get("data")
@@ -210,13 +211,8 @@ def check_even_shares(config: Namespace) -> None:
     world = None
     if isinstance(devices, int | list) and isinstance(nodes, int):
         world = (len(devices) if isinstance(devices, list) else devices) * nodes
-    if not (isinstance(world, int) and isinstance(batch, int) and isinstance(group, int)) or world < 1:
-        return  # "auto" devices, another model or data class: the first step checks it
-    if (batch * group) % world:
-        raise ValueError(
-            f"data.batch_size x model.algo.num_generations = {batch} x {group} = {batch * group} rollout rows "
-            f"must be divisible by the {world} processes (trainer.devices x trainer.num_nodes)"
-        )
+    if isinstance(world, int) and isinstance(batch, int) and isinstance(group, int) and world >= 1:
+        check_even_shares(batch, group, world)  # else ("auto" devices, another model or data class): the first step
 
 
 def _mlflow_loggers(node) -> list[Namespace]:

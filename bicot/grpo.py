@@ -33,6 +33,15 @@ class NonFiniteError(RuntimeError):
     """Too many updates in a row had non-finite rewards, advantages or gradients."""
 
 
+def check_even_shares(prompts: int, group_size: int, world: int) -> None:
+    """Training splits the ``prompts x group_size`` rollout rows of a step in equal shares over the processes."""
+    if (prompts * group_size) % world:
+        raise ValueError(
+            f"data.batch_size x model.algo.num_generations = {prompts} x {group_size} = {prompts * group_size} "
+            f"rollout rows must be divisible by the {world} processes (trainer.devices x trainer.num_nodes)"
+        )
+
+
 class BiCoTGRPO(pl.LightningModule):
     """Trains a Janus policy with BiCoT-GRPO: each step is rollout -> score -> update.
 
@@ -180,11 +189,8 @@ class BiCoTGRPO(pl.LightningModule):
         """
         world, rank = self.trainer.world_size, self.trainer.global_rank
         total = prompts * (group_size or self.algo.num_generations)
-        if even and total % world:
-            raise ValueError(
-                f"data.batch_size x algo.num_generations = {total} rollout rows must be divisible by the "
-                f"{world} processes"
-            )
+        if even:
+            check_even_shares(prompts, group_size or self.algo.num_generations, world)
         share = -(-total // world)  # ceil
         offset = min(rank * share, total)
         seed = (self.seed * 1_000_003 + stream) % (2**62)

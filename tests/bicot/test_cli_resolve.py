@@ -9,7 +9,7 @@ import random
 import pytest
 from jsonargparse import Namespace
 
-from bicot.cli import check_even_shares, fresh_run_name, names_class, resolve_checkpoint, user_message
+from bicot.cli import check_config_shares, fresh_run_name, names_class, resolve_checkpoint, user_message
 
 
 def trainer_config(dirpath) -> Namespace:
@@ -110,13 +110,13 @@ def fit_config(devices, batch_size: int, num_generations: int, num_nodes: int = 
 
 def test_rollout_rows_that_do_not_split_over_the_processes_are_refused_before_any_starts():
     with pytest.raises(ValueError, match=r"1 x 3 = 3 rollout rows must be divisible by the 2 processes"):
-        check_even_shares(fit_config(2, batch_size=1, num_generations=3))
+        check_config_shares(fit_config(2, batch_size=1, num_generations=3))
     with pytest.raises(ValueError, match="the 2 processes"):
-        check_even_shares(fit_config("2", batch_size=1, num_generations=3))  # as --trainer.devices=2 gives it
+        check_config_shares(fit_config("2", batch_size=1, num_generations=3))  # as --trainer.devices=2 gives it
     with pytest.raises(ValueError, match="the 4 processes"):
-        check_even_shares(fit_config([0, 1], batch_size=3, num_generations=2, num_nodes=2))
+        check_config_shares(fit_config([0, 1], batch_size=3, num_generations=2, num_nodes=2))
     for config in (fit_config(2, 1, 4), fit_config("auto", 1, 3), fit_config("-1", 1, 3), fit_config(1, 1, 3), fit_config([0, 1, 2], 3, 1)):
-        check_even_shares(config)  # even, or nothing to check before the trainer exists
+        check_config_shares(config)  # even, or nothing to check before the trainer exists
 
 
 def test_a_nested_parse_report_keeps_its_key_and_reasons():

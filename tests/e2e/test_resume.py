@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from test_cli import REPO, bicot, run_in_process, tiny_args  # noqa: I001
+from test_cli import REPO, bicot, cli_in_process, run_in_process, tiny_args  # noqa: I001
 
 E2E = Path(__file__).resolve().parent
 COMPARED = ("train/loss", "train/reward", "train/kl", "train/grad_norm", "train/plan_tokens")
@@ -137,6 +137,8 @@ def test_checkpoint_holds_only_trainable_weights_and_its_fingerprint(capsys, tmp
     code, err = run_in_process(capsys, tmp_path, f"--ckpt_path={tmp_path / 'notes.ckpt'}")
     assert code not in (0, None) and "notes.ckpt' is not a readable bicot checkpoint" in err
     assert "Traceback" not in err
+    code, _, err = cli_in_process(capsys, tmp_path, "test", *tiny_args(tmp_path, f"--ckpt_path={tmp_path / 'notes.ckpt'}"))
+    assert code not in (0, None) and "notes.ckpt' is not a readable bicot checkpoint" in err
     assert len(runs(tmp_path / "mlflow.db")[1]) == 1  # refused before a run was opened
     # A resume may change what leaves the model alone (here the data): the run goes on, both configs kept.
     code, err = run_in_process(
