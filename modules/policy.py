@@ -337,7 +337,9 @@ class JanusPolicy(pl.LightningModule):
             noise,
         )
         # each row's own tokens up to its EOS; the pads after it are left out by the mask, not by their id
-        rows = [row[keep].tolist() for row, keep in zip(out.tokens, out.mask.bool(), strict=True)]
+        # (one copy to the host for the batch, as batch_decode of the tensor made)
+        tokens, masks = out.tokens.tolist(), out.mask.tolist()
+        rows = [[t for t, keep in zip(row, mask, strict=True) if keep] for row, mask in zip(tokens, masks, strict=True)]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return PlanBatch(ids, mask, out.tokens, out.mask, out.logp, [t.strip() for t in texts], out.entropy)
 
