@@ -312,6 +312,18 @@ class BiCoTGRPO(pl.LightningModule):
                 "that wrote it, or start a new run without --ckpt_path"
             )
 
+    def _token_means(self, stats: loop.UpdateStats | None) -> dict[str, float]:
+        """The update's token means (:data:`bicot.loop.TOKEN_MEANS`) over every process's valid tokens.
+
+        Processes hold different numbers of plan tokens, so a mean of their means would be off; their sums
+        and counts travel in one all-reduce instead. Every process calls it, a skipped update too.
+        """
+        pairs = [stats.token_sums.get(name, (0.0, 0)) if stats else (0.0, 0) for name in loop.TOKEN_MEANS]
+        total = torch.tensor(pairs, dtype=torch.float64, device=self.device)  # [K, 2]: sum, tokens
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        return {name: s / n if n else 0.0 for name, (s, n) in zip(loop.TOKEN_MEANS, total.tolist(), strict=True)}
+
     def _log_step(
         self, r: Rollout, stats: loop.UpdateStats | None, times: dict[str, float], lr: float
     ) -> None:
@@ -335,14 +347,18 @@ class BiCoTGRPO(pl.LightningModule):
         stds = group_std(r.global_rewards, r.group_size)  # the same on every process
         self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
         nan = float("nan")
-        for key in ("loss", "policy_loss", "kl", "clip_frac"):
-            self.log(f"train/{key}", getattr(stats, key) if stats else nan, prog_bar=key == "kl", **summed)
+        for key in ("loss", "policy_loss"):
+            self.log(f"train/{key}", getattr(stats, key) if stats else nan, **summed)
         self.log("train/kl_max", stats.kl_max if stats else nan, **dict(mean, reduce_fx="max"))
+        token_means = self._token_means(stats)
+        exact = dict(mean, sync_dist=False)  # already the mean over every process's tokens
+        for key in ("kl", "clip_frac"):
+            self.log(f"train/{key}", token_means[key] if stats else nan, prog_bar=key == "kl", **exact)
         # the levels that train, constant over the run; a level that does not train has no reference log-probs,
         # so its KL is not measured: no key rather than a 0 that would read as "no drift"
         for level in loop.trained_levels(r, self.algo):
-            self.log(f"train/kl_{level}", getattr(stats, f"kl_{level}") if stats else nan, **summed)
-            self.log(f"train/rollout_kl/{level}", stats.rollout_kl[level] if stats else nan, **mean)
+            self.log(f"train/kl_{level}", token_means[f"kl_{level}"] if stats else nan, **exact)
+            self.log(f"train/rollout_kl/{level}", token_means[f"rollout_kl/{level}"] if stats else nan, **exact)
         gap = stats.rollout_logp_gap_max if stats else nan
         self.log("train/rollout_logp_gap_max", gap, **dict(mean, reduce_fx="max"))
         self.log("train/grad_norm", stats.grad_norm if stats else nan, **mean)

@@ -220,9 +220,19 @@ def minibatch_loss(
     return out, {k: v.detach() for k, v in current.items()}
 
 
+TOKEN_MEANS = ("kl", "kl_plan", "kl_image", "clip_frac", "rollout_kl/plan", "rollout_kl/image")
+"""The update's metrics that are means over valid tokens: :attr:`UpdateStats.token_sums` holds each one's sum
+and count, so that every process's can be merged into the exact mean over the global batch."""
+
+
 @dataclass
 class UpdateStats:
-    """Means over the update of the loss parts (weighted like the loss), and the last step's numbers."""
+    """Means over the update of the loss parts (weighted like the loss), and the last step's numbers.
+
+    ``kl``, ``kl_plan``, ``kl_image``, ``clip_frac`` and ``rollout_kl`` are exact means over this process's
+    valid tokens of every minibatch and epoch, whatever the minibatches' lengths; ``token_sums`` merges them
+    over processes.
+    """
 
     loss: float = 0.0
     policy_loss: float = 0.0
@@ -238,6 +248,17 @@ class UpdateStats:
     policy), the mean over the level's valid tokens of the first epoch (see :func:`rollout_mismatch`)."""
     rollout_logp_gap_max: float = 0.0
     """max ``|logp_update - logp_rollout|`` over both levels' valid tokens of the first epoch."""
+    token_sums: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """name in :data:`TOKEN_MEANS` -> ``(sum over valid tokens, valid tokens)`` on this process; a name that
+    was not measured is absent."""
+
+    def add_tokens(self, name: str, total: float, tokens: int) -> None:
+        before, count = self.token_sums.get(name, (0.0, 0))
+        self.token_sums[name] = (before + total, count + tokens)
+
+    def token_mean(self, name: str) -> float:
+        total, count = self.token_sums.get(name, (0.0, 0))
+        return total / count if count else 0.0
 
 
 def update_phase(
@@ -264,15 +285,13 @@ def update_phase(
     stats = UpdateStats()
     slices = minibatches(r.num_rows, minibatch_size)
     olds: list[dict[str, torch.Tensor] | None] = [None] * len(slices)
-    k3_sums, token_counts = {}, {}  # level -> first epoch's sum of k3, and its valid tokens
     for _epoch in range(algo.mu):
         for i, rows in enumerate(slices):
             sub = r.rows(rows)
             out, current = minibatch_loss(policy, sub, algo, olds[i])
             if olds[i] is None:  # first epoch: the weights the rollout sampled with
                 for level, (k3_sum, tokens, gap) in rollout_mismatch(sub, current).items():
-                    k3_sums[level] = k3_sums.get(level, 0.0) + k3_sum
-                    token_counts[level] = token_counts.get(level, 0) + tokens
+                    stats.add_tokens(f"rollout_kl/{level}", k3_sum, tokens)
                     stats.rollout_logp_gap_max = max(stats.rollout_logp_gap_max, gap)
             olds[i] = olds[i] or current
             share = loss_denominator(sub, algo) / global_denominator  # this minibatch's part of the whole
@@ -281,7 +300,10 @@ def update_phase(
         grad_norm, applied = step()
         stats.grad_norm = grad_norm
         stats.skipped += 0 if applied else 1
-    stats.rollout_kl = {level: k3_sums[level] / max(token_counts[level], 1) for level in k3_sums}
+    for name in ("kl", "kl_plan", "kl_image", "clip_frac"):
+        setattr(stats, name, stats.token_mean(name))
+    levels = [name.split("/")[1] for name in stats.token_sums if name.startswith("rollout_kl/")]
+    stats.rollout_kl = {level: stats.token_mean(f"rollout_kl/{level}") for level in levels}
     return stats
 
 
@@ -315,10 +337,15 @@ def rollout_mismatch(sub: Rollout, current: dict[str, torch.Tensor]) -> dict[str
 
 
 def _accumulate(stats: UpdateStats, out: LossOutput, weight: float) -> None:
-    stats.loss += float(out.loss.detach()) * weight
-    stats.policy_loss += float(out.policy_loss) * weight
-    stats.kl += float(out.kl) * weight
-    stats.kl_plan += float(out.kl_plan) * weight
-    stats.kl_image += float(out.kl_image) * weight
-    stats.clip_frac += float(out.clip_frac) * weight
-    stats.kl_max = max(stats.kl_max, float(out.kl_max))
+    """Add one minibatch: ``loss`` and ``policy_loss`` by ``weight`` (its share of the objective), the token
+    means by their tokens, with one copy of the scalars to the host."""
+    names = ("loss", "policy_loss", "kl_max", "kl", "kl_plan", "kl_image", "clip_frac")
+    values = torch.stack([getattr(out, name).detach().float() for name in names]).tolist()
+    counts = torch.stack([out.kl_tokens, out.kl_plan_tokens, out.kl_image_tokens, out.num_tokens]).tolist()
+    loss, policy_loss, kl_max = values[:3]
+    stats.loss += loss * weight
+    stats.policy_loss += policy_loss * weight
+    stats.kl_max = max(stats.kl_max, kl_max)
+    for name, mean, tokens in zip(("kl", "kl_plan", "kl_image", "clip_frac"), values[3:], counts, strict=True):
+        if tokens:
+            stats.add_tokens(name, mean * tokens, tokens)

@@ -277,7 +277,14 @@ class LossOutput:
     clip_frac: Tensor
     """``[]`` detached, fraction of valid trained tokens whose gradient the clip cut."""
     num_tokens: Tensor
-    """``[]`` int64, number of valid tokens that entered the loss."""
+    """``[]`` int64, number of valid tokens that entered the loss (the denominator of ``clip_frac``)."""
+    kl_tokens: Tensor
+    """``[]`` int64, valid tokens behind ``kl``: with the token counts, means over several minibatches or
+    processes can be merged exactly (``sum(mean * tokens) / sum(tokens)``)."""
+    kl_plan_tokens: Tensor
+    """``[]`` int64, valid plan tokens behind ``kl_plan`` (0 when it was not measured)."""
+    kl_image_tokens: Tensor
+    """``[]`` int64, valid image tokens behind ``kl_image`` (0 when it was not measured)."""
 
 
 @dataclass
@@ -336,8 +343,8 @@ class _Trained:
 
 def _modality(
     name: str, terms: TokenTerms, train: bool, weight: float, advantages: Tensor, cfg: GRPOConfig
-) -> tuple[_Trained | None, Tensor | None]:
-    """Per-token terms of one modality: ``(_Trained or None if its level is off, monitored mean KL)``."""
+) -> tuple[_Trained | None, tuple[Tensor, Tensor] | None]:
+    """Per-token terms of one modality: ``(_Trained or None if its level is off, (mean KL, its tokens) or None)``."""
     if train and cfg.beta > 0 and terms.ref_logp is None:
         raise ValueError(f"{name} terms need ref_logp when beta > 0 (beta={cfg.beta})")
     # an untrained level is only monitored, so it must not reach the graph
@@ -345,7 +352,7 @@ def _modality(
     kl, mean_kl = None, None
     if cfg.beta > 0 and prep.ref_logp is not None:
         kl = kl_penalty(prep.logp, prep.ref_logp, cfg.kl_estimator)  # [N, L]
-        mean_kl = _masked_mean([kl.detach()], [prep.mask], kl)
+        mean_kl = _masked_mean([kl.detach()], [prep.mask], kl), prep.mask.sum()
     if not train:
         return None, mean_kl
     surrogate, clipped = clipped_surrogate(
@@ -387,7 +394,7 @@ def bicot_loss(
         ("image", image, cfg.train_image, cfg.image_weight),
     ]
     trained: list[_Trained] = []
-    monitor_kl: dict[str, Tensor] = {}
+    monitor_kl: dict[str, tuple[Tensor, Tensor]] = {}  # level -> (mean KL, valid tokens)
     for name, terms, train, weight in specs:
         if terms is None:
             continue
@@ -406,13 +413,19 @@ def bicot_loss(
     with_kl = [t for t in trained if t.kl is not None]
     kls, kl_masks = [t.kl for t in with_kl], [t.mask for t in with_kl]
     like = trained[0].surrogate
+    none = (like.new_zeros(()), masks[0].new_zeros((), dtype=torch.int64))
+    kl_plan, kl_plan_tokens = monitor_kl.get("plan", none)
+    kl_image, kl_image_tokens = monitor_kl.get("image", none)
     return LossOutput(
         loss=aggregate([t.loss for t in trained], masks, weights, cfg.aggregation),
         policy_loss=aggregate([t.surrogate for t in trained], masks, weights, cfg.aggregation).detach(),
         kl=_masked_mean(kls, kl_masks, like),
-        kl_plan=monitor_kl.get("plan", like.new_zeros(())),
-        kl_image=monitor_kl.get("image", like.new_zeros(())),
+        kl_plan=kl_plan,
+        kl_image=kl_image,
         kl_max=_masked_max(kls, kl_masks, like),
         clip_frac=_masked_mean([t.clipped.to(like.dtype) for t in trained], masks, like),
         num_tokens=sum(m.sum() for m in masks),
+        kl_tokens=sum((m.sum() for m in kl_masks), masks[0].new_zeros((), dtype=torch.int64)),
+        kl_plan_tokens=kl_plan_tokens,
+        kl_image_tokens=kl_image_tokens,
     )

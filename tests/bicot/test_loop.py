@@ -416,6 +416,10 @@ def test_minibatch_accumulation_equals_one_full_batch_step(aggregation, levels):
         torch.testing.assert_close(rec.flat(), expected, atol=1e-5, rtol=1e-5, msg=f"minibatch_size={size}")
         assert stats.loss == pytest.approx(full_stats.loss, abs=1e-5)
         assert stats.policy_loss == pytest.approx(full_stats.policy_loss, abs=1e-5)
+        # token means: minibatches of unequal plan lengths (and plan_weight 1.5) still give the batch's
+        for key in ("kl", "kl_plan", "kl_image", "clip_frac"):
+            assert getattr(stats, key) == pytest.approx(getattr(full_stats, key), rel=1e-5, abs=1e-9), (size, key)
+    assert full_stats.kl > 0 and (full_stats.kl_plan > 0) == (levels != "token")
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
@@ -437,6 +441,27 @@ def test_data_parallel_scaling_matches_single_process(aggregation):
     total = sum(loss_denominator(h, algo) for h in halves)
     grads = [run_update(policy, h, algo, world_size=2, global_denominator=total)[0].flat() for h in halves]
     torch.testing.assert_close((grads[0] + grads[1]) / 2, single, atol=1e-5, rtol=1e-5)
+
+
+def test_token_means_merge_over_processes_into_the_single_process_means():
+    # Two processes holding one prompt group each, with different plan lengths: the sums and token counts
+    # they all-reduce (BiCoTGRPO._token_means) give the single process's means, where a mean of the two
+    # processes' means would not.
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.05)
+    r = scored_rollout(policy, algo, other_reference())
+    _, single = run_update(policy, r, algo)
+    halves = [r.rows(slice(0, G)), r.rows(slice(G, R))]
+    total = sum(loss_denominator(h, algo) for h in halves)
+    parts = [run_update(policy, h, algo, world_size=2, global_denominator=total)[1] for h in halves]
+    assert sum(PLAN_LENGTHS[:G]) != sum(PLAN_LENGTHS[G:])
+    for name in loop.TOKEN_MEANS:
+        merged = [sum(p.token_sums[name][i] for p in parts) for i in (0, 1)]
+        level = name.split("/")[1] if "/" in name else None
+        expected = single.rollout_kl[level] if level else getattr(single, name)
+        assert merged[0] / merged[1] == pytest.approx(expected, rel=1e-5, abs=1e-12), name
+    mean_of_means = sum(p.kl_plan for p in parts) / 2
+    assert mean_of_means != pytest.approx(single.kl_plan, rel=1e-3)  # what the exact merge avoids
 
 
 def test_mu_epochs_step_each_epoch_and_reuse_first_epoch_logprobs_as_old(monkeypatch):

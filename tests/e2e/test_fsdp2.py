@@ -7,7 +7,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_cli import REPO, bicot, run_in_process, tiny_args
 
-COMPARED = ("train/loss", "train/reward", "train/kl", "train/grad_norm", "train/plan_tokens")
+COMPARED = (
+    "train/loss", "train/reward", "train/kl", "train/kl_plan", "train/kl_image", "train/grad_norm", "train/plan_tokens"
+)
 
 
 def history(db, name: str) -> list[float]:
