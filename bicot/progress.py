@@ -15,6 +15,7 @@ import ``callbacks/``.)
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 
 def train_description(epoch: int, max_epochs: int | None, step: int, max_steps: int) -> str:
@@ -33,6 +34,21 @@ class _StepDescription:
 
     def _describe(self, trainer) -> str:
         return train_description(trainer.current_epoch, trainer.max_epochs, trainer.global_step, trainer.max_steps)
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """The batches this pass over the prompts will run: Lightning's bound (the pass's batches, or the steps
+        left to ``max_steps``) counted from the pass's start, so that a resumed run's bar, whose batch index goes
+        on from the restored one, ends at its total; and with ``mu`` optimizer steps per batch (bicot's
+        ``model.algo.mu``), steps left are ``mu`` times the batches left."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if trainer.max_epochs != -1 or trainer.max_steps is None or trainer.max_steps <= 0:
+            return batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this pass's batches so far
+        per_batch = max(int(getattr(getattr(trainer.lightning_module, "algo", None), "mu", 1)), 1)
+        steps_left = max(trainer.max_steps - trainer.global_step, 0)
+        return min(batches, done + -(-steps_left // per_batch))
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
@@ -58,6 +74,12 @@ class StepRichProgressBar(_StepDescription, RichProgressBar):
 
 class StepTQDMProgressBar(_StepDescription, TQDMProgressBar):
     """Lightning's tqdm bar (where ``rich`` is not installed) with the step description."""
+
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        # a run resumed mid-pass gets no on_train_epoch_start from Lightning, so its bar would have no total
+        self.train_progress_bar.total = convert_inf(self.total_train_batches)
+        self.train_progress_bar.set_description(self._describe(trainer))
 
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)

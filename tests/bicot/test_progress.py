@@ -71,6 +71,55 @@ def test_the_bar_shows_the_run_steps_during_a_fit_and_no_version(tmp_path, bar_c
     assert "train/loss" in metrics and "v_num" not in metrics
 
 
+class _FourBatches(_Counter):
+    """Four batches per epoch; ``algo.mu`` optimizer steps per batch, as bicot's ``model.algo.mu``."""
+
+    def __init__(self, mu: int = 1) -> None:
+        super().__init__()
+        self.algo = type("Algo", (), {"mu": mu})()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(4), batch_size=1)
+
+    def training_step(self, batch, batch_idx):
+        for _ in range(self.algo.mu):
+            super().training_step(batch, batch_idx)
+
+
+def counts(bar) -> tuple[int, int | None]:
+    """What the training bar shows as ``n/total``."""
+    if isinstance(bar, RichProgressBar):
+        task = bar.progress.tasks[bar.train_progress_bar_id]
+        return int(task.completed), None if task.total is None else int(task.total)
+    return bar.train_progress_bar.n, bar.train_progress_bar.total
+
+
+def _fit(tmp_path, bar, module, max_steps, ckpt_path=None, checkpoints=None):
+    trainer = Trainer(max_steps=max_steps, max_epochs=-1, callbacks=[bar, *(checkpoints or [])],
+                      logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_model_summary=False,
+                      enable_checkpointing=checkpoints is not None)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("bar_class", [StepRichProgressBar, StepTQDMProgressBar])
+def test_the_bar_ends_at_its_total_after_a_resume_mid_pass_and_with_several_steps_per_batch(tmp_path, bar_class):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    _fit(tmp_path, bar_class(), _FourBatches(), 2, checkpoints=[every])
+    # resumed after batch 2 of 4: Lightning's index goes on from 2, so the total counts from the pass's start
+    # (it read 4/1 with rich, 4/? with tqdm)
+    bar = bar_class()
+    trainer = _fit(tmp_path, bar, _FourBatches(), 4, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert trainer.global_step == 4 and counts(bar) == (4, 4)
+    assert describe(bar) == "Epoch 0 · step 4/4"
+    # two optimizer steps per batch: max_steps 4 is 2 batches (it read 2/4)
+    bar = bar_class()
+    trainer = _fit(tmp_path / "mu", bar, _FourBatches(mu=2), 4)
+    assert trainer.global_step == 4 and counts(bar) == (2, 2)
+
+
 def describe(bar) -> str:
     if isinstance(bar, RichProgressBar):
         return bar.progress.tasks[bar.train_progress_bar_id].description.strip()
