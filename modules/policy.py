@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoProcessor, JanusForConditionalGeneration
+from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from datamodules.records import PromptRecord
 from modules import janus_ops
@@ -267,10 +268,22 @@ class JanusPolicy(pl.LightningModule):
             raise CheckpointError(f"the tokenizer of {model_name_or_path!r} has no pad token; Janus tokenizers do")
 
     # ---- text handling -------------------------------------------------------------------------
-    def chat(self, user_text: str) -> str:
-        """The user turn in the checkpoint's chat format, ending where the assistant speaks."""
+    def chat(self, user_text: str, generation_mode: str = "text") -> str:
+        """The user turn in the checkpoint's chat format, ending where the assistant speaks.
+
+        ``generation_mode`` as ``JanusProcessor`` names it: ``text`` (a plan) starts with the default system prompt
+        where the checkpoint's processor asks for one (``use_default_system_prompt``: Janus-Pro's converted
+        checkpoints do), as the processor does for text; ``image`` never has one (the caller appends begin-of-image).
+        """
+        if generation_mode not in ("text", "image"):
+            raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
         messages = [{"role": "user", "content": [{"type": "text", "text": user_text}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if generation_mode == "text" and getattr(self.processor, "use_default_system_prompt", False):
+            bos = self.tokenizer.bos_token or ""
+            head = bos if bos and text.startswith(bos) else ""  # a template that writes BOS keeps it first
+            text = head + DEFAULT_SYSTEM_PROMPT + text[len(head) :]
+        return text
 
     def encode(self, texts: Sequence[str], suffix_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize and left-pad texts (one BOS each), optionally appending a token id to every row.
@@ -306,7 +319,7 @@ class JanusPolicy(pl.LightningModule):
         for i, prompt in enumerate(prompts):
             plan = plans[i].strip() if plans is not None else ""
             joiner = " " if prompt.rstrip().endswith((".", "!", "?")) else ". "
-            texts.append(self.chat(prompt.rstrip() + joiner + plan if plan else prompt))
+            texts.append(self.chat(prompt.rstrip() + joiner + plan if plan else prompt, "image"))
         ids, mask = self.encode(texts, suffix_id=self.boi_id)
         return ImageContext(ids, mask, self.unconditional(ids, mask))
 

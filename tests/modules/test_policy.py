@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
+from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from datamodules.records import PromptRecord
 from modules.policy import PARTS, CheckpointError, JanusPolicy, SamplingConfig, set_trainable
-from modules.tiny import PAD, SPECIAL_TOKENS, build_tiny_janus, build_word_tokenizer
+from modules.tiny import CHAT_TEMPLATE, PAD, SPECIAL_TOKENS, build_tiny_janus, build_word_tokenizer
 
 TEMPLATE = "describe {prompt} with every object and colour"
 PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
@@ -318,13 +319,38 @@ def test_unconditional_pads_every_real_token_but_the_first_and_last(tiny_policy)
 def test_image_context_is_prompt_dot_plan_in_chat_format_then_begin_of_image(tiny_policy):
     ctx = tiny_policy.image_context(["a red circle", "a sun."], ["  a big red circle ", "a yellow sun"])
     expected, _ = tiny_policy.encode(
-        [tiny_policy.chat("a red circle. a big red circle"), tiny_policy.chat("a sun. a yellow sun")],
+        [tiny_policy.chat("a red circle. a big red circle", "image"), tiny_policy.chat("a sun. a yellow sun", "image")],
         suffix_id=tiny_policy.boi_id,
     )
     assert torch.equal(ctx.cond_ids, expected)
     without_plan = tiny_policy.image_context(["a red circle"], None)
-    alone, _ = tiny_policy.encode([tiny_policy.chat("a red circle")], suffix_id=tiny_policy.boi_id)
+    alone, _ = tiny_policy.encode([tiny_policy.chat("a red circle", "image")], suffix_id=tiny_policy.boi_id)
     assert torch.equal(without_plan.cond_ids, alone)
+
+
+@pytest.mark.parametrize("writes_bos", [True, False], ids=["template_writes_bos", "bos_from_encode"])
+def test_plan_context_has_the_default_system_prompt_where_the_processor_asks_and_images_none(tiny_policy, writes_bos):
+    """Janus-Pro's converted checkpoints set ``use_default_system_prompt``: JanusProcessor then starts a text turn with
+    its default system prompt (Janus's own chat processor too), never an image prompt. Their template writes no BOS."""
+    if not writes_bos:
+        tiny_policy.processor.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "")
+    tiny_policy.processor.use_default_system_prompt = True
+    bos = tiny_policy.tokenizer.bos_token if writes_bos else ""
+    image_turn = tiny_policy.chat("a red circle", "image")
+    assert DEFAULT_SYSTEM_PROMPT not in image_turn and image_turn.startswith(bos + "<|User|>: a red circle")
+    assert tiny_policy.chat("a red circle") == bos + DEFAULT_SYSTEM_PROMPT + image_turn[len(bos) :]
+
+    plans = tiny_policy.sample_plans(["a red circle"], TEMPLATE, 1, tiny_policy.noise(0))
+    plan_turn = tiny_policy.chat(TEMPLATE.replace("{prompt}", "a red circle"), "image")
+    expected, _ = tiny_policy.encode([bos + DEFAULT_SYSTEM_PROMPT + plan_turn[len(bos) :]])
+    assert torch.equal(plans.context_ids, expected)
+    bos_id = tiny_policy.tokenizer.bos_token_id
+    assert plans.context_ids[0, 0] == bos_id and (plans.context_ids[0] == bos_id).sum() == 1  # one BOS, first
+    context = tiny_policy.image_context(["a red circle"], None)
+    alone, _ = tiny_policy.encode([image_turn], suffix_id=tiny_policy.boi_id)
+    assert torch.equal(context.cond_ids, alone)
+    with pytest.raises(ValueError, match="generation_mode"):
+        tiny_policy.chat("a red circle", "audio")
 
 
 def test_image_context_unconditional_branch_as_the_paper(tiny_policy):
