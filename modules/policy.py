@@ -214,6 +214,11 @@ class JanusPolicy(pl.LightningModule):
         sampling: see :class:`SamplingConfig`.
         use_plan: condition images on a sampled plan (the semantic-level CoT); off draws from the prompt.
         reasoning_template: the instruction around ``{prompt}`` that :meth:`predict_step` uses.
+        plan_system_prompt: the system prompt before the plan's user turn. ``None`` (the default) does what the
+            checkpoint's processor does for text: transformers' default system prompt where it sets
+            ``use_default_system_prompt`` (Janus-Pro's converted checkpoints do), none elsewhere; ``""`` none;
+            any other text is put first, followed by a blank line (T2I-R1's code, for one, has its own). Image
+            contexts never have one.
         predict_images_per_prompt: images per prompt in :meth:`predict_step`.
         seed: base seed of :meth:`predict_step` sampling.
         lora: train LoRA adapters on the language model instead of the parts in ``trainable``; the
@@ -232,6 +237,7 @@ class JanusPolicy(pl.LightningModule):
         sampling: SamplingConfig | None = None,
         use_plan: bool = True,
         reasoning_template: str | None = None,
+        plan_system_prompt: str | None = None,
         predict_images_per_prompt: int = 1,
         seed: int = 0,
         lora: LoraSpec | None = None,
@@ -244,6 +250,9 @@ class JanusPolicy(pl.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.use_plan = use_plan
         self.reasoning_template = reasoning_template
+        if plan_system_prompt is not None and not isinstance(plan_system_prompt, str):
+            raise ValueError(f"plan_system_prompt must be a text, '' or null, got {plan_system_prompt!r}")
+        self.plan_system_prompt = plan_system_prompt
         count = predict_images_per_prompt
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:  # before any output folder exists
             raise ValueError(f"predict_images_per_prompt must be an integer >= 1, got {count!r}")
@@ -271,19 +280,29 @@ class JanusPolicy(pl.LightningModule):
     def chat(self, user_text: str, generation_mode: str = "text") -> str:
         """The user turn in the checkpoint's chat format, ending where the assistant speaks.
 
-        ``generation_mode`` as ``JanusProcessor`` names it: ``text`` (a plan) starts with the default system prompt
-        where the checkpoint's processor asks for one (``use_default_system_prompt``: Janus-Pro's converted
-        checkpoints do), as the processor does for text; ``image`` never has one (the caller appends begin-of-image).
+        ``generation_mode`` as ``JanusProcessor`` names it: ``text`` (a plan) starts with the system prompt
+        (:attr:`system_prompt`: by default the processor's own where it asks for one, as it does for text);
+        ``image`` never has one (the caller appends begin-of-image).
         """
         if generation_mode not in ("text", "image"):
             raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
         messages = [{"role": "user", "content": [{"type": "text", "text": user_text}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if generation_mode == "text" and getattr(self.processor, "use_default_system_prompt", False):
+        system = self.system_prompt if generation_mode == "text" else ""
+        if system:
             bos = self.tokenizer.bos_token or ""
             head = bos if bos and text.startswith(bos) else ""  # a template that writes BOS keeps it first
-            text = head + DEFAULT_SYSTEM_PROMPT + text[len(head) :]
+            text = head + system + text[len(head) :]
         return text
+
+    @property
+    def system_prompt(self) -> str:
+        """What precedes a plan's user turn: ``plan_system_prompt`` and a blank line, or where that is ``None``,
+        transformers' default system prompt if the processor sets ``use_default_system_prompt``, else nothing."""
+        if self.plan_system_prompt is None:
+            return DEFAULT_SYSTEM_PROMPT if getattr(self.processor, "use_default_system_prompt", False) else ""
+        text = self.plan_system_prompt.strip()
+        return text + "\n\n" if text else ""
 
     def encode(self, texts: Sequence[str], suffix_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize and left-pad texts (one BOS each), optionally appending a token id to every row.

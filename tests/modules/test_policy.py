@@ -18,7 +18,14 @@ from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from datamodules.records import PromptRecord
 from modules.policy import PARTS, CheckpointError, JanusPolicy, SamplingConfig, set_trainable
-from modules.tiny import CHAT_TEMPLATE, PAD, SPECIAL_TOKENS, build_tiny_janus, build_word_tokenizer
+from modules.tiny import (
+    CHAT_TEMPLATE,
+    PAD,
+    SPECIAL_TOKENS,
+    TinyJanusSpec,
+    build_tiny_janus,
+    build_word_tokenizer,
+)
 
 TEMPLATE = "describe {prompt} with every object and colour"
 PROMPTS = ["a red circle", "two blue squares left of a green star under the sun near the ocean", "a sun"]
@@ -351,6 +358,21 @@ def test_plan_context_has_the_default_system_prompt_where_the_processor_asks_and
     assert torch.equal(context.cond_ids, alone)
     with pytest.raises(ValueError, match="generation_mode"):
         tiny_policy.chat("a red circle", "audio")
+
+
+def test_plan_system_prompt_overrides_the_processors_choice(tiny_policy):
+    image_turn = tiny_policy.chat("a red circle", "image")
+    tiny_policy.processor.use_default_system_prompt = True
+    tiny_policy.plan_system_prompt = "  You turn requests into picture plans. "  # trimmed, then a blank line
+    assert tiny_policy.chat("a red circle") == (
+        tiny_policy.tokenizer.bos_token + "You turn requests into picture plans.\n\n"
+        + image_turn[len(tiny_policy.tokenizer.bos_token) :]
+    )
+    assert tiny_policy.chat("a red circle", "image") == image_turn  # never before an image
+    tiny_policy.plan_system_prompt = ""  # none, although the processor asks for its default
+    assert tiny_policy.chat("a red circle") == image_turn
+    with pytest.raises(ValueError, match="plan_system_prompt must be a text"):
+        JanusPolicy(tiny=TinyJanusSpec(), plan_system_prompt=["not", "a", "text"])
 
 
 def test_image_context_unconditional_branch_as_the_paper(tiny_policy):
