@@ -27,8 +27,11 @@ class Lengths:
 
     prompt_tokens: int = 64
     """chat-formatted prompt before the plan, begin-of-image token included."""
-    template_tokens: int = 96
-    """the reasoning instruction around the prompt in the plan context (the default one is ~70 words)."""
+    template_tokens: int = 132
+    """the reasoning instruction around the prompt in the plan context (the default one is ~70 words, ~96
+    tokens), plus the checkpoint's default system prompt where its processor sets ``use_default_system_prompt``
+    (Janus-Pro's converted checkpoints do: transformers' ``DEFAULT_SYSTEM_PROMPT``, 188 characters, ~36
+    tokens)."""
 
 
 @dataclass
