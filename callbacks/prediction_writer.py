@@ -300,8 +300,12 @@ class BenchmarkWriter(BasePredictionWriter):
         Image.fromarray(image).save(path)  # uint8 [H, W, 3] is RGB
 
     def _write_geneval_metadata(self, record: PromptRecord, line: int) -> None:
-        # GenEval's scorer reads one JSON object from each folder's metadata.jsonl (json.load).
-        meta = {k: v for k, v in source_fields(record).items() if k not in _ROW_KEYS or k == "prompt"}
+        # GenEval's scorer json.load()s each folder's metadata.jsonl and copies json.dumps() of it into
+        # every result row (summary_scores.py groups prompts by that string). Its prompt files and
+        # generation script keep the key order tag, include, [exclude], prompt, so writing the record in
+        # that order makes the file the prompt's line of evaluation_metadata.jsonl, byte for byte.
+        rest = {k: v for k, v in record.extra.items() if k not in _ROW_KEYS and k != "tag"}
+        meta = {"tag": record.task_type, **rest, "prompt": record.prompt}
         (self.output_dir / f"{line:05d}" / "metadata.jsonl").write_text(
             json.dumps(meta) + "\n", encoding="utf-8"
         )

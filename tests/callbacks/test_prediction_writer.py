@@ -164,6 +164,9 @@ def test_geneval_folders_metadata_and_samples(tmp_path):
         folder = out / f"{line:05d}"
         with (folder / "metadata.jsonl").open() as f:
             assert json.load(f) == record  # GenEval's scorer json.load()s exactly its own record
+        # ... and copies json.dumps() of it into results.jsonl, where prompts are grouped by that string:
+        # the file is the prompt file's line, keys in GenEval's order (tag, include, exclude, prompt).
+        assert (folder / "metadata.jsonl").read_text() == json.dumps(record) + "\n"
         assert sorted(p.name for p in (folder / "samples").iterdir()) == [f"{i:04d}.png" for i in range(4)]
         assert [shade(folder / "samples" / f"{i:04d}.png") for i in range(4)] == [
             line * 20 + i for i in range(4)
@@ -173,6 +176,26 @@ def test_geneval_folders_metadata_and_samples(tmp_path):
     assert [r.task_type for r in load_prompts(out / "plans.jsonl")] == ["single_object"] * 4 + [
         "color_attr"
     ] * 4
+
+
+def test_geneval_metadata_is_the_shipped_prompt_line_byte_for_byte(tmp_path):
+    source = Path(__file__).resolve().parents[2] / "data" / "geneval" / "evaluation_metadata.jsonl"
+    lines = source.read_text(encoding="utf-8").splitlines()
+    records = load_prompts(source)
+    assert len(records) == len(lines) == 553  # GenEval's evaluation prompts, one folder each
+    out = tmp_path / "out"
+    writer = BenchmarkWriter(str(out), "geneval", images_per_prompt=1)
+    writer.setup(fake_trainer(0, 1), None, "test")
+    prediction = {
+        "images": torch.zeros((len(records), 2, 2, 3), dtype=torch.uint8),
+        "prompts": [r.prompt for r in records],
+        "plans": None,
+        "seeds": list(range(len(records))),
+    }
+    writer.write_batch(fake_trainer(0, 1), prediction, records)
+    for n, line in enumerate(lines):
+        assert (out / f"{n:05d}" / "metadata.jsonl").read_text(encoding="utf-8") == line + "\n"
+        assert (out / f"{n:05d}" / "samples" / "0000.png").is_file()
 
 
 def test_geneval_layout_needs_geneval_records(tmp_path, compbench_file):
