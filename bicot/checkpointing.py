@@ -103,7 +103,8 @@ def recover_checkpoint(path: str | Path) -> None:
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The ``bicot`` section of a checkpoint (run id, model fingerprint), read with ``weights_only``.
+    """The ``bicot`` section of a checkpoint (run id, model fingerprint), read with ``weights_only``, with
+    ``trained``: the names of the weights the file holds, where it holds them (not a distributed checkpoint).
 
     ``path`` is a checkpoint file or a distributed checkpoint folder (its ``meta.pt``)."""
     path = Path(path)
@@ -126,7 +127,10 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} is not a Lightning checkpoint (a file `torch.save` wrote, without Lightning's "
             "entries); give a checkpoint a bicot run wrote (ModelCheckpoint's *.ckpt)"
         )
-    return checkpoint.get("bicot", {})
+    meta = dict(checkpoint.get("bicot", {}))
+    if meta and isinstance(checkpoint.get("state_dict"), dict):
+        meta["trained"] = sorted(checkpoint["state_dict"])  # the names only (bicot saves trained weights alone)
+    return meta
 
 
 def model_fingerprint(named_shapes: list[tuple[str, tuple[int, ...]]], source: str | None) -> str:

@@ -42,6 +42,15 @@ def check_even_shares(prompts: int, group_size: int, world: int) -> None:
         )
 
 
+def _parts(names: set[str]) -> str:
+    """The policy parts (:data:`modules.policy.PARTS`) that checkpoint keys ``policy.model...`` fall in, and LoRA."""
+    found = set()
+    for name in names:
+        path = name.removeprefix("policy.model.").split(".")
+        found.add("lora" if "lora_" in name else path[1] if path[0] == "model" and len(path) > 1 else path[0])
+    return "[" + ", ".join(sorted(found)) + "]"
+
+
 class BiCoTGRPO(pl.LightningModule):
     """Trains a Janus policy with BiCoT-GRPO: each step is rollout -> score -> update.
 
@@ -283,7 +292,7 @@ class BiCoTGRPO(pl.LightningModule):
     def fingerprint(self) -> str:
         """What a checkpoint must match to resume here: the trainable parameters and the model's source."""
         shapes = [(n, tuple(p.shape)) for n, p in self.policy.named_parameters() if p.requires_grad]
-        return model_fingerprint(shapes, self.policy.source or repr(self.policy.tiny))
+        return model_fingerprint(shapes, self._source())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the trainable weights: the reference, experts and frozen towers reload from source."""
@@ -294,6 +303,7 @@ class BiCoTGRPO(pl.LightningModule):
             "fingerprint": self.fingerprint(),
             "mlflow_run_id": run_id,
             "skipped_steps": self.skipped_steps,
+            "source": self._source(),  # for the message when a resume is refused
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -307,10 +317,30 @@ class BiCoTGRPO(pl.LightningModule):
             raise CheckpointMismatchError("this checkpoint was not written by bicot (no 'bicot' section)")
         if meta["fingerprint"] != self.fingerprint():
             raise CheckpointMismatchError(
-                "the checkpoint was written by a run with a different model (trainable parameters or "
-                f"model source differ: {meta['fingerprint']} vs {self.fingerprint()}); resume with the config "
-                "that wrote it, or start a new run without --ckpt_path"
+                f"the checkpoint was written by a run of another model ({self._difference(checkpoint)}); resume "
+                "with the config that wrote it, or start a new run without --ckpt_path"
             )
+
+    def _source(self) -> str:
+        return self.policy.source or repr(self.policy.tiny)
+
+    def _difference(self, checkpoint: dict) -> str:
+        """How a refused checkpoint differs from this run, as far as it says: the model source (checkpoints
+        written since it is recorded) and the trained parameters (the weights it holds, bicot saves only those)."""
+        meta = checkpoint["bicot"]
+        source = meta.get("source")
+        if source is not None and source != self._source():
+            return f"model source {source!r}, here {self._source()!r}"
+        saved = set(meta.get("trained") or checkpoint.get("state_dict") or ())
+        here = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        if saved and saved != here:
+            parts = [_parts(saved), _parts(here)]
+            if parts[0] != parts[1]:
+                return f"it trained {parts[0]}, this run trains {parts[1]}: see model.policy.init_args.trainable"
+            only = sorted(here - saved) or sorted(saved - here)
+            where = "here only" if here - saved else "in the checkpoint only"
+            return f"{len(here ^ saved)} trained parameters differ, e.g. {only[0]} ({where})"
+        return f"trainable shapes or model source differ: fingerprint {meta['fingerprint']}, here {self.fingerprint()}"
 
     def _token_means(self, stats: loop.UpdateStats | None) -> dict[str, float]:
         """The update's token means (:data:`bicot.loop.TOKEN_MEANS`) over every process's valid tokens.

@@ -236,6 +236,34 @@ EXPECTED_METRICS = {
 }
 
 
+def _saved(module: BiCoTGRPO) -> dict:
+    """What on_save_checkpoint keeps of a checkpoint: the trained weights and the bicot section."""
+    checkpoint = {"state_dict": {f"policy.{n}": p.detach() for n, p in module.policy.named_parameters()}}
+    module.on_save_checkpoint(checkpoint)
+    return checkpoint
+
+
+def test_a_refused_checkpoint_says_how_its_model_differs():
+    from bicot.checkpointing import CheckpointMismatchError
+
+    def policy(trainable=("language_model",), **spec):
+        return JanusPolicy(tiny=TinyJanusSpec(**spec), trainable=trainable, sampling=SamplingConfig(plan_max_tokens=4))
+
+    saved = _saved(make_module(policy()))
+    assert set(saved["state_dict"]) and all(".language_model." in k for k in saved["state_dict"])
+    make_module(policy()).check_checkpoint(saved)  # the same model resumes
+    other = make_module(policy(("language_model", "generation_head")))
+    parts = r"it trained \[language_model\], this run trains \[generation_head, language_model\]"
+    with pytest.raises(CheckpointMismatchError, match=parts):
+        other.check_checkpoint(saved)
+    # written before the source was recorded, and as the CLI reads it (names only, no weights): the same
+    old = {"bicot": {k: v for k, v in saved["bicot"].items() if k != "source"} | {"trained": list(saved["state_dict"])}}
+    with pytest.raises(CheckpointMismatchError, match=parts):
+        other.check_checkpoint(old)
+    with pytest.raises(CheckpointMismatchError, match="model source 'TinyJanusSpec.*hidden_size=32.*here 'TinyJanus"):
+        make_module(policy(hidden_size=48)).check_checkpoint(saved)
+
+
 def _merge_token_means(rank: int, world: int, results) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
