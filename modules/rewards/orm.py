@@ -78,6 +78,9 @@ class ORMExpert(RewardExpert):
     Args:
         model_name_or_path: the judge, a local folder or hub id (default ``CaraJ/ORM-T2I-R1``).
         question: the user turn, with ``{prompt}`` where the prompt goes.
+        system_prompt: a system turn before it (``None``: none, as the checkpoint's chat template writes by
+            default). LLaVA-OneVision's Qwen conversations were trained with one; set it to match the judge's
+            fine-tuning format where it is known.
         dtype: weight dtype (7B in bfloat16 needs ~16 GB).
         batch_size: images per forward (``None``: all at once).
         placement: ``device``, ``cpu`` or ``offload`` (see :class:`RewardExpert`).
@@ -91,6 +94,7 @@ class ORMExpert(RewardExpert):
         self,
         model_name_or_path: str = "CaraJ/ORM-T2I-R1",
         question: str = DEFAULT_QUESTION,
+        system_prompt: str | None = None,
         dtype: str = "bfloat16",
         batch_size: int | None = 4,
         placement: str = "device",
@@ -101,6 +105,9 @@ class ORMExpert(RewardExpert):
         if "{prompt}" not in question:
             raise ValueError(f"reward expert 'orm': question must contain '{{prompt}}', got {question!r}")
         self.question = question
+        if system_prompt is not None and not (isinstance(system_prompt, str) and system_prompt.strip()):
+            raise ValueError(f"reward expert 'orm': system_prompt must be a text or null, got {system_prompt!r}")
+        self.system_prompt = system_prompt
         self.batch_size = check_batch_size(batch_size, self.name)
         self.model, self.processor = load_model_and_processor(
             LlavaOnevisionForConditionalGeneration,
@@ -119,6 +126,8 @@ class ORMExpert(RewardExpert):
         """The judge's input text for one prompt: one image, the question, then the assistant's turn."""
         content = [{"type": "image"}, {"type": "text", "text": fill_question(self.question, prompt)}]
         messages = [{"role": "user", "content": content}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def first_answer_logits(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

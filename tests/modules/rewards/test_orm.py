@@ -60,6 +60,16 @@ def test_chat_text_has_one_image_and_ends_at_the_answer(expert):
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_system_prompt_comes_first_when_set(tiny_dir, expert):
+    judge = ORMExpert(str(tiny_dir), dtype="float32", system_prompt="You are a careful judge of images.")
+    text = judge.chat_text("a red ball")
+    assert text.startswith("<|im_start|>system\nYou are a careful judge of images.")
+    assert text.endswith(expert.chat_text("a red ball"))  # the user turn as without it
+    assert "system" not in expert.chat_text("a red ball")
+    with pytest.raises(ValueError, match="system_prompt must be a text"):
+        ORMExpert("unused", system_prompt="  ")
+
+
 def test_scores_match_one_image_at_a_time(tiny_dir, expert):
     prompts = [PromptRecord("a red ball"), PromptRecord("two cats near a tv on the left of a photo")]
     scores = expert(images(2), prompts)
