@@ -581,10 +581,11 @@ class RolloutEngine:
 
     @staticmethod
     def draw(noise: RowNoise | None, full: torch.Tensor | None) -> None:
-        """This step's uniforms, the same numbers ``RowNoise.gumbel`` draws (global batch, then sliced)."""
+        """This step's uniforms, the same numbers ``noise.gumbel`` draws (global batch, then sliced): the noise's own
+        :meth:`~modules.janus_ops.RowNoise.fill_uniform`, so subclasses such as ``modules.seeding.RowSeeds`` (one
+        stream per row) keep their draws."""
         if full is not None:
-            generator = noise.generator if noise is not None else None
-            torch.rand(*full.shape, generator=generator, device=full.device, out=full)
+            (noise if noise is not None else RowNoise()).fill_uniform(full)
 
     # ---- compiled steps ------------------------------------------------------------------------
     def run_step(self, fn, model, state: dict, key: tuple, **consts) -> None:

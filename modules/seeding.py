@@ -101,6 +101,14 @@ class RowSeeds(RowNoise):
         u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self._for(device)])
         return -torch.log(-torch.log(u.clamp(min=1e-20)))
 
+    def fill_uniform(self, out: torch.Tensor) -> None:
+        """Write this step's uniforms ``[rows, V]`` into ``out``, row ``r`` from its own stream (the static engine's
+        draw): the numbers :meth:`gumbel` transforms."""
+        if out.shape[0] != len(self.seeds):
+            raise ValueError(f"noise for {out.shape[0]} rows requested but {len(self.seeds)} row seeds were given")
+        for row, generator in zip(out, self._for(out.device), strict=True):
+            row.copy_(torch.rand(out.shape[1], generator=generator, device=out.device))
+
 
 @torch.no_grad()
 def generate_janus(

@@ -103,6 +103,41 @@ def test_sample_tokens_top_p_keeps_the_smallest_prefix_reaching_p(top_p, support
     assert set(tokens.tolist()) == support
 
 
+def test_sample_tokens_top_p_keeps_the_most_likely_token_whatever_p():
+    """HF's TopPLogitsWarper keeps ``min_tokens_to_keep`` (1) tokens: a top_p at or below 0 is greedy, never the
+    all-masked row whose argmax is token 0."""
+    logits = torch.tensor([0.05, 0.15, 0.5, 0.3]).log().expand(200, 4)
+    for top_p in (0.0, 1e-9):
+        tokens, logp, entropy = janus_ops.sample_tokens(logits, top_p=top_p, noise=stream(5))
+        assert (tokens == 2).all()
+        assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+
+
+def test_sample_tokens_is_an_exact_sample_of_the_truncated_distribution():
+    """Temperature, then top-k renormalised, then top-p on it (HF's warper order): Gumbel-max frequencies match
+    the truncated, renormalised tempered distribution."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0]).expand(40000, 6)
+    tokens, _, _ = janus_ops.sample_tokens(logits, temperature=1.5, top_k=4, top_p=0.63, noise=stream(6))
+    p = F.softmax(logits[0] / 1.5, -1)[:4]
+    p = p / p.sum()  # top-k renormalises: [0.383, 0.273, 0.195, 0.114]; top-p 0.63 keeps two (three unrenormalised)
+    keep = (p.cumsum(0) - p) < 0.63
+    expected = torch.zeros(6)
+    expected[:4] = torch.where(keep, p, 0) / p[keep].sum()
+    freq = torch.bincount(tokens, minlength=6).float() / tokens.numel()
+    close(freq, expected, atol=0.01)
+
+
+def test_guide_mixes_bfloat16_logits_in_float32():
+    """Autocast's head gives bfloat16 logits: the CFG mix (scale 5 amplifies rounding) runs in float32."""
+    generator = torch.Generator().manual_seed(7)
+    cond = (torch.randn(4, 4096, generator=generator) * 4).bfloat16()
+    uncond = (cond.float() + torch.randn(4, 4096, generator=generator)).bfloat16()
+    exact = uncond.float() + 5.0 * (cond.float() - uncond.float())
+    mixed = janus_ops.guide(cond, uncond, 5.0)
+    assert mixed.dtype == torch.float32
+    close(janus_ops.scaled_logprobs(mixed, 1.0), janus_ops.scaled_logprobs(exact, 1.0), atol=1e-5)
+
+
 def test_sample_tokens_greedy_ignores_the_noise():
     logits = torch.randn(8, 12, generator=torch.Generator().manual_seed(6))
     tokens, logp, _ = janus_ops.sample_tokens(logits, temperature=0.0, noise=stream(7))

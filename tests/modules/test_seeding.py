@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from datamodules.records import PromptRecord
+from modules.engine import RolloutEngine
+from modules.policy import SamplingConfig
 from modules.seeding import RowSeeds, generate_janus, image_seed, image_seeds, prompt_line, rank_share
 
 TEMPLATE = "plan a picture of {prompt}"
@@ -68,3 +70,28 @@ def test_janus_images_do_not_depend_on_batching(sharp_policy):
 def test_janus_without_plan(sharp_policy):
     out = generate_janus(sharp_policy, records("a red circle"), 3, None, base_seed=0)
     assert out["plans"] is None and out["images"].dtype == torch.uint8 and out["images"].shape[0] == 3
+
+
+def test_row_seeds_fill_the_static_engines_buffer_with_their_own_draws():
+    """The engine draws each step's uniforms outside its step (``RolloutEngine.draw``): a ``RowSeeds`` must fill
+    them from its per-row streams, not from torch's global stream."""
+    engine, cpu = RolloutEngine(), torch.device("cpu")
+    noise = RowSeeds(seeds=(11, 12))
+    full, view = engine.noise_buffer(noise, 2, 50, cpu, greedy=False)
+    expected = RowSeeds(seeds=(11, 12))
+    for _ in range(2):  # the streams move on step by step, as gumbel's do
+        engine.draw(noise, full)
+        assert torch.equal(-torch.log(-torch.log(view.clamp(min=1e-20))), expected.gumbel(2, 50, cpu))
+    with pytest.raises(ValueError, match="3 rows requested but 2 row seeds"):
+        noise.fill_uniform(torch.empty(3, 5))
+
+
+def test_static_engine_draws_the_eager_images_from_the_same_seeds(sharp_policy):
+    batch = records("a red circle", "two blue squares left of a big green triangle")
+    out = {}
+    for engine in ("eager", "static"):
+        sharp_policy.sampling = SamplingConfig(plan_max_tokens=8, cfg_scale=3.0, plan_top_k=20, image_top_p=0.9,
+                                               image_temperature=0.8, engine=engine)
+        out[engine] = generate_janus(sharp_policy, batch, 2, TEMPLATE, base_seed=3)
+    assert out["static"]["plans"] == out["eager"]["plans"]
+    assert torch.equal(out["static"]["image_tokens"], out["eager"]["image_tokens"])
