@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -27,6 +28,20 @@ from modules.rewards.ensemble import RewardEnsemble
 from modules.seeding import generate_janus, rank_share
 
 LR_SCHEDULES = ("constant", "cosine")
+# Parameters that AdamW does not decay: biases and normalization weights, by the name patterns and layer type of
+# transformers' ``Trainer.get_decay_parameter_names`` (the optimizer of TRL's GRPOTrainer, which T2I-R1 builds on).
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Names of ``model``'s parameters exempt from weight decay (see :data:`NO_DECAY_PATTERNS`)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        for leaf, _ in module.named_parameters(recurse=False):
+            name = f"{prefix}.{leaf}" if prefix else leaf
+            if isinstance(module, torch.nn.LayerNorm) or any(re.search(p, name.lower()) for p in NO_DECAY_PATTERNS):
+                names.add(name)
+    return names
 
 
 class NonFiniteError(RuntimeError):
@@ -61,7 +76,8 @@ class BiCoTGRPO(pl.LightningModule):
         reference: the frozen KL anchor; ``None`` copies the policy's starting weights when beta > 0.
         reasoning_template: a template name from ``bicot.templates.TEMPLATES`` or a text with ``{prompt}``.
         lr: AdamW learning rate (the paper: 1e-6).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay, on every trainable parameter but biases and normalization weights
+            (:func:`no_decay_names`, as transformers' Trainer).
         betas: AdamW betas.
         warmup_steps: linear warm-up, in optimizer steps.
         lr_schedule: ``constant`` or ``cosine`` (to 0 at ``trainer.max_steps``) after warm-up.
@@ -148,8 +164,18 @@ class BiCoTGRPO(pl.LightningModule):
 
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """On a GPU, warn before the first step when the memory plan says this run cannot fit."""
-        if stage != "fit" or self.device.type != "cuda":
+        """Refuse fp16 loss scaling; on a GPU, warn before the first step when the memory plan says this run
+        cannot fit."""
+        if stage != "fit":
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # the update clips and checks the gradient norm before optimizer.step(), where Lightning's GradScaler
+            # would only unscale: the norm would be the scaled one, and a scaler that never updates after an
+            # overflow turns every step into a skip
+            raise ValueError(
+                "trainer.precision: fp16 with loss scaling (16-mixed) is not supported; use bf16-mixed or 32-true"
+            )
+        if self.device.type != "cuda":
             return
         from bicot.memory import plan, recipe_from_module, warn_if_too_big
 
@@ -169,9 +195,15 @@ class BiCoTGRPO(pl.LightningModule):
         self._laid_out = True
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("no trainable parameters: check model.policy.trainable")
+        params: list = [p for _, p in named]
+        if self.optim_args["weight_decay"] > 0:  # biases and norm weights are not decayed (as transformers' Trainer)
+            exempt = no_decay_names(self.policy)
+            groups = [[p for n, p in named if n not in exempt], [p for n, p in named if n in exempt]]
+            if all(groups):
+                params = [{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(params, **self.optim_args)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self._lr_factor(s, total))

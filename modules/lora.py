@@ -113,7 +113,9 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], spec: LoraSpec) -
 
     ``W' = W + (alpha / r) * B @ A`` for every ``<layer>.base_layer.weight`` that has
     ``<layer>.lora_A.<adapter>.weight`` and ``<layer>.lora_B.<adapter>.weight``. Works on a gathered
-    FSDP2 state dict, where the adapted modules themselves cannot be merged in place.
+    FSDP2 state dict, where the adapted modules themselves cannot be merged in place. The sum is formed in
+    float32 and rounded to the weight's dtype once: bf16 weights get the nearest bf16 of the merged value
+    (peft's ``merge`` rounds the delta first, then the sum).
     """
     scaling = spec.alpha / spec.r
     out: dict[str, torch.Tensor] = {}
@@ -128,7 +130,10 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], spec: LoraSpec) -
         if leaf == "weight":
             a = [v for k, v in state_dict.items() if k.startswith(f"{prefix}.lora_A.") and k.endswith(".weight")]
             b = [v for k, v in state_dict.items() if k.startswith(f"{prefix}.lora_B.") and k.endswith(".weight")]
-            for lora_a, lora_b in zip(a, b, strict=True):
-                merged = merged + scaling * (lora_b.float() @ lora_a.float()).to(value.dtype)
+            if a:
+                total = value.float()
+                for lora_a, lora_b in zip(a, b, strict=True):
+                    total = total + scaling * (lora_b.float() @ lora_a.float())
+                merged = total.to(value.dtype)
         out[f"{prefix}.{leaf}"] = merged
     return out

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from standin_graphs import StandInGraphs
 
-from bicot.grpo import BiCoTGRPO
+from bicot.grpo import BiCoTGRPO, NonFiniteError
 from bicot.loss import GRPOConfig
 from bicot.rollout import Rollout
 from bicot.templates import REASONING_TEMPLATE
@@ -211,6 +211,91 @@ def test_lr_factor_cosine_without_warmup_and_without_a_known_total():
     assert module._lr_factor(0, 10) == pytest.approx(1.0)
     assert module._lr_factor(5, 10) == pytest.approx(0.5)
     assert module._lr_factor(5, None) == 1.0  # no max_steps: cosine has no end to decay to
+
+
+# --------------------------------------------------------------------------- optimizer and update step
+
+
+def _groups(module: BiCoTGRPO) -> list[tuple[float, set[str]]]:
+    module._trainer = SimpleNamespace(max_steps=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in module.policy.named_parameters()}
+    return [(g["weight_decay"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups]
+
+
+def test_weight_decay_spares_biases_and_norm_weights():
+    policy = make_policy()
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    (decay, decayed), (none, spared) = _groups(make_module(policy, weight_decay=0.1))
+    assert decay == 0.1 and none == 0.0 and decayed | spared == trainable and not decayed & spared
+    assert spared and all("norm" in n.split(".")[-2] or n.endswith(".bias") for n in spared)
+    assert any(n.endswith("mlp.up_proj.weight") for n in decayed) and any("embed_tokens" in n for n in decayed)
+    assert any(n.endswith("input_layernorm.weight") for n in spared)
+    assert any(n.endswith("language_model.norm.weight") for n in spared)
+    # no decay: one group, the layout of checkpoints written before the groups existed
+    assert _groups(make_module(make_policy())) == [(0.0, trainable)]
+
+
+def test_fp16_loss_scaling_is_refused():
+    module = make_module()
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    with pytest.raises(ValueError, match="16-mixed"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    module.setup("fit")  # bf16-mixed (no scaler) on CPU: nothing to refuse
+
+
+def _stepper(max_consecutive_skips: int = 3, grad_clip: float = 1.0):
+    module = make_module(lr=1e-3, grad_clip=grad_clip, max_consecutive_skips=max_consecutive_skips)
+    module._trainer = SimpleNamespace(max_steps=10, global_step=0)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    module.optimizers = lambda: optimizer
+    module.lr_schedulers = lambda: scheduler
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    return module, optimizer, scheduler, params
+
+
+def test_the_step_clips_to_grad_clip_and_returns_the_norm_before_clipping():
+    module, _, scheduler, params = _stepper(grad_clip=0.5)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = {id(p): p.detach().clone() for p in params}
+    total = math.sqrt(sum(p.numel() for p in params))
+    seen = []
+    module.optimizers().register_step_pre_hook(
+        lambda *_: seen.append(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params)))
+    )
+    norm, applied = module._optimizer_step()
+    assert applied and norm == pytest.approx(total, rel=1e-5)  # logged as train/grad_norm: before clipping
+    assert seen == [pytest.approx(0.5, rel=1e-4)]  # what AdamW received
+    assert all(p.grad is None for p in params) and scheduler.last_epoch == 1
+    assert any(not torch.equal(p, before[id(p)]) for p in params)
+
+
+def test_a_non_finite_gradient_norm_skips_the_step_and_the_schedule():
+    module, optimizer, scheduler, params = _stepper(max_consecutive_skips=2)
+    before = {id(p): p.detach().clone() for p in params}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad[0] = math.nan
+    norm, applied = module._optimizer_step()
+    assert math.isnan(norm) and not applied
+    assert all(p.grad is None for p in params)  # NaN gradients do not leak into the next step
+    assert all(torch.equal(p, before[id(p)]) for p in params) and not optimizer.state
+    assert scheduler.last_epoch == 0  # the schedule counts applied optimizer steps, as global_step does
+    assert module.skipped_steps == 1 and module.consecutive_skips == 1
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    assert module._optimizer_step() == (0.0, True) and module.consecutive_skips == 0  # a step resets the run
+    for _ in range(2):
+        params[0].grad = torch.full_like(params[0], math.inf)
+        if module.consecutive_skips == 1:
+            with pytest.raises(NonFiniteError, match="2 updates in a row"):
+                module._optimizer_step()
+        else:
+            module._optimizer_step()
+    assert scheduler.last_epoch == 1 and module.skipped_steps == 3
 
 
 # --------------------------------------------------------------------------- fit

@@ -44,14 +44,14 @@ def test_adapters_off_is_the_starting_model_and_the_reference():
     policy = lora_policy()
     with adapters_disabled(policy.model):
         off = image_logp(policy.model, policy)
-    torch.testing.assert_close(off, image_logp(base.model, base), atol=1e-6, rtol=0)
+    assert torch.equal(off, image_logp(base.model, base))  # the base layers alone: bit-identical
     adapted = image_logp(policy.model, policy)
     assert (adapted - off).abs().max() > 1e-3  # the adapters change the model
     reference = ReferencePolicy.from_policy(policy)
     assert reference.model is None and not list(reference.parameters())  # no second copy
     context = policy.image_context(["a red circle", "two blue squares"], None)
     tokens = torch.arange(32).reshape(2, 16) % policy.model.config.vq_config.num_embeddings
-    torch.testing.assert_close(reference.image_logprobs(policy, context, tokens), off, atol=1e-6, rtol=0)
+    assert torch.equal(reference.image_logprobs(policy, context, tokens), off)
     torch.testing.assert_close(image_logp(policy.model, policy), adapted)  # adapters back on afterwards
 
 
@@ -103,3 +103,16 @@ def test_state_dict_merge_equals_merging_the_modules():
     assert merged.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key], atol=1e-6, rtol=0)
+
+
+def test_state_dict_merge_of_bf16_weights_rounds_once():
+    from modules.lora import merge_lora_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    weight, lora_a, lora_b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((64, 48), (3, 48), (64, 3)))
+    state = {"q.base_layer.weight": weight, "q.lora_A.default.weight": lora_a, "q.lora_B.default.weight": lora_b}
+    spec = LoraSpec(r=3, alpha=1)  # scaling 1/3: not exact in bf16
+    merged = merge_lora_state_dict(state, spec)["q.weight"]
+    exact = weight.float() + (lora_b.float() @ lora_a.float()) / 3
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, exact.bfloat16())  # the nearest bf16 of W + alpha / r * B @ A
