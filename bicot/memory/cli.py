@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", help=f"replace the config's model: {' or '.join(PRESETS)} or a checkpoint folder"
     )
     parser.add_argument("--prompt-tokens", type=_at_least(1), default=Lengths.prompt_tokens)
-    parser.add_argument("--template-tokens", type=_at_least(0), default=Lengths.template_tokens)
+    parser.add_argument(
+        "--template-tokens", type=_at_least(0), help="the plan context beyond the prompt (default: 96 for the "
+        "reasoning instruction and the plan's system prompt by its length, ~36 for the checkpoint's default)"
+    )
     parser.add_argument("--activation-checkpointing", choices=("on", "off"), help="override the config")
     parser.add_argument("--json", action="store_true", help="print the plan's numbers as JSON")
     args, overrides = parser.parse_known_args(argv)

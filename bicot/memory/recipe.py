@@ -3,10 +3,18 @@ normalised into a :class:`Recipe` (model shape, sharding, precision, batch, LoRA
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from bicot.memory.shapes import LORA_TARGETS, ModelShape, load_shape, lora_params, shape_from_model
+from bicot.memory.shapes import (
+    LORA_TARGETS,
+    ModelShape,
+    load_shape,
+    lora_params,
+    shape_from_model,
+    uses_default_system_prompt,
+)
 
 # Reward experts by class name: (parameters, where the figure comes from). Approximate; weights are never read.
 EXPERT_PARAMS: dict[str, tuple[float, str]] = {
@@ -21,17 +29,37 @@ EXPERT_PARAMS: dict[str, tuple[float, str]] = {
 }
 
 
+INSTRUCTION_TOKENS = 96
+"""The default reasoning instruction around the prompt in the plan context (~70 words)."""
+CHARS_PER_TOKEN = 188 / 36
+"""transformers' Janus ``DEFAULT_SYSTEM_PROMPT``: 188 characters, ~36 tokens (35 with cl100k_base, 36 with GPT-2's
+byte-level BPE; Janus-Pro's own DeepSeek tokenizer was not at hand)."""
+
+
+def system_prompt_tokens(text: str) -> int:
+    """Estimated tokens of a system prompt (0 for none)."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
+
+
 @dataclass
 class Lengths:
     """Token counts the config does not fix (sequences are padded to the longest row of a batch)."""
 
     prompt_tokens: int = 64
     """chat-formatted prompt before the plan, begin-of-image token included."""
-    template_tokens: int = 132
-    """the reasoning instruction around the prompt in the plan context (the default one is ~70 words, ~96
-    tokens), plus the checkpoint's default system prompt where its processor sets ``use_default_system_prompt``
-    (Janus-Pro's converted checkpoints do: transformers' ``DEFAULT_SYSTEM_PROMPT``, 188 characters, ~36
-    tokens)."""
+    template_tokens: int | None = None
+    """the plan context beyond the prompt: the reasoning instruction (:data:`INSTRUCTION_TOKENS`) and the plan's
+    system prompt. ``None`` derives it from the policy's ``plan_system_prompt``: unset, the checkpoint's default
+    (Janus-Pro's converted checkpoints set ``use_default_system_prompt``: ~36 tokens; a live policy knows its
+    own), ``""`` none, a text by its length."""
+
+
+def with_template_tokens(lengths: Lengths | None, system_prompt: str) -> Lengths:
+    """``lengths`` with ``template_tokens`` derived from the plan's system prompt where it is ``None``."""
+    lengths = lengths or Lengths()
+    if lengths.template_tokens is not None:
+        return lengths
+    return Lengths(lengths.prompt_tokens, INSTRUCTION_TOKENS + system_prompt_tokens(system_prompt))
 
 
 @dataclass
@@ -92,6 +120,13 @@ class Recipe:
     row) while rolling out, instead of their bf16 packs or autocast copies."""
     engine_kv: str = "model"
     """``sampling.engine_kv``: ``fp8`` holds the static engine's KV cache in float8, a float32 scale a vector."""
+
+    def __post_init__(self) -> None:
+        # a recipe built by hand: the plan context of a checkpoint with its default system prompt
+        if self.lengths.template_tokens is None:
+            from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+            self.lengths = with_template_tokens(self.lengths, DEFAULT_SYSTEM_PROMPT)
 
 
 # ---- reading a config ------------------------------------------------------------------------------
@@ -209,7 +244,7 @@ def recipe_from_config(
         ),
         param_dtype=_get(c, "model", "parallel", "param_dtype"),
         experts=_experts(c),
-        lengths=lengths or Lengths(),
+        lengths=with_template_tokens(lengths, _plan_system_prompt(policy, shape)),
     )
     if rank:  # only the adapters train, and the policy with adapters off is the reference
         recipe.lora_rank = rank
@@ -222,6 +257,18 @@ def recipe_from_config(
     # model.parallel.reference: "shard" (on the GPUs like the policy) or "cpu" (FSDP2 CPU offload)
     recipe.reference_placement = "cpu" if _get(c, "model", "parallel", "reference") == "cpu" else "device"
     return recipe
+
+
+def _plan_system_prompt(policy: dict, shape: str | None) -> str:
+    """The plan's system prompt a config asks for: unset, the checkpoint processor's choice (see
+    :func:`~bicot.memory.shapes.uses_default_system_prompt`)."""
+    text = _get(policy, "plan_system_prompt")
+    if text is None:
+        from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+        source, tiny = (shape, None) if shape else (_get(policy, "model_name_or_path"), _get(policy, "tiny"))
+        return DEFAULT_SYSTEM_PROMPT if uses_default_system_prompt(source, tiny) else ""
+    return f"{text.strip()}\n\n" if str(text).strip() else ""
 
 
 def _trainable(shape: ModelShape, parts: list[str]) -> int:
@@ -267,7 +314,7 @@ def recipe_from_module(
         lora_params=lora,
         activation_checkpointing=module.parallel.activation_checkpointing,
         param_dtype=module.parallel.param_dtype,
-        lengths=lengths or Lengths(),
+        lengths=with_template_tokens(lengths, policy.system_prompt),
     )
     recipe.lora_rank = 1 if lora else 0  # rank only refines the activation estimate; presence is what counts
     recipe.reference = "copy" if reference is not None else "adapters" if lora and algo.beta > 0 else "none"

@@ -4,6 +4,7 @@ device (presets, checkpoint configs or a tiny spec; never weights), dtype sizes 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,6 +142,35 @@ def load_shape(source: str | None = None, tiny: Any = None) -> ModelShape:
         key = str(source)
     with torch.device("meta"):
         return shape_from_model(JanusForConditionalGeneration(config), key)
+
+
+def uses_default_system_prompt(source: str | None = None, tiny: Any = None) -> bool:
+    """Whether the checkpoint's processor puts transformers' default system prompt before a plan
+    (``use_default_system_prompt`` in its ``processor_config.json``): a folder's or a cached hub id's says; a preset
+    or an uncached hub id is taken as Janus-Pro's converted checkpoints, which set it; tiny models do not."""
+    import json
+
+    from modules.hub import local_folder
+
+    if tiny is not None:
+        return False
+    key = PRESET_ALIASES.get(str(source).lower(), str(source).lower())
+    if key in PRESETS:
+        return True
+    folder = local_folder(str(source))
+    if folder is not None:
+        path = folder / "processor_config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), "processor_config.json")
+        if not isinstance(cached, str):
+            return True
+        path = Path(cached)
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("use_default_system_prompt", False))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:

@@ -264,6 +264,40 @@ def test_plan_of_a_live_module_matches_the_plan_of_its_config(tiny_spec):
         assert getattr(live, name) == pytest.approx(getattr(planned, name)), name
 
 
+def test_the_plan_context_counts_the_plan_system_prompt_the_policy_will_use(tmp_path, tiny_spec):
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+    from bicot.memory.recipe import INSTRUCTION_TOKENS, system_prompt_tokens
+
+    def template(shape=None, lengths=None, **policy):
+        config = tiny_config(dataclasses.asdict(tiny_spec))
+        config["model"]["policy"].update(policy)
+        return plan_for(config, 1, shape=shape, lengths=lengths).recipe.lengths.template_tokens
+
+    default = INSTRUCTION_TOKENS + system_prompt_tokens(DEFAULT_SYSTEM_PROMPT)
+    assert system_prompt_tokens(DEFAULT_SYSTEM_PROMPT) == 36 and system_prompt_tokens("") == 0
+    assert template() == INSTRUCTION_TOKENS  # a tiny processor sets no default system prompt
+    assert template(shape="janus-pro-1b") == default  # Janus-Pro's converted checkpoints do
+    assert template(shape="janus-pro-1b", plan_system_prompt="") == INSTRUCTION_TOKENS
+    assert template(plan_system_prompt="Plan it.") == INSTRUCTION_TOKENS + system_prompt_tokens("Plan it.\n\n")
+    assert template(shape="janus-pro-1b", lengths=Lengths(64, 7)) == 7  # --template-tokens wins
+    folder = tmp_path / "ckpt"  # a folder's processor_config.json says
+    folder.mkdir()
+    (folder / "config.json").write_text(load_shape_config_json())
+    (folder / "processor_config.json").write_text(json.dumps({"use_default_system_prompt": True}))
+    assert template(shape=str(folder)) == default
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "JanusProcessor"}))
+    assert template(shape=str(folder)) == INSTRUCTION_TOKENS
+
+
+def load_shape_config_json() -> str:
+    """A small Janus config.json (the tiny model's), as a checkpoint folder holds it."""
+    from modules.tiny import build_tiny_janus
+
+    model, _ = build_tiny_janus(TinyJanusSpec())
+    return model.config.to_json_string()
+
+
 # --------------------------------------------------------------------------- against measurements
 
 
