@@ -68,6 +68,16 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def mixed_precision(config: ParallelConfig) -> MixedPrecisionPolicy:
+    """FSDP2's policy: gather in ``param_dtype`` and reduce gradients in ``reduce_dtype``, each independently
+    (``reduce_dtype: float32`` applies with ``param_dtype: null`` too, e.g. to bf16 weights); ``None`` keeps
+    FSDP2's default (the weights' dtype, resp. the gathered dtype)."""
+    return MixedPrecisionPolicy(
+        param_dtype=DTYPES[config.param_dtype] if config.param_dtype else None,
+        reduce_dtype=DTYPES[config.reduce_dtype] if config.reduce_dtype else None,
+    )
+
+
 def parallelize(
     model: torch.nn.Module,
     mesh: DeviceMesh | None,
@@ -95,12 +105,7 @@ def parallelize(
             layer.compile()
     if mesh is None:
         return model
-    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if config.param_dtype is not None:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(
-            param_dtype=DTYPES[config.param_dtype],
-            reduce_dtype=DTYPES[config.reduce_dtype] if config.reduce_dtype else None,
-        )
+    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mixed_precision(config))
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.language_model.layers:

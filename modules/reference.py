@@ -52,10 +52,20 @@ class ReferencePolicy(pl.LightningModule):
 
     @contextmanager
     def _weights(self):
-        """Yield the model to score with (adapters off when it is the policy's own model)."""
+        """Yield the model to score with (adapters off when it is the policy's own model).
+
+        The policy's own model is in train mode between rollout and update; the reference scores it in eval
+        mode (no dropout), like a separate reference, and gives each submodule its mode back afterwards."""
         if self._shared:
-            with adapters_disabled(self._shared[0]):
-                yield self._shared[0]
+            model = self._shared[0]
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                with adapters_disabled(model):
+                    yield model
+            finally:
+                for module, mode in modes:
+                    module.training = mode
         else:
             self._require_model()
             yield self.model

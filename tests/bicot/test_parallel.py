@@ -106,3 +106,31 @@ def test_parallel_config_validation_names_the_field(field, value):
 
     with pytest.raises(ValueError, match=field):
         ParallelConfig(**{field: value})
+
+
+
+def _mp_policies(rank: int, world: int, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bicot.parallel import ParallelConfig, fsdp_units, parallelize
+    from modules.tiny import TinyJanusSpec, build_tiny_janus
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name, config in (("default", ParallelConfig()), ("bf16", ParallelConfig(param_dtype="bfloat16"))):
+        model, _ = build_tiny_janus(TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8))
+        parallelize(model, mesh, config)
+        policies = {u._get_fsdp_state()._mp_policy for u in fsdp_units(model)}
+        out[name] = {(p.param_dtype, p.reduce_dtype) for p in policies}
+    results[rank] = out
+
+
+@pytest.mark.slow
+def test_reduce_dtype_applies_with_or_without_param_dtype():
+    # parallel.reduce_dtype is the gradient reduction dtype whether or not param_dtype casts the gathers
+    # (bf16 weights with param_dtype: null still reduce in float32 by default).
+    from gloo import run_ranks
+
+    out = run_ranks(_mp_policies, 1)[0]
+    assert out["default"] == {(None, torch.float32)}
+    assert out["bf16"] == {(torch.bfloat16, torch.float32)}

@@ -103,3 +103,25 @@ def test_reference_without_a_model_refuses_to_score(sharp_policy):
         empty.plan_logprobs(sharp_policy, plans)
     with pytest.raises((RuntimeError, ValueError), match="reference"):
         empty.image_logprobs(sharp_policy, context, tokens)
+
+
+def test_lora_reference_scores_the_shared_model_in_eval_mode():
+    # With LoRA the reference is the policy's own model, which Lightning keeps in train mode between rollout
+    # and update. The reference must still score without dropout, like a separate (always-eval) reference.
+    from modules.lora import LoraSpec
+    from modules.tiny import TinyJanusSpec
+
+    policy = JanusPolicy(tiny=TinyJanusSpec(hidden_size=32, num_heads=2, image_size=32, patch_size=8), lora=LoraSpec())
+    for layer in policy.model.model.language_model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ref = ReferencePolicy.from_policy(policy)
+    context = policy.image_context(PROMPTS, None)
+    tokens = torch.arange(32).reshape(2, 16) % policy.model.config.vq_config.num_embeddings
+    policy.eval()
+    expected = ref.image_logprobs(policy, context, tokens)
+    policy.train()
+    policy.model.model.vqmodel.eval()  # a submodule in its own mode keeps it
+    torch.manual_seed(0)
+    torch.testing.assert_close(ref.image_logprobs(policy, context, tokens), expected, atol=0, rtol=0)
+    assert policy.model.training and policy.model.model.language_model.training
+    assert not policy.model.model.vqmodel.training
