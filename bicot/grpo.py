@@ -448,9 +448,10 @@ class BiCoTGRPO(pl.LightningModule):
     def evaluate(self, batch: Sequence[PromptRecord], batch_idx: int, tally: ScoreTally) -> None:
         """One image per prompt (with its plan), scored by every expert, added to ``tally``."""
         placement = self.placement(len(batch), 10**9 + batch_idx, group_size=1, even=False)
-        if placement.rows == 0:
-            return  # more processes than prompts in this batch
+        # Every process gathers the sharded weights (a collective), even one with no rows to draw.
         with gathered(self.policy.model):
+            if placement.rows == 0:
+                return  # more processes than prompts in this batch
             rollout = loop.rollout_phase(self.policy, batch, 1, self.template, placement)
         out = self.rewards(rollout.images, rollout.records)
         categories = [r.task_type for r in rollout.records]
@@ -492,9 +493,9 @@ class BiCoTGRPO(pl.LightningModule):
         """Images (with their plans) for this process's share of the batch; seeds per prompt and sample,
         so reruns and any number of processes draw the same images (see ``modules.seeding``)."""
         batch = rank_share(batch, self.trainer.global_rank, self.trainer.world_size)
-        if not batch:
-            return None
-        with gathered(self.policy.model):
+        with gathered(self.policy.model):  # a collective: every process enters, even with no share
+            if not batch:
+                return None
             return generate_janus(self.policy, batch, self.policy.predict_images_per_prompt, self.template, self.seed)
 
     # ---- testing: generate, then score per category (`bicot test`) ---------------------------------
@@ -513,10 +514,10 @@ class BiCoTGRPO(pl.LightningModule):
             self._test_scores = ScoreCollector(self.rewards.names, categories, self.device)
         # Every process receives the same global batch and draws its own share of whole prompts.
         batch = rank_share(batch, self.trainer.global_rank, self.trainer.world_size)
-        if not batch:
-            return None
         n = self.policy.predict_images_per_prompt
-        with gathered(self.policy.model):
+        with gathered(self.policy.model):  # a collective: every process enters, even with no share
+            if not batch:
+                return None
             out = generate_janus(self.policy, batch, n, self.template, self.seed)
         records = [r for r in batch for _ in range(n)]
         scores = self.rewards(out["images"], records)

@@ -3,6 +3,8 @@ rollout engine (over the weights gathered for the rollout) included."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 from test_cli import REPO, bicot, run_in_process, tiny_args
@@ -62,3 +64,22 @@ def test_several_processes_match_one_process(capsys, tmp_path, prompts, processe
     assert not history(single / "mlflow.db", "time/engine_compile_s")
     # group statistics on gathered rewards: the same fraction of all-equal groups either way
     assert history(single / "mlflow.db", "train/zero_std_frac") == history(double / "mlflow.db", "train/zero_std_frac")
+
+
+@pytest.mark.slow
+def test_test_on_two_processes_scores_every_image_once_when_a_process_has_no_share(tmp_path):
+    # 3 prompts in batches of 2: the last batch's one prompt leaves process 1 nothing to draw; it must still
+    # take part in gathering the sharded weights (a hang before), and no image is counted twice or lost.
+    prompts = tmp_path / "three.jsonl"
+    prompts.write_text("".join((REPO / "datamodules/toyworld/data/test.jsonl").read_text().splitlines(True)[:3]))
+    root = tmp_path / "scored"
+    run = bicot("test", "-c", str(REPO / "tests/e2e/configs/tiny.yaml"), "-c", str(REPO / "configs/eval/toy.yaml"),
+                "-c", str(REPO / "configs/strategy/fsdp2.yaml"), "--trainer.devices=2", f"--data.test_file={prompts}",
+                "--data.val_batch_size=2", "--model.policy.init_args.predict_images_per_prompt=1",
+                f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/m.db",
+                cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = (root / "test_scores" / "scores.csv").read_text().splitlines()
+    assert [line.split(",")[2:4] for line in table[1:]] == [["color", "3"], ["all", "3"]]
+    images = [json.loads(line)["seed"] for line in (root / "test_scores" / "scores.jsonl").read_text().splitlines()]
+    assert len(images) == len(set(images)) == 3
