@@ -328,7 +328,7 @@ class BiCoTGRPO(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the trainable weights: the reference, experts and frozen towers reload from source."""
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        trainable = self._trained_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         run_id = next((getattr(lg, "run_id", None) for lg in self.loggers if hasattr(lg, "run_id")), None)
         checkpoint["bicot"] = {
@@ -353,6 +353,10 @@ class BiCoTGRPO(pl.LightningModule):
                 "with the config that wrote it, or start a new run without --ckpt_path"
             )
 
+    def _trained_names(self) -> set[str]:
+        """The state-dict keys of the weights that train: what a checkpoint holds."""
+        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+
     def _source(self) -> str:
         return self.policy.source or repr(self.policy.tiny)
 
@@ -364,7 +368,7 @@ class BiCoTGRPO(pl.LightningModule):
         if source is not None and source != self._source():
             return f"model source {source!r}, here {self._source()!r}"
         saved = set(meta.get("trained") or checkpoint.get("state_dict") or ())
-        here = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        here = self._trained_names()
         if saved and saved != here:
             parts = [_parts(saved), _parts(here)]
             if parts[0] != parts[1]:

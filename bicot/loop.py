@@ -229,23 +229,16 @@ and count, so that every process's can be merged into the exact mean over the gl
 class UpdateStats:
     """Means over the update of the loss parts (weighted like the loss), and the last step's numbers.
 
-    ``kl``, ``kl_plan``, ``kl_image``, ``clip_frac`` and ``rollout_kl`` are exact means over this process's
-    valid tokens of every minibatch and epoch, whatever the minibatches' lengths; ``token_sums`` merges them
-    over processes.
+    The token means (:data:`TOKEN_MEANS`: ``kl``, ``kl_plan``, ``kl_image``, ``clip_frac``, ``rollout_kl``) are
+    read from ``token_sums``: exact over this process's valid tokens of every minibatch and epoch, whatever the
+    minibatches' lengths, and mergeable over processes.
     """
 
     loss: float = 0.0
     policy_loss: float = 0.0
-    kl: float = 0.0
-    kl_plan: float = 0.0
-    kl_image: float = 0.0
     kl_max: float = 0.0
-    clip_frac: float = 0.0
     grad_norm: float = 0.0
     skipped: int = 0
-    rollout_kl: dict[str, float] = field(default_factory=dict)
-    """level (``plan``, ``image``; the levels that train) -> k3 estimate of KL(rollout policy || update
-    policy), the mean over the level's valid tokens of the first epoch (see :func:`rollout_mismatch`)."""
     rollout_logp_gap_max: float = 0.0
     """max ``|logp_update - logp_rollout|`` over both levels' valid tokens of the first epoch."""
     token_sums: dict[str, tuple[float, int]] = field(default_factory=dict)
@@ -259,6 +252,30 @@ class UpdateStats:
     def token_mean(self, name: str) -> float:
         total, count = self.token_sums.get(name, (0.0, 0))
         return total / count if count else 0.0
+
+    @property
+    def kl(self) -> float:
+        """mean KL over the valid tokens of the trained levels (0 without KL)."""
+        return self.token_mean("kl")
+
+    @property
+    def kl_plan(self) -> float:
+        return self.token_mean("kl_plan")
+
+    @property
+    def kl_image(self) -> float:
+        return self.token_mean("kl_image")
+
+    @property
+    def clip_frac(self) -> float:
+        return self.token_mean("clip_frac")
+
+    @property
+    def rollout_kl(self) -> dict[str, float]:
+        """level (``plan``, ``image``; the levels that train) -> k3 estimate of KL(rollout policy || update
+        policy), the mean over the level's valid tokens of the first epoch (see :func:`rollout_mismatch`)."""
+        prefix = "rollout_kl/"
+        return {k.removeprefix(prefix): self.token_mean(k) for k in self.token_sums if k.startswith(prefix)}
 
 
 def update_phase(
@@ -300,10 +317,6 @@ def update_phase(
         grad_norm, applied = step()
         stats.grad_norm = grad_norm
         stats.skipped += 0 if applied else 1
-    for name in ("kl", "kl_plan", "kl_image", "clip_frac"):
-        setattr(stats, name, stats.token_mean(name))
-    levels = [name.split("/")[1] for name in stats.token_sums if name.startswith("rollout_kl/")]
-    stats.rollout_kl = {level: stats.token_mean(f"rollout_kl/{level}") for level in levels}
     return stats
 
 
@@ -339,13 +352,14 @@ def rollout_mismatch(sub: Rollout, current: dict[str, torch.Tensor]) -> dict[str
 def _accumulate(stats: UpdateStats, out: LossOutput, weight: float) -> None:
     """Add one minibatch: ``loss`` and ``policy_loss`` by ``weight`` (its share of the objective), the token
     means by their tokens, with one copy of the scalars to the host."""
-    names = ("loss", "policy_loss", "kl_max", "kl", "kl_plan", "kl_image", "clip_frac")
-    values = torch.stack([getattr(out, name).detach().float() for name in names]).tolist()
-    counts = torch.stack([out.kl_tokens, out.kl_plan_tokens, out.kl_image_tokens, out.num_tokens]).tolist()
+    means = ("kl", "kl_plan", "kl_image", "clip_frac")
+    counts = (out.kl_tokens, out.kl_plan_tokens, out.kl_image_tokens, out.num_tokens)
+    scalars = [out.loss.detach(), out.policy_loss, out.kl_max, *(getattr(out, n) for n in means), *counts]
+    values = torch.stack([v.double() for v in scalars]).tolist()  # float64 keeps the counts exact
     loss, policy_loss, kl_max = values[:3]
     stats.loss += loss * weight
     stats.policy_loss += policy_loss * weight
     stats.kl_max = max(stats.kl_max, kl_max)
-    for name, mean, tokens in zip(("kl", "kl_plan", "kl_image", "clip_frac"), values[3:], counts, strict=True):
+    for name, mean, tokens in zip(means, values[3:7], values[7:], strict=True):
         if tokens:
-            stats.add_tokens(name, mean * tokens, tokens)
+            stats.add_tokens(name, mean * tokens, int(tokens))

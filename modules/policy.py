@@ -198,6 +198,16 @@ def _fill(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
 
 
+def plan_system_text(setting: str | None, processor_default: bool) -> str:
+    """What precedes a plan's user turn: ``setting`` (``model.policy.init_args.plan_system_prompt``) and a blank
+    line; ``""`` nothing; ``None`` transformers' default system prompt where the processor sets
+    ``use_default_system_prompt`` (``processor_default``), as ``JanusProcessor`` does for text, else nothing."""
+    if setting is None:
+        return DEFAULT_SYSTEM_PROMPT if processor_default else ""
+    text = setting.strip()
+    return text + "\n\n" if text else ""
+
+
 class JanusPolicy(pl.LightningModule):
     """The trained policy: one Janus model that writes a plan and then draws.
 
@@ -297,12 +307,8 @@ class JanusPolicy(pl.LightningModule):
 
     @property
     def system_prompt(self) -> str:
-        """What precedes a plan's user turn: ``plan_system_prompt`` and a blank line, or where that is ``None``,
-        transformers' default system prompt if the processor sets ``use_default_system_prompt``, else nothing."""
-        if self.plan_system_prompt is None:
-            return DEFAULT_SYSTEM_PROMPT if getattr(self.processor, "use_default_system_prompt", False) else ""
-        text = self.plan_system_prompt.strip()
-        return text + "\n\n" if text else ""
+        """What precedes a plan's user turn (see :func:`plan_system_text`)."""
+        return plan_system_text(self.plan_system_prompt, getattr(self.processor, "use_default_system_prompt", False))
 
     def encode(self, texts: Sequence[str], suffix_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize and left-pad texts (one BOS each), optionally appending a token id to every row.

@@ -124,9 +124,9 @@ class Recipe:
     def __post_init__(self) -> None:
         # a recipe built by hand: the plan context of a checkpoint with its default system prompt
         if self.lengths.template_tokens is None:
-            from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+            from modules.policy import plan_system_text
 
-            self.lengths = with_template_tokens(self.lengths, DEFAULT_SYSTEM_PROMPT)
+            self.lengths = with_template_tokens(self.lengths, plan_system_text(None, True))
 
 
 # ---- reading a config ------------------------------------------------------------------------------
@@ -260,15 +260,13 @@ def recipe_from_config(
 
 
 def _plan_system_prompt(policy: dict, shape: str | None) -> str:
-    """The plan's system prompt a config asks for: unset, the checkpoint processor's choice (see
-    :func:`~bicot.memory.shapes.uses_default_system_prompt`)."""
-    text = _get(policy, "plan_system_prompt")
-    if text is None:
-        from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+    """The plan's system prompt a config asks for (unset: the checkpoint processor's choice, see
+    :func:`~bicot.memory.shapes.uses_default_system_prompt`), by the policy's own rule."""
+    from modules.policy import plan_system_text
 
-        source, tiny = (shape, None) if shape else (_get(policy, "model_name_or_path"), _get(policy, "tiny"))
-        return DEFAULT_SYSTEM_PROMPT if uses_default_system_prompt(source, tiny) else ""
-    return f"{text.strip()}\n\n" if str(text).strip() else ""
+    source, tiny = (shape, None) if shape else (_get(policy, "model_name_or_path"), _get(policy, "tiny"))
+    text = _get(policy, "plan_system_prompt")
+    return plan_system_text(text, text is None and uses_default_system_prompt(source, tiny))
 
 
 def _trainable(shape: ModelShape, parts: list[str]) -> int:

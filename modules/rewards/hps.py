@@ -295,47 +295,30 @@ def clip_preprocess(
     size: int,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
-    resize: str = "longest",
 ) -> torch.Tensor:
-    """HPS v2.1's scoring transform (``resize="longest"``) or open_clip's default one (``"shortest"``).
-
-    ``longest``: what ``hpsv2`` scores with (``light_augmentation=True``, open_clip's ``ResizeMaxSize``): the
-    longest side to ``size`` (bicubic, the other side rounded), then black padding centred to a
-    square, the smaller half on the left/top. Square images are simply resized. ``shortest``: shortest
-    side to ``size``, centre crop, sizes as torchvision's ``Resize(int)`` and ``CenterCrop`` compute them.
+    """HPS v2.1's scoring transform (``hpsv2`` builds it with ``light_augmentation=True``: open_clip's
+    ``ResizeMaxSize``): the longest side to ``size`` (bicubic, the other side rounded), black padding centred
+    to a square (the smaller half on the left/top), normalise. Square images are simply resized.
 
     Args:
         images: uint8 ``[N, H, W, 3]``.
         size: output side.
-        resize: ``longest`` (pad) or ``shortest`` (crop).
 
     Returns:
         float32 ``[N, 3, size, size]``.
     """
-    if resize not in ("longest", "shortest"):
-        raise ValueError(f"resize must be 'longest' or 'shortest', got {resize!r}")
     array = images.detach().to("cpu", torch.uint8).numpy()
     out = np.empty((array.shape[0], size, size, 3), dtype=np.float32)
     for i in range(array.shape[0]):
         img = Image.fromarray(array[i])
         w, h = img.size
-        if resize == "longest":
-            scale = size / max(w, h)
-            new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))  # a 1 x 500 strip keeps a row
-        else:
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = size, int(size * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        scale = size / max(w, h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))  # a 1 x 500 strip keeps a row
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        if resize == "longest":
-            square = Image.new("RGB", (size, size))  # black: ResizeMaxSize pads with 0 before normalising
-            square.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
-            img = square
-        else:
-            top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-            img = img.crop((left, top, left + size, top + size))
-        out[i] = np.asarray(img, dtype=np.float32) / 255.0
+        square = Image.new("RGB", (size, size))  # black: ResizeMaxSize pads with 0 before normalising
+        square.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
+        out[i] = np.asarray(square, dtype=np.float32) / 255.0
     pixels = torch.from_numpy(out).permute(0, 3, 1, 2)  # [N, 3, size, size]
     return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 

@@ -181,17 +181,6 @@ def test_preprocess_constant_image_is_normalised_exactly():
     torch.testing.assert_close(out[0, :, 5, 9], expected)
 
 
-def test_preprocess_shortest_mode_resizes_the_shortest_side_and_crops_the_centre():
-    # A tall image, black above and white below: the centre crop straddles the boundary.
-    tall = torch.zeros(1, 60, 20, 3, dtype=torch.uint8)
-    tall[:, 30:] = 255
-    out = clip_preprocess(tall, 28, mean=(0, 0, 0), std=(1, 1, 1), resize="shortest")
-    assert out.shape == (1, 3, 28, 28)
-    assert out[0, :, 0, :].max() < 0.05 and out[0, :, -1, :].min() > 0.95
-    with pytest.raises(ValueError, match="resize must be"):
-        clip_preprocess(tall, 28, resize="stretch")
-
-
 def test_preprocess_pads_non_square_images_like_hps_scoring():
     # hpsv2 scores through open_clip's ResizeMaxSize: longest side to 224, black padding, nothing cropped.
     wide = torch.full((1, 20, 40, 3), 255, dtype=torch.uint8)  # 40 wide -> 28, 20 high -> 14, 7 rows each side
