@@ -225,6 +225,16 @@ TOKEN_MEANS = ("kl", "kl_plan", "kl_image", "clip_frac", "rollout_kl/plan", "rol
 and count, so that every process's can be merged into the exact mean over the global batch."""
 
 
+class _TokenMean:
+    """A read-only attribute of :class:`UpdateStats`: the token mean of its own name."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, stats: UpdateStats | None, owner: type | None = None):
+        return self if stats is None else stats.token_mean(self.name)
+
+
 @dataclass
 class UpdateStats:
     """Means over the update of the loss parts (weighted like the loss), and the last step's numbers.
@@ -253,22 +263,10 @@ class UpdateStats:
         total, count = self.token_sums.get(name, (0.0, 0))
         return total / count if count else 0.0
 
-    @property
-    def kl(self) -> float:
-        """mean KL over the valid tokens of the trained levels (0 without KL)."""
-        return self.token_mean("kl")
-
-    @property
-    def kl_plan(self) -> float:
-        return self.token_mean("kl_plan")
-
-    @property
-    def kl_image(self) -> float:
-        return self.token_mean("kl_image")
-
-    @property
-    def clip_frac(self) -> float:
-        return self.token_mean("clip_frac")
+    kl = _TokenMean()  # over the valid tokens of the trained levels (0 without KL)
+    kl_plan = _TokenMean()
+    kl_image = _TokenMean()
+    clip_frac = _TokenMean()
 
     @property
     def rollout_kl(self) -> dict[str, float]:
