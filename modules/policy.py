@@ -43,13 +43,16 @@ class CheckpointError(ValueError):
     """A checkpoint path or id that cannot be loaded as a Janus model."""
 
 
+MIN_TEMPERATURE = 1e-4  # the smallest positive temperature; below it, use 0 (greedy decoding)
+
+
 @dataclass
 class SamplingConfig:
     """How plans and images are sampled, and which image log-probs the update uses.
 
     Attributes:
         plan_max_tokens: longest plan, in tokens (a plan stops earlier at EOS).
-        plan_temperature: temperature of plan sampling (0 is greedy).
+        plan_temperature: temperature of plan sampling (0 is greedy; otherwise at least ``MIN_TEMPERATURE``).
         plan_top_p: nucleus sampling for plans (1 disables).
         plan_top_k: top-k for plans (0 disables).
         image_temperature: temperature of image-token sampling.
@@ -122,6 +125,10 @@ class SamplingConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"sampling.{name} must be a finite number >= 0, got {value}")
+            if 0 < value < MIN_TEMPERATURE:  # logits / T would overflow float32 to inf, and the log-probs to NaN
+                raise ValueError(
+                    f"sampling.{name} must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {value:g}"
+                )
         for name in ("plan_top_p", "image_top_p"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"sampling.{name} must be in (0, 1], got {getattr(self, name)}")

@@ -293,6 +293,8 @@ def test_unknown_trainable_part_names_the_valid_parts(tiny_janus_dir):
         ({"image_top_p": 1.5}, "image_top_p"),
         ({"plan_temperature": -0.1}, "plan_temperature"),
         ({"image_temperature": -1.0}, "image_temperature"),
+        ({"image_temperature": 1e-38}, "image_temperature"),  # logits / T overflows to inf: NaN log-probs
+        ({"plan_temperature": 5e-5}, "plan_temperature"),
         ({"plan_top_k": -1}, "plan_top_k"),
         ({"plan_max_tokens": 0}, "plan_max_tokens"),
         ({"image_logprob": "behaviour"}, "image_logprob"),
@@ -308,6 +310,19 @@ def test_sampling_config_accepts_the_edges():
         cfg_scale=1.0, plan_temperature=0.0, plan_top_p=1.0, image_top_k=0, image_logprob="guided"
     )
     assert config.cfg_scale == 1.0 and config.image_logprob == "guided"
+
+
+def test_the_smallest_temperature_keeps_log_probs_finite_where_a_tinier_one_does_not():
+    from modules.janus_ops import sample_tokens
+    from modules.policy import MIN_TEMPERATURE
+
+    SamplingConfig(plan_temperature=MIN_TEMPERATURE, image_temperature=MIN_TEMPERATURE)  # accepted
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 200  # far wider than real logits
+    tokens, logp, entropy = sample_tokens(logits, MIN_TEMPERATURE)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert torch.equal(tokens, logits.argmax(-1))  # that cold, sampling is greedy
+    _, logp, entropy = sample_tokens(logits, 1e-38)  # what the config refuses
+    assert not (torch.isfinite(logp).all() and torch.isfinite(entropy).all())
 
 
 # --------------------------------------------------------------------------- contexts
