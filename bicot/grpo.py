@@ -27,7 +27,7 @@ from modules.reference import ReferencePolicy
 from modules.rewards.ensemble import RewardEnsemble
 from modules.seeding import generate_janus, rank_share
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 # Parameters that AdamW does not decay: biases and normalization weights, by the name patterns and layer type of
 # transformers' ``Trainer.get_decay_parameter_names`` (the optimizer of TRL's GRPOTrainer, which T2I-R1 builds on).
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
@@ -80,7 +80,8 @@ class BiCoTGRPO(pl.LightningModule):
             (:func:`no_decay_names`, as transformers' Trainer).
         betas: AdamW betas.
         warmup_steps: linear warm-up, in optimizer steps.
-        lr_schedule: ``constant`` or ``cosine`` (to 0 at ``trainer.max_steps``) after warm-up.
+        lr_schedule: after warm-up, ``constant``, or ``cosine`` or ``linear`` (transformers' ``Trainer`` default,
+            which the paper's run used) to 0 at ``trainer.max_steps``.
         grad_clip: max gradient norm (0 disables clipping; the norm is still logged).
         minibatch_size: rows per forward/backward in score and update (``None``: all rows at once).
         seed: base seed of rollout sampling; step ``s`` samples with a stream derived from (seed, s).
@@ -212,10 +213,10 @@ class BiCoTGRPO(pl.LightningModule):
     def _lr_factor(self, step: int, total: int | None) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        if self.lr_schedule == "cosine" and total:
-            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
+        if self.lr_schedule == "constant" or not total:  # no max_steps: no end to decay to
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1.0 - progress
 
     # ---- training ------------------------------------------------------------------------------
     def placement(
@@ -403,14 +404,14 @@ class BiCoTGRPO(pl.LightningModule):
         mean = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=r.num_rows)
         summed = dict(mean, reduce_fx="sum")
         self.log("train/reward", r.rewards.mean(), prog_bar=True, **mean)
-        self.log("train/reward_std", r.rewards.std() if r.num_rows > 1 else 0.0, **mean)
+        stds = group_std(r.global_rewards, r.group_size)  # the same on every process
+        self.log("train/reward_std", stds.mean(), **mean)  # within groups, as TRL's reward_std
         for name, scores in r.reward_per_expert.items():
             self.log(f"train/reward/{name}", scores.mean(), **mean)
             unreadable = getattr(self.rewards.experts[name], "unreadable", 0)
             self.log(f"train/unreadable/{name}", float(unreadable), **dict(mean, reduce_fx="sum"))
             errors = getattr(self.rewards, "errors", {}).get(name, 0)
             self.log(f"train/expert_errors/{name}", float(errors), **dict(mean, reduce_fx="sum"))
-        stds = group_std(r.global_rewards, r.group_size)  # the same on every process
         self.log("train/zero_std_frac", (stds < 1e-6).float().mean(), **mean)
         nan = float("nan")
         for key in ("loss", "policy_loss"):

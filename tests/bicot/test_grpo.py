@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import Logger
 from standin_graphs import StandInGraphs
 
 from bicot.grpo import BiCoTGRPO, NonFiniteError
-from bicot.loss import GRPOConfig
+from bicot.loss import GRPOConfig, group_std
 from bicot.rollout import Rollout
 from bicot.templates import REASONING_TEMPLATE
 from datamodules.prompts import PromptDataModule
@@ -127,7 +127,7 @@ def test_template_is_resolved_when_the_policy_plans():
         (dict(lr=-1e-6), "lr"),
         (dict(lr=math.nan), "lr"),
         (dict(lr=math.inf), "lr"),
-        (dict(lr_schedule="linear"), "lr_schedule"),
+        (dict(lr_schedule="step"), "lr_schedule"),
         (dict(grad_clip=-1.0), "grad_clip"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(minibatch_size=0), "minibatch_size"),
@@ -204,6 +204,25 @@ def test_lr_factor_warmup_then_cosine_to_zero_at_max_steps():
     assert module._lr_factor(6, total) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
     assert module._lr_factor(14, total) == pytest.approx(0.0, abs=1e-12)
     assert module._lr_factor(20, total) == pytest.approx(0.0, abs=1e-12)  # stays at 0 past the end
+
+
+def test_lr_factor_linear_is_transformers_default_schedule_after_warm_up():
+    from transformers import get_linear_schedule_with_warmup
+
+    total = 12
+    hf = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    hf_schedule = get_linear_schedule_with_warmup(hf, num_warmup_steps=0, num_training_steps=total)
+    expected = []
+    for _ in range(total + 3):
+        expected.append(hf.param_groups[0]["lr"])
+        hf.step()
+        hf_schedule.step()
+    module = make_module(lr_schedule="linear")
+    assert [module._lr_factor(s, total) for s in range(total + 3)] == pytest.approx(expected, abs=1e-12)
+    assert expected[0] == 1.0 and expected[6] == pytest.approx(0.5) and expected[total] == 0.0
+    warm = make_module(lr_schedule="linear", warmup_steps=2)  # bicot's warm-up never trains at 0 (see above)
+    assert [warm._lr_factor(s, 12) for s in (0, 1, 2, 7, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    assert warm._lr_factor(5, None) == 1.0
 
 
 def test_lr_factor_cosine_without_warmup_and_without_a_known_total():
@@ -418,6 +437,10 @@ def test_fit_two_steps_logs_metrics_and_trains_only_trainable_parameters():
     steps = [metrics for metrics in logged if "train/reward" in metrics]
     assert len(steps) == 2
     assert steps[-1]["train/reward"] == pytest.approx(float(module.last_rollout.rewards.mean()), abs=1e-6)
+    # the mean of the groups' standard deviations (TRL's reward_std), not the spread of the whole batch
+    group_stds = group_std(module.last_rollout.global_rewards, 2)
+    assert steps[-1]["train/reward_std"] == pytest.approx(float(group_stds.mean()), abs=1e-6)
+    assert steps[-1]["train/reward_std"] != pytest.approx(float(module.last_rollout.rewards.std()), abs=1e-6)
     assert steps[-1]["train/plan_tokens"] == pytest.approx(
         float(module.last_rollout.plan_mask.sum(1).float().mean())
     )
