@@ -136,6 +136,9 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     """
     grouped = _grouped(rewards, group_size)  # [P, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
+    # a float32 mean of G equal rewards can be an ulp off them (8 x 2.1: 2.4e-7), which / eps is 2.4e-3
+    same = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [P, 1]
+    centred = centred.masked_fill(same, 0.0)  # [P, G]
     if scale:
         centred = centred / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)  # [P, G]
     return centred.reshape(-1)  # [N]

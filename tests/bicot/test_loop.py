@@ -464,6 +464,36 @@ def test_token_means_merge_over_processes_into_the_single_process_means():
     assert mean_of_means != pytest.approx(single.kl_plan, rel=1e-3)  # what the exact merge avoids
 
 
+def test_update_loss_is_the_token_mean_objective_not_the_kl():
+    # With mu = 1 the ratio is 1, so each valid token's surrogate is minus its row's advantage: policy_loss is
+    # the mean of -A over every valid token of the batch (rows weighted by their plan + image tokens, whatever
+    # the minibatches: 4 and 2 rows here, with plans of 13 and 8 tokens), and the loss adds beta times the
+    # token-mean KL. REWARDS.md defect 3: the public code logged the KL term as the loss.
+    policy = make_policy()
+    beta = 0.05
+    algo = GRPOConfig(num_generations=G, beta=beta)
+    r = scored_rollout(policy, algo, other_reference())
+    _, stats = run_update(policy, r, algo, minibatch_size=4)
+    tokens = r.plan_mask.sum(1) + r.image_tokens.shape[1]  # [R]
+    expected = float((-r.advantages.double() * tokens).sum() / tokens.sum())
+    assert abs(expected) > 1e-3  # the rows' token counts differ, so the advantages do not cancel
+    assert stats.policy_loss == pytest.approx(expected, abs=1e-6)
+    assert stats.loss == pytest.approx(expected + beta * stats.kl, abs=1e-6)
+    assert stats.kl > 1e-3 and abs(stats.loss - stats.kl) > 1e-3
+
+
+def test_update_logprobs_and_loss_are_float32_under_bfloat16_autocast():
+    # bf16-mixed runs training_step under autocast, where the heads' logits come out in bf16; the log-softmax,
+    # the ratio and the KL must still be float32 (bf16 holds a log-prob of -10 only to 0.06)
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.05)
+    r = scored_rollout(policy, algo, other_reference())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, current = loop.minibatch_loss(policy, r, algo, None)
+    assert {level: logp.dtype for level, logp in current.items()} == {"plan": torch.float32, "image": torch.float32}
+    assert out.loss.dtype == out.kl.dtype == torch.float32
+
+
 def test_mu_epochs_step_each_epoch_and_reuse_first_epoch_logprobs_as_old(monkeypatch):
     # mu = 3, so that "old" staying the first epoch's (not the previous epoch's) is visible
     policy = make_policy()

@@ -38,6 +38,18 @@ def test_group_advantages_scaled_uses_unbiased_std_plus_eps():
     close(group_advantages(rewards, 3), [-a, 0.0, a, 0.0, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_of_equal_rewards_are_exactly_zero(scale):
+    # the float32 mean of eight rewards of 2.1 (a sum of the paper's four experts) is 2.1 + 2.4e-7, and
+    # 2.4e-7 / (std + 1e-4) would give every sample of the group the same advantage of -2.4e-3, not 0
+    rewards = torch.tensor([2.1] * 8 + [0.1, 0.3, 0.2, 0.9, 0.5, 0.5, 0.7, 0.8])
+    out = group_advantages(rewards, 8, scale=scale)
+    assert out[:8].tolist() == [0.0] * 8
+    other = rewards[8:]
+    centred = other - other.mean()
+    close(out[8:], centred / (other.std() + 1e-4) if scale else centred)  # the other group is untouched
+
+
 def test_group_advantages_eps_is_added_to_std():
     # std 1, eps 1 -> divide by 2 (not sqrt(var + eps) = 1.414)
     close(group_advantages(torch.tensor([1.0, 2.0, 3.0]), 3, eps=1.0), [-0.5, 0.0, 0.5])
@@ -296,6 +308,21 @@ def test_bicot_loss_clip_frac_counts_valid_trained_tokens():
     # 1 clipped of 4 valid; loss: (-1.2 - 1 - 1 - 1) / 4
     close(out.clip_frac, 0.25)
     close(out.loss, -4.2 / 4)
+
+
+def test_bicot_loss_computes_in_float32_from_bfloat16_logprobs():
+    # bf16 log-probs (every value below is exact in bf16) with d = 1/16 from the old and the reference policy:
+    # ratio exp(1/16) = 1.0644945 and k3 = expm1(1/16) - 1/16 = 2.0133e-3 in float32, where bf16 arithmetic
+    # gives 1.0625 and 1.95e-3
+    logp = torch.tensor([[-10.0]], dtype=torch.bfloat16, requires_grad=True)
+    old = torch.tensor([[-10.0625]], dtype=torch.bfloat16)
+    ref = torch.tensor([[-9.9375]], dtype=torch.bfloat16)
+    plan = TokenTerms(logp, old, torch.ones(1, 1, dtype=torch.bool), ref)
+    out = bicot_loss(plan, None, torch.tensor([1.0]), GRPOConfig(beta=0.1, levels="semantic"))
+    k3 = math.expm1(0.0625) - 0.0625
+    assert out.loss.dtype == out.kl.dtype == torch.float32
+    close(out.kl, k3, atol=1e-8)
+    close(out.loss, -math.exp(0.0625) + 0.1 * k3, atol=1e-6)  # A = 1, ratio inside the clip range
 
 
 def _scalars(out: LossOutput) -> dict[str, float]:
