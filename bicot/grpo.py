@@ -165,10 +165,17 @@ class BiCoTGRPO(pl.LightningModule):
 
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Refuse fp16 loss scaling; on a GPU, warn before the first step when the memory plan says this run
-        cannot fit."""
+        """Refuse fp16 loss scaling and a ``max_steps`` that is not a multiple of ``mu``; on a GPU, warn before the
+        first step when the memory plan says this run cannot fit."""
         if stage != "fit":
             return
+        max_steps, mu = getattr(self.trainer, "max_steps", -1), self.algo.mu
+        if max_steps is not None and max_steps > 0 and max_steps % mu:
+            # each rollout makes mu optimizer steps: the run would stop past max_steps, off its schedule's end
+            raise ValueError(
+                f"trainer.max_steps ({max_steps}) must be a multiple of model.algo.mu ({mu}): each rollout makes "
+                f"mu optimizer steps, so the run would end at step {-(-max_steps // mu) * mu}"
+            )
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # the update clips and checks the gradient norm before optimizer.step(), where Lightning's GradScaler
             # would only unscale: the norm would be the scaled one, and a scaler that never updates after an

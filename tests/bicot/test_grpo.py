@@ -264,6 +264,17 @@ def test_fp16_loss_scaling_is_refused():
     module.setup("fit")  # bf16-mixed (no scaler) on CPU: nothing to refuse
 
 
+def test_max_steps_that_is_not_a_multiple_of_mu_is_refused():
+    module = make_module(algo=GRPOConfig(num_generations=2, mu=2))
+    plugin = SimpleNamespace(scaler=None)
+    module._trainer = SimpleNamespace(precision_plugin=plugin, max_steps=5)
+    with pytest.raises(ValueError, match=r"max_steps \(5\) must be a multiple of model.algo.mu \(2\).*at step 6"):
+        module.setup("fit")
+    for max_steps in (6, -1):  # a multiple, or no step limit (max_epochs ends the run)
+        module._trainer = SimpleNamespace(precision_plugin=plugin, max_steps=max_steps)
+        module.setup("fit")
+
+
 def _stepper(max_consecutive_skips: int = 3, grad_clip: float = 1.0):
     module = make_module(lr=1e-3, grad_clip=grad_clip, max_consecutive_skips=max_consecutive_skips)
     module._trainer = SimpleNamespace(max_steps=10, global_step=0)
