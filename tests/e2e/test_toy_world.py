@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from test_cli import REPO, bicot, only_run
+from test_cli import REPO, cli_in_process, only_run
 
 from datamodules.toyworld.splits import CATEGORIES
 
@@ -11,7 +11,7 @@ TOY = REPO / "configs" / "toy.yaml"
 STEPS = 3
 
 
-def test_toy_main_job_validates_before_and_after_and_trains(tmp_path):
+def test_toy_main_job_validates_before_and_after_and_trains(capsys, tmp_path):
     # A 12-prompt validation file (2 per category) keeps the two validation passes short.
     val = tmp_path / "val.jsonl"
     lines = (REPO / "datamodules" / "toyworld" / "data" / "val.jsonl").read_text().splitlines()
@@ -26,7 +26,10 @@ def test_toy_main_job_validates_before_and_after_and_trains(tmp_path):
             callback["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    result = bicot(
+    # in this process: the console script's own start-up is covered by the other end-to-end tests
+    code, _, err = cli_in_process(
+        capsys,
+        REPO,  # toy.yaml names the checkpoint and the prompt files relative to the repository
         "fit",
         "-c",
         str(TOY),
@@ -37,9 +40,8 @@ def test_toy_main_job_validates_before_and_after_and_trains(tmp_path):
         "-c",
         str(overlay),
         "--trainer.enable_progress_bar=false",
-        cwd=REPO,  # toy.yaml names the checkpoint and the prompt files relative to the repository
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert code == 0, err[-3000:]
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     sources = {
