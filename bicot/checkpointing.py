@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,11 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         path = path / DISTRIBUTED_META
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    if not zipfile.is_zipfile(path):  # torch.load's own reason would be about mmap or zip internals
+        raise CheckpointMismatchError(
+            f"{str(path)!r} is not a readable bicot checkpoint: not a complete checkpoint file (torch.save writes a "
+            "zip archive; this file is another kind, or was cut short mid-write or mid-copy)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a truncated or foreign file: say which and why

@@ -141,13 +141,16 @@ class BiCoTCLI(LightningCLI):
         Lightning's own version loads the whole checkpoint (every tensor, into memory) to merge hyperparameters
         saved in it into the config. bicot's modules save none (the config is the record, kept in the run), so
         this one only reads the checkpoint's small entries, memory-mapped. ``fit`` reads them once, in
-        :meth:`before_instantiate_classes`, after resolving ``last`` and recovering a checkpoint a crash left aside."""
+        :meth:`before_instantiate_classes`, after resolving ``last`` and recovering a checkpoint a crash left aside.
+        ``validate``/``test``/``predict`` resolve ``last`` here the same way: where Lightning finds no last checkpoint
+        it warns and evaluates the weights the run starts from."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand not in (None, "fit") else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            path = Path(ckpt_path).expanduser()
-            if path.exists():
-                self._checkpoint_meta = read_checkpoint_meta(path)
+        config = self.config[subcommand] if subcommand not in (None, "fit") else None
+        ckpt_path = str(config.get("ckpt_path") or "") if config is not None else ""
+        if ckpt_path and ckpt_path not in ("best", "hpc") and not ckpt_path.startswith("registry"):
+            path = resolve_checkpoint(ckpt_path, config.trainer)
+            config.ckpt_path = str(path)
+            self._checkpoint_meta = read_checkpoint_meta(path)
 
     def before_instantiate_classes(self) -> None:
         """Resolving ``--ckpt_path`` early lets a resumed fit log into the MLflow run that wrote it. A run
@@ -185,17 +188,34 @@ class BiCoTCLI(LightningCLI):
                 trainer.callbacks[trainer.callbacks.index(bar)] = step_bar
         return trainer
 
-    def before_fit(self) -> None:
-        # A checkpoint of another model is refused here, before the run it came from is touched (its status,
-        # its config); Lightning would only call the module's check after the run had been set going.
+    def check_inputs(self, stage: str) -> None:
+        """Refuse a checkpoint of another model and read the stage's prompt files before any MLflow run is opened
+        or resumed. Lightning checks both only after its loggers have started the run: a bad input left an empty
+        FAILED run, or marked FAILED the FINISHED run a refused resume came from. Lightning's own ``setup`` then
+        finds the prompts loaded."""
         meta = getattr(self, "_checkpoint_meta", None)
         if meta is not None and isinstance(self.model, BiCoTGRPO):
             self.model.check_checkpoint({"bicot": meta} if meta else {})
+        if isinstance(self.datamodule, PromptDataModule):
+            self.datamodule.setup(stage)
+
+    def before_fit(self) -> None:
+        self.check_inputs("fit")  # before the run the checkpoint came from is touched (its status, its config)
+        check_checkpoint_folders(self.trainer)
         run_id = getattr(self, "_resumed_run", None)
         for logger in self.trainer.loggers:
             if run_id and isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
                 logger.experiment.update_run(run_id, status="RUNNING")
                 print(f"bicot: resuming MLflow run {run_id}", file=sys.stderr)
+
+    def before_validate(self) -> None:
+        self.check_inputs("validate")
+
+    def before_test(self) -> None:
+        self.check_inputs("test")
+
+    def before_predict(self) -> None:
+        self.check_inputs("predict")
 
 
 def check_config_shares(config: Namespace) -> None:
@@ -213,6 +233,20 @@ def check_config_shares(config: Namespace) -> None:
         world = (len(devices) if isinstance(devices, list) else devices) * nodes
     if isinstance(world, int) and isinstance(batch, int) and isinstance(group, int) and world >= 1:
         check_even_shares(batch, group, world)  # else ("auto" devices, another model or data class): the first step
+
+
+def check_checkpoint_folders(trainer) -> None:
+    """Refuse a ModelCheckpoint ``dirpath`` that cannot be written (below a file, read-only) before the first step;
+    Lightning would find out at the first save, with the steps before it paid for and lost."""
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if not dirpath or "://" in str(dirpath):  # set by Lightning at setup, or a remote filesystem
+            continue
+        folder = Path(dirpath).expanduser()
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "is not a folder" if not existing.is_dir() else "is not writable"
+            raise ValueError(f"ModelCheckpoint dirpath {str(folder)!r} cannot be written: {str(existing)!r} {why}")
 
 
 def _mlflow_loggers(node) -> list[Namespace]:
@@ -237,7 +271,10 @@ def names_class(argv: list[str], key: str) -> bool:
                 where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
                 problem = getattr(err, "problem", None) or str(err)
                 raise ValueError(f"{config}{where}: not valid YAML ({problem})") from None
-            if isinstance(node, dict) and isinstance(node.get(key), dict) and "class_path" in node[key]:
+            if not isinstance(node, dict):  # jsonargparse would say "Unexpected config" and not name the file
+                what = "nothing" if node is None else f"a {type(node).__name__}"
+                raise ValueError(f"{config}: not a config (a YAML mapping of trainer, model, data ...); it holds {what}")
+            if isinstance(node.get(key), dict) and "class_path" in node[key]:
                 return True
     return False
 
@@ -270,6 +307,9 @@ def resolve_checkpoint(ckpt_path: str, trainer_config: Namespace) -> Path:
 USER_ERRORS = (
     ValueError,
     FileNotFoundError,
+    NotADirectoryError,  # a path through a file (an output folder, a store), named in the message
+    IsADirectoryError,
+    PermissionError,
     MisconfigurationException,
     RewardExpertError,
     NonFiniteError,

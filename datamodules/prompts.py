@@ -297,13 +297,28 @@ def compbench_task_type(path: str | Path) -> str:
     return "non"
 
 
+def _json_object(line: str) -> bool:
+    """Whether a line of a text file is a JSON object (a record of a JSON Lines file saved as ``.txt``)."""
+    if not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _load_text(path: Path, task_type: str | None) -> list[PromptRecord]:
     task = task_type if task_type is not None else compbench_task_type(path)
-    return [
-        PromptRecord(prompt=line.strip(), task_type=task, source=f"{path}:{number}")
-        for number, line in enumerate(_read_lines(path), start=1)
-        if line.strip()
-    ]
+    records = []
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        if _json_object(line.strip()):  # its JSON text would be drawn as the prompt
+            raise _Where(path, number).error(
+                None, "is a JSON record, not a prompt; a .txt file holds one prompt a line: give JSON Lines a .jsonl suffix"
+            )
+        records.append(PromptRecord(prompt=line.strip(), task_type=task, source=f"{path}:{number}"))
+    return records
 
 
 # WISE (arXiv 2503.07265) ships no license, so bicot never includes its prompts: users point at their
@@ -482,6 +497,8 @@ class PromptDataModule(pl.LightningDataModule):
         for split, value in files.items():
             if value is not None and not isinstance(value, (str, Path)):
                 raise ValueError(f"{split}_file must be a path or None, got {type(value).__name__} {value!r}")
+            if isinstance(value, str) and not value.strip():  # Path("") is the current folder
+                raise ValueError(f"{split}_file is an empty path; give a prompt file, or null")
         _check_int("batch_size", batch_size, 1)
         _check_int("val_batch_size", val_batch_size, 1, optional=True)
         _check_int("max_prompts", max_prompts, 1, optional=True)

@@ -6,11 +6,13 @@ internet that held the model in its cache, loading a tiny Janus that way took 32
 (measured here). A hub id whose files are in the cache is read with ``local_files_only=True`` instead; only
 when that cached copy is incomplete does the load go to the hub. Before it does, one request checks that the
 hub answers: where it does not, the load fails at once (about 50 s of retries saved on a machine without
-internet) with a message that says so.
+internet) with a message that says so. A local folder is first checked against what the loader reads: transformers
+only warns about a config.json of another model type and then starts every weight at random.
 """
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -64,15 +66,53 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     return None
 
 
+def check_local_folder(load: Callable[..., Any], folder: Path) -> None:
+    """Refuse a folder whose files cannot be what ``load`` reads, before it reads them.
+
+    A ``config.json`` of another model type: transformers warns, builds the model with every weight at random and
+    loads none (a reward expert pointed at the policy's folder scored with a random model). A config that holds a
+    sub-config of the model's type (``vision_config`` ...) is one transformers reads. A ``*.safetensors`` file cut
+    short: the loader's own error names no file.
+
+    Raises:
+        OSError: naming the file and the problem (callers turn a loader's ``OSError`` into their message).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    cls = getattr(load, "__self__", None)
+    wanted = getattr(getattr(cls, "config_class", None), "model_type", None)
+    config_file = folder / "config.json"
+    if wanted and config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (ValueError, OSError):
+            config = None  # the loader reports a malformed config itself
+        if isinstance(config, dict) and config.get("model_type") not in (None, wanted):
+            nested = [v.get("model_type") for v in config.values() if isinstance(v, dict)]
+            if wanted not in nested:
+                raise OSError(
+                    f"{config_file} has model_type {config['model_type']!r}; {cls.__name__} reads {wanted!r} checkpoints"
+                )
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except SafetensorError as err:
+            raise OSError(f"{weights} is not a readable safetensors file ({err}); re-download or re-save it") from None
+
+
 def load_cache_first(load: Callable[..., Any], source: str, **kwargs: Any) -> Any:
     """``load(source, **kwargs)`` (a ``from_pretrained``), from the local cache alone when ``source`` is a
     hub id the cache holds; from the hub when it is not, or when the cached copy lacks a file.
 
     Raises:
-        OSError: what ``load`` raises, or at once, without the loader's retries, when the load needs the hub
-            and the hub does not answer.
+        OSError: what ``load`` raises; at once, without the loader's retries, when the load needs the hub and the
+            hub does not answer; before loading, when a local folder cannot be what ``load`` reads
+            (:func:`check_local_folder`).
     """
     local = Path(source).expanduser().is_dir()
+    if local:
+        check_local_folder(load, Path(source).expanduser())
     if not local and cached_locally(source):
         try:
             return load(source, **kwargs, local_files_only=True)

@@ -194,6 +194,15 @@ def test_text_file(tmp_path):
     assert {r.task_type for r in load_prompts(path, task_type="mine")} == {"mine"}
 
 
+def test_a_text_file_of_json_records_is_refused(tmp_path):
+    """JSON Lines saved as .txt would train on the JSON text itself as prompts."""
+    path = write_lines(tmp_path / "prompts.txt", ["a dog runs", json.dumps({"prompt": "a red circle"})])
+    with pytest.raises(PromptDataError, match=r"prompts\.txt, line 2: .*JSON record.*\.jsonl"):
+        load_prompts(path)
+    path = write_lines(tmp_path / "braces.txt", ["{a dog} runs", "{ a cat }"])  # braces that are not JSON are text
+    assert [r.prompt for r in load_prompts(path)] == ["{a dog} runs", "{ a cat }"]
+
+
 def test_real_compbench_file():
     path = DATA / "t2i_compbench" / "3d_spatial_train.txt"
     records = load_prompts(path)
@@ -460,6 +469,8 @@ def test_missing_path_is_reported_at_setup(tmp_path):
         ({"max_prompts": 0}, "max_prompts"),
         ({"shuffle": "yes"}, "shuffle"),
         ({"train_file": 3}, "train_file"),
+        ({"train_file": ""}, "train_file"),  # Path("") is the current folder
+        ({"val_file": "  "}, "val_file"),
     ],
 )
 def test_bad_arguments(kwargs, words):

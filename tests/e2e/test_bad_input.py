@@ -8,7 +8,7 @@ import random
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_cli import E2E_CONFIGS, bicot, run_in_process, tiny_args  # noqa: I001
+from test_cli import E2E_CONFIGS, PROMPTS, REPO, bicot, cli_in_process, run_in_process, tiny_args  # noqa: I001
 
 from bicot.cli import main
 from datamodules.prompts import PromptDataError, load_prompts
@@ -239,3 +239,128 @@ def test_a_failing_expert_can_score_zero_and_be_counted(capsys, tmp_path):
     errors = sorted(client.get_metric_history(run.info.run_id, "train/expert_errors/exploding"), key=lambda m: m.step)
     assert [m.value for m in errors] == [1.0, 2.0]
     assert all(m.value == 0 for m in client.get_metric_history(run.info.run_id, "train/reward/exploding"))
+
+
+def checkpointing(tmp_path, dirpath=None):
+    """A config fragment that checkpoints every step into ``dirpath`` (default ``tmp_path/ckpt``)."""
+    fragment = tmp_path / "ckpt.yaml"
+    fragment.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "enable_checkpointing": True,
+                    "callbacks": [
+                        {
+                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"dirpath": str(dirpath or tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": 1},
+                        }
+                    ],
+                }
+            }
+        )
+    )
+    return ["-c", str(fragment)]
+
+
+def only_run(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("bicot")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_a_resume_with_a_bad_prompt_file_leaves_the_run_as_it_was(capsys, tmp_path):
+    code, err = run_in_process(capsys, tmp_path, *checkpointing(tmp_path))
+    assert code == 0, err[-3000:]
+    client, (before,) = only_run(tmp_path)
+    for bad in ("absent.jsonl", "malformed.jsonl"):
+        (tmp_path / "malformed.jsonl").write_text(json.dumps(GOOD) + "\n{not json\n")
+        resume = ("--ckpt_path=last", "--trainer.max_steps=3", f"--data.train_file={tmp_path / bad}")
+        code, err = run_in_process(capsys, tmp_path, *checkpointing(tmp_path), *resume)
+        assert code != 0 and bad in err and "Traceback" not in err
+        (after,) = client.search_runs([before.info.experiment_id])
+        assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time), bad
+        assert [a.path for a in client.list_artifacts(after.info.run_id, "config")] == ["config/config.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "named"),
+    [("fit", "absent.jsonl"), ("validate", "data.val_file"), ("test", "data.test_file"), ("predict", "data.predict_file")],
+)
+def test_missing_prompts_open_no_mlflow_run(capsys, tmp_path, subcommand, named):
+    args = tiny_args(tmp_path, f"--data.train_file={tmp_path / 'absent.jsonl'}")
+    code, _, err = cli_in_process(capsys, tmp_path, subcommand, *args)
+    assert code != 0 and named in err and "Traceback" not in err
+    assert only_run(tmp_path)[1] == []  # no empty FAILED run in the store
+
+
+def test_evaluation_refuses_a_missing_or_foreign_checkpoint_before_opening_a_run(capsys, tmp_path):
+    """Lightning evaluates the starting weights after a warning where ``--ckpt_path=last`` finds nothing, and
+    checks the model only once the run is open."""
+    prompts = [f"--data.{split}_file={tmp_path / 'absent.jsonl'}" for split in ("val", "test", "predict")]
+    for subcommand in ("validate", "test", "predict"):
+        code, _, err = cli_in_process(capsys, tmp_path, subcommand, *tiny_args(tmp_path, *prompts, "--ckpt_path=last"))
+        assert code != 0 and "no last.ckpt found" in err and "Traceback" not in err, subcommand
+        assert only_run(tmp_path)[1] == []
+    code, err = run_in_process(capsys, tmp_path, *checkpointing(tmp_path))
+    assert code == 0, err[-3000:]
+    foreign = ("--ckpt_path=last", "--model.policy.init_args.tiny.hidden_size=64", f"--data.val_file={tmp_path / 'absent.jsonl'}")
+    code, _, err = cli_in_process(capsys, tmp_path, "validate", *tiny_args(tmp_path, *checkpointing(tmp_path), *foreign))
+    assert code != 0 and "another model" in err and "Traceback" not in err
+    assert len(only_run(tmp_path)[1]) == 1  # the fit's run alone
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_the_first_step(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    code, err = run_in_process(capsys, tmp_path, *checkpointing(tmp_path, tmp_path / "a_file" / "ckpt"))
+    assert code != 0 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("bicot: error:")]
+    assert "ModelCheckpoint" in line and str(tmp_path / "a_file") in line
+    assert only_run(tmp_path)[1] == []  # refused before any step was paid for
+
+
+def test_a_prediction_folder_under_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    args = tiny_args(
+        tmp_path,
+        "-c",
+        str(REPO / "configs" / "eval" / "plain.yaml"),
+        f"--data.predict_file={PROMPTS}",
+        "--data.max_prompts=1",
+        f"--trainer.callbacks.init_args.output_dir={tmp_path / 'a_file' / 'out'}",
+    )
+    code, _, err = cli_in_process(capsys, tmp_path, "predict", *args)
+    assert code != 0 and "Traceback" not in err
+    assert str(tmp_path / "a_file") in err and "Not a directory" in err
+
+
+@pytest.mark.parametrize(("text", "holds"), [("", "nothing"), ("- a\n- b\n", "a list"), ("just words\n", "a str")])
+def test_a_config_file_that_is_not_a_mapping_is_named(capsys, tmp_path, text, holds):
+    config = tmp_path / "odd.yaml"
+    config.write_text(text)
+    code, err = run_in_process(capsys, tmp_path, "-c", str(config))
+    assert code != 0 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("bicot: error:")]
+    assert str(config) in line and holds in line
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(capsys, tmp_path):
+    (tmp_path / "notes.ckpt").write_text("hello")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(b"PK\x03\x04" + bytes(200))  # the start of a zip archive, as a crash mid-copy leaves it
+    for path in (tmp_path / "notes.ckpt", truncated):
+        args = tiny_args(tmp_path, f"--data.val_file={tmp_path / 'absent.jsonl'}", f"--ckpt_path={path}")
+        code, _, err = cli_in_process(capsys, tmp_path, "validate", *args)
+        assert code != 0 and "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if line.startswith("bicot: error:")]
+        assert str(path) in line and "not a complete checkpoint file" in line and "mmap" not in line
+
+
+def test_a_reward_expert_pointed_at_the_policys_folder_is_refused(capsys, tmp_path):
+    """transformers would only warn, and the CLIP expert would score every image with a random model (exit 0)."""
+    fragment = tmp_path / "clip.yaml"
+    clip = {"class_path": "modules.rewards.clipscore.CLIPScoreExpert", "init_args": {"model_name_or_path": str(REPO / "checkpoints" / "toy")}}
+    fragment.write_text(yaml.safe_dump({"model": {"rewards": {"experts": [clip]}}}))
+    code, err = run_in_process(capsys, tmp_path, "-c", str(fragment))
+    assert code != 0 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("bicot: error:")]
+    assert "'clipscore'" in line and "model_type 'janus'" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -123,6 +124,45 @@ def test_a_local_folder_is_loaded_as_it_is(tmp_path, hub_cache):
     with pytest.raises(OSError):
         load_cache_first(load, str(tmp_path))
     assert load.calls == [{}]
+
+
+class ClipLoader:
+    """A model class's ``from_pretrained`` that reads ``clip`` checkpoints and records what it was asked to load."""
+
+    class config_class:
+        model_type = "clip"
+
+    calls: list[str] = []
+
+    @classmethod
+    def from_pretrained(cls, source, **kwargs):
+        cls.calls.append(source)
+        return f"loaded {source}"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"model_type": "clip"}, {"model_type": "llava", "vision_config": {"model_type": "clip"}}, {"vocab_size": 3}],
+)
+def test_a_local_folder_the_model_class_reads_is_loaded(tmp_path, config):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_cache_first(ClipLoader.from_pretrained, str(tmp_path)) == f"loaded {tmp_path}"
+
+
+def test_a_local_folder_of_another_model_type_is_refused_before_loading(tmp_path):
+    """transformers only warns, and starts every weight at random: a reward expert would score with noise."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "janus", "vision_config": {"model_type": "siglip"}}))
+    ClipLoader.calls = []
+    with pytest.raises(OSError, match=r"config\.json has model_type 'janus'; ClipLoader reads 'clip' checkpoints"):
+        load_cache_first(ClipLoader.from_pretrained, str(tmp_path))
+    assert ClipLoader.calls == []
+
+
+def test_a_cut_safetensors_file_is_named_before_loading(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")  # a header cut short
+    with pytest.raises(OSError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_cache_first(ClipLoader.from_pretrained, str(tmp_path))
 
 
 def test_policy_loads_a_cached_hub_id_without_asking_the_hub(tmp_path, tiny_janus_dir):
