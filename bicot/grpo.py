@@ -25,7 +25,7 @@ from modules.engine import EngineStats
 from modules.policy import JanusPolicy
 from modules.reference import ReferencePolicy
 from modules.rewards.ensemble import RewardEnsemble
-from modules.seeding import generate_janus, rank_share
+from modules.seeding import generate_janus, rank_share, share_start
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # Parameters that AdamW does not decay: biases and normalization weights, by the name patterns and layer type of
@@ -525,7 +525,9 @@ class BiCoTGRPO(pl.LightningModule):
             categories = [r.task_type for r in split_records(self.trainer, "test")]
             self._test_scores = ScoreCollector(self.rewards.names, categories, self.device)
         # Every process receives the same global batch and draws its own share of whole prompts.
-        batch = rank_share(batch, self.trainer.global_rank, self.trainer.world_size)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        first = share_start(len(batch), rank, world)  # the share's first prompt in the global batch
+        batch = rank_share(batch, rank, world)
         n = self.policy.predict_images_per_prompt
         with gathered(self.policy.model):  # a collective: every process enters, even with no share
             if not batch:
@@ -535,7 +537,8 @@ class BiCoTGRPO(pl.LightningModule):
         scores = self.rewards(out["images"], records)
         plans = out["plans"] or [None] * len(records)
         info = [{"plan": plan, "seed": seed} for plan, seed in zip(plans, out["seeds"], strict=True)]
-        self._test_scores.add(scores.per_expert, records, info)
+        places = [(batch_idx, first * n + i) for i in range(len(records))]  # scores.jsonl: in prompt order
+        self._test_scores.add(scores.per_expert, records, info, places)
         return out
 
     def on_test_epoch_end(self) -> None:

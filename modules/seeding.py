@@ -66,8 +66,13 @@ def rank_share(records: Sequence[PromptRecord], rank: int, world: int) -> list[P
 
     Shares are ``ceil(P / world)`` prompts; the last processes may get fewer or none.
     """
-    share = -(-len(records) // world)
-    return list(records[rank * share : (rank + 1) * share])
+    start = share_start(len(records), rank, world)
+    return list(records[start : start + -(-len(records) // world)])
+
+
+def share_start(prompts: int, rank: int, world: int) -> int:
+    """Where :func:`rank_share`'s share of ``rank`` starts in a global batch of ``prompts`` prompts."""
+    return min(rank * -(-prompts // world), prompts)
 
 
 @dataclass

@@ -195,3 +195,22 @@ def test_a_damaged_prediction_json_stops_before_scoring_naming_the_file(tmp_path
     with pytest.raises(PromptDataError, match=f"prediction.json: {words}"):
         trainer.test(scorer, FolderData(str(folder)), verbose=False)
     assert not scored and not (folder / "scores.csv").exists()
+
+
+def test_scores_jsonl_is_in_the_places_given_whatever_order_the_images_came_in(tmp_path, capsys):
+    # bicot test on 2 processes: process 0 draws prompts 0 and 2 (batches 0 and 1), process 1 prompt 1 (batch 0);
+    # one process's rows come first when they are gathered, so the rows say where they belong
+    from types import SimpleNamespace
+
+    from bicot.scoring import ScoreCollector
+
+    collector = ScoreCollector(["color"], ["color"], torch.device("cpu"))
+    for prompt, place in (("p0", (0, 0)), ("p2", (1, 0)), ("p1", (0, 1))):
+        collector.add({"color": torch.tensor([0.5])}, [PromptRecord(prompt, "color")], [{"seed": 1}], [place])
+    module = SimpleNamespace(trainer=SimpleNamespace(is_global_zero=True), loggers=[], log=lambda *a, **k: None)
+    collector.finish(module, tmp_path, "run", "toy")
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["p0", "p1", "p2"]
+    assert all("at" not in row and "row" not in row for row in rows)  # the written rows are the images' only
+    with pytest.raises(ValueError, match="2 places for 1 images"):
+        collector.add({"color": torch.tensor([0.5])}, [PromptRecord("p3", "color")], [{}], [(2, 0), (2, 1)])

@@ -86,5 +86,8 @@ def test_test_on_two_processes_scores_every_image_once_when_a_process_has_no_sha
     assert run.returncode == 0, run.stderr[-3000:]
     table = (root / "test_scores" / "scores.csv").read_text().splitlines()
     assert [line.split(",")[2:4] for line in table[1:]] == [["color", "3"], ["all", "3"]]
-    images = [json.loads(line)["seed"] for line in (root / "test_scores" / "scores.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (root / "test_scores" / "scores.jsonl").read_text().splitlines()]
+    images = [row["seed"] for row in rows]
     assert len(images) == len(set(images)) == 3
+    # in the prompt file's order, as one process writes them (process 0 drew prompts 1 and 3, process 1 prompt 2)
+    assert [row["prompt"] for row in rows] == [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
