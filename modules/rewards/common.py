@@ -81,7 +81,8 @@ def load_pretrained(load: Callable[..., Any], source: str, arg: str, expert: str
         **kwargs: passed to ``load`` (``dtype``, ``trust_remote_code`` ...).
 
     Raises:
-        ExpertCheckpointError: the loader raised ``OSError`` (missing files, not in the cache, offline).
+        ExpertCheckpointError: the loader raised ``OSError`` (missing files, not in the cache, offline), or
+            refused weights whose shapes are not those its ``config.json`` asks for.
     """
     check_source(source, arg, expert)
     try:
@@ -91,6 +92,13 @@ def load_pretrained(load: Callable[..., Any], source: str, arg: str, expert: str
             f"reward expert {expert!r}: could not load {arg}={source!r}: {err}. "
             + how_to_provide(arg, source)
         ) from err
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):  # transformers' refusal of tensors of another shape
+            raise
+        raise ExpertCheckpointError(
+            f"reward expert {expert!r}: {arg}={source!r}: its config.json does not match its weights (tensors of "
+            "another shape, listed in the load report above); re-download the folder or fix its config.json"
+        ) from None
 
 
 def load_model_and_processor(

@@ -135,3 +135,15 @@ def test_bfloat16_and_missing_checkpoint(tiny_dir, tmp_path):
         GitVQAExpert(str(tmp_path / "no_git"))
     with pytest.raises(ValueError, match="dtype must be one of"):
         GitVQAExpert(str(tiny_dir), dtype="int8")
+
+
+def test_a_config_that_does_not_match_the_weights_is_one_message(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "git")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2  # every MLP weight of the checkpoint now has the wrong shape
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExpertCheckpointError, match=r"'git'.*config.json does not match its weights"):
+        GitVQAExpert(str(folder))
