@@ -260,6 +260,7 @@ class BiCoTGRPO(pl.LightningModule):
 
     def training_step(self, batch: Sequence[PromptRecord], batch_idx: int) -> None:
         algo, times = self.algo, {}
+        self.phase_peak_memory.clear()  # a phase this step skips (a skipped update) shows no stale peak
         lr = self.optimizers().param_groups[0]["lr"]  # the rate this step's update uses
         with self._phase("rollout", times), gathered(self.policy.model):
             rollout = loop.rollout_phase(
@@ -439,7 +440,8 @@ class BiCoTGRPO(pl.LightningModule):
         skipped = self.skipped_steps + (0 if stats else 1)  # a reward skip is counted just after
         self.log("train/skipped_steps", float(skipped), **dict(mean, reduce_fx="max"))
         self.log("train/lr", lr, **mean)
-        self.log("train/advantage_std", r.advantages.std() if r.num_rows > 1 else 0.0, **mean)
+        spread = self._gather_rows(r.advantages.float())  # every process's rows: the same on any number of them
+        self.log("train/advantage_std", spread.std() if spread.numel() > 1 else 0.0, **dict(mean, sync_dist=False))
         plan_tokens = r.plan_mask.sum(1).float().mean() if r.plan_mask is not None else 0.0
         self.log("train/plan_tokens", plan_tokens, **mean)
         for phase in ("rollout", "score", "update"):
@@ -481,8 +483,17 @@ class BiCoTGRPO(pl.LightningModule):
             self.evaluate(batch, batch_idx, self._tally)
 
     def on_validation_epoch_end(self) -> None:
-        for key, value in self._tally.compute().items():
-            self.log(key, value, on_step=False, on_epoch=True, rank_zero_only=True)
+        metrics = self._tally.compute()  # already over every process's images
+        within_fit = self.trainer.state.fn == "fit"
+        for key, value in metrics.items():  # for callbacks (a ModelCheckpoint monitoring val/accuracy)
+            self.log(key, value, on_step=False, on_epoch=True, rank_zero_only=True, logger=not within_fit)
+        if within_fit and self.trainer.is_global_zero:
+            # Lightning would log a validation within a fit at the step of the batch just trained (s - 1 after
+            # s steps), while the grid of the same weights, and the validation before the first step (0), are at
+            # the number of steps trained: put it there too
+            trained = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=trained)
 
     def on_train_start(self) -> None:
         """With ``validate_before_fit``, score the starting policy on the validation prompts (step 0). A resumed

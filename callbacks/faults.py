@@ -17,9 +17,10 @@ class GracefulStop(Callback):
 
     Lightning already stops at the next batch boundary on SIGTERM; Ctrl+C would interrupt anywhere
     (even between ``optimizer.step()`` and the scheduler), so the first SIGINT here only sets a flag
-    and the stop happens after the step in flight. A second Ctrl+C interrupts at once.
-    On the way out the callback writes ``last.ckpt`` next to the run's ModelCheckpoint files (or
-    ``dirpath``) and ends the MLflow run as KILLED, so ``--ckpt_path=last`` resumes it.
+    and the stop happens after the step in flight. A second Ctrl+C interrupts at once, writing no
+    checkpoint (the last one written stays). On a clean stop the callback writes ``last.ckpt`` next to
+    the run's ModelCheckpoint files (or ``dirpath``); either way it ends the MLflow run as KILLED, so
+    ``--ckpt_path=last`` resumes it. On several processes all stop at the same step boundary.
 
     Args:
         dirpath: where to write the checkpoint when no ModelCheckpoint callback gives a folder.
@@ -28,6 +29,7 @@ class GracefulStop(Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
         self.interrupted = False
+        self._at_boundary = False  # our own KeyboardInterrupt, raised between two steps
         self._previous = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -47,7 +49,13 @@ class GracefulStop(Callback):
             self._previous = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.world_size > 1:
+            # A Ctrl+C can reach the processes on either side of a step boundary. One that stopped alone
+            # would leave the others waiting in the next step's collectives (and save no shard of its own):
+            # all stop, and save, at the first boundary where any of them was interrupted.
+            self.interrupted = trainer.strategy.reduce_boolean_decision(self.interrupted, all=False)
         if self.interrupted:
+            self._at_boundary = True
             raise KeyboardInterrupt
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path | None:
@@ -62,8 +70,10 @@ class GracefulStop(Callback):
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
         path = self.checkpoint_path(trainer)
-        if path is not None and trainer.state.fn == "fit" and (self.interrupted or isinstance(exception, SIGTERMException)):
-            # Only at a step boundary (SIGTERM, or our deferred Ctrl+C) is the state consistent to save.
+        at_boundary = self._at_boundary or isinstance(exception, SIGTERMException)
+        if path is not None and trainer.state.fn == "fit" and at_boundary:
+            # Only at a step boundary (SIGTERM, or our deferred Ctrl+C) is the state consistent to save;
+            # a second Ctrl+C lands anywhere (even between optimizer.step() and the scheduler's).
             trainer.save_checkpoint(path)
             rank_zero_info(f"saved {path}; resume with --ckpt_path=last")
         for logger in trainer.loggers:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -32,12 +34,40 @@ class Caption:
     per_expert: dict[str, float] = field(default_factory=dict)
 
 
-def load_font(size: int) -> ImageFont.ImageFont:
-    """Pillow's default font at ``size`` px (a scalable font with FreeType, else the fixed bitmap one)."""
+def load_font(size: int, file: str | None = None) -> ImageFont.ImageFont:
+    """``file`` at ``size`` px, else Pillow's default font (scalable with FreeType, else a fixed bitmap one).
+
+    Pillow's default font draws little beyond ASCII: ``é``, ``—``, ``Ω`` come out as boxes. A bare file name is
+    looked for in the system's font folders, then among the fonts matplotlib ships (an MLflow dependency, with
+    DejaVu Sans), so the default font is there on any system.
+    """
+    if file is not None:
+        for candidate in (file, _matplotlib_font(file)):
+            try:
+                if candidate is not None:
+                    return ImageFont.truetype(candidate, size)
+            except OSError:
+                continue
+        warnings.warn(
+            f"grid font {file!r} not found: captions use Pillow's default font, which draws little beyond ASCII",
+            stacklevel=2,
+        )
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: only the bitmap font exists
         return ImageFont.load_default()
+
+
+def _matplotlib_font(file: str) -> str | None:
+    """``file`` among the TrueType fonts matplotlib ships, when it is a bare name and matplotlib is there."""
+    if Path(file).name != file:
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / file
+    return str(path) if path.is_file() else None
 
 
 @dataclass
@@ -49,7 +79,10 @@ class GridLayout:
         pad: space around cells.
         font_size: caption font size.
         prompt_lines: caption lines for the prompt.
-        plan_lines: caption lines for the plan (longer plans end in an ellipsis).
+        plan_lines: caption lines for the plan (longer plans end in an ellipsis; 0 leaves the plan out).
+        font_file: a TrueType font, as a path or a file name in the system's font folders; DejaVu Sans (most
+            Linux systems have it) draws Latin, Greek and Cyrillic text. ``None``, or a font that is not
+            there, uses Pillow's default font, which draws little beyond ASCII.
     """
 
     cell_size: int = 192
@@ -57,6 +90,7 @@ class GridLayout:
     font_size: int = 12
     prompt_lines: int = 2
     plan_lines: int = 4
+    font_file: str | None = "DejaVuSans.ttf"
 
     def __post_init__(self) -> None:
         for name in ("cell_size", "font_size"):
@@ -64,7 +98,7 @@ class GridLayout:
                 raise ValueError(f"{name} must be >= 8, got {getattr(self, name)}")
         if self.pad < 0 or self.prompt_lines < 1 or self.plan_lines < 0:
             raise ValueError("pad must be >= 0, prompt_lines >= 1 and plan_lines >= 0")
-        self.font = load_font(self.font_size)
+        self.font = load_font(self.font_size, self.font_file)
         left, top, right, bottom = self.font.getbbox("Ag|")
         self.line_height = int(bottom - top) + 3
 
@@ -97,7 +131,8 @@ def wrap(text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> li
         lines.append(current)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
-        lines[-1] = lines[-1] + " …"
+        if lines:  # max_lines 0: nothing shown, nothing to mark
+            lines[-1] = lines[-1] + " …"
     # a single word wider than the cell is cut, so no line spills into the next column
     return [_fit(line, font, width) for line in lines]
 

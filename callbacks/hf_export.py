@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm.auto import tqdm
 
 from bicot.parallel import fsdp_units
-from callbacks._run import MlflowRun, find_run, logging_step
+from callbacks._run import MlflowRun, find_run, steps_trained
 from modules.lora import merge_lora_state_dict
 
 
@@ -145,7 +145,7 @@ class HFExport(pl.Callback):
     ) -> None:
         if not self.every_checkpoint:
             return
-        tag = f"step_{logging_step(trainer):06d}"
+        tag = f"step_{steps_trained(trainer):06d}"  # the weights the grid samples/step_XXXXXX shows
         final = self.export_dir(trainer)
         self.export(
             trainer,

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 import torch
 
+from bicot.loss import group_std
 from bicot.rollout import Rollout
 
+Gather = Callable[[torch.Tensor], torch.Tensor]  # [R] -> [R_global]: every process's rows, in global order
 
-def sampled_nll(logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+
+def _own_rows(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
+def sampled_nll(
+    logp: torch.Tensor, mask: torch.Tensor | None = None, gather: Gather = _own_rows
+) -> torch.Tensor:
     """Mean negative log-prob of the sampled tokens: ``-sum(logp * mask) / sum(mask)``.
 
     When ``logp`` is the log-prob under the very distribution the tokens were drawn from, this is the
@@ -20,40 +31,56 @@ def sampled_nll(logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     Args:
         logp: ``[R, T]`` log-probs of sampled tokens.
         mask: ``[R, T]`` bool, valid tokens (``None``: all).
+        gather: the other processes' rows too (see :func:`masked_mean`).
 
     Returns:
         A scalar tensor (0 when no token is valid).
     """
-    return masked_mean(-logp, mask)
+    return masked_mean(-logp, mask, gather)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 mean of ``values`` over the positions where ``mask`` is set (all when ``None``; 0 when none)."""
-    if mask is None:
-        return values.float().mean()
-    weight = mask.to(torch.float32)
-    return (values.float() * weight).sum() / weight.sum().clamp(min=1.0)
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor | None = None, gather: Gather = _own_rows
+) -> torch.Tensor:
+    """float32 mean of ``values`` ``[R, T]`` where ``mask`` is set (everywhere when ``None``; 0 when nowhere),
+    over every process's rows when ``gather`` collects them: processes hold different numbers of plan tokens,
+    so a mean of each process's mean would be off."""
+    weight = torch.ones_like(values, dtype=torch.float32) if mask is None else mask.to(torch.float32)
+    sums, counts = gather((values.float() * weight).sum(1)), gather(weight.sum(1))  # [R_global] each
+    return sums.sum() / counts.sum().clamp(min=1.0)
 
 
-def rollout_statistics(r: Rollout) -> dict[str, torch.Tensor]:
-    """The statistics of one scored rollout, by metric name.
+def rollout_statistics(r: Rollout, gather: Gather = _own_rows) -> dict[str, torch.Tensor]:
+    """The statistics of one scored rollout, by metric name, over the whole step's rows.
+
+    Args:
+        r: this process's rows of the step.
+        gather: ``[R] -> [R_global]``, every process's rows in global order (a collective: every process makes
+            the same calls); by default this process's rows alone, the whole step on one process.
 
     Returns:
-        ``train/advantage_mean``, ``train/reward_std/<expert>``, ``train/sampled_nll/image``,
-        ``train/entropy/image`` and, with plans, ``train/sampled_nll/plan`` and ``train/entropy/plan``;
-        scalar tensors.
+        ``train/advantage_mean``, ``train/reward_std/<expert>`` (the mean spread within groups, as
+        ``train/reward_std``), ``train/sampled_nll/image``, ``train/entropy/image`` and, with plans,
+        ``train/sampled_nll/plan`` and ``train/entropy/plan``; scalar tensors, the same on every process.
     """
-    out = {"train/advantage_mean": r.advantages.float().mean()}
+    out = {"train/advantage_mean": gather(r.advantages.float()).mean()}
     for name, scores in r.reward_per_expert.items():
-        out[f"train/reward_std/{name}"] = scores.float().std() if r.num_rows > 1 else scores.new_zeros(())
+        out[f"train/reward_std/{name}"] = group_std(gather(scores.float()), r.group_size).mean()
     if r.plan_logp is not None:
-        out["train/sampled_nll/plan"] = sampled_nll(r.plan_logp, r.plan_mask)
-    out["train/sampled_nll/image"] = sampled_nll(r.image_logp)
+        out["train/sampled_nll/plan"] = sampled_nll(r.plan_logp, r.plan_mask, gather)
+    out["train/sampled_nll/image"] = sampled_nll(r.image_logp, None, gather)
     if r.plan_entropy is not None:
-        out["train/entropy/plan"] = masked_mean(r.plan_entropy, r.plan_mask)
+        out["train/entropy/plan"] = masked_mean(r.plan_entropy, r.plan_mask, gather)
     if r.image_entropy is not None:
-        out["train/entropy/image"] = masked_mean(r.image_entropy)
+        out["train/entropy/image"] = masked_mean(r.image_entropy, None, gather)
     return out
+
+
+def gather_rows(pl_module: pl.LightningModule) -> Gather:
+    """``[R] -> [R_global]`` across the module's processes; every process holds an equal, contiguous share."""
+    if pl_module.trainer.world_size == 1:
+        return _own_rows
+    return lambda values: pl_module.all_gather(values).reshape(-1)
 
 
 class RolloutStatistics(pl.Callback):
@@ -64,14 +91,16 @@ class RolloutStatistics(pl.Callback):
     ``train/advantage_std``, ``train/plan_tokens``, ``train/lr`` and ``train/grad_norm``. This adds:
 
     - ``train/advantage_mean``: mean advantage (about 0 by construction; drifts flag a bug);
-    - ``train/reward_std/<expert>``: spread of each expert's scores over the step's samples;
+    - ``train/reward_std/<expert>``: spread of each expert's scores within a group, averaged over the groups
+      (as ``train/reward_std``): an expert whose scores never differ within a group gives no advantage;
     - ``train/sampled_nll/plan`` and ``train/sampled_nll/image``: mean ``-log p`` of the sampled
       tokens, the Monte-Carlo entropy estimate (see :func:`sampled_nll` for when it is exact);
     - ``train/entropy/plan`` and ``train/entropy/image``: the exact mean per-token entropy (nats) of the
       distributions the rollout sampled from (a sum over the vocabulary at every step; for image tokens
       the CFG mixture), from the temperature-scaled logits before top-k/top-p.
 
-    Metrics are averaged over data-parallel ranks like the module's own, and written by rank 0.
+    Each is taken over the rows of every data-parallel process together (their shares gathered), so N
+    processes log what one process would; rank 0 writes them.
     """
 
     def __init__(self) -> None:
@@ -85,5 +114,6 @@ class RolloutStatistics(pl.Callback):
         if r is None or r is self._seen or r.advantages is None:
             return
         self._seen = r
-        for name, value in rollout_statistics(r).items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=True, batch_size=r.num_rows)
+        for name, value in rollout_statistics(r, gather_rows(pl_module)).items():
+            # already over every process's rows: the same value on each, nothing left to reduce
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=r.num_rows)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import posixpath
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +109,12 @@ def version_tags() -> dict[str, str]:
     return tags
 
 
+def command_tags() -> dict[str, str]:
+    """The command line that started this process and the folder it ran in: with the config, what reruns it
+    (the config's relative paths, ``checkpoints/toy`` and the prompt files, are relative to that folder)."""
+    return {"bicot.command": shlex.join(sys.argv), "bicot.cwd": os.getcwd()}
+
+
 def ui_command(tracking_uri: str) -> str:
     """The ``mlflow ui`` command for a store; relative SQLite paths become absolute (any cwd works)."""
     prefix = "sqlite:///"
@@ -115,7 +124,7 @@ def ui_command(tracking_uri: str) -> str:
 
 
 class RunMetadata(pl.Callback):
-    """At set-up (rank 0): log the resolved config as flat params, tag versions and commit, print the run.
+    """At set-up (rank 0): log the resolved config as flat params, tag the code and command, print the run.
 
     The config text itself is ``config/config.yaml`` (written by the CLI's ``SaveConfigToRun``); the
     params make runs comparable in the MLflow UI's table. Keys are dotted paths of the YAML
@@ -145,7 +154,7 @@ class RunMetadata(pl.Callback):
             return
         if self.print_run:
             print(self.announcement(run), flush=True)
-        for key, value in {**version_tags(), **self.tags}.items():
+        for key, value in {**version_tags(), **command_tags(), **self.tags}.items():
             run.client.set_tag(run.run_id, key, safe_value(str(value)))
         config = resolved_config(trainer)
         if config is None:

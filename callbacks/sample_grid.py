@@ -27,7 +27,8 @@ class SampleGrid(pl.Callback):
     the seed and the group size never change, so grids of different steps compare like for like.
     Sampling uses the policy's own rollout (``bicot.loop.rollout_phase``) and the module's reward
     ensemble (``bicot.loop.score_phase`` without the reference), with its own random stream: the
-    training run draws exactly the same samples with or without this callback.
+    training run draws exactly the same samples with or without this callback. A resumed run does not draw
+    again the grid the run already holds for its first step (the one drawn after the last step before it).
 
     Args:
         every_n_steps: draw when the logging step is a multiple of this.
@@ -71,19 +72,39 @@ class SampleGrid(pl.Callback):
         self.layout = layout or GridLayout()
         self._records: list[PromptRecord] | None = None
         self._last_step: int | None = None
+        self._run_checked = False
 
     # ---- hooks ---------------------------------------------------------------------------------
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
     ) -> None:
         step = logging_step(trainer)
-        if step % self.every_n_steps == 0 and step != self._last_step:
+        if step % self.every_n_steps == 0 and self.due(trainer, step):
             self.log_samples(trainer, pl_module, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = logging_step(trainer)
-        if self.at_end and step != self._last_step:
+        if self.at_end and self.due(trainer, step):
             self.log_samples(trainer, pl_module, step)
+
+    def due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether the grid of ``step`` is still to draw: not drawn by this process, nor, for the first grid
+        of a process, already in the run. A resumed run starts at the step where the stretch before it drew
+        its last grid; drawing it again would add that step's rows to the table a second time."""
+        if step == self._last_step:
+            return False
+        if not self._run_checked:
+            self._run_checked = True
+            run = find_run(trainer)
+            name = f"{artifact_name(step)}.json"
+            logged = run is not None and any(
+                a.path == name for a in run.client.list_artifacts(run.run_id, "samples")
+            )
+            # every process samples (a collective under FSDP2) or none does: rank 0's run decides
+            if trainer.strategy.broadcast(logged, src=0):
+                self._last_step = step
+                return False
+        return True
 
     # ---- work ----------------------------------------------------------------------------------
     def fixed_prompts(self, trainer: pl.Trainer) -> list[PromptRecord]:
@@ -130,7 +151,7 @@ class SampleGrid(pl.Callback):
             return
         captions = captions_of(rollout)
         grid = draw_grid(rollout.images.cpu().numpy(), captions, rollout.group_size, self.layout)
-        name = f"samples/step_{step:06d}"
+        name = artifact_name(step)
         run.client.log_image(run.run_id, grid, artifact_file=f"{name}.png")
         run.client.log_dict(run.run_id, self.summary(rollout, step), f"{name}.json")
         if self.table_file is not None:
@@ -148,6 +169,11 @@ class SampleGrid(pl.Callback):
             "advantages": r.advantages.tolist(),
             "reward_per_expert": {name: s.tolist() for name, s in r.reward_per_expert.items()},
         }
+
+
+def artifact_name(step: int) -> str:
+    """The grid's artifact of ``step`` without its extension: ``samples/step_XXXXXX``."""
+    return f"samples/step_{step:06d}"
 
 
 def log_table_quietly(client, run_id: str, data: dict[str, list], artifact_file: str) -> None:

@@ -514,6 +514,26 @@ def test_fit_logs_the_rollout_mismatch_of_the_trained_levels_and_nan_for_a_skipp
     assert 0 <= trained["train/rollout_kl/image"] < 1e-8 and trained["train/rollout_logp_gap_max"] < 1e-4
 
 
+def test_validation_within_a_fit_is_logged_at_the_steps_trained():
+    # before the first step (0), then after 2 and 4 steps: at 2 and 4, where the grids of the same weights are
+    # drawn (Lightning would log them at 1 and 3, the index of the batch just trained)
+    module = make_module(algo=GRPOConfig(num_generations=2, beta=0.0), validate_before_fit=True)
+
+    def evaluate(batch, batch_idx, tally):
+        tally.add("val/reward", torch.full((len(batch),), float(module.global_step)))
+
+    module.evaluate = evaluate
+    logger = MemoryLogger()
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                         val_check_interval=2, num_sanity_val_steps=0, limit_val_batches=1)
+    data = PromptDataModule(train_file=str(TOY_PROMPTS), val_file=str(TOY_PROMPTS), batch_size=2)
+    trainer.fit(module, datamodule=data)
+    logged = [(step, metrics["val/reward"]) for step, metrics in logger.calls if "val/reward" in metrics]
+    assert logged == [(0, 0.0), (2, 2.0), (4, 4.0)]
+    assert trainer.callback_metrics["val/reward"] == 4.0  # still there for a ModelCheckpoint to monitor
+
+
 @pytest.mark.parametrize("global_step, validates", [(0, True), (3, False)])
 def test_validate_before_fit_scores_the_starting_policy_once_not_again_on_resume(global_step, validates):
     module = make_module(validate_before_fit=True)

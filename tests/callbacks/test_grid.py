@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFont
 
 from callbacks.grid import Caption, GridLayout, caption_text, draw_grid, wrap
 
@@ -62,3 +63,45 @@ def test_caption_has_a_fixed_number_of_lines_and_shows_the_numbers(plan):
 def test_draw_grid_refuses_rows_that_do_not_fill_groups():
     with pytest.raises(ValueError, match="do not fill rows"):
         draw_grid(np.zeros((3, 4, 4, 3), np.uint8), captions(3), group_size=2, layout=GridLayout())
+
+
+def drawn(layout: GridLayout, text: str) -> np.ndarray:
+    """``text`` drawn in ``layout``'s font, as a greyscale array."""
+    canvas = Image.new("L", (4 * layout.font_size * len(text), 3 * layout.font_size), 0)
+    ImageDraw.Draw(canvas).text((2, 2), text, fill=255, font=layout.font)
+    return np.asarray(canvas)
+
+
+def test_captions_draw_letters_beyond_ascii():
+    layout = GridLayout()
+    missing = drawn(layout, "\U000f0000")  # a private-use code point: the font's box for what it cannot draw
+    for letter in "éü—Ωж":  # a prompt such as "a café in Zürich — ..."
+        assert (drawn(layout, letter) != missing).any(), letter
+
+
+def test_a_missing_font_falls_back_to_the_default_with_a_warning():
+    with pytest.warns(UserWarning, match="not found"):
+        layout = GridLayout(font_file="no-such-font-bicot.ttf")
+    assert layout.line_height > 0
+
+
+def test_zero_plan_lines_leave_the_plan_out():
+    layout = GridLayout(plan_lines=0)
+    (caption,) = captions(1, plan="a plan long enough to need a line of its own")
+    lines = [text for text, _ in caption_text(caption, layout)]
+    assert len(lines) == layout.caption_lines(2)
+    assert not any("plan" in line for line in lines)
+
+
+def test_the_default_font_is_found_where_the_system_has_none(monkeypatch):
+    # a system without DejaVu Sans in its font folders (macOS, a slim container): matplotlib's copy is used
+    truetype = ImageFont.truetype
+
+    def no_system_fonts(font, size):
+        if font == "DejaVuSans.ttf":
+            raise OSError("cannot open resource")
+        return truetype(font, size)
+
+    monkeypatch.setattr(ImageFont, "truetype", no_system_fonts)
+    layout = GridLayout()
+    assert layout.font.path.endswith("DejaVuSans.ttf") and "matplotlib" in layout.font.path

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import lightning.pytorch as pl
 import torch
 from safetensors.torch import load_file
 from toyfit import REGISTERED
@@ -127,3 +128,38 @@ def test_explicit_full_state_dict_saves_like_the_model_itself(tiny_policy, tmp_p
 def test_plain_class_name_sees_through_fsdp_subclasses():
     fsdp_like = type("FSDPJanusForConditionalGeneration", (JanusForConditionalGeneration,), {})
     assert plain_class_name(fsdp_like.__new__(fsdp_like)) == "JanusForConditionalGeneration"
+
+
+class Tiny(pl.LightningModule):
+    """One weight trained by plain automatic optimization: enough for Lightning to step and checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch).pow(2).sum()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(16, 1), batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_checkpoint_exports_are_named_by_the_steps_trained(tmp_path, monkeypatch):
+    """A checkpoint written after 2 steps is exported as step_000002, the name of the grid of those weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.hf_export import HFExport
+
+    exported = []
+    monkeypatch.setattr(HFExport, "export", lambda self, trainer, module, folder, path: exported.append(path))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_steps=4, callbacks=[HFExport(every_checkpoint=True), checkpoints], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(Tiny())
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    assert exported[:2] == ["policy_steps/step_000002", "policy_steps/step_000004"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from toyfit import MAX_STEPS
 
 from bicot.rollout import Rollout
-from callbacks.rollout_stats import rollout_statistics, sampled_nll
+from callbacks.rollout_stats import gather_rows, rollout_statistics, sampled_nll
 from datamodules.records import PromptRecord
 
 # Everything the issue lists, whether BiCoTGRPO or a callback logs it.
@@ -107,3 +109,87 @@ def test_fit_logs_every_metric_of_the_issue_at_every_step(toy_run):
 def test_progress_bar_shows_reward_and_kl(toy_run):
     shown = toy_run.module.trainer.progress_bar_metrics  # what Lightning's bar prints beside the step
     assert {"train/reward", "train/kl"} <= set(shown)
+
+
+def split_rollout() -> Rollout:
+    """Three prompts of two samples: on two processes the middle group is split between them, and the processes'
+    plans differ in length (one holds 5 plan tokens, the other 3)."""
+    ids = torch.zeros(6, 3, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    logp = -torch.arange(1.0, 19.0).reshape(6, 3)
+    return Rollout(
+        records=[PromptRecord(p) for p in ("a", "a", "b", "b", "c", "c")],
+        group_size=2,
+        plan_context_ids=ids,
+        plan_context_mask=ids,
+        plan_tokens=ids,
+        plan_mask=mask,
+        plan_logp=logp,
+        plans=["p"] * 6,
+        image_cond_ids=ids,
+        image_cond_mask=ids,
+        image_uncond_ids=ids,
+        image_tokens=torch.zeros(6, 2, dtype=torch.long),
+        image_logp=-torch.arange(1.0, 13.0).reshape(6, 2),
+        images=torch.zeros(6, 4, 4, 3, dtype=torch.uint8),
+        rewards=torch.zeros(6),
+        reward_per_expert={"color": torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.0])},
+        advantages=torch.tensor([-0.5, 0.5, -0.5, 0.5, 0.0, 0.0]),
+        plan_entropy=-logp * mask,
+        image_entropy=torch.arange(12.0).reshape(6, 2),
+    )
+
+
+def in_lockstep(world: int, work) -> dict[int, dict]:
+    """``work(rank, gather)`` on ``world`` threads whose ``gather`` is an all-gather: each call hands in this
+    rank's rows and returns every rank's, in rank order, as torch.distributed's would (the real collective,
+    ``pl_module.all_gather``, is what :func:`gather_rows` calls)."""
+    import threading
+
+    slots: list = [None] * world
+    barrier = threading.Barrier(world)
+    results: dict[int, dict] = {}
+
+    def gather_for(rank: int):
+        def gather(values: torch.Tensor) -> torch.Tensor:
+            slots[rank] = values
+            barrier.wait()
+            out = torch.cat(list(slots))
+            barrier.wait()  # every rank has read this call's rows before the next call overwrites them
+            return out
+
+        return gather
+
+    def run(rank: int) -> None:
+        results[rank] = work(rank, gather_for(rank))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == world, "a rank did not finish"
+    return results
+
+
+def test_several_processes_log_what_one_process_would():
+    full = split_rollout()
+    one = {name: value.item() for name, value in rollout_statistics(full).items()}
+    assert one["train/reward_std/color"] == pytest.approx(2 * 2**-0.5 / 3)  # groups {0,1}, {0,1}, {1,1}
+    # the mean of each process's own token mean is not the step's (5 plan tokens on one, 3 on the other)
+    shares = [full.rows(slice(3 * k, 3 * k + 3)) for k in range(2)]
+    per_process = [sampled_nll(s.plan_logp, s.plan_mask).item() for s in shares]
+    assert sum(per_process) / 2 != pytest.approx(one["train/sampled_nll/plan"])
+
+    def statistics(rank, gather):
+        return {name: value.item() for name, value in rollout_statistics(shares[rank], gather).items()}
+
+    for rank, stats in in_lockstep(2, statistics).items():
+        assert stats == pytest.approx(one), rank
+
+
+def test_rows_are_gathered_in_process_order():
+    module = SimpleNamespace(
+        trainer=SimpleNamespace(world_size=2), all_gather=lambda t: torch.stack([t, t + 10])  # [world, R]
+    )
+    assert gather_rows(module)(torch.tensor([1.0, 2.0])).tolist() == [1.0, 2.0, 11.0, 12.0]

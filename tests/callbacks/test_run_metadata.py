@@ -102,3 +102,23 @@ def test_run_id_and_ui_command_are_printed_at_start(toy_run):
     assert f"bicot: MLflow run {toy_run.run_id}" in toy_run.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in toy_run.stdout
     assert f"/runs/{toy_run.run_id}" in toy_run.stdout
+
+
+def test_tags_name_the_command_line_and_its_folder(tmp_path, monkeypatch):
+    """The config names files relative to the folder bicot ran in: the run says which folder, and the command."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow_store import store_uri, tracking_uri_kept
+
+    argv = ["/venv/bin/bicot", "fit", "-c", "configs/toy.yaml", "--model.algo.beta=0.02", "--a= b"]
+    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.chdir(tmp_path)
+    with tracking_uri_kept():
+        logger = MLFlowLogger("bicot", tracking_uri=store_uri(tmp_path), artifact_location=str(tmp_path / "art"))
+        trainer = SimpleNamespace(is_global_zero=True, loggers=[logger], callbacks=[])
+        with pytest.warns(UserWarning, match="not started by the bicot CLI"):
+            RunMetadata(print_run=False).setup(trainer, None, "fit")
+        tags = logger.experiment.get_run(logger.run_id).data.tags
+    assert tags["bicot.command"] == "/venv/bin/bicot fit -c configs/toy.yaml --model.algo.beta=0.02 '--a= b'"
+    assert tags["bicot.cwd"] == str(tmp_path)

@@ -128,3 +128,43 @@ def test_table_appends_without_a_download_progress_bar(tmp_path, capfd):
         Path(client.download_artifacts(run_id, "samples/table.json", str(tmp_path))).read_text()
     )
     assert [row[0] for row in table["data"]] == [0, 1, 2]  # every append kept
+
+
+class CountingGrid(SampleGrid):
+    """A SampleGrid that records the steps it would draw instead of sampling."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.drawn: list[int] = []
+
+    def log_samples(self, trainer, pl_module, step: int) -> None:
+        self._last_step = step
+        self.drawn.append(step)
+
+
+def trainer_at(logger, step: int) -> SimpleNamespace:
+    """The parts of a rank-0 trainer that SampleGrid reads, at logging step ``step``."""
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=step))
+    strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj)
+    return SimpleNamespace(is_global_zero=True, loggers=[logger], fit_loop=loop, strategy=strategy)
+
+
+def test_a_resumed_run_does_not_draw_again_the_grid_it_holds(tmp_path):
+    """The stretch before a resume drew step 4's grid after its last step, and the resume starts at step 4."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow_store import store_uri, tracking_uri_kept
+
+    with tracking_uri_kept():
+        store = store_uri(tmp_path)
+        logger = MLFlowLogger("bicot", tracking_uri=store, artifact_location=str(tmp_path / "artifacts"))
+        logger.experiment.log_dict(logger.run_id, {"step": 4}, "samples/step_000004.json")
+        resumed = CountingGrid(every_n_steps=2)
+        for step in (4, 5, 6):
+            resumed.on_train_batch_start(trainer_at(logger, step), None, None, step)
+        assert resumed.drawn == [6]
+        finished = CountingGrid(every_n_steps=2)  # a resume of a run that had reached max_steps
+        finished.on_train_end(trainer_at(logger, 4), None)
+        assert finished.drawn == []
+        fresh = CountingGrid(every_n_steps=2)  # a step the run does not hold is drawn
+        fresh.on_train_batch_start(trainer_at(logger, 2), None, None, 2)
+        assert fresh.drawn == [2]
