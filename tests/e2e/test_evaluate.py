@@ -123,6 +123,9 @@ def test_generate_then_score_writes_images_tables_and_mlflow_metrics(tmp_path, t
     assert run.data.metrics["test/toy_orm/all"] == pytest.approx(float(table[-1]["toy_orm"]), abs=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "scores")}
     assert artifacts == {"scores/scores.csv", "scores/scores.md", "scores/scores.jsonl"}
+    # the run says what it evaluated (RunMetadata in configs/eval/toy.yaml): the config, the code, the command
+    assert run.data.params["model.policy.init_args.predict_images_per_prompt"] == "2"
+    assert {"bicot.command", "bicot.cwd", "bicot.version"} <= set(run.data.tags)
 
     # Another batch size draws the very same images (per-image seeds) and so the same scores.
     again = tmp_path / "toy_again"
