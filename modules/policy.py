@@ -606,6 +606,11 @@ def check_janus_source(source: str) -> None:
     path = local_folder(source)
     if path is None:
         return  # a hub id such as deepseek-community/Janus-Pro-1B
+    if path.is_file():  # a weights or config file instead of the folder that holds it
+        raise CheckpointError(
+            f"model_name_or_path={source!r} is a file; give the checkpoint folder (the one written by save_pretrained, "
+            f"with config.json, the weights and the processor files), e.g. {str(path.parent)!r}"
+        )
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {str(path)!r} (from model_name_or_path={source!r})")
     config = path / "config.json"

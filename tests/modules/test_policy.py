@@ -106,6 +106,14 @@ def test_missing_checkpoint_folder_names_the_path(tmp_path):
     assert str(missing) in str(err.value)
 
 
+def test_a_file_given_for_the_checkpoint_folder_is_called_a_file(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a file; give the checkpoint folder") as err:
+        JanusPolicy(str(weights))
+    assert repr(str(tmp_path)) in str(err.value)  # the folder that holds it
+
+
 def test_a_relative_folder_that_exists_but_does_not_load_is_not_called_missing(tmp_path, monkeypatch):
     def incomplete(source, *args, **kwargs):
         raise OSError(f"{source} does not appear to have a file named preprocessor_config.json")
