@@ -35,12 +35,11 @@ STATIC_ENGINE = ("--model.policy.init_args.sampling.engine=static",)
 @pytest.mark.parametrize(
     ("prompts", "processes", "extra", "sharded_only"),
     [
-        # (2 prompts on 2 processes, plain, is what the cases below vary: not run on its own). Each launch costs
-        # about a minute of a 2-core machine, so the first case varies two things at once.
-        # 1 prompt, its group of 4 samples split across the 2 processes; LoRA (the reference: adapters off) with
-        # activation checkpointing
-        (1, 2, LORA_AND_CHECKPOINTING, ()),
-        (2, 4, (), STATIC_ENGINE),  # 4 processes rolling out with the engine against one with the eager loop
+        # Each launch costs a minute or more of a 2-core machine, so one launch varies everything at once from the
+        # plain case (2 prompts on 2 processes, not run on its own): 1 prompt, its group of 4 samples split across
+        # 4 processes (one row each); LoRA (the reference: adapters off) with activation checkpointing; the
+        # processes roll out with the static engine, the single one with the eager loop
+        (1, 4, LORA_AND_CHECKPOINTING, STATIC_ENGINE),
     ],
 )
 def test_several_processes_match_one_process(capsys, tmp_path, prompts, processes, extra, sharded_only):
