@@ -17,6 +17,7 @@ from bicot.checkpointing import CheckpointMismatchError, model_fingerprint
 from bicot.evaluation import ScoreTally
 from bicot.loss import GRPOConfig, group_std
 from bicot.parallel import ParallelConfig, gathered, parallelize
+from bicot.progress import steps_trained
 from bicot.rollout import Rollout
 from bicot.scoring import ScoreCollector, folder_benchmark, split_records
 from bicot.templates import resolve_template
@@ -271,7 +272,7 @@ class BiCoTGRPO(pl.LightningModule):
             ref_model = self.reference.model if self.reference.model is not None else self.policy.model
         with self._phase("score", times), gathered(ref_model) if ref_model is not None else _nothing():
             loop.score_phase(
-                rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size, self._gather_rows
+                rollout, self.rewards, algo, self.policy, self.reference, self.minibatch_size, self.gather_rows
             )
         stats = None
         if self._all_finite(rollout.rewards, rollout.advantages):
@@ -309,7 +310,7 @@ class BiCoTGRPO(pl.LightningModule):
         self.consecutive_skips = 0
         return float(norm), True
 
-    def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
         """``[R] -> [R_global]``: every process's rows in global order (equal shares in training)."""
         if self.trainer.world_size == 1:
             return values
@@ -440,7 +441,8 @@ class BiCoTGRPO(pl.LightningModule):
         skipped = self.skipped_steps + (0 if stats else 1)  # a reward skip is counted just after
         self.log("train/skipped_steps", float(skipped), **dict(mean, reduce_fx="max"))
         self.log("train/lr", lr, **mean)
-        spread = self._gather_rows(r.advantages.float())  # every process's rows: the same on any number of them
+        # over every process's rows (the same on any number of them), from the gathered rewards: no collective
+        spread = loop.global_advantages(r, self.algo)
         self.log("train/advantage_std", spread.std() if spread.numel() > 1 else 0.0, **dict(mean, sync_dist=False))
         plan_tokens = r.plan_mask.sum(1).float().mean() if r.plan_mask is not None else 0.0
         self.log("train/plan_tokens", plan_tokens, **mean)
@@ -491,9 +493,8 @@ class BiCoTGRPO(pl.LightningModule):
             # Lightning would log a validation within a fit at the step of the batch just trained (s - 1 after
             # s steps), while the grid of the same weights, and the validation before the first step (0), are at
             # the number of steps trained: put it there too
-            trained = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
             for logger in self.loggers:
-                logger.log_metrics(metrics, step=trained)
+                logger.log_metrics(metrics, step=steps_trained(self.trainer))
 
     def on_train_start(self) -> None:
         """With ``validate_before_fit``, score the starting policy on the validation prompts (step 0). A resumed

@@ -112,6 +112,11 @@ def minibatches(num_rows: int, size: int | None) -> list[slice]:
 
 
 @torch.no_grad()
+def global_advantages(r: Rollout, algo: GRPOConfig) -> torch.Tensor:
+    """``[R_global]`` advantages of every process's rows, from the gathered rewards (no collective)."""
+    return group_advantages(r.global_rewards, r.group_size, algo.scale_rewards, algo.adv_eps)
+
+
 def score_phase(
     r: Rollout,
     rewards: RewardEnsemble,
@@ -155,8 +160,7 @@ def score_phase(
     r.rewards = out.total.to(device)  # [R]
     r.reward_per_expert = {name: score.to(device) for name, score in out.per_expert.items()}
     r.global_rewards = gather(r.rewards) if gather is not None else r.rewards  # [R_global]
-    advantages = group_advantages(r.global_rewards, r.group_size, algo.scale_rewards, algo.adv_eps)
-    r.advantages = advantages[r.row_offset : r.row_offset + r.num_rows]  # [R]
+    r.advantages = global_advantages(r, algo)[r.row_offset : r.row_offset + r.num_rows]  # [R]
     if reference is None or algo.beta == 0:
         return
     plan_parts, image_parts = [], []

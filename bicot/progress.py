@@ -99,3 +99,10 @@ def step_bar_for(default: ProgressBar) -> ProgressBar | None:
     if type(default) is TQDMProgressBar:
         return StepTQDMProgressBar()
     return None
+
+
+def steps_trained(trainer) -> int:
+    """The batches trained so far: the step at which a grid, a validation or an export of the current weights is
+    logged (the validation before the first step is at 0). Where Lightning writes checkpoints and validates within
+    a fit, its logging step is still that of the batch just trained; this count already includes it."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)

@@ -214,27 +214,23 @@ class ScoreCollector:
     def __init__(self, experts: Sequence[str], categories: Sequence[str], device: torch.device) -> None:
         self.metric = CategoryMeans(experts, categories).to(device)
         self.per_image: list[dict] = []
-        self.order: list[tuple[int, ...]] = []  # each row's place in the epoch: (batch, row of the global batch)
 
     def add(
         self,
         scores: dict[str, torch.Tensor],
         records: Sequence[PromptRecord],
         info: Sequence[dict],
-        order: Sequence[tuple[int, ...]] | None = None,
+        places: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """Add ``N`` images: each expert's scores ``[N]``, their records, per-image fields (``readable``...) and,
-        where processes score parts of each batch, each image's place in the epoch (``scores.jsonl`` is written
-        in that order, whatever the number of processes; else in the order added, process by process)."""
+        where processes score parts of each batch, each image's place in the epoch, ``(batch, row of the global
+        batch)``: ``scores.jsonl`` is then written in that order, whatever the number of processes."""
         readable = [row.get("readable", True) for row in info]
         self.metric.update(scores, [r.task_type for r in records], readable)
-        for i, (record, row) in enumerate(zip(records, info, strict=True)):
+        for i, (record, row, place) in enumerate(zip(records, info, places or [None] * len(records), strict=True)):
             values = {e: float(scores[e][i]) for e in self.metric.experts}
-            self.per_image.append({"prompt": record.prompt, "category": record.task_type, **row, **values})
-        if order is not None:
-            if len(order) != len(records):
-                raise ValueError(f"{len(order)} places for {len(records)} images")
-            self.order.extend(tuple(key) for key in order)
+            at = {} if place is None else {"_at": tuple(place)}
+            self.per_image.append({"prompt": record.prompt, "category": record.task_type, **row, **values, **at})
 
     def finish(self, module: pl.LightningModule, results_dir: Path, run: str, benchmark: str) -> ScoreTable:
         """Log ``test/<expert>/<category>``, print the table, write CSV/Markdown/JSONL, attach them to MLflow."""
@@ -242,12 +238,10 @@ class ScoreCollector:
         for key, value in table.metrics().items():
             # Already summed over processes by the metric: no second reduction.
             module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
-        ordered = len(self.order) == len(self.per_image)  # every row has its place (or no rows at all)
-        rows = _gather_objects([{"row": row, "at": at} for row, at in zip(self.per_image, self.order, strict=True)]
-                               if ordered else [{"row": row} for row in self.per_image])
-        if all("at" in row for row in rows):
-            rows.sort(key=lambda row: row["at"])
-        rows = [row["row"] for row in rows]
+        rows = _gather_objects(self.per_image)  # process by process
+        if all("_at" in row for row in rows):
+            rows.sort(key=lambda row: row["_at"])
+        rows = [{k: v for k, v in row.items() if k != "_at"} for row in rows]
         if module.trainer.is_global_zero:
             print("\n" + table.to_markdown() + "\n", file=sys.stdout, flush=True)
             paths = table.write(results_dir, rows)

@@ -48,11 +48,3 @@ def logging_step(trainer: pl.Trainer) -> int:
     """
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
-
-def steps_trained(trainer: pl.Trainer) -> int:
-    """The batches trained so far, on :func:`logging_step`'s axis: the step of the current weights' grid.
-
-    Where Lightning writes checkpoints (a step's ``on_train_batch_end``, validation within a fit) the logging
-    step is still that of the batch just trained; this count already includes it.
-    """
-    return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)

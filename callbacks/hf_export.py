@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm.auto import tqdm
 
 from bicot.parallel import fsdp_units
-from callbacks._run import MlflowRun, find_run, steps_trained
+from bicot.progress import steps_trained
+from callbacks._run import MlflowRun, find_run
 from modules.lora import merge_lora_state_dict
 
 

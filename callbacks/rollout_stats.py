@@ -76,13 +76,6 @@ def rollout_statistics(r: Rollout, gather: Gather = _own_rows) -> dict[str, torc
     return out
 
 
-def gather_rows(pl_module: pl.LightningModule) -> Gather:
-    """``[R] -> [R_global]`` across the module's processes; every process holds an equal, contiguous share."""
-    if pl_module.trainer.world_size == 1:
-        return _own_rows
-    return lambda values: pl_module.all_gather(values).reshape(-1)
-
-
 class RolloutStatistics(pl.Callback):
     """Logs, every step, what the issue's list asks for beyond what ``BiCoTGRPO`` logs itself.
 
@@ -114,6 +107,6 @@ class RolloutStatistics(pl.Callback):
         if r is None or r is self._seen or r.advantages is None:
             return
         self._seen = r
-        for name, value in rollout_statistics(r, gather_rows(pl_module)).items():
+        for name, value in rollout_statistics(r, pl_module.gather_rows).items():
             # already over every process's rows: the same value on each, nothing left to reduce
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=r.num_rows)

@@ -389,6 +389,11 @@ def _rank_stats(rank: int):
     return stats
 
 
+def test_rows_are_gathered_in_process_order():
+    host = SimpleNamespace(trainer=SimpleNamespace(world_size=2), all_gather=lambda t: torch.stack([t, t + 10]))
+    assert BiCoTGRPO.gather_rows(host, torch.tensor([1.0, 2.0])).tolist() == [1.0, 2.0, 11.0, 12.0]
+
+
 def test_token_means_are_merged_over_processes_by_their_sums_and_counts():
     # Rank 0's view of a 2-process step: the strategy's all-reduce (sum) adds rank 1's [K, 2] sums and counts.
     # The real collective runs in tests/e2e/test_fsdp2.py (2 and 4 gloo processes).

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from toyfit import MAX_STEPS
 
 from bicot.rollout import Rollout
-from callbacks.rollout_stats import gather_rows, rollout_statistics, sampled_nll
+from callbacks.rollout_stats import rollout_statistics, sampled_nll
 from datamodules.records import PromptRecord
 
 # Everything the issue lists, whether BiCoTGRPO or a callback logs it.
@@ -143,7 +141,7 @@ def split_rollout() -> Rollout:
 def in_lockstep(world: int, work) -> dict[int, dict]:
     """``work(rank, gather)`` on ``world`` threads whose ``gather`` is an all-gather: each call hands in this
     rank's rows and returns every rank's, in rank order, as torch.distributed's would (the real collective,
-    ``pl_module.all_gather``, is what :func:`gather_rows` calls)."""
+    ``BiCoTGRPO.gather_rows``, is what the callback calls)."""
     import threading
 
     slots: list = [None] * world
@@ -186,10 +184,3 @@ def test_several_processes_log_what_one_process_would():
 
     for rank, stats in in_lockstep(2, statistics).items():
         assert stats == pytest.approx(one), rank
-
-
-def test_rows_are_gathered_in_process_order():
-    module = SimpleNamespace(
-        trainer=SimpleNamespace(world_size=2), all_gather=lambda t: torch.stack([t, t + 10])  # [world, R]
-    )
-    assert gather_rows(module)(torch.tensor([1.0, 2.0])).tolist() == [1.0, 2.0, 11.0, 12.0]
