@@ -77,8 +77,6 @@ def check_local_folder(load: Callable[..., Any], folder: Path) -> None:
     Raises:
         OSError: naming the file and the problem (callers turn a loader's ``OSError`` into their message).
     """
-    from safetensors import SafetensorError, safe_open
-
     cls = getattr(load, "__self__", None)
     wanted = getattr(getattr(cls, "config_class", None), "model_type", None)
     config_file = folder / "config.json"
@@ -93,12 +91,23 @@ def check_local_folder(load: Callable[..., Any], folder: Path) -> None:
                 raise OSError(
                     f"{config_file} has model_type {config['model_type']!r}; {cls.__name__} reads {wanted!r} checkpoints"
                 )
-    for weights in sorted(folder.glob("*.safetensors")):
+    bad = unreadable_safetensors(folder)
+    if bad is not None:
+        raise OSError(f"{bad[0]} is not a readable safetensors file ({bad[1]}); re-download or re-save it")
+
+
+def unreadable_safetensors(folder: Path, pattern: str = "*.safetensors") -> tuple[Path, str] | None:
+    """The first ``pattern`` file of ``folder`` whose header cannot be read (cut short, not safetensors), with the
+    reason on one line; ``None`` when all can. Reads headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(folder.glob(pattern)):
         try:
             with safe_open(weights, "pt"):
                 pass
         except SafetensorError as err:
-            raise OSError(f"{weights} is not a readable safetensors file ({err}); re-download or re-save it") from None
+            return weights, " ".join(str(err).split())
+    return None
 
 
 def load_cache_first(load: Callable[..., Any], source: str, **kwargs: Any) -> Any:

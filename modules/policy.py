@@ -19,7 +19,7 @@ from modules import janus_ops
 from modules.decode_step import ATTENTION_CHOICES
 from modules.engine import COMPILE_MODES, EngineStats, RolloutEngine, check_float8
 from modules.engine_weights import quantizable
-from modules.hub import load_cache_first, local_folder
+from modules.hub import load_cache_first, local_folder, unreadable_safetensors
 from modules.lora import LoraSpec, add_lora, merged_copy
 from modules.tiny import TinyJanusSpec, build_tiny_janus
 
@@ -628,15 +628,12 @@ def check_janus_source(source: str) -> None:
     model_type = settings.get("model_type")
     if model_type != "janus":
         raise CheckpointError(f"{str(path)!r} is not a Janus checkpoint: config.json has model_type={model_type!r}")
-    for file in sorted(path.glob("model*.safetensors")):  # the weights transformers reads; headers only
-        try:
-            with safe_open(file, "pt"):
-                pass
-        except SafetensorError as err:
-            raise CheckpointError(
-                f"could not load a Janus checkpoint from {str(path)!r}: {file.name} is not a readable safetensors "
-                f"file ({_one_line(err)}); re-download or re-save it"
-            ) from None
+    bad = unreadable_safetensors(path, "model*.safetensors")  # the weights transformers reads
+    if bad is not None:
+        raise CheckpointError(
+            f"could not load a Janus checkpoint from {str(path)!r}: {bad[0].name} is not a readable safetensors "
+            f"file ({bad[1]}); re-download or re-save it"
+        )
 
 
 def check_tokenizer_files(source: str) -> None:
