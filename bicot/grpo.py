@@ -488,7 +488,11 @@ class BiCoTGRPO(pl.LightningModule):
         metrics = self._tally.compute()  # already over every process's images
         within_fit = self.trainer.state.fn == "fit"
         for key, value in metrics.items():  # for callbacks (a ModelCheckpoint monitoring val/accuracy)
-            self.log(key, value, on_step=False, on_epoch=True, rank_zero_only=True, logger=not within_fit)
+            # The values are the same on every process. With rank_zero_only, Lightning reduces nothing even where
+            # sync_dist is set; sync_dist=True only tells it so (else it warns once per key to set it).
+            self.log(
+                key, value, on_step=False, on_epoch=True, rank_zero_only=True, sync_dist=True, logger=not within_fit
+            )
         if within_fit and self.trainer.is_global_zero:
             # Lightning would log a validation within a fit at the step of the batch just trained (s - 1 after
             # s steps), while the grid of the same weights, and the validation before the first step (0), are at
