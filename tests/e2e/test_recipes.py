@@ -40,7 +40,10 @@ def test_recipe_parses_with_the_papers_algorithm(recipe, capsys):
     assert model["lr"] == pytest.approx(1e-6)
     assert model["algo"]["beta"] == pytest.approx(0.01) and model["algo"]["kl_estimator"] == "k3"
     assert model["algo"]["num_generations"] == 8 and model["algo"]["mu"] == 1
-    assert model["policy"]["init_args"]["sampling"]["cfg_scale"] == 5.0
+    sampling = model["policy"]["init_args"]["sampling"]
+    assert sampling["cfg_scale"] == 5.0
+    # the paper's plans: transformers' default top_k of 50 in its generate() call; its images: no top-k
+    assert sampling["plan_top_k"] == 50 and sampling["image_top_k"] == 0
     assert model["policy"]["init_args"]["trainable"] == ["language_model", "lm_head"]
     assert [e["class_path"] for e in model["rewards"]["init_args"]["experts"]] == EXPERT_CLASSES
     assert model["rewards"]["init_args"]["weights"] is None  # equal weights, 1.0 each
