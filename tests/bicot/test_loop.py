@@ -1,6 +1,7 @@
 """The fit loop's phases on a tiny random Janus: rollout shapes and seeding, scoring, and the update's
 gradient-accumulation and data-parallel contracts."""
 
+import math
 import statistics
 
 import pytest
@@ -217,9 +218,22 @@ def test_rollout_is_split_invariant_across_row_placements(template):
         if template is not None:
             assert first.plans + second.plans == whole.plans
         assert torch.equal(torch.cat([first.image_tokens, second.image_tokens]), whole.image_tokens)
+    # a middle process of three (both an offset and a row count): rows 1..3
+    middle = rollout_phase(policy, RECORDS, G, template, RowPlacement(5, global_rows=R, offset=1, rows=3))
+    assert middle.records == whole.records[1:4] and middle.row_offset == 1
+    assert torch.equal(middle.image_tokens, whole.image_tokens[1:4])
     # and the placement matters: the second prompt's rows drawn with the first rows' noise differ
     alone = rollout_phase(policy, RECORDS[1:], G, template, RowPlacement(5, global_rows=R, offset=0, rows=G))
     assert not torch.equal(alone.image_tokens, whole.image_tokens[G:])
+
+
+def test_rollout_leaves_the_model_in_the_mode_it_found():
+    # validation and the sample grid sample in eval mode, training in train mode
+    policy = make_policy()
+    for training in (False, True):
+        policy.model.train(training)
+        make_rollout(policy)
+        assert policy.model.training == training
 
 
 def test_rollout_draws_plans_and_images_from_distinct_streams(monkeypatch):
@@ -258,6 +272,30 @@ def test_score_fills_rewards_per_expert_and_group_advantages():
         expected += [(x - mean) / (std + 1e-4) for x in group]
     torch.testing.assert_close(r.advantages, torch.tensor(expected), atol=1e-5, rtol=1e-5)
     assert r.ref_plan_logp is None and r.ref_image_logp is None
+
+
+def test_score_takes_this_process_rows_of_the_advantages_of_the_gathered_rewards():
+    # process 1 of 2 holds global rows 1..5: the first prompt's group is split, its row 0 is on process 0.
+    # The advantages of rows 1..5 come from the global groups, and use the configured adv_eps (0.5).
+    policy = make_policy()
+    r = make_rollout(policy).rows(slice(1, R))
+    values = Table().values  # the global rows' rewards
+    rewards = RewardEnsemble([Table(values[1:])])
+
+    def gather(local):  # process 0's part first
+        if local.numel() == 1 + len(rewards.names):  # the failure flags: none anywhere
+            return torch.cat([torch.zeros_like(local), local])
+        return torch.cat([torch.tensor(values[:1]), local])
+
+    score_phase(r, rewards, GRPOConfig(num_generations=G, beta=0.0, adv_eps=0.5), policy, None, gather=gather)
+    expected = []
+    for p in range(len(RECORDS)):
+        group = values[p * G : (p + 1) * G]
+        mean, std = statistics.mean(group), statistics.stdev(group)
+        expected += [(x - mean) / (std + 0.5) for x in group]
+    assert r.row_offset == 1
+    torch.testing.assert_close(r.global_rewards, torch.tensor(values))
+    torch.testing.assert_close(r.advantages, torch.tensor(expected[1:]), atol=1e-6, rtol=1e-6)
 
 
 def test_score_gives_zero_advantage_to_a_group_of_equal_rewards():
@@ -343,6 +381,16 @@ def test_score_skips_reference_logprobs_without_beta_or_reference(beta, with_ref
     score_phase(r, ensemble(), GRPOConfig(num_generations=G, beta=beta), policy, reference)
     assert r.ref_plan_logp is None and r.ref_image_logp is None
     assert r.advantages is not None
+
+
+@pytest.mark.parametrize(("levels", "untrained"), [("token", "plan_logprobs"), ("semantic", "image_logprobs")])
+def test_score_computes_reference_logprobs_of_the_trained_level_only(monkeypatch, levels, untrained):
+    policy = make_policy()
+    reference = other_reference()
+    monkeypatch.setattr(reference, untrained, _raise)
+    r = scored_rollout(policy, GRPOConfig(num_generations=G, beta=0.05, levels=levels), reference)
+    assert (r.ref_plan_logp is None) == (levels == "token")
+    assert (r.ref_image_logp is None) == (levels == "semantic")
 
 
 def test_score_reference_logprobs_come_from_the_reference_model():
@@ -482,6 +530,26 @@ def test_update_loss_is_the_token_mean_objective_not_the_kl():
     assert stats.kl > 1e-3 and abs(stats.loss - stats.kl) > 1e-3
 
 
+def test_minibatch_loss_ratio_uses_each_level_old_logprobs():
+    # Later epochs pass the first epoch's log-probs as old: with old = current - d per row (d inside the clip
+    # range, plan d = 0.02 * (R - row), image d = 0.025 * (row + 1)) each token's surrogate is -exp(d) * A.
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.0)
+    r = scored_rollout(policy, algo, None)
+    rows = torch.arange(R, dtype=torch.float64)
+    d_plan, d_image = 0.02 * (R - rows), 0.025 * (rows + 1)  # [R], at most 0.15 < log(1.2)
+    with torch.no_grad():
+        plan = policy.plan_logprobs(plan_batch(r))  # [R, T]
+        image = policy.image_logprobs(image_context(r), r.image_tokens)  # [R, N]
+    old = {"plan": plan - d_plan[:, None].float(), "image": image - d_image[:, None].float()}
+    out, _ = loop.minibatch_loss(policy, r, algo, old)
+    adv, plan_tokens, n = r.advantages.double(), r.plan_mask.sum(1).double(), r.image_tokens.shape[1]
+    numer = (adv * (plan_tokens * d_plan.exp() + n * d_image.exp())).sum()
+    expected = float(-numer / (plan_tokens.sum() + R * n))
+    assert float(out.clip_frac) == 0.0
+    assert float(out.policy_loss) == pytest.approx(expected, abs=1e-6)
+
+
 def test_update_logprobs_and_loss_are_float32_under_bfloat16_autocast():
     # bf16-mixed runs training_step under autocast, where the heads' logits come out in bf16; the log-softmax,
     # the ratio and the KL must still be float32 (bf16 holds a log-prob of -10 only to 0.06)
@@ -533,6 +601,9 @@ def test_mu_epochs_step_each_epoch_and_reuse_first_epoch_logprobs_as_old(monkeyp
             # the big step moved the policy: later epochs' log-probs are not the old ones
             assert (current["image"] - first_current["image"]).abs().max() > 1e-3
     assert stats.clip_frac > 0
+    # the rollout mismatch is measured at the rollout's weights (the first epoch), once per token
+    assert stats.token_sums["rollout_kl/image"][1] == r.image_tokens.numel()
+    assert stats.rollout_logp_gap_max < 1e-4
 
 
 def test_single_epoch_never_clips():
@@ -541,27 +612,49 @@ def test_single_epoch_never_clips():
     r = scored_rollout(policy, algo, None)
     _, stats = run_update(policy, r, algo, minibatch_size=4)
     assert stats.clip_frac == 0.0
+    # without a KL term no KL is measured: its token means are absent (not a 0 over counted tokens)
+    assert set(stats.token_sums) == {"clip_frac", "rollout_kl/plan", "rollout_kl/image"}
 
 
 def test_update_reports_grad_norm_and_skipped_steps():
     policy = make_policy()
     algo = GRPOConfig(num_generations=G, beta=0.0, mu=3)
     r = scored_rollout(policy, algo, None)
-    norms = iter([1.0, 2.0, 3.5])
+    steps = iter([(1.0, False), (3.5, True), (2.0, False)])
 
     def step():
-        policy.zero_grad(set_to_none=True)
-        return next(norms), False
+        policy.zero_grad(set_to_none=True)  # the weights do not move: every epoch has ratio 1 and the same loss
+        return next(steps)
 
-    stats = loop.update_phase(policy, r, algo, backward, step, loss_denominator(r, algo))
-    assert stats.skipped == 3
-    assert stats.grad_norm == 3.5
+    stats = loop.update_phase(policy, r, algo, backward, step, loss_denominator(r, algo), minibatch_size=4)
+    assert stats.skipped == 2  # the steps not applied
+    assert stats.grad_norm == 2.0  # the last step's, not the largest
+    # the loss is the mean over the mu epochs, not their sum: the token mean of -A, as with mu = 1
+    tokens = r.plan_mask.sum(1) + r.image_tokens.shape[1]  # [R]
+    expected = float((-r.advantages.double() * tokens).sum() / tokens.sum())
+    assert abs(expected) > 1e-3
+    assert stats.policy_loss == pytest.approx(expected, abs=1e-6)
+    assert stats.loss == pytest.approx(expected, abs=1e-6)
 
 
 def k3(d: torch.Tensor) -> torch.Tensor:
     """The k3 estimate of KL per token, in float64: ``exp(d) - 1 - d``."""
     d = d.double()
     return d.exp() - 1 - d
+
+
+def test_kl_max_is_the_largest_token_kl_of_every_minibatch():
+    # one image token of row 0 (the first of two minibatches) gets a reference log-prob 3 above the policy's:
+    # k3(3) = e^3 - 1 - 3 = 16.09, far above the tiny models' other token KLs
+    policy = make_policy()
+    algo = GRPOConfig(num_generations=G, beta=0.05)
+    r = scored_rollout(policy, algo, other_reference())
+    with torch.no_grad():
+        image = policy.image_logprobs(image_context(r), r.image_tokens)  # [R, N]
+    r.ref_image_logp = r.ref_image_logp.clone()
+    r.ref_image_logp[0, 0] = image[0, 0] + 3.0
+    _, stats = run_update(policy, r, algo, minibatch_size=4)
+    assert stats.kl_max == pytest.approx(math.exp(3) - 4, rel=1e-5)
 
 
 def test_rollout_mismatch_is_the_token_mean_of_k3_and_the_max_gap():
@@ -575,14 +668,14 @@ def test_rollout_mismatch_is_the_token_mean_of_k3_and_the_max_gap():
         plan = policy.plan_logprobs(plan_batch(r))  # [R, T]
         image = policy.image_logprobs(image_context(r), r.image_tokens)  # [R, N]
     d_plan = 0.15 * torch.arange(1, R + 1, dtype=torch.float32)[:, None].expand_as(plan)  # [R, T]
-    d_image = torch.linspace(-0.5, 0.3, image.numel()).view_as(image)  # [R, N]
+    d_image = torch.linspace(-1.2, 0.3, image.numel()).view_as(image)  # [R, N]: the largest |d| is -1.2, row 0
     r.plan_logp = torch.where(r.plan_mask, plan - d_plan, torch.full_like(plan, 5.0))
     r.image_logp = image - d_image
     _, stats = run_update(policy, r, algo, minibatch_size=4)
     assert set(stats.rollout_kl) == {"plan", "image"}
     assert stats.rollout_kl["plan"] == pytest.approx(float(k3(d_plan[r.plan_mask]).mean()), rel=1e-4)
     assert stats.rollout_kl["image"] == pytest.approx(float(k3(d_image).mean()), rel=1e-4)
-    assert stats.rollout_logp_gap_max == pytest.approx(0.15 * 6, abs=1e-4)  # row 5's valid tokens
+    assert stats.rollout_logp_gap_max == pytest.approx(1.2, abs=1e-4)  # |d| of image row 0, above plan row 5's 0.9
 
 
 @pytest.mark.parametrize("mode", ["conditional", "guided"])

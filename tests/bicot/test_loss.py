@@ -87,6 +87,20 @@ def test_group_advantages_rejects_ragged_groups():
         group_advantages(torch.arange(5.0), 2)
 
 
+def test_group_advantages_rejects_rewards_that_are_not_flat():
+    # [2, 3] would otherwise be read as two groups of three
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.ones(2, 3), 3)
+
+
+def test_group_advantages_of_integer_rewards():
+    # integer rewards (e.g. counts) are promoted to float: group 0 mean 2, unbiased std 1; group 1 equal -> 0
+    a = 1 / (1 + 1e-4)
+    out = group_advantages(torch.tensor([1, 2, 3, 4, 4, 4]), 3)
+    assert out.dtype == torch.float32
+    close(out, [-a, 0.0, a, 0.0, 0.0, 0.0])
+
+
 # --------------------------------------------------------------------------- KL
 
 
@@ -109,6 +123,14 @@ def test_kl_k3():
     # exp(d) - d - 1 = [0.60653066 + 0.5 - 1, 2.71828183 - 1 - 1, 1 - 0 - 1]
     close(kl_penalty(LOGP, REF, "k3"), [K3_MINUS_HALF, K3_PLUS_ONE, 0.0])
     close(kl_penalty(LOGP, REF), [K3_MINUS_HALF, K3_PLUS_ONE, 0.0])  # k3 is the default
+
+
+@pytest.mark.parametrize("d", [1e-3, -1e-3])
+def test_kl_k3_is_accurate_for_tiny_log_ratios(d):
+    # k3 = d^2/2 + d^3/6 + ... = 5.0e-7 at |d| = 1e-3; float32 exp(d) is only resolved to 1.2e-7 around 1, so
+    # exp(d) - d - 1 would be off by up to 20%, where expm1(d) - d keeps float32's relative precision
+    d = float(torch.tensor(d))  # the float32 value the tensor holds
+    close(kl_penalty(torch.tensor([0.0]), torch.tensor([d]), "k3"), [math.expm1(d) - d], atol=5e-10)
 
 
 def test_kl_k3_non_negative_and_zero_when_equal():
@@ -226,6 +248,8 @@ def test_aggregate_rejects_bad_inputs():
         aggregate([PLAN_LOSS], [IMAGE_MASK], [1.0], "token_mean")
     with pytest.raises(ValueError, match="one mask and weight"):
         aggregate([PLAN_LOSS], [PLAN_MASK], [1.0, 2.0], "token_mean")
+    with pytest.raises(ValueError, match="N=3"):  # the image terms of two sequences only
+        aggregate([PLAN_LOSS, IMAGE_LOSS[:2]], [PLAN_MASK, IMAGE_MASK[:2]], [1.0, 1.0], "token_mean")
 
 
 # --------------------------------------------------------------------------- bicot_loss
@@ -268,6 +292,8 @@ def test_bicot_loss_token_mean_by_hand():
     close(out.kl_max, K3_PLUS_ONE)
     close(out.clip_frac, 0.0)
     assert out.num_tokens.item() == 7
+    # the counts behind the KL means: 3 plan + 4 image tokens
+    assert (out.kl_tokens.item(), out.kl_plan_tokens.item(), out.kl_image_tokens.item()) == (7, 3, 4)
     for field in ("policy_loss", "kl", "kl_plan", "kl_image", "kl_max", "clip_frac"):
         assert not getattr(out, field).requires_grad, field
 
@@ -379,6 +405,30 @@ def test_beta_zero_ignores_reference():
     close(poisoned.loss, 1 / 7)
     for out in (with_ref, without, poisoned):
         assert out.kl.item() == out.kl_plan.item() == out.kl_image.item() == out.kl_max.item() == 0.0
+        # no KL measured: no tokens behind it (a merge over minibatches must not count them)
+        assert out.kl_tokens.item() == out.kl_plan_tokens.item() == out.kl_image_tokens.item() == 0
+
+
+def test_kl_of_a_level_without_valid_tokens_is_zero():
+    plan, image = make_terms()
+    plan.mask = torch.zeros_like(plan.mask)  # e.g. a minibatch of empty plans
+    out = bicot_loss(plan, image, ADV, GRPOConfig(beta=0.1))
+    # image only: (-1 + 1 + 1 + 1 + 0.1 * k3(-0.5)) / 4
+    close(out.loss, (2 + 0.1 * K3_MINUS_HALF) / 4)
+    assert out.kl_plan.item() == 0.0 and out.kl_plan_tokens.item() == 0
+    close(out.kl_image, K3_MINUS_HALF / 4)
+    close(out.kl, K3_MINUS_HALF / 4)
+
+
+def test_kl_max_is_over_valid_tokens_only():
+    # k1 = logp - ref is negative on both valid tokens (-0.5, -1.0): its max is -0.5, not the 0 of the padding
+    # nor the largest magnitude 1.0
+    logp = torch.tensor([[-1.0, -2.0, NEG_INF]], requires_grad=True)
+    ref = torch.tensor([[-0.5, -1.0, NEG_INF]])
+    plan = TokenTerms(logp, logp.detach().clone(), torch.tensor([[True, True, False]]), ref)
+    out = bicot_loss(plan, None, torch.tensor([1.0]), GRPOConfig(beta=0.1, kl_estimator="k1", levels="semantic"))
+    close(out.kl_max, -0.5)
+    close(out.kl, -0.75)
 
 
 def test_beta_positive_needs_reference_for_trained_levels():
@@ -403,6 +453,8 @@ def test_bicot_loss_rejects_batch_mismatch():
     plan, image = make_terms()
     with pytest.raises(ValueError, match="N=3"):
         bicot_loss(plan, image, torch.tensor([1.0, -1.0, 0.0]), GRPOConfig())
+    with pytest.raises(ValueError, match="1-D"):
+        bicot_loss(plan, image, ADV[:, None], GRPOConfig())
 
 
 # --------------------------------------------------------------------------- config

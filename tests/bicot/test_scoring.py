@@ -7,13 +7,23 @@ import csv
 import io
 import json
 import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
 
-from bicot.scoring import ALL, CategoryMeans, FolderData, FolderScorer, ScoreRow, ScoreTable, infer_benchmark
+from bicot.scoring import (
+    ALL,
+    CategoryMeans,
+    FolderData,
+    FolderScorer,
+    ScoreRow,
+    ScoreTable,
+    folder_benchmark,
+    infer_benchmark,
+)
 from datamodules.prompts import PromptDataError
 from datamodules.records import PromptRecord
 from modules.rewards.color import COLORS, MAX_DIST, ColorMatchExpert
@@ -56,6 +66,14 @@ def test_one_category_one_expert_keeps_its_shape():
     assert [(r.category, r.images, r.means["orm"]) for r in table.rows] == [("color", 2, 0.5), (ALL, 2, 0.5)]
 
 
+def test_metric_keys_replace_characters_mlflow_rejects():
+    # MLflow keys hold letters, digits, _ - . / and spaces only
+    metric = CategoryMeans(["hps"], ["color+shape (2d)"])
+    metric.update({"hps": torch.tensor([0.5])}, ["color+shape (2d)"], [True])
+    table = ScoreTable.from_state(metric.compute(), metric, "r", "toy")
+    assert table.metrics() == {"test/hps/color_shape _2d_": 0.5, "test/hps/all": 0.5}
+
+
 def test_undeclared_category_is_an_error():
     with pytest.raises(ValueError, match=r"categories \['shape'\] were not declared"):
         CategoryMeans(["hps"], ["color"]).update({"hps": torch.tensor([1.0])}, ["shape"], [True])
@@ -89,6 +107,8 @@ def test_nan_for_missing_scores_is_written_empty():
     ("record", "expected"),
     [
         (PromptRecord("a cup", extra={"include": [], "exclude": []}, source="m.jsonl:1"), "geneval"),
+        # most GenEval records have no "exclude" (only counting ones do)
+        (PromptRecord("a cup", extra={"tag": "single_object", "include": []}, source="m.jsonl:1"), "geneval"),
         (PromptRecord("a cup", extra={"prompt_id": 3}, source="cultural.json:1"), "wise"),
         (PromptRecord("a cup", source="/data/t2i_compbench/non_spatial_val.txt:4"), "compbench"),
         (PromptRecord("a cup", source="datamodules/toyworld/data/test.jsonl:9"), "toy"),
@@ -98,6 +118,19 @@ def test_nan_for_missing_scores_is_written_empty():
 )
 def test_infer_benchmark(record, expected):
     assert infer_benchmark([record]) == expected
+
+
+def test_infer_benchmark_of_no_records():
+    assert infer_benchmark([]) == "prompts"
+
+
+def test_prediction_json_names_the_benchmark(tmp_path):
+    records = [PromptRecord("a cup", source="my/prompts.jsonl:2")]
+    assert folder_benchmark(tmp_path, records) == "prompts"  # no manifest: inferred from the prompts
+    (tmp_path / "prediction.json").write_text(json.dumps({"seed": 1, "benchmark": "wise"}))
+    assert folder_benchmark(tmp_path, records) == "wise"
+    (tmp_path / "prediction.json").write_text(json.dumps({"seed": 1, "benchmark": ""}))
+    assert folder_benchmark(tmp_path, records) == "prompts"  # an empty name: inferred
 
 
 def write_image(path, rgb, size=(4, 4)):
@@ -134,6 +167,55 @@ def test_folder_scorer_by_hand(tmp_path):
     assert (table["shape"]["color"], table["shape"]["unreadable"]) == ("0.000000", "1")
     assert table["all"]["run"] == "run_a" and table["all"]["images"] == "3"
     assert table["all"]["benchmark"] == "plain"  # no prediction.json: a plain prediction folder
+
+
+def test_scores_jsonl_rows_by_hand(tmp_path):
+    folder = tmp_path / "run_a"
+    rows = [
+        {"image": "samples/00000_0000.png", "prompt": "a red cup", "task_type": "color", "plan": "A cup.", "seed": 3},
+        {"image": "samples/00001_0000.png", "prompt": "a red kite", "task_type": "color"},
+    ]
+    write_image(folder / rows[0]["image"], COLORS["red"])
+    (folder / rows[1]["image"]).write_bytes(b"not a png")
+    (folder / "plans.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score_folder(folder, expect_unreadable=True)
+    lines = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    # the image relative to the folder, the index's plan and seed, and each expert's score (red on red: 1)
+    assert lines == [
+        {"prompt": "a red cup", "category": "color", "image": "samples/00000_0000.png", "readable": True,
+         "plan": "A cup.", "seed": 3, "color": pytest.approx(1.0)},
+        {"prompt": "a red kite", "category": "color", "image": "samples/00001_0000.png", "readable": False,
+         "color": 0.0},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("images", "world", "shards"),
+    [
+        (5, 2, [[0, 1, 2], [3, 4]]),
+        (7, 3, [[0, 1, 2], [3, 4, 5], [6]]),
+        (4, 3, [[0, 1], [2, 3], []]),
+    ],
+)
+def test_folder_is_split_into_contiguous_shards_scoring_each_image_once(tmp_path, images, world, shards):
+    folder = tmp_path / "run_a"
+    names = [f"{i:05d}_0000.png" for i in range(images)]
+    for name in names:
+        write_image(folder / name, COLORS["red"])
+    write_plans(folder, names)
+    data = FolderData(str(folder))
+    got = []
+    for rank in range(world):
+        data.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        got.append(list(data.test_dataloader().sampler))
+    assert got == shards
+
+
+def test_an_index_that_does_not_exist_is_an_error(tmp_path):
+    folder = tmp_path / "run_a"
+    write_image(folder / "a red cup_000000.png", COLORS["red"])
+    with pytest.raises(PromptDataError, match="index file not found: '.*missing.jsonl'"):
+        FolderData(str(folder), index=str(tmp_path / "missing.jsonl")).setup("test")
 
 
 def test_folder_without_index_reads_prompts_from_file_names(tmp_path):
@@ -200,8 +282,6 @@ def test_a_damaged_prediction_json_stops_before_scoring_naming_the_file(tmp_path
 def test_scores_jsonl_is_in_the_places_given_whatever_order_the_images_came_in(tmp_path, capsys):
     # bicot test on 2 processes: process 0 draws prompts 0 and 2 (batches 0 and 1), process 1 prompt 1 (batch 0);
     # one process's rows come first when they are gathered, so the rows say where they belong
-    from types import SimpleNamespace
-
     from bicot.scoring import ScoreCollector
 
     collector = ScoreCollector(["color"], ["color"], torch.device("cpu"))
