@@ -71,7 +71,7 @@ class ColorMatchExpert(RewardExpert):
         n, height, width, _ = images.shape
         if height * width == 0:
             # An image without pixels cannot match anything; score it 0 rather than NaN.
-            self.unreadable += n
+            self.mark_unreadable(n, f"images of shape {tuple(images.shape)} have no pixels")
             return torch.zeros(n, dtype=torch.float32)
         target = self.targets(prompts).to(images.device)[:, None, None, :]  # [N, 1, 1, 3]
         dist = torch.linalg.vector_norm(images.float() - target, dim=-1)  # [N, H, W]

@@ -45,6 +45,30 @@ def test_scores_are_clipped_cosines(expert):
     torch.testing.assert_close(scores, cosine.clamp(0, 1), atol=1e-5, rtol=1e-4)
 
 
+def test_positive_cosines_are_the_scores(tiny_dir):
+    # The tiny CLIP's cosines are all negative (scored 0) for these pairs; with its text projection negated
+    # they are positive, so each score is the cosine itself, here from CLIP's own image-text logits.
+    flipped = CLIPScoreExpert(str(tiny_dir))
+    model, processor = flipped.metric.model.model, flipped.metric.processor
+    with torch.no_grad():
+        model.text_projection.weight.neg_()
+    scores = flipped(images(4), [PromptRecord(p) for p in PROMPTS])
+    pixels = processor(images=list(images(4).permute(0, 3, 1, 2)), return_tensors="pt").pixel_values
+    text = processor(text=PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, **text).logits_per_image  # logit_scale * cosine
+    cosine = logits.diagonal() / model.logit_scale.exp()
+    assert (cosine > 0.05).all()
+    torch.testing.assert_close(scores, cosine, atol=1e-5, rtol=1e-4)
+
+
+def test_too_small_images_score_zero_and_are_counted(expert):
+    before = expert.unreadable
+    with pytest.warns(UserWarning, match="too small"):
+        scores = expert(torch.zeros(2, 1, 1, 3, dtype=torch.uint8), [PromptRecord("a cat")] * 2)
+    assert scores.tolist() == [0.0, 0.0] and expert.unreadable == before + 2
+
+
 def test_batch_size_does_not_change_scores(tiny_dir, expert):
     records = [PromptRecord(p) for p in PROMPTS]
     torch.testing.assert_close(

@@ -116,6 +116,32 @@ def test_expert_error_is_wrapped_with_its_name():
     assert isinstance(info.value.__cause__, KeyError)
 
 
+def test_on_error_zero_scores_the_failed_expert_zero_and_counts_it():
+    ensemble = RewardEnsemble(
+        [ConstantExpert("a", 0.25), BrokenExpert(), IndexExpert()], weights={"broken": 2.0}, on_error="zero"
+    )
+    with pytest.warns(UserWarning, match="'broken' failed on a batch of 3 images.*scoring it 0"):
+        out = ensemble(*batch(3))
+    assert out.failed == ("broken",) and out.per_expert["broken"].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(out.total, torch.tensor([0.25, 0.35, 0.45]))
+    assert ensemble.errors == {"a": 0, "broken": 1, "index": 0}
+    with pytest.warns(UserWarning, match="'broken' failed"):
+        ensemble(*batch(2))
+    assert ensemble.errors == {"a": 0, "broken": 2, "index": 0}
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'zero', got 'skip'"):
+        RewardEnsemble([ConstantExpert("a", 0.1)], on_error="skip")
+
+
+def test_an_expert_failed_on_another_process_is_zeroed_here():
+    ensemble = RewardEnsemble([ConstantExpert("a", 0.25), IndexExpert()], weights={"a": 2.0})
+    out = ensemble(*batch(3))
+    assert ensemble.zero_failed_elsewhere(out, []) is out
+    zeroed = ensemble.zero_failed_elsewhere(out, ["index"])
+    assert zeroed.failed == ("index",) and zeroed.per_expert["index"].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(zeroed.per_expert["a"], out.per_expert["a"])
+    torch.testing.assert_close(zeroed.total, torch.full((3,), 0.5))
+
+
 def test_expert_input_check_is_wrapped_too():
     images, prompts = batch(2)
     with pytest.raises(RewardExpertError, match="'a'") as info:
@@ -151,6 +177,15 @@ def test_default_color_when_prompt_names_none():
     assert ColorMatchExpert()(images, prompts)[0] < 0.5
     with pytest.raises(ValueError, match="unknown default_color 'teal'"):
         ColorMatchExpert(default_color="teal")
+    assert ColorMatchExpert(default_color=" Blue ")(images, prompts).tolist() == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 4, 3), (2, 4, 0, 3)])
+def test_color_of_images_without_pixels_is_zero_and_counted(shape):
+    expert = ColorMatchExpert()
+    with pytest.warns(UserWarning, match="'color': 2 image"):  # as every expert's unreadable images
+        scores = expert(torch.zeros(shape, dtype=torch.uint8), [PromptRecord(prompt="a red ball")] * 2)
+    assert scores.tolist() == [0.0, 0.0] and expert.unreadable == 2
 
 
 def test_color_scores_are_in_range_and_deterministic():

@@ -59,7 +59,7 @@ def test_vqa_phrases():
     assert vqa_phrases(color) == ["purple elephant", "blue bear"]
     assert vqa_phrases(PromptRecord("x", "non", ("airplane",))) == ["airplane"]
     assert vqa_phrases(PromptRecord("a quiet evening", "complex")) == []
-    for task in ("spatial", "numeracy", "position", "counting"):
+    for task in ("spatial", "numeracy", "position", "counting", " Spatial "):
         assert vqa_phrases(PromptRecord("x", task, ("car",), ("red car",))) is None
 
 
@@ -89,7 +89,7 @@ def test_answer_ids_of_the_tiny_tokenizer(expert):
     with pytest.raises(ValueError, match="single token"):
         answer_token_ids(tokenizer, ("maybe",))  # not in the tiny vocabulary: [UNK]
     ids = expert.question_ids("red ball")
-    assert ids[0] == tokenizer.cls_token_id and tokenizer.sep_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "red", "ball", "?"]  # "{phrase}?", no [SEP]
 
 
 def test_scores_per_category(expert):
@@ -102,6 +102,23 @@ def test_scores_per_category(expert):
             assert score == 0.0
         else:
             assert 0.0 < score < 1.0  # a random model is unsure
+
+
+def test_each_question_sees_its_own_image(expert):
+    # Unjudged and noun-less records get no pixels; the images after them must still be their own.
+    cat = PromptRecord("a cat", "object", ("cat",))
+    pictures = images(4)
+    mixed = expert(pictures, [PromptRecord("x", "spatial", ("car",)), PromptRecord("dusk", "non"), cat, cat])
+    assert mixed[:2].tolist() == [0.0, 1.0] and mixed[2] != mixed[3]
+    torch.testing.assert_close(mixed[2:], expert(pictures[2:], [cat, cat]))
+
+
+def test_too_small_images_score_zero_and_are_counted(expert):
+    before = expert.unreadable
+    cats = [PromptRecord("a cat", "object", ("cat",))] * 2
+    with pytest.warns(UserWarning, match="too small"):
+        scores = expert(torch.zeros(2, 1, 1, 3, dtype=torch.uint8), cats)
+    assert scores.tolist() == [0.0, 0.0] and expert.unreadable == before + 2
 
 
 def test_no_nouns_scores_one_without_the_model(expert, monkeypatch):

@@ -5,6 +5,9 @@ The scoring formulas themselves are tested in ``test_grounding_formulas.py``.
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,7 +17,7 @@ from datamodules.toyworld.scene import Placed, render
 from modules.rewards import toy_detector
 from modules.rewards.common import ExpertCheckpointError
 from modules.rewards.grounding import GroundingDinoExpert, assign_boxes, caption, phrase_spans
-from modules.rewards.grounding_formulas import query_phrases
+from modules.rewards.grounding_formulas import Thresholds, query_phrases
 from modules.rewards.tiny import save_tiny_grounding_dino
 from modules.rewards.toy_vision import parse_image
 
@@ -25,6 +28,8 @@ def test_caption_and_phrase_spans():
     text = caption(["Teddy Bear", "cat"])
     assert text == "teddy bear . cat ."
     assert phrase_spans(text, ["Teddy Bear", "cat"]) == [(0, 10), (13, 16)]
+    # A phrase inside an earlier one is found after it, not inside it.
+    assert phrase_spans(caption(["teddy bear", "bear"]), ["teddy bear", "bear"]) == [(0, 10), (13, 17)]
 
 
 def test_assign_boxes_picks_each_querys_best_phrase_above_threshold():
@@ -40,6 +45,8 @@ def test_assign_boxes_picks_each_querys_best_phrase_above_threshold():
         (0.15, 0.25, 0.25, 0.35)
     )
     assert bear.score == pytest.approx(0.9) and cat.score == pytest.approx(0.5)
+    # A score that reaches the threshold exactly is kept, like the formulas' box threshold.
+    assert len(assign_boxes(torch.tensor([[0.0, 0.5]]), boxes[:1], [[1]], ["cat"], 0.5)) == 1
 
 
 # ----------------------------------------------------------------------------- tiny model
@@ -92,6 +99,70 @@ def test_detected_boxes_are_normalised_and_belong_to_asked_phrases(tiny_dir):
     for d in (d for f in found for d in f):
         x0, y0, x1, y1 = d.box
         assert 0.01 <= d.score <= 1 and x0 <= x1 and y0 <= y1
+
+
+class TokenDetector(torch.nn.Module):
+    """Stands in for the detector: query ``q`` is sure (logit 20) on the text tokens with id ``fires[q]``, and
+    sure of nothing elsewhere (-20); its box is ``boxes[q]`` (``cx, cy, w, h``)."""
+
+    dtype = torch.float32
+
+    def __init__(self, fires: list[int], boxes: torch.Tensor) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the expert's device is where its parameters are
+        self.fires, self.boxes = fires, boxes
+
+    def forward(self, input_ids, pixel_values, **kwargs):
+        logits = torch.full((input_ids.shape[0], len(self.fires), input_ids.shape[1]), -20.0)
+        for q, token in enumerate(self.fires):
+            logits[:, q][input_ids == token] = 20.0
+        return SimpleNamespace(logits=logits, pred_boxes=self.boxes.expand(input_ids.shape[0], -1, -1))
+
+
+def test_each_phrase_owns_exactly_its_own_tokens(tiny_dir, monkeypatch):
+    # "[CLS] teddy bear . cat . [SEP]" and "[CLS] zebra . [SEP] [PAD] ...": a box sure of a phrase's first
+    # token answers that phrase; one sure of a separator, [CLS] or padding answers none.
+    expert = GroundingDinoExpert(str(tiny_dir))
+    fires = expert.processor.tokenizer.convert_tokens_to_ids(["teddy", "cat", ".", "[CLS]", "zebra", "[PAD]"])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.2, 0.3, 0.1, 0.1], *[[0.5, 0.5, 0.1, 0.1]] * 2,
+                          [0.7, 0.6, 0.4, 0.2], [0.5, 0.5, 0.1, 0.1]])
+    monkeypatch.setattr(expert, "model", TokenDetector(fires, boxes))
+    found = expert.detect(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), [["teddy bear", "cat"], ["zebra"]])
+    assert [[d.label for d in f] for f in found] == [["teddy bear", "cat"], ["zebra"]]
+    (bear, cat), (zebra,) = found
+    assert bear.box == pytest.approx((0.4, 0.3, 0.6, 0.7))
+    assert cat.box == pytest.approx((0.15, 0.25, 0.25, 0.35))
+    assert zebra.box == pytest.approx((0.5, 0.5, 0.9, 0.7)) and zebra.score == pytest.approx(1.0)
+
+
+def test_each_image_goes_to_the_detector_with_its_own_phrases(tiny_dir, monkeypatch):
+    expert = GroundingDinoExpert(
+        str(tiny_dir), box_threshold=0.25, near_threshold=0.2, iou_threshold=0.15, batch_size=1
+    )
+    assert expert.thresholds == Thresholds(box_threshold=0.25, iou_threshold=0.15, near_threshold=0.2)
+    seen = []
+
+    def detect(images, phrases):
+        seen.extend(zip(images[:, 0, 0, 0].tolist(), phrases, strict=True))
+        return [[] for _ in phrases]
+
+    monkeypatch.setattr(expert, "detect", detect)
+    images = torch.arange(4, dtype=torch.uint8)[:, None, None, None].expand(4, 8, 8, 3).contiguous()
+    records = [PromptRecord("dusk"), PromptRecord("a cat", "object", ("cat",)), PromptRecord("dawn")]
+    expert(images, [*records, PromptRecord("a dog", "object", ("dog",))])
+    assert seen == [(1, ["cat"]), (3, ["dog"])]
+
+
+def test_too_small_images_score_zero_and_are_counted(tiny_dir):
+    expert = GroundingDinoExpert(str(tiny_dir))
+    records = [PromptRecord("a cat", "object", ("cat",)), PromptRecord("a quiet evening")]
+    with pytest.warns(UserWarning, match="too small"):
+        assert expert(torch.zeros(2, 1, 5, 3, dtype=torch.uint8), records).tolist() == [0.0, 0.0]
+    assert expert.unreadable == 2
+    with warnings.catch_warnings():  # nothing to detect: the size does not matter
+        warnings.simplefilter("error")
+        assert expert(torch.zeros(1, 1, 1, 3, dtype=torch.uint8), records[1:]).tolist() == [1.0]
+    assert expert.unreadable == 2
 
 
 def test_bad_arguments_and_missing_checkpoint(tiny_dir, tmp_path):

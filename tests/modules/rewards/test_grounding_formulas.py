@@ -48,6 +48,10 @@ def test_box_iou():
     assert box_iou((0, 0, 0.5, 1), (0.5, 0, 1, 1)) == 0.0
     assert box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) == pytest.approx(1 / 3)
     assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    # Apart along x only, along y only, and along both (two negative extents must not make an overlap).
+    assert box_iou((0, 0, 0.2, 1), (0.5, 0, 1, 1)) == 0.0
+    assert box_iou((0, 0, 1, 0.2), (0, 0.5, 1, 1)) == 0.0
+    assert box_iou((0, 0, 0.2, 0.2), (0.5, 0.5, 1, 1)) == 0.0
 
 
 def test_nms_keeps_the_most_confident_of_overlapping_boxes():
@@ -78,19 +82,32 @@ def test_every_locality_of_the_data_has_a_branch():
             assert record.spatial_info["locality"] in LOCALITY_BRANCH
 
 
-# Where obj1 stands, obj2 being at the centre, for each directional branch: (correct, wrong).
+# Where obj1 stands, obj2 being at the centre, as each directional locality's words say (written out here,
+# not read from LOCALITY_BRANCH, so that a wrong sign in that table fails): (correct, wrong); y grows down.
+TO_THE_LEFT, TO_THE_RIGHT = ((0.2, 0.5), (0.8, 0.5)), ((0.8, 0.5), (0.2, 0.5))
+HIGHER, LOWER = ((0.5, 0.2), (0.5, 0.8)), ((0.5, 0.8), (0.5, 0.2))
 OBJ1_AT = {
-    ("x", -1): ((0.2, 0.5), (0.8, 0.5)),
-    ("x", 1): ((0.8, 0.5), (0.2, 0.5)),
-    ("y", -1): ((0.5, 0.2), (0.5, 0.8)),
-    ("y", 1): ((0.5, 0.8), (0.5, 0.2)),
+    "left of": TO_THE_LEFT,
+    "on the left of": TO_THE_LEFT,
+    "right of": TO_THE_RIGHT,
+    "on the right of": TO_THE_RIGHT,
+    "above": HIGHER,
+    "on the top of": HIGHER,
+    "on top of": HIGHER,
+    "below": LOWER,
+    "on the bottom of": LOWER,
 }
+NEAR_LOCALITIES = ("near", "next to", "on side of")
 
 
-@pytest.mark.parametrize("locality", [loc for loc, branch in LOCALITY_BRANCH.items() if branch != "near"])
+def test_the_directional_and_near_localities_are_all_of_them():
+    assert set(OBJ1_AT) | set(NEAR_LOCALITIES) == set(LOCALITIES)
+
+
+@pytest.mark.parametrize("locality", sorted(OBJ1_AT))
 def test_directional_localities_both_sides(locality):
     # Defect 1 of the public code: "above", "on top of" had no branch and never scored.
-    correct, wrong = OBJ1_AT[LOCALITY_BRANCH[locality]]
+    correct, wrong = OBJ1_AT[locality]
     assert position_score(box(*correct), box(0.5, 0.5), locality) == 1.0
     assert position_score(box(*wrong), box(0.5, 0.5), locality) == 0.0
 
@@ -113,7 +130,7 @@ def test_overlapping_boxes_earn_iou_threshold_over_iou():
     assert position_score(b, a, "left of") == 0.0  # overlap does not rescue the wrong side
 
 
-@pytest.mark.parametrize("locality", ["near", "next to", "on side of"])
+@pytest.mark.parametrize("locality", NEAR_LOCALITIES)
 def test_near_is_relative_to_image_size(locality):
     # Defect 2 of the public code: a 150-pixel threshold on [0, 1] boxes made every pair "near".
     assert position_score(box(0.4, 0.5), box(0.6, 0.52), locality) == 1.0
@@ -129,6 +146,19 @@ def test_localities_are_compared_normalised_and_unknown_ones_refused():
     assert position_score(box(0.2, 0.5), box(0.8, 0.5), " Left  Of ") == 1.0
     with pytest.raises(ValueError, match="unknown locality 'inside'"):
         position_score(box(0.5, 0.5), box(0.5, 0.5), "inside")
+
+
+def test_boundaries_are_where_the_docstrings_put_them():
+    # A detection exactly at the box threshold counts ("at or above").
+    assert len(matching([det("cat", 0.5, 0.5, score=0.5)], "cat", box_threshold=0.5)) == 1
+    # NMS drops boxes overlapping a kept one by more than nms_iou; exactly nms_iou is kept.
+    halves = [Detection("cat", 0.9, (0, 0, 1, 1)), Detection("cat", 0.8, (0, 0, 0.5, 1))]
+    assert box_iou(halves[0].box, halves[1].box) == 0.5 and nms(halves, 0.5) == halves
+    # "near" needs |dx| or |dy| under the threshold: centres (0.25, 0.25) and (0.5, 0.75), |dx| = 0.25 is not.
+    assert position_score((0, 0, 0.5, 0.5), (0.25, 0.5, 0.75, 1), "near", near_threshold=0.25) == 0.5
+    # An exactly diagonal offset is not mostly along either axis.
+    assert position_score(box(0.2, 0.2), box(0.6, 0.6), "left of") == 0.0
+    assert position_score(box(0.2, 0.2), box(0.6, 0.6), "above") == 0.0
 
 
 # ----------------------------------------------------------------------------- spatial
@@ -155,6 +185,7 @@ def test_spatial_score_parts():
 def test_spatial_score_with_the_same_object_twice():
     # The public code crashed here (no box of obj2 once obj1 took them) and scored 0.
     info = {"obj1": "cat", "obj2": "Cat", "locality": "left of"}
+    assert spatial_score([], info) == 0.0
     assert spatial_score([det("cat", 0.5, 0.5)], info) == pytest.approx(0.2)  # one cat is one object
     duplicate = [det("cat", 0.5, 0.5, 0.9), det("cat", 0.51, 0.5, 0.8)]  # IoU 0.82: still one cat
     assert spatial_score(duplicate, info) == pytest.approx(0.2)
@@ -195,6 +226,29 @@ def test_object_score():
     # "fraction of nouns detected" (REWARDS.md): every entry counts, a repeated one too.
     assert object_score(found, ["cat", "cat", "tree"]) == pytest.approx(2 / 3)
     assert object_score([], []) == 1.0
+    assert object_score(found, ["cat", "", "  "]) == 1.0  # blank entries are no objects to find
+    assert object_score([], ["", " "]) == 1.0
+
+
+def test_custom_thresholds_reach_every_formula():
+    t = Thresholds(box_threshold=0.2, iou_threshold=0.15, near_threshold=0.2, nms_iou=0.9)
+    weak = 0.25  # under the default box threshold (0.3), over t's
+    cat, dog = det("cat", 0.1, 0.1, weak), det("dog", 0.9, 0.9, weak)  # centres 0.8 apart on both axes
+    near = {"obj1": "cat", "obj2": "dog", "locality": "near"}
+    assert spatial_score([cat, dog], near) == 0.0
+    assert spatial_score([cat, dog], near, t) == pytest.approx(0.4 + 0.5 * 0.2 / 0.8)
+    left = {"obj1": "cat", "obj2": "dog", "locality": "left of"}
+    overlapping = [Detection("cat", 0.9, (0.2, 0.4, 0.6, 0.6)), Detection("dog", 0.9, (0.4, 0.4, 0.8, 0.6))]
+    assert spatial_score(overlapping, left, t) == pytest.approx(0.4 + 0.5 * 0.15 * 3)  # IoU 1/3
+    # The same name twice: t's box threshold, near threshold, overlap threshold and NMS IoU.
+    cats = [cat, det("cat", 0.9, 0.9, weak)]
+    assert spatial_score(cats, {**near, "obj2": "cat"}, t) == pytest.approx(0.4 + 0.5 * 0.2 / 0.8)
+    twins = [det("cat", 0.5, 0.5, 0.9), det("cat", 0.51, 0.5, 0.8)]  # IoU 0.09 / 0.11: one cat at NMS 0.5
+    assert spatial_score(twins, {**left, "obj2": "cat"}) == pytest.approx(0.2)
+    assert spatial_score(twins, {**left, "obj2": "cat"}, t) == pytest.approx(0.4 + 0.5 * 0.15 / (0.09 / 0.11))
+    # Counting and presence: t's box threshold.
+    assert numeracy_score(cats, items(cat=2)) == 0.0 and numeracy_score(cats, items(cat=2), t) == 1.0
+    assert object_score([cat], ["cat"]) == 0.0 and object_score([cat], ["cat"], t) == 1.0
 
 
 # ----------------------------------------------------------------------------- dispatch

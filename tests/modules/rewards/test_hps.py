@@ -158,6 +158,21 @@ def test_missing_files_are_named(tiny, tmp_path):
         HPSExpert(str(checkpoint), str(tmp_path / "no_tokenizer"), arch=arch)
 
 
+def test_long_prompts_are_cut_like_open_clip(tiny, expert):
+    # open_clip's tokenize: start token, text tokens, end token; over 77, cut to 77 with the end token last.
+    checkpoint, _, arch, _ = tiny
+    tokenizer = expert.tokenizer
+    long = "a red ball near a cat " * 6  # a token per letter in the tiny tokenizer: 96 tokens
+    body = tokenizer(long, add_special_tokens=False).input_ids
+    assert len(body) > arch.context_length
+    ids = torch.tensor([[tokenizer.bos_token_id, *body[: arch.context_length - 2], tokenizer.eos_token_id]])
+    with torch.no_grad():
+        got = expert.text_features([long, "a cat"])
+    torch.testing.assert_close(
+        got[:1], reference_text(read_open_clip_state(checkpoint), arch, ids), atol=1e-5, rtol=1e-4
+    )
+
+
 def test_default_arch_is_vit_h_14():
     arch = OpenClipArch()
     assert (arch.vision_width, arch.vision_layers, arch.vision_heads, arch.patch_size, arch.image_size) == (
@@ -171,6 +186,12 @@ def test_default_arch_is_vit_h_14():
 
 
 # ----------------------------------------------------------------------------- preprocessing and scores
+
+
+def test_normalisation_is_openai_clips():
+    # open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD, which ViT-H-14 and HPS v2.1 use.
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
 
 
 def test_preprocess_constant_image_is_normalised_exactly():
@@ -191,6 +212,58 @@ def test_preprocess_pads_non_square_images_like_hps_scoring():
     out = clip_preprocess(tall, 28, mean=(0, 0, 0), std=(1, 1, 1))
     assert out[..., :9].abs().max() == 0 and out[..., 18:].abs().max() == 0
     torch.testing.assert_close(out[..., 9:18], torch.ones(1, 3, 28, 9))
+
+
+def white_preprocessed(height: int, width: int) -> torch.Tensor:
+    white = torch.full((1, height, width, 3), 255, dtype=torch.uint8)
+    return clip_preprocess(white, 28, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def test_preprocess_rounds_the_short_side_and_keeps_a_one_pixel_strip():
+    # ResizeMaxSize rounds the short side: 25 wide x 60 high -> 28 * 25 / 60 = 11.67 -> 12 columns,
+    # 8 black ones each side.
+    expected = torch.zeros(1, 3, 28, 28)
+    expected[..., 8:20] = 1.0
+    torch.testing.assert_close(white_preprocessed(60, 25), expected)
+    # 40 wide x 16 high -> 11.2 -> 11 rows; 17 rows of padding, the smaller half (8) on top.
+    expected = torch.zeros(1, 3, 28, 28)
+    expected[:, :, 8:19] = 1.0
+    torch.testing.assert_close(white_preprocessed(16, 40), expected)
+    # 1 high x 500 wide -> 0.056 rounds to 0 rows: one row is kept, 13 black rows above it.
+    expected = torch.zeros(1, 3, 28, 28)
+    expected[:, :, 13] = 1.0
+    torch.testing.assert_close(white_preprocessed(1, 500), expected)
+
+
+def test_preprocess_resizes_bicubic_with_antialiasing():
+    # PIL's bicubic filter, which torchvision's Resize applies to PIL images in HPS's transform, agrees with
+    # torch's antialiased bicubic to rounding (bilinear is off by about 7 / 255 on average on noise).
+    image = images(1, 30, 40)
+    out = clip_preprocess(image, 28, mean=(0, 0, 0), std=(1, 1, 1))  # 40 x 30 -> 28 x 21, rows 3 to 23
+    reference = F.interpolate(image.permute(0, 3, 1, 2).float(), (21, 28), mode="bicubic", antialias=True)
+    reference = reference.clamp(0, 255) / 255
+    assert out[:, :, :3].abs().max() == 0 and out[:, :, 24:].abs().max() == 0
+    torch.testing.assert_close(out[:, :, 3:24], reference, atol=4 / 255, rtol=0)
+    assert (out[:, :, 3:24] - reference).abs().mean() < 1 / 255
+
+
+def test_scores_are_the_cosines_of_open_clips_embeddings(tiny):
+    # The tiny model's cosines are negative (clipped to 0) for these pairs; with the text projection negated
+    # they are positive, so the score is the cosine itself, from the right prompt, for every image.
+    checkpoint, tokenizer, arch, _ = tiny
+    state = read_open_clip_state(checkpoint)
+    state["text_projection"] = -state["text_projection"]
+    flipped = HPSExpert(str(checkpoint), str(tokenizer), arch=arch, batch_size=3)
+    with torch.no_grad():
+        flipped.model.text_projection.weight.neg_()
+    order = [2, 0, 0, 2]  # repeated prompts, not in their first-seen order
+    scores = flipped(images(4), [PromptRecord(prompt=PROMPTS[i]) for i in order])
+    tokens = flipped.tokenizer(PROMPTS, padding="max_length", max_length=arch.context_length, truncation=True)
+    text = reference_text(state, arch, torch.tensor(tokens.input_ids))[order]
+    image = reference_image(state, arch, clip_preprocess(images(4), arch.image_size))
+    expected = (image * text).sum(-1)
+    assert (expected > 0.05).all()
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_scores_are_cosines_in_range(expert):
@@ -225,3 +298,7 @@ def test_empty_images_score_zero_and_are_counted(expert):
     with pytest.warns(UserWarning, match="empty images"):
         scores = expert(torch.zeros(2, 0, 5, 3, dtype=torch.uint8), [PromptRecord(prompt="a cat")] * 2)
     assert scores.tolist() == [0.0, 0.0] and expert.unreadable == before + 2
+    with pytest.warns(UserWarning, match="empty images"):
+        scores = expert(torch.zeros(1, 5, 0, 3, dtype=torch.uint8), [PromptRecord(prompt="a cat")])
+    assert scores.tolist() == [0.0]
+    assert expert.unreadable == before + 3

@@ -43,6 +43,8 @@ def test_question_holds_the_prompt_verbatim():
     assert "{prompt}" in DEFAULT_QUESTION
     text = fill_question(DEFAULT_QUESTION, 'a sign that says "{hello}"')
     assert 'a sign that says "{hello}"' in text and "{prompt}" not in text
+    # Other braces of the question are text too, not format fields.
+    assert fill_question('Say {"ok": 1}. "{prompt}"?', "a cat") == 'Say {"ok": 1}. "a cat"?'
     with pytest.raises(ValueError, match="must contain"):
         ORMExpert("unused", question="Is it good?")
 
@@ -57,6 +59,7 @@ def test_saved_like_a_real_checkpoint(tiny_dir):
 def test_chat_text_has_one_image_and_ends_at_the_answer(expert):
     text = expert.chat_text("a red ball")
     assert text.count("<image>") == 1 and "a red ball" in text
+    assert text.index("<image>") < text.index("a red ball")  # the image, then the question
     assert text.endswith("<|im_start|>assistant\n")
 
 
