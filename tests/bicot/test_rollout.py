@@ -163,3 +163,18 @@ def test_to_moves_every_tensor_including_per_expert_scores():
     assert all(t.device.type == "meta" for t in tensors.values())
     assert all(t.device.type == "meta" for t in moved.reward_per_expert.values())
     assert moved.records == make_rollout().records
+
+
+def test_rows_moves_the_row_offset_slices_entropies_and_keeps_global_rewards_whole():
+    """A slice's first row is row ``row_offset + start`` of the global batch (advantages are read there); the global
+    rewards stay whole (group statistics need every row); plan entropies are trimmed with the plan."""
+    r = make_rollout()
+    r.row_offset = 8
+    r.global_rewards = torch.arange(12, dtype=torch.float32)
+    r.plan_entropy = torch.where(r.plan_mask, r.plan_logp.neg(), torch.zeros(R, T))
+    r.image_entropy = torch.arange(R * N, dtype=torch.float32).view(R, N)
+    sub = r.rows(slice(1, 3))
+    assert sub.row_offset == 9 and sub.rows(slice(1, 2)).row_offset == 10
+    torch.testing.assert_close(sub.global_rewards, r.global_rewards)
+    torch.testing.assert_close(sub.plan_entropy, r.plan_entropy[1:3, :5])  # rows 1..2: 5 and 1 valid tokens
+    torch.testing.assert_close(sub.image_entropy, r.image_entropy[1:3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -113,16 +114,20 @@ def test_sample_tokens_top_p_keeps_the_most_likely_token_whatever_p():
         assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
 
 
-def test_sample_tokens_is_an_exact_sample_of_the_truncated_distribution():
+@pytest.mark.parametrize(("top_k", "top_p"), [(4, 0.63), (0, 1.0), (4, 1.0)])
+def test_sample_tokens_is_an_exact_sample_of_the_truncated_distribution(top_k, top_p):
     """Temperature, then top-k renormalised, then top-p on it (HF's warper order): Gumbel-max frequencies match
-    the truncated, renormalised tempered distribution."""
+    the truncated, renormalised tempered distribution. (Untruncated, or over more than two tokens: the
+    difference of two Gumbels is symmetric, so a two-token draw cannot tell the noise +G from -G.)"""
     logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0]).expand(40000, 6)
-    tokens, _, _ = janus_ops.sample_tokens(logits, temperature=1.5, top_k=4, top_p=0.63, noise=stream(6))
-    p = F.softmax(logits[0] / 1.5, -1)[:4]
-    p = p / p.sum()  # top-k renormalises: [0.383, 0.273, 0.195, 0.114]; top-p 0.63 keeps two (three unrenormalised)
-    keep = (p.cumsum(0) - p) < 0.63
-    expected = torch.zeros(6)
-    expected[:4] = torch.where(keep, p, 0) / p[keep].sum()
+    tokens, _, _ = janus_ops.sample_tokens(logits, temperature=1.5, top_k=top_k, top_p=top_p, noise=stream(6))
+    p = F.softmax(logits[0] / 1.5, -1)
+    if top_k:
+        p[top_k:] = 0
+        p = p / p.sum()  # top-k renormalises: [0.383, 0.273, 0.195, 0.114]
+    # top-p 0.63 keeps two of those (three unrenormalised)
+    keep = (p.cumsum(0) - p) < top_p
+    expected = torch.where(keep, p, 0) / p[keep].sum()
     freq = torch.bincount(tokens, minlength=6).float() / tokens.numel()
     close(freq, expected, atol=0.01)
 
@@ -159,6 +164,63 @@ def test_row_noise_slices_of_the_global_batch_match_the_whole():
     assert torch.equal(torch.cat([first, second]), whole)
     with pytest.raises(ValueError, match="exceed the global batch of 6"):
         stream(8, global_rows=6, offset=5).gumbel(2, 10, torch.device("cpu"))
+
+
+class FixedNoise:
+    """Stands in for ``RowNoise``: the Gumbel noise is given, so a test can make any token win the draw."""
+
+    def __init__(self, gumbel: torch.Tensor) -> None:
+        self.noise = gumbel
+
+    def gumbel(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        return self.noise
+
+
+@pytest.mark.parametrize(("top_k", "top_p", "expected"), [(1, 1.0, 0), (0, 1.0, 1), (4, 1.0, 1), (0, 0.5, 0)])
+def test_sample_tokens_top_k_one_is_greedy_and_no_truncation_keeps_negligible_tokens(top_k, top_p, expected):
+    """Token 1 has probability e^-30 (the mass before it rounds to 1.0 in float32) but the noise makes it win:
+    only a real truncation (top-k 1 keeps the argmax, top-p 0.5 keeps token 0) may refuse it."""
+    logits = torch.tensor([[0.0, -30.0, -31.0, -32.0]])
+    noise = FixedNoise(torch.tensor([[0.0, 100.0, 0.0, 0.0]]))
+    tokens, logp, _ = janus_ops.sample_tokens(logits, 1.0, top_k=top_k, top_p=top_p, noise=noise)
+    assert tokens.tolist() == [expected]
+    close(logp, F.log_softmax(logits, -1)[:, expected], atol=1e-6)
+
+
+def test_row_noise_fill_uniform_draws_the_uniforms_gumbel_transforms():
+    """The static engine draws the global batch's uniforms into a buffer and transforms this rank's rows: the
+    same Gumbel noise as ``gumbel``, from the noise's own generator (not torch's global stream)."""
+    torch.manual_seed(99)  # the global stream is elsewhere: a draw from it would not match
+    full = torch.empty(6, 10)
+    stream(8).fill_uniform(full)
+    for offset, rows in ((0, 6), (0, 4), (4, 2)):
+        expected = stream(8, global_rows=6, offset=offset).gumbel(rows, 10, torch.device("cpu"))
+        assert torch.equal(-torch.log(-torch.log(full[offset : offset + rows])), expected)
+
+
+def test_decode_images_maps_minus_one_to_one_onto_rounded_clamped_bytes():
+    pixels = torch.tensor([-1.5, -1.0, -0.5, 0.5, 0.999, 1.0, 2.0]).view(1, 1, 7, 1).expand(1, 1, 7, 3)
+    model = types.SimpleNamespace(decode_image_tokens=lambda tokens: pixels)
+    images = janus_ops.decode_images(model, torch.zeros(1, 1, dtype=torch.long))
+    assert images.dtype == torch.uint8
+    # (p + 1) * 127.5 rounded: -0.5 -> 63.75 -> 64, 0.5 -> 191.25 -> 191, 0.999 -> 254.87 -> 255;
+    # outside [-1, 1] clamped
+    assert images[0, 0, :, 0].tolist() == [0, 0, 64, 191, 255, 255, 255]
+
+
+def test_model_entry_enters_through_the_models_bicot_forward():
+    """A sharded model's passes run inside its ``bicot_forward`` (FSDP2's gather, then the pass)."""
+    calls = []
+
+    def bicot_forward(fn, *args, **kwargs):
+        calls.append((fn.__name__, args))
+        return fn(model, *args, **kwargs)
+
+    model = types.SimpleNamespace(decode_image_tokens=lambda t: torch.ones(1, 1, 1, 3))
+    model.bicot_forward = bicot_forward
+    tokens = torch.zeros(1, 1, dtype=torch.long)
+    assert janus_ops.decode_images(model, tokens).tolist() == [[[[255, 255, 255]]]]
+    assert calls == [("decode_images", (tokens,))]
 
 
 # --------------------------------------------------------------------------- classifier-free guidance
@@ -275,3 +337,32 @@ def test_row_noise_halves_sample_the_same_image_tokens_as_the_whole_batch(sharp_
     # Without the global view the second half would reuse the first rows' noise and draw other tokens.
     unaware = sample(prompts[2:], stream(13))
     assert not torch.equal(unaware.tokens, whole.tokens[2:])
+
+
+# --------------------------------------------------------------------------- text sampling
+
+
+def test_sample_text_pads_after_eos_and_stops_when_every_row_has_ended(sharp_policy):
+    """A free run (no EOS id) shows each row's draws; with one of row 0's tokens as EOS, row 0 ends there (EOS
+    kept, then pad, masked, log-prob and entropy 0) and row 1, which never draws it, runs on unchanged. The
+    loop stops once every row has ended: row 0 alone stops at its EOS."""
+    policy, steps, pad = sharp_policy, 8, sharp_policy.pad_id
+    ids, mask = policy.encode([policy.chat(p) for p in (SHORT, LONG)])
+    model = policy.model
+    free = janus_ops.sample_text(model, ids, mask, steps, -1, pad, 0.9, noise=stream(3))
+    assert free.tokens.shape == (2, steps) and bool(free.mask.all())
+    eos = int(free.tokens[0, 2])
+    assert eos not in free.tokens[0, :2].tolist() and eos not in free.tokens[1].tolist() and eos != pad
+
+    out = janus_ops.sample_text(model, ids, mask, steps, eos, pad, 0.9, noise=stream(3))
+    live = torch.tensor([[True] * 3 + [False] * (steps - 3), [True] * steps])
+    assert torch.equal(out.mask, live)
+    assert torch.equal(out.tokens, torch.where(live, free.tokens, pad))
+    close(out.logp, torch.where(live, free.logp, 0.0), atol=1e-5)
+    close(out.entropy, torch.where(live, free.entropy, 0.0), atol=1e-5)
+    # teacher forcing at the same temperature gives the sampled log-probs, 0 off the mask
+    close(janus_ops.text_logprobs(model, ids, mask, out.tokens, out.mask, 0.9), out.logp, atol=1e-4)
+
+    noise = stream(3, global_rows=2)  # row 0's draws of the batch
+    alone = janus_ops.sample_text(model, ids[:1], mask[:1], steps, eos, pad, 0.9, noise=noise)
+    assert alone.tokens.tolist() == [free.tokens[0, :3].tolist()] and bool(alone.mask.all())
