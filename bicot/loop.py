@@ -111,12 +111,12 @@ def minibatches(num_rows: int, size: int | None) -> list[slice]:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def global_advantages(r: Rollout, algo: GRPOConfig) -> torch.Tensor:
     """``[R_global]`` advantages of every process's rows, from the gathered rewards (no collective)."""
     return group_advantages(r.global_rewards, r.group_size, algo.scale_rewards, algo.adv_eps)
 
 
+@torch.no_grad()
 def score_phase(
     r: Rollout,
     rewards: RewardEnsemble,
