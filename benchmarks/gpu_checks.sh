@@ -23,7 +23,7 @@
 # COMPILE_1B=fused+pack+triton,fused+pack+<the engine's launch with the loop before (_m)>,fused+pack+<the sweep's
 # best attention over its windows>,fused+pack+<that, with _l where _l won at its size>+<the best Triton projections
 # where they beat cuBLAS, else triton_lin>,fused: the engine's configuration against the kernel before, the best, and the Triton projections
-# (modules/decode_linear.py) in one process (the sweep's answer, timed whole);
+# (modules/decode_linear.py) in one process (the sweep's answer, timed whole), then the engines of EXTRA_1B, if any;
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0 (minutes of compiling), and the
 # Triton projections (modules/decode_linear.py) at 36 launch configurations unless LINEAR_SWEEP=0.
@@ -80,7 +80,7 @@ from decode_kernels import best_linear, timings_from_log
 print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$out/sweep.log")
         before=$($py -c 'from modules.decode_attention import Launch; print(Launch(lanes=False).name)')
         echo "tune1b: the sweep's best attention: ${best:-none} (for the rollout: ${tuned:-none}), projections: $lin; the loop before: $before"
-        rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${tuned:-triton}+$lin,fused" ;;
+        rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${tuned:-triton}+$lin,fused${EXTRA_1B:+,$EXTRA_1B}" ;;
     sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;
     rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-300}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused,fused+pack+triton,fused+pack+triton+triton_lin,fused+pack+triton+triton_lin+fp8,fused+pack+triton+triton_lin+fp8+fp8kv}" ;;
@@ -98,7 +98,9 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         fi
         # TESTS_K narrows them (pytest -k), e.g. TESTS_K="decode_attention or linear or triton_lin or True-triton": the kernels and engine
         # cases never run on a GPU (the per-position loop, _l, the Triton projections); the rest in a later call
-        run tests "${LIMIT_TESTS:-360}" $py -m pytest -v -p no:cacheprovider -m "gpu or triton" ${TESTS_K:+-k "$TESTS_K"} $files ;;
+        # TESTS_WORKERS=N spreads them over N processes (pytest-xdist): most of their time is compiling, on the CPU
+        run tests "${LIMIT_TESTS:-360}" $py -m pytest -v -p no:cacheprovider -m "gpu or triton" ${TESTS_K:+-k "$TESTS_K"} \
+            ${TESTS_WORKERS:+-n $TESTS_WORKERS} --durations=10 $files ;;
     *) echo "unknown part $part" >&2 ;;
     esac
 done
