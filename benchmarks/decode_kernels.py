@@ -49,10 +49,12 @@ with ``RolloutEngine(attention=...)``):
   engine's block, warps and stages, right after the engine's own loop, so the same process measures the change;
   so does a name ending in ``_l`` (``Launch.last``: the last program of each row and head merges the splits, no
   ``_combine`` kernel), right after.
-  By default only the splits vary and the rest is the engine's (``modules.decode_attention.Launch()``: split
-  128, block 32, 4 warps, 1 stage). With ``--triton-sweep`` all vary (splits of 64, 128 or 256 slots or 1, 2,
-  4 or 8 parts, blocks of 32 or 64, 2, 4 or 8 warps, 1 to 3 stages: 126 configurations, 7 ``_m`` and 7 ``_l``
-  ones; a block larger than its split is skipped; the 21 at the engine's block, warps and stages first), each
+  The engine's own launch runs first (``modules.decode_attention.Launch()``, ``triton_a128_b32_w4_p2``: one
+  program per row and head where the rows fill the GPU, else splits of 128 slots; block 32, 4 warps, 2 stages).
+  By default only the splits vary and the rest is the engine's. With ``--triton-sweep`` all vary (splits of 64,
+  128 or 256 slots or 1, 2, 4 or 8 parts, blocks of 32 or 64, 2, 4 or 8 warps, 1 to 3 stages: 126
+  configurations, 7 ``_m`` and 7 ``_l`` ones; a block larger than its split is skipped; the engine's own and the
+  21 at its block, warps and stages first), each
   candidate runs at every window before the next (a run cut short ranks what it measured), a
   ``triton_best`` line per window names the fastest against the engine's configuration and
   ``matmul_compiled``, and ``triton_best_overall`` the one of least time summed over the windows:
@@ -312,14 +314,16 @@ def report(args, part: str, name: str, seconds: float, nbytes: int, bandwidth, o
 def triton_candidates(args) -> dict:
     """``{name: attend}``: ``attention="triton"`` (same arguments as :data:`modules.decode_step.ATTENTION`'s) at each
     launch configuration of ``args.triton_*``: splits of ``--triton-splits`` slots (a block larger than its split
-    is skipped), then each row in ``--triton-parts`` parts. First, at each size and the engine's block, warps and
-    stages, the default loop, the one that merges each block into one running softmax (``_m``, the kernel
+    is skipped), then each row in ``--triton-parts`` parts. First the engine's own (``Launch()``: with
+    ``parts=AUTO``, what its rule picks at these rows on this GPU), then at each size and the engine's block, warps
+    and stages, the default loop, the one that merges each block into one running softmax (``_m``, the kernel
     before: the same process says what the change is worth) and the splits merged by each (row, head)'s last
     program (``_l``); then the rest."""
-    sizes = [dict(split=split) for split in args.triton_splits] + [dict(parts=parts) for parts in args.triton_parts]
+    sizes = [dict(split=split, parts=0) for split in args.triton_splits] + [dict(parts=parts) for parts in args.triton_parts]
     engine = decode_attention.Launch()
-    first = [engine._replace(lanes=lanes, last=last, **size) for size in sizes
-             for lanes, last in ((True, False), (False, False), (True, True))]
+    # the engine's own (parts=AUTO: its rule's answer at these rows), then at each size its loop, _m and _l
+    first = [engine] + [engine._replace(lanes=lanes, last=last, **size) for size in sizes
+                        for lanes, last in ((True, False), (False, False), (True, True))]
     grid = [
         decode_attention.Launch(block=block, warps=warps, stages=stages, **size)
         for size in sizes
@@ -356,8 +360,7 @@ def tuned_attention(timings: dict) -> str | None:
     launch = decode_attention.Launch.parse(best)
     if launch.last:
         return best
-    size = dict(parts=launch.parts) if launch.parts else dict(split=launch.split)
-    plain = decode_attention.Launch()._replace(**size)
+    plain = decode_attention.Launch()._replace(split=launch.split, parts=launch.parts)  # the engine's, at its size
     merged, last = total.get(plain.name), total.get(plain._replace(last=True).name)
     return launch._replace(last=True).name if None not in (merged, last) and last < merged else best
 

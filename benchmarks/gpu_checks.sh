@@ -20,7 +20,7 @@
 # --triton-sweep at SWEEP_WINDOWS, default 384,640: the image stage's mean and late windows at the 1B shape); its
 # triton_best names go into COMPILE_1B as they are, e.g. COMPILE_1B=fused+pack+triton,fused+pack+triton_s64_b64_w8_p2;
 # `tune1b` runs `sweep` (with the Triton projections' launch configurations, --linear-sweep), then `rollout1b` with
-# COMPILE_1B=fused+pack+triton,fused+pack+<the engine's launch with the loop before (_m)>,fused+pack+<the sweep's
+# COMPILE_1B=fused+pack+triton,fused+pack+<the engine's launch before 2026-11-28 (triton_s128_b32_w4_p1)>,fused+pack+<the sweep's
 # best attention over its windows>,fused+pack+<that, with _l where _l won at its size>+<the best Triton projections
 # where they beat cuBLAS, else triton_lin>,fused: the engine's configuration against the kernel before, the best, and the Triton projections
 # (modules/decode_linear.py) in one process (the sweep's answer, timed whole), then the engines of EXTRA_1B, if any;
@@ -78,8 +78,8 @@ print(tuned_attention(timings_from_log(sys.argv[1])) or "")' "$out/sweep.log")
         lin=$($py -c 'import sys; sys.path.insert(0, "benchmarks")
 from decode_kernels import best_linear, timings_from_log
 print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$out/sweep.log")
-        before=$($py -c 'from modules.decode_attention import Launch; print(Launch(lanes=False).name)')
-        echo "tune1b: the sweep's best attention: ${best:-none} (for the rollout: ${tuned:-none}), projections: $lin; the loop before: $before"
+        before=$($py -c 'from modules.decode_attention import Launch; print(Launch(split=128, parts=0, stages=1).name)')
+        echo "tune1b: the sweep's best attention: ${best:-none} (for the rollout: ${tuned:-none}), projections: $lin; the launch before: $before"
         rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${tuned:-triton}+$lin,fused${EXTRA_1B:+,$EXTRA_1B}" ;;
     sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;

@@ -6,7 +6,9 @@ sampled so far), in one or two Triton kernels ("split-K" or flash-decoding):
 1. ``_partial``: one program per (row, head, split of the cache). It streams its split's part of the filled
    slots in blocks of ``BLOCK`` keys and values, in float32, with a running maximum (online softmax), and writes
    the split's maximum, normaliser and weighted sum of values. A split that holds no filled slot reads nothing.
-   Splits are ``SPLIT`` cache slots each, or (``Launch.parts``) each row's filled slots in equal parts.
+   Splits are ``SPLIT`` cache slots each, or (``Launch.parts``) each row's filled slots in equal parts. By
+   default (``parts=AUTO``) a call with enough rows to fill the GPU runs one program per (row, head) over all its
+   filled slots, and only smaller ones split the cache (see :func:`resolve_parts`).
    Each of a block's ``BLOCK`` positions keeps its own running maximum, normaliser and sum of values
    (``Launch.lanes``, the default): a block's scores are reduced over the head dimension only, inside each warp,
    and the positions are merged once, after the loop. So the loop has no barrier and no shared memory (with one
@@ -35,6 +37,7 @@ how the tests check the kernels on machines without a GPU; it is far too slow fo
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import NamedTuple
@@ -49,11 +52,15 @@ try:
 except ImportError:  # the engine's other attention choices need no Triton
     triton = None
 
-# The launch configuration the engine uses. benchmarks/decode_kernels.py --triton-sweep times others.
+# The launch configuration the engine uses. benchmarks/decode_kernels.py --triton-sweep times others. On an H200 at
+# the 1B shape (32 rows, 16 heads, windows of 384 and 640 slots; benchmarks/results/h200_2026-11-28/sweep.log) the
+# fastest of 123 was one program per (row, head) (parts 1), block 32, 4 warps, 2 stages: 1.7x the split-128,
+# 1-stage launch that was the default before, and 2 stages beat 1 at every size with 4 warps.
 BLOCK = 32  # keys and values per iteration of a program
-SPLIT = 128  # the engine's cache slots per program (a multiple of BLOCK leaves no block part-empty)
+SPLIT = 128  # the engine's cache slots per program where it splits (a multiple of BLOCK leaves no block part-empty)
 WARPS = 4  # warps per program of the first kernel (Triton's default)
-STAGES = 1  # blocks of keys and values in flight per program: > 1 pipelines its loop through shared memory
+STAGES = 2  # blocks of keys and values in flight per program: > 1 pipelines its loop through shared memory
+AUTO = -1  # Launch.parts: 1 where rows x heads programs fill the GPU's processors, else splits of SPLIT slots
 
 
 class Launch(NamedTuple):
@@ -65,6 +72,8 @@ class Launch(NamedTuple):
     - ``triton_n<parts>_b<block>_w<warps>_p<stages>``: each row's filled slots cut into ``parts`` equal splits
       (rounded up to whole blocks), one program each, however long the row is: no program without work,
       the same number of programs at every step;
+    - ``triton_a<split>_b<block>_w<warps>_p<stages>`` (``parts=AUTO``, the default): ``n1`` where a call's rows x
+      heads programs fill the GPU's processors at least once, else ``s<split>`` (:func:`resolve_parts`);
     - ``_m`` at the end: ``lanes=False``, the loop that merges each block into one running softmax (see the module);
     - ``_l`` at the very end: ``last=True``, the splits merged by the last program of each (row, head), no second
       kernel (see the module).
@@ -74,23 +83,24 @@ class Launch(NamedTuple):
     block: int = BLOCK
     warps: int = WARPS
     stages: int = STAGES
-    parts: int = 0  # > 0: the filled slots in this many splits (``split`` unused)
+    parts: int = AUTO  # > 0: the filled slots in this many splits (``split`` unused); 0: splits of ``split``
     lanes: bool = True  # False: each block merged into one running softmax per iteration (name suffix _m)
     last: bool = False  # the last program of each (row, head) merges the splits, no second kernel (suffix _l)
 
     @classmethod
     def parse(cls, name: str) -> Launch:
-        match = re.fullmatch(r"triton_([sn])(\d+)_b(\d+)_w(\d+)_p(\d+)(_m)?(_l)?", name)
+        match = re.fullmatch(r"triton_([sna])(\d+)_b(\d+)_w(\d+)_p(\d+)(_m)?(_l)?", name)
         if match is None:
             raise ValueError(
-                "a triton launch is named triton_s<split>_b<block>_w<warps>_p<stages> or "
-                f"triton_n<parts>_b<block>_w<warps>_p<stages>, with _m at the end for lanes=False and then _l for "
+                "a triton launch is named triton_s<split>_b<block>_w<warps>_p<stages>, "
+                "triton_n<parts>_b<block>_w<warps>_p<stages> or triton_a<split>_b<block>_w<warps>_p<stages> (one "
+                f"split per row where the rows fill the GPU), with _m at the end for lanes=False and then _l for "
                 f"last=True, got {name!r}"
             )
         kind, size, block, warps, stages, merged, last = match.groups()
         if kind == "n" and int(size) < 1:
             raise ValueError(f"decode_attention: parts must be >= 1, got {name!r}")
-        size = dict(parts=int(size)) if kind == "n" else dict(split=int(size))
+        size = dict(parts=int(size)) if kind == "n" else dict(split=int(size), parts=AUTO if kind == "a" else 0)
         return cls(block=int(block), warps=int(warps), stages=int(stages), lanes=merged is None, last=last is not None,
                    **size).checked()
 
@@ -100,16 +110,17 @@ class Launch(NamedTuple):
             raise ValueError(
                 f"decode_attention: block and warps must be powers of 2, got block={self.block}, warps={self.warps}"
             )
-        if self.split < 1 or self.stages < 1 or self.parts < 0:
+        if self.split < 1 or self.stages < 1 or self.parts < AUTO:
             raise ValueError(
-                f"decode_attention: split and stages must be >= 1 and parts >= 1 (or 0: splits of split slots), "
-                f"got split={self.split}, stages={self.stages}, parts={self.parts}"
+                f"decode_attention: split and stages must be >= 1 and parts >= 1 (or 0: splits of split slots, or "
+                f"{AUTO}: one split per row where the rows fill the GPU), got split={self.split}, "
+                f"stages={self.stages}, parts={self.parts}"
             )
         return self
 
     @property
     def name(self) -> str:
-        size = f"n{self.parts}" if self.parts else f"s{self.split}"
+        size = f"n{self.parts}" if self.parts > 0 else f"{'a' if self.parts == AUTO else 's'}{self.split}"
         return (f"triton_{size}_b{self.block}_w{self.warps}_p{self.stages}" + ("" if self.lanes else "_m")
                 + ("_l" if self.last else ""))
 
@@ -126,6 +137,27 @@ def counters(device: torch.device, needed: int) -> torch.Tensor:
     if held is None or held.numel() < needed:
         held = _COUNTERS[device] = torch.zeros(max(4096, needed), dtype=torch.int32, device=device)
     return held
+
+
+@functools.cache
+def processors(device: torch.device) -> int:
+    """The streaming multiprocessors of CUDA ``device`` (0 elsewhere: Triton's interpreter on CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def resolve_parts(parts: int, programs: int, device: torch.device) -> int:
+    """``parts`` as the kernel runs it: ``AUTO`` is 1 (each (row, head) one program over all its filled slots, no
+    second kernel) where ``programs`` (rows x heads) fill ``device``'s processors at least once, else 0 (splits of
+    ``split`` slots: more programs for a small batch, at the cost of the merge). Others are returned as they are.
+
+    On an H200 at the 1B shape (32 rows x 16 heads = 512 programs, 132 processors) one program per row and head
+    took 1,740 us (24 layers at windows of 384 and 640 slots, summed) against 1,935 us for the fastest split
+    launch; how small a batch is better split was not measured, so the rule splits only below one program per
+    processor."""
+    if parts != AUTO:
+        return parts
+    available = processors(device)
+    return 1 if available and programs >= available else 0
 
 
 def available() -> bool:
@@ -312,7 +344,7 @@ def decode_attention(
     block: int = BLOCK,
     warps: int = WARPS,
     stages: int = STAGES,
-    parts: int = 0,
+    parts: int = AUTO,
     lanes: bool = True,
     last: bool = False,
     k_scale: torch.Tensor | None = None,
@@ -327,7 +359,8 @@ def decode_attention(
     ``split`` cache slots per program, ``block`` keys and values per iteration (a power of 2), ``warps`` per
     program (a power of 2) and ``stages``, the blocks in flight (> 1: the loop is software-pipelined through
     shared memory, ``stages * block * D`` keys and as many values per program); ``parts`` > 0 cuts each row's
-    filled slots into that many splits instead (see :class:`Launch`); ``lanes``, how the loop accumulates, and
+    filled slots into that many splits instead, ``AUTO`` one where the rows fill the GPU (:func:`resolve_parts`);
+    ``lanes``, how the loop accumulates, and
     ``last``, which kernel merges the splits (see the module). They change the speed, not the result.
 
     ``k_scale``/``v_scale`` ``[R, kv_heads, S]`` float32: ``keys``/``values`` are float8 (e4m3), each slot's
@@ -347,9 +380,10 @@ def decode_attention(
         raise ValueError(f"decode_attention: k_scale and v_scale must be float32 {list(keys.shape[:3])} with the same "
                          f"strides, the last contiguous; got {k_scale.dtype} {list(k_scale.shape)} and {v_scale.dtype} "
                          f"{list(v_scale.shape)}")
+    heads = kv_heads * groups
+    parts = resolve_parts(parts, rows * heads, q.device)
     splits = parts or triton.cdiv(keys.shape[2], split)
     padded = triton.next_power_of_2(dim)
-    heads = kv_heads * groups
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if splits == 1:  # the first kernel writes the output: no partial results (it does not touch these pointers)
         part_max = part_sum = part_acc = out
@@ -378,6 +412,6 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=0, lanes=True,
+def _(q, keys, values, pad, slot, scaling, split=SPLIT, block=BLOCK, warps=WARPS, stages=STAGES, parts=AUTO, lanes=True,
       last=False, k_scale=None, v_scale=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

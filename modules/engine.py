@@ -207,9 +207,11 @@ class RolloutEngine:
             on a GPU is what ``benchmarks/decode_kernels.py`` and ``benchmarks/rollout.py`` measure (on an H200
             at the 1B shape: ``triton`` with ``pack``).
         triton_launch: the Triton kernels' launch configuration where ``attention`` is ``triton`` (or ``auto`` on
-            CUDA), by name: ``triton_s<split>_b<block>_w<warps>_p<stages>`` or ``triton_n<parts>_...``
-            (:class:`modules.decode_attention.Launch`; ``benchmarks/decode_kernels.py --triton-sweep`` names the
-            fastest); default: :mod:`modules.decode_attention`'s ``SPLIT``, ``BLOCK``, ``WARPS`` and ``STAGES``.
+            CUDA), by name: ``triton_s<split>_b<block>_w<warps>_p<stages>``, ``triton_n<parts>_...`` or
+            ``triton_a<split>_...`` (:class:`modules.decode_attention.Launch`; ``benchmarks/decode_kernels.py
+            --triton-sweep`` names the fastest); default ``triton_a128_b32_w4_p2``: one program per row and head
+            where a stage's rows x heads fill the GPU's processors, else splits of 128 slots
+            (:func:`modules.decode_attention.resolve_parts`), block 32, 4 warps, 2 stages.
         pack: each decoder layer's q/k/v and gate/up weights packed into one matrix each, read by one matmul
             instead of three and two (wider matmuls, fewer launches). Under autocast with ``weight_copy`` the
             packed matrices hold the autocast copies, at no extra memory; otherwise they are a copy of those

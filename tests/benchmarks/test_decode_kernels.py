@@ -108,23 +108,24 @@ def sweep_args(*argv: str):
 
 def test_triton_sweep_times_every_launch_configuration_with_no_block_past_its_split():
     names = list(dk.triton_candidates(sweep_args("--device", "cpu", "--triton-sweep")))
-    # splits (64, 128, 256) and parts (1, 2, 4, 8), each with blocks 32 and 64 x 3 warps x 3 stages, and at each of
-    # the 7 sizes the loop that merges each block (_m) and the last program's merge (_l) at the engine's block,
-    # warps and stages
-    assert len(names) == 7 * 2 * 3 * 3 + 7 + 7 == len(set(names))
-    assert dk.engine_triton() in names  # the engine's own configuration is among them
+    # the engine's own launch (parts=AUTO), splits (64, 128, 256) and parts (1, 2, 4, 8), each with blocks 32 and 64
+    # x 3 warps x 3 stages, and at each of the 7 sizes the loop that merges each block (_m) and the last program's
+    # merge (_l) at the engine's block, warps and stages
+    assert len(names) == 1 + 7 * 2 * 3 * 3 + 7 + 7 == len(set(names))
+    assert names[0] == dk.engine_triton() == "triton_a128_b32_w4_p2"  # the engine's own configuration first
     assert "triton_s64_b64_w8_p1" in names and "triton_n4_b64_w2_p2" in names and "triton_n1_b32_w4_p3" in names
     da = decode_attention
     engine = f"_b{da.BLOCK}_w{da.WARPS}_p{da.STAGES}"
     sizes = ["s64", "s128", "s256", "n1", "n2", "n4", "n8"]
     # the references first, so that a sweep cut short by its limit has them: the engine's loop, the _m loop and the
     # engine's loop with the last program's merge
-    assert names[:21] == [f"triton_{size}{engine}{loop}" for size in sizes for loop in ("", "_m", "_l")]
+    assert names[1:22] == [f"triton_{size}{engine}{loop}" for size in sizes for loop in ("", "_m", "_l")]
     args = sweep_args("--device", "cpu", "--triton-splits", "32", "--triton-blocks", "32,64")
     assert "triton_s32_b64_w4_p1" not in dk.triton_candidates(args)  # no block past its split
     # without --triton-sweep only the splits vary, at the engine's block, warps and stages, with both loops
     plain = dk.triton_candidates(sweep_args("--device", "cpu"))
-    assert list(plain) == [f"triton_s{s}{engine}{loop}" for s in (64, 128, 256, 1024) for loop in ("", "_m", "_l")]
+    assert list(plain) == [dk.engine_triton()] + [f"triton_s{s}{engine}{loop}" for s in (64, 128, 256, 1024)
+                                                  for loop in ("", "_m", "_l")]
     with pytest.raises(SystemExit):
         sweep_args("--device", "cpu", "--triton-blocks", "48")  # not a power of 2
 
@@ -140,7 +141,7 @@ def test_triton_launch_configurations_equal_the_engines_default(layers):
     candidates = dk.triton_candidates(args)
     engine = f"_b{decode_attention.BLOCK}_w{decode_attention.WARPS}_p{decode_attention.STAGES}"
     references = [f"triton_{size}{engine}{loop}" for size in ("s16", "s64", "n3") for loop in ("", "_m", "_l")]
-    assert list(candidates) == [*references, "triton_s16_b16_w2_p1", "triton_s64_b16_w2_p1", "triton_s64_b32_w2_p1",
+    assert list(candidates) == [dk.engine_triton(), *references, "triton_s16_b16_w2_p1", "triton_s64_b16_w2_p1", "triton_s64_b32_w2_p1",
                                 "triton_n3_b16_w2_p1", "triton_n3_b32_w2_p1"]
     expected = ATTENTION["matmul"](layers.query, keys, values, bias, layers.dim**-0.5)
     for attend in candidates.values():
@@ -149,9 +150,10 @@ def test_triton_launch_configurations_equal_the_engines_default(layers):
 
 
 def test_the_tuned_attention_adds_the_last_programs_merge_where_it_won_at_the_same_size():
-    engine = dk.engine_triton()  # triton_s128_b32_w4_p1
-    timings = {384: {engine: 20.0, engine + "_l": 18.0, "triton_s128_b64_w8_p2": 15.0, "triton_n4_b32_w4_p1": 25.0,
-                     "triton_n4_b32_w4_p1_l": 30.0, "matmul_compiled": 30.0}}
+    engine = decode_attention.Launch(split=128, parts=0).name  # the engine's block, warps, stages at split 128
+    assert engine == "triton_s128_b32_w4_p2"
+    timings = {384: {engine: 20.0, engine + "_l": 18.0, "triton_s128_b64_w8_p2": 15.0, "triton_n4_b32_w4_p2": 25.0,
+                     "triton_n4_b32_w4_p2_l": 30.0, "matmul_compiled": 30.0}}
     assert dk.tuned_attention(timings) == "triton_s128_b64_w8_p2_l"  # _l won at split 128
     timings[384]["triton_n4_b64_w8_p2"] = 14.0  # the best now cuts rows in 4 parts, where _l lost
     assert dk.tuned_attention(timings) == "triton_n4_b64_w8_p2"

@@ -116,7 +116,7 @@ def test_on_a_gpu_the_last_program_merges_every_split_at_the_1b_shape_call_after
     the two-kernel result."""
     q, keys, values, pad = case(32, 16, 1, 768, 128, dtype=torch.bfloat16, max_pad=40)
     slot = torch.tensor([599], device=DEVICE)
-    for launch in (decode_attention.Launch(), decode_attention.Launch(parts=8)):
+    for launch in (decode_attention.Launch(parts=0), decode_attention.Launch(parts=8)):
         want = decode_attention.decode_attention(q, keys, values, pad, slot, 128**-0.5, *launch)
         last = launch._replace(last=True)
         got = [decode_attention.decode_attention(q, keys, values, pad, slot, 128**-0.5, *last) for _ in range(50)]
@@ -154,9 +154,37 @@ def test_bfloat16_inputs_accumulate_in_float32(capacity):
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=2 ** -7)  # one bf16 rounding of the output
 
 
+def test_auto_parts_run_one_program_per_row_and_head_where_they_fill_the_gpu(monkeypatch):
+    """``parts=AUTO`` (the default): one split per (row, head) where rows x heads programs cover every processor,
+    else splits of ``split`` slots; given parts are kept; without processors (CPU, the interpreter) it splits."""
+    resolve, auto, cpu = decode_attention.resolve_parts, decode_attention.AUTO, torch.device("cpu")
+    assert decode_attention.processors(cpu) == 0 and resolve(auto, 10**6, cpu) == 0
+    h200 = torch.device("cuda", 0)
+    monkeypatch.setattr(decode_attention, "processors", lambda device: 132)
+    assert resolve(auto, 32 * 16, h200) == 1  # the 1B shape's image stage: 512 programs
+    assert resolve(auto, 132, h200) == 1 and resolve(auto, 131, h200) == 0
+    assert resolve(0, 512, h200) == 0 and resolve(8, 512, h200) == 8 and resolve(1, 2, h200) == 1
+
+
+@needs_triton
+def test_the_default_launch_is_the_one_its_rule_picks(monkeypatch):
+    """The kernels that run by default are those of ``resolve_parts``'s answer (the same bits), below and at the
+    GPU's processors: 2 rows x 2 heads against 5 processors (splits of 32 slots) and 4 (one program each)."""
+    q, keys, values, pad = case(2, 1, 2, 96, 16)
+    slot = torch.tensor([69], device=DEVICE)
+    expected = reference(q, keys, values, pad, slot, 0.25)
+    for processors, parts in ((5, 0), (4, 1)):
+        monkeypatch.setattr(decode_attention, "processors", lambda device, n=processors: n)
+        got = decode_attention.decode_attention(q, keys, values, pad, slot, 0.25, 32)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        want = decode_attention.decode_attention(q, keys, values, pad, slot, 0.25, 32, parts=parts)
+        other = decode_attention.decode_attention(q, keys, values, pad, slot, 0.25, 32, parts=1 - parts)
+        assert torch.equal(got, want) and not torch.equal(got, other), processors  # the two round differently
+
+
 @needs_triton
 @pytest.mark.parametrize(("options", "bad"), [((128, 24), "block"), ((128, 32, 3), "warps"), ((0,), "split"),
-                                              ((128, 32, 4, 0), "stages"), ((128, 32, 4, 1, -1), "parts")])
+                                              ((128, 32, 4, 0), "stages"), ((128, 32, 4, 1, -2), "parts")])
 def test_a_launch_configuration_out_of_range_is_named(options, bad):
     q, keys, values, pad = case(2, 1, 1, 64, 16)
     with pytest.raises(ValueError, match=f"{bad}="):
@@ -337,12 +365,13 @@ def test_the_last_program_merges_only_after_every_split_is_stored():
 
 def test_a_launch_configuration_is_named_and_parsed_back():
     Launch = decode_attention.Launch
-    assert Launch().name == f"triton_s{decode_attention.SPLIT}_b{decode_attention.BLOCK}_w{decode_attention.WARPS}" \
-        f"_p{decode_attention.STAGES}"
-    for launch in (Launch(64, 64, 8, 2), Launch(block=16, warps=2, stages=3, parts=4), Launch(lanes=False),
-                   Launch(parts=2, lanes=False), Launch(last=True), Launch(parts=2, lanes=False, last=True)):
+    assert Launch().name == f"triton_a{decode_attention.SPLIT}_b{decode_attention.BLOCK}_w{decode_attention.WARPS}" \
+        f"_p{decode_attention.STAGES}" and Launch().parts == decode_attention.AUTO
+    for launch in (Launch(64, 64, 8, 2), Launch(64, 64, 8, 2, 0), Launch(block=16, warps=2, stages=3, parts=4),
+                   Launch(lanes=False), Launch(parts=2, lanes=False), Launch(last=True),
+                   Launch(parts=2, lanes=False, last=True), Launch(parts=0, last=True)):
         assert Launch.parse(launch.name) == launch
-    assert Launch(parts=4).name.startswith("triton_n4_")
+    assert Launch(parts=4).name.startswith("triton_n4_") and Launch(split=64, parts=0).name.startswith("triton_s64_")
     assert Launch(lanes=False).name == Launch().name + "_m" and Launch().lanes
     assert Launch(lanes=False, last=True).name == Launch().name + "_m_l" and not Launch().last
     for wrong, message in (("triton_n0_b32_w4_p1", "parts must be >= 1"), ("triton_s64_b32_w3_p1", "warps=3"),
