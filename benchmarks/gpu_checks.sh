@@ -5,17 +5,19 @@
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels sweep tune1b
 #
-# COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (1B default cudagraphs,fused; 7B default fused,
-# fused+pack+triton,fused+pack+triton+triton_lin,fused+pack+triton+triton_lin+fp8,fused+pack+triton+triton_lin+fp8+fp8kv:
-# the 1B config's engine, the Triton projections, and those reading float8 weights (engine_weights fp8), then a float8
-# KV cache as well (engine_kv fp8): the bytes that bound the 7B step; comma-separated,
+# COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (1B default fused+pack+triton,fused: the 1B config's
+# engine and plain fused; 7B default fused+pack+triton,fused+pack+triton_s128_b32_w4_p1,fused+pack+triton+triton_lin+fp8:
+# the Triton attention at its default launch (one program per row and head at this batch) and at the launch before
+# 2026-11-28 (15.3x then), and the projections on float8 weights (engine_weights fp8; slower than bf16 on 2026-11-28,
+# profile them with PROFILE_SHAPE=7b COMPILE_PROFILE=fused+pack+triton+triton_lin+fp8+fp8kv,fused+pack+triton);
+# comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
 # COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa,fused+triton); COMPILE_STEP the static engine's mode in step1b
 # (default fused+pack+triton, configs/janus_pro_1b_1gpu.yaml's engine on a GPU, against the eager loop). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
 # CUDA; smaller windows read less unfilled cache and cost more captures, but no more compiles under fused).
 # PROMPTS_1B / PROMPTS_7B: prompts per rollout (default 16, the issue's batch; rows are twice that with CFG).
 # `profile` lists the kernels of the step (uncaptured: the same kernels, each timed on the device) for each engine of
-# COMPILE_PROFILE (default fused+pack+triton,fused);
+# COMPILE_PROFILE (default fused+pack+triton,fused) at PROFILE_SHAPE (default 1b);
 # `sweep` times the triton attention's launch configurations against each other and matmul (decode_kernels.py
 # --triton-sweep at SWEEP_WINDOWS, default 384,640: the image stage's mean and late windows at the 1B shape); its
 # triton_best names go into COMPILE_1B as they are, e.g. COMPILE_1B=fused+pack+triton,fused+pack+triton_s64_b64_w8_p2;
@@ -63,9 +65,9 @@ sweep() {
 for part in $parts; do
     case $part in
     env) run env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $py -c 'import torch, transformers, lightning, peft; print(torch.__version__, transformers.__version__, lightning.__version__, peft.__version__, torch.cuda.get_device_name())'" ;;
-    rollout1b) rollout1b "${COMPILE_1B:-cudagraphs,fused}" ;;
+    rollout1b) rollout1b "${COMPILE_1B:-fused+pack+triton,fused}" ;;
     step1b) run step1b "${LIMIT_STEP1B:-230}" $py benchmarks/grpo_step.py --shape 1b --engines static,eager --eager-steps 1 --steps 3 --compile "${COMPILE_STEP:-fused+pack+triton}" ;;
-    profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape 1b --compile "${COMPILE_PROFILE:-fused+pack+triton,fused}" --no-capture --image-tokens 128 ;;
+    profile) run profile "${LIMIT_PROFILE:-150}" $py benchmarks/profile_step.py --shape "${PROFILE_SHAPE:-1b}" --compile "${COMPILE_PROFILE:-fused+pack+triton,fused}" --no-capture --image-tokens 128 ;;
     tune1b)
         KERNELS_SHAPE=1b sweep
         # ranked from the log: a sweep cut short by its limit still names the best of what it measured
@@ -83,7 +85,7 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${tuned:-triton}+$lin,fused${EXTRA_1B:+,$EXTRA_1B}" ;;
     sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;
-    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-300}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused,fused+pack+triton,fused+pack+triton+triton_lin,fused+pack+triton+triton_lin+fp8,fused+pack+triton+triton_lin+fp8+fp8kv}" ;;
+    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-300}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused+pack+triton,fused+pack+triton_s128_b32_w4_p1,fused+pack+triton+triton_lin+fp8}" ;;
     tests)
         # the kernels first (marked triton: compiled on the GPU; about 20 s), the CLI fits last (minutes)
         files="tests/modules/test_decode_attention.py tests/modules/test_decode_linear.py tests/modules/test_engine.py"
@@ -98,9 +100,12 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         fi
         # TESTS_K narrows them (pytest -k), e.g. TESTS_K="decode_attention or linear or triton_lin or True-triton": the kernels and engine
         # cases never run on a GPU (the per-position loop, _l, the Triton projections); the rest in a later call
-        # TESTS_WORKERS=N spreads them over N processes (pytest-xdist): most of their time is compiling, on the CPU
+        # spread over TESTS_WORKERS processes (pytest-xdist; default 8, 0 for one): most of their time is compiling,
+        # on the CPU. With 8 on the H200 machine (16 cores) 76 of the 77 took 170 s, the 1B memory-plan test 53 s.
+        workers=${TESTS_WORKERS:-8}
+        $py -c "import xdist" 2>/dev/null || workers=0
         run tests "${LIMIT_TESTS:-360}" $py -m pytest -v -p no:cacheprovider -m "gpu or triton" ${TESTS_K:+-k "$TESTS_K"} \
-            ${TESTS_WORKERS:+-n $TESTS_WORKERS} --durations=10 $files ;;
+            $([ "$workers" -gt 0 ] && echo "-n $workers") --durations=10 $files ;;
     *) echo "unknown part $part" >&2 ;;
     esac
 done
