@@ -42,11 +42,12 @@ def reference(q, keys, values, pad, slot, scaling):
 
 @needs_triton
 @pytest.mark.parametrize(("capacity", "filled", "launch"), [(128, 70, ()), (300, 263, (48, 32, 4, 3, 0)),
-                                                             (300, 263, (128, 16, 2, 2, 3, False, True))])
+                                                             (300, 263, (128, 16, 2, 2, 3, False, True)),
+                                                             (300, 263, (128, 32, 4, 2, 1))])
 def test_fp8_keys_and_values_with_their_slot_scales_are_the_attention_of_their_values(capacity, filled, launch):
     """``k_scale``/``v_scale``: float8 keys and values, each slot's vector times its scale; the scores and the
     weighted sum are the float32 attention over those values (one split, several, parts with the last program
-    merging)."""
+    merging, one part per row: the default launch where the rows fill a GPU)."""
     q, keys, values, pad = case(3, 2, 3, capacity, 24)
     (k8, ks), (v8, vs) = fp8.quantize(keys), fp8.quantize(values)
     slot = torch.tensor([filled - 1], device=DEVICE)

@@ -861,6 +861,20 @@ def test_a_triton_launch_configuration_reaches_the_kernels(sharp_policy, monkeyp
     assert pickle.loads(pickle.dumps(engine)).triton_launch == launch
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("processors", "parts"), [(1, 1), (10**6, 0)])
+@pytest.mark.parametrize("attention", [TRITON])
+def test_the_default_launch_splits_the_cache_only_where_the_rows_leave_processors_idle(
+        sharp_policy, monkeypatch, processors, parts, attention):
+    """No ``triton_launch``: inside the compiled layer the kernels run one part per (row, head) where the rows x heads
+    cover the GPU's processors (stand-in counts here), else splits of 128 slots; the eager loop's tokens either way."""
+    spy = LaunchSpy(decode_attention._partial, ("PARTS", "STAGES"))
+    monkeypatch.setattr(decode_attention, "_partial", spy)
+    monkeypatch.setattr(decode_attention, "processors", lambda device: processors)
+    fused_like_eager(sharp_policy, 8, attention=attention)
+    assert spy.launches == {(parts, decode_attention.STAGES)}
+
+
 def test_a_triton_launch_configuration_is_checked_when_the_engine_is_made():
     with pytest.raises(ValueError, match="block and warps must be powers of 2, got block=24"):
         RolloutEngine(attention="triton", triton_launch="triton_s64_b24_w4_p1")
