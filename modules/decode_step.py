@@ -111,6 +111,7 @@ def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, l
     "fp8")``). ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
     if isinstance(keys, tuple):
         (keys, k_scale), (values, v_scale) = keys, values
+        keys, values = keys.view(fp8.FP8), values.view(fp8.FP8)  # the step hands the float8 caches in as uint8
         return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()), k_scale=k_scale,
                                                 v_scale=v_scale)
     return torch.ops.bicot.decode_attention(q, keys, values, pad, slot, scaling, *(launch or ()))
@@ -121,7 +122,11 @@ def _store(cache, slot: torch.Tensor, vectors: torch.Tensor) -> None:
     a pair ``(float8 cache, float32 scales [R, kv_heads, S])`` takes each vector quantized with its own scale."""
     if isinstance(cache, tuple):
         q, scale = fp8.quantize(vectors)
-        cache[0].view(torch.uint8).index_copy_(2, slot, q.view(torch.uint8))  # (no index_copy_ of float8 itself)
+        # (no index_copy_ of float8 itself.) The cache should come in as uint8 (_advance hands it so): a copy into a
+        # dtype *view* of a compiled graph's input is not reinplaced by torch < 2.12's inductor, which then clones the
+        # whole cache, writes the slot, and copies it all back, for keys and for values, at every layer
+        target = cache[0] if cache[0].dtype == torch.uint8 else cache[0].view(torch.uint8)
+        target.index_copy_(2, slot, q.view(torch.uint8))
         cache[1].index_copy_(2, slot, scale)
     else:
         cache.index_copy_(2, slot, vectors.to(cache.dtype))  # under autocast projections and cache may differ
@@ -166,6 +171,7 @@ def decode_layer(
     ``gate_up``, ``o`` and ``down`` are each ``(float8 weight, float32 scale per row)`` and ``project`` runs them all,
     whatever the rows (there is no bf16 weight to hand to cuBLAS)."""
     fp8_cache = isinstance(keys, tuple)  # RolloutEngine(kv="fp8"): (float8 cache, scales), Triton attention only
+    # (the float8 cache is handed in as its uint8 view by _advance: see _store)
     cache = keys[0] if fp8_cache else keys
     rows, kv_heads, dim = x.shape[0], cache.shape[1], cache.shape[-1]
     if project is not None and rows > PROJECT_MAX_ROWS and o is None:
@@ -275,7 +281,8 @@ def _advance(parts: StepParts, lm, x: torch.Tensor, state: dict, window: int) ->
     """
     kv, slot, pad = state["kv"], state["slot"], state["pad"]
     if state.get("kv_scale") is not None:  # RolloutEngine(kv="fp8"): each cache with its scales per slot
-        kv = list(zip(kv, state["kv_scale"], strict=True))
+        # the float8 caches as uint8 views: the compiled layer's index_copy_ then mutates its own input (see _store)
+        kv = [(cache.view(torch.uint8), scale) for cache, scale in zip(kv, state["kv_scale"], strict=True)]
     cos, sin, bias = parts.inputs(lm.rotary_emb, slot, pad, state["kv"][0].shape[2], x.dtype)
     bias = bias[..., :window]  # one view per step, not one per layer
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
