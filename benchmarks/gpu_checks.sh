@@ -101,11 +101,12 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         # TESTS_K narrows them (pytest -k), e.g. TESTS_K="decode_attention or linear or triton_lin or True-triton": the kernels and engine
         # cases never run on a GPU (the per-position loop, _l, the Triton projections); the rest in a later call
         # spread over TESTS_WORKERS processes (pytest-xdist; default 8, 0 for one): most of their time is compiling,
-        # on the CPU. With 8 on the H200 machine (16 cores) 76 of the 77 took 170 s, the 1B memory-plan test 53 s.
+        # on the CPU. With 8 on the H200 machine (16 cores) 76 of the 77 took 170 s, the 1B memory-plan test 53 s
+        # (it came last there; work stealing lets an idle worker take queued tests).
         workers=${TESTS_WORKERS:-8}
         $py -c "import xdist" 2>/dev/null || workers=0
         run tests "${LIMIT_TESTS:-360}" $py -m pytest -v -p no:cacheprovider -m "gpu or triton" ${TESTS_K:+-k "$TESTS_K"} \
-            $([ "$workers" -gt 0 ] && echo "-n $workers") --durations=10 $files ;;
+            $([ "$workers" -gt 0 ] && echo "-n $workers --dist worksteal") --durations=10 $files ;;
     *) echo "unknown part $part" >&2 ;;
     esac
 done
