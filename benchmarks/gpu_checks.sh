@@ -98,8 +98,7 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         else
             echo "tests: mlflow/jsonargparse/omegaconf missing, skipping tests/callbacks/test_phase_memory.py"
         fi
-        # TESTS_K narrows them (pytest -k), e.g. TESTS_K="decode_attention or linear or triton_lin or True-triton": the kernels and engine
-        # cases never run on a GPU (the per-position loop, _l, the Triton projections); the rest in a later call
+        # TESTS_K narrows them (pytest -k), e.g. TESTS_K="fp8 or decode_attention": the float8 cases and the attention kernels
         # spread over TESTS_WORKERS processes (pytest-xdist; default 8, 0 for one): most of their time is compiling,
         # on the CPU. With 8 on the H200 machine (16 cores) 76 of the 77 took 170 s, the 1B memory-plan test 53 s
         # (it came last there; work stealing lets an idle worker take queued tests).
