@@ -5,12 +5,12 @@
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART...]      # parts: env rollout1b step1b rollout7b tests profile kernels sweep tune1b
 #
-# COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (1B default fused+pack+triton,fused: the 1B config's
-# engine and plain fused; 7B default fused+pack+triton,fused+pack+triton_s128_b32_w4_p1,fused+pack+triton+triton_lin+fp8:
-# the Triton attention at its default launch (one program per row and head at this batch) and at the launch before
-# 2026-11-28 (15.3x then), and the projections on float8 weights (engine_weights fp8; slower than bf16 on 2026-11-28,
-# profile them with PROFILE_SHAPE=7b COMPILE_PROFILE=fused+pack+triton+triton_lin+fp8+fp8kv,fused+pack+triton);
-# comma-separated,
+# COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (1B default fused+pack+triton,fused: the 1B
+# config's engine and plain fused; 7B default
+# fused+pack+triton,fused+pack+triton_s128_b32_w4_p1,fused+pack+triton+triton_lin+fp8: the Triton attention at
+# its default launch (one program per row and head at this batch) and at the launch before 2026-11-28 (15.3x
+# then), and the projections on float8 weights (engine_weights fp8; slower than bf16 on 2026-11-28; profile with
+# PROFILE_SHAPE=7b COMPILE_PROFILE=fused+pack+triton+triton_lin+fp8+fp8kv,fused+pack+triton); comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
 # COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa,fused+triton); COMPILE_STEP the static engine's mode in step1b
 # (default fused+pack+triton, configs/janus_pro_1b_1gpu.yaml's engine on a GPU, against the eager loop). CHUNK_1B sets the 1B rollout's window granularity (default 128 on

@@ -107,8 +107,8 @@ def _attend_sdpa(q, keys, values, bias, scaling: float, pad=None, slot=None) -> 
 def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, launch=None) -> torch.Tensor:
     """As :func:`_attend_matmul`, in Triton kernels (:mod:`modules.decode_attention`, one or two) that read
     only each row's filled slots ``pad[r] .. slot`` (not a window past them), float32 throughout; ``bias`` is
-    not read. ``keys``/``values`` may be pairs ``(float8 cache, float32 scale per slot)`` (``RolloutEngine(kv=
-    "fp8")``). ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
+    not read. ``keys``/``values`` may be pairs ``(float8 cache as uint8, float32 scale per slot)``
+    (``RolloutEngine(kv="fp8")``). ``launch``: a ``decode_attention.Launch`` (default: the module's)."""
     if isinstance(keys, tuple):
         (keys, k_scale), (values, v_scale) = keys, values
         keys, values = keys.view(fp8.FP8), values.view(fp8.FP8)  # the step hands the float8 caches in as uint8
@@ -119,14 +119,13 @@ def _attend_triton(q, keys, values, bias, scaling: float, pad=None, slot=None, l
 
 def _store(cache, slot: torch.Tensor, vectors: torch.Tensor) -> None:
     """``vectors [R, kv_heads, 1, D]`` into slot ``slot`` of a layer's ``cache`` ``[R, kv_heads, S, D]``, in its dtype;
-    a pair ``(float8 cache, float32 scales [R, kv_heads, S])`` takes each vector quantized with its own scale."""
+    a pair ``(float8 cache as its uint8 view, float32 scales [R, kv_heads, S])`` takes each vector quantized with its
+    own scale. The uint8 view is made by the caller (:func:`_advance`), so that this write is into the compiled
+    layer's own input: torch < 2.12's inductor does not write in place through a dtype view of a graph input, and
+    cloned and copied back both whole caches at every layer (there is no index_copy_ of float8 itself)."""
     if isinstance(cache, tuple):
         q, scale = fp8.quantize(vectors)
-        # (no index_copy_ of float8 itself.) The cache should come in as uint8 (_advance hands it so): a copy into a
-        # dtype *view* of a compiled graph's input is not reinplaced by torch < 2.12's inductor, which then clones the
-        # whole cache, writes the slot, and copies it all back, for keys and for values, at every layer
-        target = cache[0] if cache[0].dtype == torch.uint8 else cache[0].view(torch.uint8)
-        target.index_copy_(2, slot, q.view(torch.uint8))
+        cache[0].index_copy_(2, slot, q.view(torch.uint8))
         cache[1].index_copy_(2, slot, scale)
     else:
         cache.index_copy_(2, slot, vectors.to(cache.dtype))  # under autocast projections and cache may differ
@@ -170,8 +169,7 @@ def decode_layer(
     :data:`PROJECT_MAX_ROWS` rows; ``None`` (or more rows): ``F.linear``. ``RolloutEngine(weights="fp8")``: ``qkv``,
     ``gate_up``, ``o`` and ``down`` are each ``(float8 weight, float32 scale per row)`` and ``project`` runs them all,
     whatever the rows (there is no bf16 weight to hand to cuBLAS)."""
-    fp8_cache = isinstance(keys, tuple)  # RolloutEngine(kv="fp8"): (float8 cache, scales), Triton attention only
-    # (the float8 cache is handed in as its uint8 view by _advance: see _store)
+    fp8_cache = isinstance(keys, tuple)  # RolloutEngine(kv="fp8"): (uint8 view of the float8 cache, scales): _store
     cache = keys[0] if fp8_cache else keys
     rows, kv_heads, dim = x.shape[0], cache.shape[1], cache.shape[-1]
     if project is not None and rows > PROJECT_MAX_ROWS and o is None:
