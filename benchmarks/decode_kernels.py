@@ -24,7 +24,8 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
   output tile adds the splits up, no summing kernel): 36 in all. Needs the triton package and a CUDA device (or the interpreter);
 - ``triton_lin_fp8``: the default configuration on the packed weights quantized to float8 with a scale per row
   (``engine_weights: fp8``; compute capability 8.9 or later): half the bytes, its ``bandwidth_fraction`` against
-  those, its ``max_diff`` the quantization's. Not a launch: never the sweep's best;
+  those, its ``max_diff`` the quantization's; the weights widened to bf16 by their bits. ``triton_lin_fp8_c``: the
+  same with Triton's own e4m3 conversion (``cast``), the way before. Not launches: never the sweep's best;
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 
@@ -230,6 +231,7 @@ def linear_triton(x: torch.Tensor, w: dict, split: tuple, launch: tuple = ()) ->
 
 
 FP8_CANDIDATE = "triton_lin_fp8"
+FP8_CANDIDATES = {FP8_CANDIDATE: None, FP8_CANDIDATE + "_c": decode_linear.LinearLaunch(cast=True)}  # name: launch
 
 
 def quantized(packed: list[dict]) -> list[dict]:
@@ -383,8 +385,8 @@ def timings_from_log(path, part: str = "attention") -> dict:
 
 def best_linear(timings: dict) -> str | None:
     """The fastest Triton projections (``triton_lin_...``) of ``{impl: us}``, where they beat every other
-    implementation (cuBLAS's); else ``None``. ``triton_lin_fp8`` reads other weights (not a launch): left out."""
-    timings = {name: us for name, us in timings.items() if name != FP8_CANDIDATE}
+    implementation (cuBLAS's); else ``None``. ``triton_lin_fp8[_c]`` read other weights (not launches): left out."""
+    timings = {name: us for name, us in timings.items() if name not in FP8_CANDIDATES}
     ours = {name: us for name, us in timings.items() if name.startswith("triton_lin_")}
     if not ours:
         return None
@@ -435,7 +437,8 @@ def main() -> None:
             linears[launch.name] = lambda x, i, launch=launch: linear_triton(x, layers.packed[i], layers.split, launch)
         if args.device.type != "cuda" or torch.cuda.get_device_capability(args.device) >= (8, 9):
             fp8_layers = quantized(layers.packed)  # the default launch on float8 weights: half the bytes to read
-            linears[FP8_CANDIDATE] = lambda x, i: linear_triton(x, fp8_layers[i], layers.split)
+            for name, launch in FP8_CANDIDATES.items():  # widened by their bits, and (_c) by Triton's conversion
+                linears[name] = lambda x, i, launch=launch: linear_triton(x, fp8_layers[i], layers.split, launch or ())
     fp8_bytes = sum(q.numel() + s.numel() * s.element_size() for layer in quantized(layers.packed[:1])
                     for q, s in layer.values()) * layers.layers if FP8_CANDIDATE in linears else 0
     reference = None
@@ -447,7 +450,7 @@ def main() -> None:
                                   error=f"{type(error).__name__}: {str(error).splitlines()[0]}")), flush=True)
             continue
         # triton_lin_fp8: the fraction of its own bytes; its max_diff is the quantization's, not a wrong result
-        report(args, "linear", name, seconds, fp8_bytes if name == FP8_CANDIDATE else layers.linear_bytes(),
+        report(args, "linear", name, seconds, fp8_bytes if name in FP8_CANDIDATES else layers.linear_bytes(),
                bandwidth, out, reference, first)
         reference = out if reference is None else reference
 

@@ -25,6 +25,11 @@ The roundings follow the eager module calls: the matmul's result is rounded to t
 ``F.linear`` returns it), then the activation and the residual add are done in float32 and rounded like
 PyTorch's own elementwise kernels. The input is cast to the weight's dtype first, as autocast does.
 
+Float8 (e4m3) weights with a float32 scale per row (``RolloutEngine(weights="fp8")``) read half the bytes. The
+kernel widens them to bf16 for the tensor cores by their bits (:data:`WIDEN_E4M3_PTX`: byte permutes, integer
+masks and shifts, and a packed bf16 multiply by 2^120, exact), not by Triton's conversion (launch suffix ``_c``),
+which on sm_90 takes two conversion-rate instructions a weight.
+
 On CPU only Triton's interpreter runs it (``TRITON_INTERPRET=1``), for the tests.
 """
 
@@ -60,6 +65,7 @@ class LinearLaunch(NamedTuple):
     warps: int = 4
     stages: int = 3  # blocks of weights in flight per program
     last: bool = False  # the last program of a split tile sums the splits, no second kernel (name suffix _l)
+    cast: bool = False  # fp8 weights widened by Triton's own conversion, not by their bits (name suffix _c)
 
     @classmethod
     def of(cls, choice: str) -> LinearLaunch | None:
@@ -74,12 +80,12 @@ class LinearLaunch(NamedTuple):
 
     @classmethod
     def parse(cls, name: str) -> LinearLaunch:
-        match = re.fullmatch(r"triton_lin_n(\d+)_k(\d+)_s(\d+)_w(\d+)_p(\d+)(_l)?", name)
+        match = re.fullmatch(r"triton_lin_n(\d+)_k(\d+)_s(\d+)_w(\d+)_p(\d+)(_l)?(_c)?", name)
         if match is None:
             raise ValueError(f"a triton linear launch is named triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>"
-                             f"_p<stages>, with _l at the end for last=True, got {name!r}")
-        *numbers, last = match.groups()
-        return cls(*map(int, numbers), last=last is not None).checked()
+                             f"_p<stages>, then _l for last=True and _c for cast=True, got {name!r}")
+        *numbers, last, cast = match.groups()
+        return cls(*map(int, numbers), last=last is not None, cast=cast is not None).checked()
 
     def checked(self) -> LinearLaunch:
         """Itself; raises a ``ValueError`` that names the value out of range."""
@@ -96,10 +102,47 @@ class LinearLaunch(NamedTuple):
     @property
     def name(self) -> str:
         return (f"triton_lin_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.warps}_p{self.stages}"
-                + ("_l" if self.last else ""))
+                + ("_l" if self.last else "") + ("_c" if self.cast else ""))
 
+
+# e4m3 -> bf16 by the bits, four weights (one 32-bit register, $2) to two registers of two bf16 each ($0, $1). Each
+# byte goes to the top of a 16-bit lane (prmt: bytes 0 and 1 to the low register's lanes, 2 and 3 to the high's);
+# the sign stays, the exponent and mantissa move 4 bits right. That is the bf16 whose bits are the e4m3's with 4 more
+# exponent bits: the weight times 2^-120 (bias 127 against 7), an e4m3 subnormal a bf16 subnormal. One packed
+# bf16 fma by 2^120 (0x7B80), plus -0 (0x8000, which keeps a -0 weight's sign), restores the weight exactly: a
+# power of two, and bf16 arithmetic keeps subnormals (it has no .ftz). The two NaN codes (0x7f, 0xff) come out as
+# +-480: :func:`modules.fp8.quantize` never writes them. fma.rn.bf16x2 needs sm_80; the fp8 weights sm_89.
+WIDEN_E4M3_PTX = """{
+.reg .b32 lo, hi, sign_lo, sign_hi, two120, minus0;
+mov.b32 two120, 0x7B807B80;
+mov.b32 minus0, 0x80008000;
+prmt.b32 lo, $2, 0, 0x1404;
+prmt.b32 hi, $2, 0, 0x3424;
+and.b32 sign_lo, lo, 0x80008000;
+and.b32 sign_hi, hi, 0x80008000;
+shr.b32 lo, lo, 4;
+shr.b32 hi, hi, 4;
+and.b32 lo, lo, 0x07F007F0;
+and.b32 hi, hi, 0x07F007F0;
+or.b32 lo, lo, sign_lo;
+or.b32 hi, hi, sign_hi;
+fma.rn.bf16x2 $0, lo, two120, minus0;
+fma.rn.bf16x2 $1, hi, two120, minus0;
+}"""
 
 if triton is not None:
+    _WIDEN_E4M3_PTX = tl.constexpr(WIDEN_E4M3_PTX)  # (a jit function reads only constexpr globals)
+
+    @triton.jit
+    def _widen(b, WEIGHT: tl.constexpr, BITS: tl.constexpr):
+        """``b`` in ``WEIGHT``; BITS: ``b`` is e4m3, widened to bf16 by :data:`WIDEN_E4M3_PTX`. Triton's own
+        conversion (``b.to(tl.bfloat16)``) widens e4m3 pairs to f16 pairs, then each f16 to bf16 on its own
+        (F2F.BF16.F16 in sm_90's SASS): two conversion-rate instructions a weight, where the bits take integer and
+        packed-bf16 ones. On a GPU only (the interpreter runs no PTX; it widens to float32, exactly)."""
+        if BITS:
+            return tl.inline_asm_elementwise(_WIDEN_E4M3_PTX, "=r,=r,r", [b.to(tl.uint8, bitcast=True)],
+                                             dtype=tl.bfloat16, is_pure=True, pack=4)
+        return b.to(WEIGHT)
 
     @triton.jit
     def _round(y, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
@@ -149,8 +192,9 @@ if triton is not None:
         x, w, residual, out, part, count, scale, rows_n, cols_n, inner, k_len, stride_xm, stride_wn, stride_rm,
         stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
         SPLIT: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        LAST: tl.constexpr, WEIGHT: tl.constexpr, SCALED: tl.constexpr,
-    ):  # WEIGHT: the dtype the linear computes in (w's own; bf16 for an fp8 w, SCALED: with per-row scales)
+        LAST: tl.constexpr, WEIGHT: tl.constexpr, SCALED: tl.constexpr, CAST: tl.constexpr,
+    ):  # WEIGHT: the dtype the linear computes in (w's own; bf16 for an fp8 w, SCALED: with per-row scales); CAST:
+        # an fp8 w widened by Triton's conversion, not _widen's bits
         col_block, row_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -171,11 +215,11 @@ if triton is not None:
                 # (UPCAST is the interpreter: _round emulates the GPUs' rounding to bf16 for it)
                 a, b = _round(a.to(tl.float32), WEIGHT, True), b.to(tl.float32)
             else:  # autocast's cast of the input to the weight's dtype; an fp8 weight widened (exactly) to bf16
-                a, b = a.to(WEIGHT), b.to(WEIGHT)
+                a, b = a.to(WEIGHT), _widen(b, WEIGHT, SCALED and not CAST)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=precision)
             if GATED:  # the up rows sit cols_n rows below the gate rows
                 b = tl.load(weights + cols_n * stride_wn, mask=both, other=0.0)
-                b = b.to(tl.float32) if UPCAST else b.to(WEIGHT)
+                b = b.to(tl.float32) if UPCAST else _widen(b, WEIGHT, SCALED and not CAST)
                 up = tl.dot(a, tl.trans(b), up, input_precision=precision)
         mask = in_rows[:, None] & in_cols[None, :]
         if SPLIT > 1:  # this split's sums; _sum_parts finishes, or with LAST the tile's last program here
@@ -240,6 +284,7 @@ def decode_linear(
     warps: int = 4,
     stages: int = 3,
     last: bool = False,
+    cast: bool = False,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T`` in the weight's dtype (``x`` cast to it first, as under autocast); with
@@ -250,9 +295,11 @@ def decode_linear(
 
     ``scale``: ``weight`` is float8 e4m3 (:func:`modules.fp8.quantize`) and ``scale`` its float32 scale per row (``[N]``, or
     ``[2N]`` gated): the linear computes in bfloat16, ``x`` rounded to bf16 times the fp8 weights (exact in bf16),
-    summed in float32, times the row's scale, rounded to bf16. Half the weight bytes of bf16 to read."""
+    summed in float32, times the row's scale, rounded to bf16. Half the weight bytes of bf16 to read. The weights
+    widen to bf16 by their bits (:data:`WIDEN_E4M3_PTX`), or with ``cast`` by Triton's conversion: the same values.
+    """
     check_device(x.device, "linear", "torch")
-    LinearLaunch(block_n, block_k, split_k, warps, stages, last).checked()
+    LinearLaunch(block_n, block_k, split_k, warps, stages, last, cast).checked()
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("decode_linear needs the last dimension of x, weight and residual contiguous")
     if (scale is not None) != (weight.dtype == FP8):
@@ -282,7 +329,8 @@ def decode_linear(
     _linear[grid](
         x, weight, res, out, part, count, scales, rows, cols, inner, k_len, x.stride(0), weight.stride(0),
         res.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits,
-        IEEE=compute == torch.float32 or interpreted(), UPCAST=interpreted(), LAST=last, num_warps=warps, **common,
+        IEEE=compute == torch.float32 or interpreted(), UPCAST=interpreted(), LAST=last, CAST=cast, num_warps=warps,
+        **common,
     )
     if splits > 1 and not last:
         _sum_parts[grid[:2]](
@@ -294,7 +342,7 @@ def decode_linear(
 
 @decode_linear.register_fake
 def _(x, weight, residual=None, gated=False, block_n=64, block_k=128, split_k=0, warps=4, stages=3, last=False,
-      scale=None):
+      cast=False, scale=None):
     cols = weight.shape[0] // 2 if gated else weight.shape[0]
     compute = torch.bfloat16 if scale is not None else weight.dtype
     dtype = residual.dtype if residual is not None else compute

@@ -218,5 +218,5 @@ def test_the_best_triton_projections_are_named_only_where_they_beat_cublas(tmp_p
     assert dk.best_linear({**timings, "packed": 600.0}) is None  # cuBLAS faster: none
     assert dk.best_linear({"packed": 1.0}) is None
     # the fp8 candidate reads other weights: never the launch to take, however fast
-    assert dk.best_linear({**timings, dk.FP8_CANDIDATE: 300.0}) == "triton_lin_n32_k64_s0_w4_p4"
+    assert dk.best_linear({**timings, dk.FP8_CANDIDATE: 300.0, "triton_lin_fp8_c": 310.0}) == "triton_lin_n32_k64_s0_w4_p4"
     assert dk.timings_from_log(log) == {384: {"matmul": 9.0}}  # the attention part, by window

@@ -6,6 +6,7 @@ compiled for sm_80/sm_90 by Triton's own compiler (``tests/triton_aot.py``).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,11 +143,12 @@ def test_a_float32_input_and_residual_with_bfloat16_weights_is_autocasts_arithme
 
 
 @needs_triton
-@pytest.mark.parametrize("launch", [{}, *LAUNCHES, dict(LAUNCHES[1], last=True)])
+@pytest.mark.parametrize("launch", [{}, *LAUNCHES, dict(LAUNCHES[1], last=True), dict(cast=True)])
 def test_fp8_weights_are_bf16_arithmetic_on_their_values_times_the_row_scales(launch):
-    """``scale``: the fp8 weights widened to bf16 (exactly), multiplied by the input rounded to bf16, summed in
-    float32, times each output row's scale (the gate's and the up's rows their own), rounded to bf16 as the plain
-    bf16 linear's sums are; the residual added in its own dtype."""
+    """``scale``: the fp8 weights widened to bf16 (exactly: by their bits, or ``cast`` by Triton's conversion, on
+    a GPU; the interpreter widens to float32), multiplied by the input rounded to bf16, summed in float32, times
+    each output row's scale (the gate's and the up's rows their own), rounded to bf16 as the plain bf16 linear's
+    sums are; the residual added in its own dtype."""
     rows, inner, cols = 33, 200, 70
     x, weight, residual = tensors(rows, inner, cols, torch.float32)
     q, scale = fp8.quantize(weight)
@@ -181,22 +183,90 @@ def test_fp8_weights_come_with_their_scales():
         LINEAR(x, q, scale=scale.bfloat16())
 
 
+def run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The PTX instructions that ``decode_linear.WIDEN_E4M3_PTX`` uses, run on numpy ``uint32`` registers (one
+    element of the arrays per GPU thread), as the PTX ISA defines them; ``inputs``: ``{"$2": ...}``. Returns the
+    registers. fma.rn.bf16x2 is computed exactly in float64 and rounded to bf16 through float32 (the results here
+    are exact, so the rounding does not decide them); bf16 subnormals are kept, as PTX's bf16 arithmetic keeps them."""
+    regs = dict(inputs)
+
+    def value(operand):
+        return regs[operand] if operand in regs else np.uint32(int(operand, 0))
+
+    def bf16_values(bits):  # [..., 2] float64: the low and the high 16-bit lane
+        lanes = np.stack([bits & 0xFFFF, bits >> 16], -1).astype(np.uint32) << 16
+        return lanes.view(np.float32).astype(np.float64)
+
+    for line in asm.strip().strip("{}").split(";"):
+        op, _, rest = line.strip().partition(" ")
+        if not op or op == ".reg":
+            continue
+        dst, *args = (part.strip() for part in rest.split(","))
+        a = np.asarray(value(args[0]), np.uint32)
+        if op == "mov.b32":
+            regs[dst] = a
+        elif op in ("and.b32", "or.b32"):
+            regs[dst] = (a & value(args[1])) if op == "and.b32" else (a | value(args[1]))
+        elif op == "shr.b32":
+            regs[dst] = a >> np.uint32(int(args[1]))
+        elif op == "prmt.b32":  # bytes 0-3 of a, 4-7 of b; each selector nibble picks one (bit 3: its sign, replicated)
+            b = np.broadcast_to(np.asarray(value(args[1]), np.uint32), a.shape)
+            pool = np.stack([(word >> np.uint32(8 * i)) & 0xFF for word in (a, b) for i in range(4)])
+            out = np.zeros_like(a)
+            for i in range(4):
+                nibble = (int(args[2], 0) >> (4 * i)) & 0xF
+                byte = pool[nibble & 7]
+                byte = np.where(byte & 0x80, 0xFF, 0) if nibble & 8 else byte
+                out |= byte.astype(np.uint32) << np.uint32(8 * i)
+            regs[dst] = out
+        elif op == "fma.rn.bf16x2":
+            exact = bf16_values(a) * bf16_values(value(args[1])) + bf16_values(value(args[2]))
+            bits = exact.astype(np.float32).view(np.uint32)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32)  # to nearest, ties to even
+            regs[dst] = bits[..., 0] | (bits[..., 1] << 16)
+        else:
+            raise AssertionError(f"run_ptx does not know {op}")
+    return regs
+
+
+def test_the_bits_widening_gives_every_e4m3_weight_exactly_in_bf16():
+    """``WIDEN_E4M3_PTX`` run on every byte, four a register as the kernel packs them (the first weight the lowest
+    byte): each finite code comes out as its e4m3 value, subnormals and both zeros included; the NaN codes
+    (which :func:`modules.fp8.quantize` never writes) as +-480."""
+    codes = np.arange(256, dtype=np.uint8)
+    regs = run_ptx(decode_linear.WIDEN_E4M3_PTX, {"$2": codes.view("<u4")})
+    lanes = np.stack([regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16], -1).reshape(-1)
+    got = (lanes.astype(np.uint32) << 16).view(np.float32)
+    want = torch.from_numpy(codes).view(fp8.FP8).float().numpy()
+    finite = np.isfinite(want)
+    assert finite.sum() == 254 and (got[finite] == want[finite]).all()
+    assert (np.signbit(got) == np.signbit(want)).all()  # -0 (0x80) stays -0
+    assert sorted(got[~finite].tolist()) == [-480.0, 480.0]
+    assert (want[1:8] > 0).all() and (want[1:8] < 2**-6).all()  # the subnormals were among them
+
+
 FP8_COMPILE = PRELUDE + """
 import triton.language as tl
 from modules import decode_linear as dl
 ALIGNED = {"x", "w", "residual", "out", "part", "count", "scale", "inner", "k_len", "stride_xm", "stride_wn",
            "stride_rm", "stride_om"}
 types = dict(x="*bf16", w="*fp8e4nv", residual="*fp32", out="*bf16", part="*fp32", count="*i32", scale="*fp32")
-for gated, residual, split, last in ((False, False, 1, False), (True, False, 2, True), (False, True, 4, False)):
-    constexprs = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated, RESIDUAL=residual,
-                      IEEE=False, UPCAST=False, LAST=last, WEIGHT=tl.bfloat16, SCALED=True)
-    ptx = compile(dl._linear, types, constexprs, 90, ALIGNED, num_warps=4).asm["ptx"]
-    print("mma" if "mma.sync" in ptx or "wgmma" in ptx else "no-mma", "cp.async" if "cp.async" in ptx else "sync",
-          "cvt-e4m3" if "e4m3" in ptx else "no-cvt")
-    if split > 1 and not last:
-        compile(dl._sum_parts, dict(part="*fp32", residual="*fp32", out="*fp32", scale="*fp32"),
-                dict(BLOCK_M=32, BLOCK_N=16, SPLIT=split, GATED=gated, RESIDUAL=residual, EMULATE=False,
-                     WEIGHT=tl.bfloat16, SCALED=True), 90, num_warps=4)
+cases = ((False, False, 1, False, False), (True, False, 2, True, False), (False, True, 4, False, False),
+         (False, False, 1, False, True), (True, False, 2, False, True))
+for arch in (90, 89):
+    for gated, residual, split, last, cast in cases:
+        constexprs = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated, RESIDUAL=residual,
+                          IEEE=False, UPCAST=False, LAST=last, WEIGHT=tl.bfloat16, SCALED=True, CAST=cast)
+        ptx = compile(dl._linear, types, constexprs, arch, ALIGNED, num_warps=4).asm["ptx"]
+        loop = ptx[ptx.index("Inner Loop Header"):]  # the loop over the inner dimension, and what follows it
+        print(arch, cast, "mma" if "mma.sync" in ptx or "wgmma" in ptx else "no-mma",
+              "cp.async" if "cp.async" in ptx else "sync", "cvt-e4m3" if "e4m3" in ptx else "no-cvt",
+              "cvt-bf16" if "cvt.rn.bf16.f16" in loop or "cvt.bf16.f16" in loop else "no-cvt-bf16",
+              loop.count("fma.rn.bf16x2"), loop.count("prmt.b32"))
+        if split > 1 and not last and arch == 90:
+            compile(dl._sum_parts, dict(part="*fp32", residual="*fp32", out="*fp32", scale="*fp32"),
+                    dict(BLOCK_M=32, BLOCK_N=16, SPLIT=split, GATED=gated, RESIDUAL=residual, EMULATE=False,
+                         WEIGHT=tl.bfloat16, SCALED=True), 90, num_warps=4)
 try:
     compile(dl._linear, types, constexprs, 80, ALIGNED, num_warps=4)
 except Exception as error:
@@ -204,12 +274,20 @@ except Exception as error:
 """
 
 
-def test_the_fp8_kernels_compile_for_hopper_and_not_for_ampere():
-    """sm_90: the fp8 weights stream through shared memory and widen to bf16 for the tensor cores; sm_80 has no
+def test_the_fp8_kernels_compile_for_hopper_and_ada_and_not_for_ampere():
+    """sm_90 and sm_89: the fp8 weights stream through shared memory and widen to bf16 for the tensor cores, by
+    their bits (``WIDEN_E4M3_PTX``: no conversion instruction, two packed bf16 fmas for four weights) or with
+    ``cast`` by Triton's conversion (on sm_90 e4m3 pairs to f16 pairs, then each f16 to bf16). sm_80 has no
     e4m3 (the engine refuses compute capability below 8.9)."""
-    lines = compile_here(FP8_COMPILE).strip().splitlines()
-    assert lines[:3] == ["mma cp.async cvt-e4m3"] * 3, lines
-    assert lines[3].startswith("sm_80:") and "fp8e4nv not supported" in lines[3], lines
+    lines = [line.split() for line in compile_here(FP8_COMPILE).strip().splitlines()]
+    assert len(lines) == 11, lines
+    for arch, cast, mma, loads, e4m3, bf16, fmas, prmts in lines[:10]:
+        assert arch in ("90", "89") and (mma, loads) == ("mma", "cp.async"), (arch, cast)
+        if cast == "True":  # sm_90 then widens each f16 to bf16 (sm_89 goes another way)
+            assert e4m3 == "cvt-e4m3" and fmas == "0" and (bf16 == "cvt-bf16") == (arch == "90"), (arch, cast)
+        else:  # two prmt and two fma.rn.bf16x2 for every four weights
+            assert (e4m3, bf16) == ("no-cvt", "no-cvt-bf16") and int(fmas) > 0 and prmts == fmas, (arch, cast)
+    assert lines[10][0] == "sm_80:" and "fp8e4nv not supported" in " ".join(lines[10]), lines[10]
 
 
 def test_the_automatic_split_gives_every_processor_a_program_and_no_split_under_four_blocks():
@@ -226,11 +304,15 @@ def test_a_launch_configuration_is_named_parsed_and_checked():
     assert launch.name == "triton_lin_n16_k256_s4_w8_p4" and Launch.parse(launch.name) == launch
     last = launch._replace(last=True)
     assert last.name == "triton_lin_n16_k256_s4_w8_p4_l" and Launch.parse(last.name) == last
+    cast = last._replace(cast=True)
+    assert cast.name == "triton_lin_n16_k256_s4_w8_p4_l_c" and Launch.parse(cast.name) == cast
+    assert Launch.parse("triton_lin_n64_k128_s0_w4_p3_c") == Launch(cast=True)
     # the op's literal defaults are LinearLaunch's
-    defaults = [decode_linear.decode_linear._opoverload._schema.arguments[i].default_value for i in range(4, 10)]
+    defaults = [decode_linear.decode_linear._opoverload._schema.arguments[i].default_value for i in range(4, 11)]
     assert tuple(defaults) == tuple(Launch())
     for wrong, message in (("triton_lin_n8_k256_s1_w4_p3", "block_n=8"), ("triton_lin_n16_k96_s1_w4_p3", "block_k=96"),
-                           ("triton_lin_n16_k64_s1_w4_p0", "stages=0"), ("lin_n16", "is named triton_lin_n")):
+                           ("triton_lin_n16_k64_s1_w4_p0", "stages=0"), ("lin_n16", "is named triton_lin_n"),
+                           ("triton_lin_n64_k128_s0_w4_p3_c_l", "then _l for last=True and _c for cast=True")):
         with pytest.raises(ValueError, match=message):
             Launch.parse(wrong)
 
@@ -250,7 +332,8 @@ for arch in (80, 90):
         for gated, residual, split, last in ((False, False, 1, False), (False, True, 4, False), (True, False, 1, False),
                                              (True, False, 2, False), (False, True, 4, True), (True, False, 2, True)):
             constexprs = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated,
-                              RESIDUAL=residual, IEEE=dtype == "fp32", UPCAST=False, LAST=last, **weight)
+                              RESIDUAL=residual, IEEE=dtype == "fp32", UPCAST=False, LAST=last, CAST=False,
+                              **weight)
             ptx = compile(dl._linear, types, constexprs, arch, ALIGNED, num_warps=4).asm["ptx"]
             tensor_cores = "mma.sync" in ptx or "wgmma" in ptx
             # after the loop: the synchronisation and the reads of the splits' sums, in order
