@@ -87,7 +87,8 @@ class SamplingConfig:
             default: ``F.linear``, cuBLAS on a GPU), or ``triton`` (``modules/decode_linear.py``: Triton kernels
             for a few rows, the residual adds and the MLP's activation inside them; needs ``engine_pack``, CUDA and
             the triton package; on an H200 at the 1B shape the whole step was 3% slower with it), or a launch name
-            ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``.
+            ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``, then ``_l`` (the last program of a split tile sums the splits)
+            and ``_c`` (fp8 weights widened by Triton's conversion instead of by their bits).
         engine_weights: what the static engine's decoder projections read (``RolloutEngine(weights=...)``):
             ``model`` (the default: the model's weights) or ``fp8`` (a float8 e4m3 copy, one scale per output row,
             quantized from the live weights at every rollout: half the bytes per decode step, the bound at the 7B
