@@ -19,13 +19,16 @@ Matmuls (``part: "linear"``), one new token per row through every layer's projec
   programs for every SM, ``W`` warps, ``P`` stages), with the residual adds and the MLP's activation inside the
   kernels (four kernels per layer, and a summing kernel per projection whose inner dimension is split, where
   cuBLAS runs four matmuls, a split-K sum, two copies and an activation). The default
-  configuration, and with ``--linear-sweep`` 17 more (columns 32/64/128, inner blocks 64/128/256, 3 or 4 stages;
-  ``--linear-launches`` names others), each also with ``_l`` at the end (``last``: the last program of each
-  output tile adds the splits up, no summing kernel): 36 in all. Needs the triton package and a CUDA device (or the interpreter);
+  configuration, the same with 64-row programs (``_m64``: wgmma on sm_90), and with ``--linear-sweep`` 17 more
+  (columns 32/64/128, inner blocks 64/128/256, 3 or 4 stages; ``--linear-launches`` names others), each also
+  with ``_l`` at the end (``last``: the last program of each output tile adds the splits up, no summing kernel):
+  38 in all. Needs the triton package and a CUDA device (or the interpreter);
 - ``triton_lin_fp8``: the default configuration on the packed weights quantized to float8 with a scale per row
   (``engine_weights: fp8``; compute capability 8.9 or later): half the bytes, its ``bandwidth_fraction`` against
   those, its ``max_diff`` the quantization's; the weights widened to bf16 by their bits. ``triton_lin_fp8_c``: the
-  same with Triton's own e4m3 conversion (``cast``), the way before. Not launches: never the sweep's best;
+  same with Triton's own e4m3 conversion (``cast``), the way before; ``triton_lin_fp8_m64`` with 64-row programs
+  (``block_m``: on sm_90 Triton's warpgroup wgmma, 32 rows filling half of each tile). Not launches: never the
+  sweep's best;
 - with ``--autotune``, both again under ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Triton
   templates benchmarked against cuBLAS for each shape; minutes of compiling).
 
@@ -113,7 +116,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=50, help="timed passes per implementation (the median counts)")
     parser.add_argument("--autotune", action="store_true", help="also the matmuls under inductor max-autotune")
     parser.add_argument("--linear-sweep", action="store_true",
-                        help="the Triton projections at 36 launch configurations (default: decode_linear's own)")
+                        help="the Triton projections at 38 launch configurations (default: decode_linear's own)")
     parser.add_argument("--linear-launches", default=None,
                         help="the Triton projections at these launch configurations, comma-separated names "
                              "triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>")
@@ -231,7 +234,11 @@ def linear_triton(x: torch.Tensor, w: dict, split: tuple, launch: tuple = ()) ->
 
 
 FP8_CANDIDATE = "triton_lin_fp8"
-FP8_CANDIDATES = {FP8_CANDIDATE: None, FP8_CANDIDATE + "_c": decode_linear.LinearLaunch(cast=True)}  # name: launch
+FP8_CANDIDATES = {  # name: launch (None: the default)
+    FP8_CANDIDATE: None,
+    FP8_CANDIDATE + "_c": decode_linear.LinearLaunch(cast=True),
+    FP8_CANDIDATE + "_m64": decode_linear.LinearLaunch(block_m=64),
+}
 
 
 def quantized(packed: list[dict]) -> list[dict]:
@@ -248,8 +255,10 @@ def linear_launches(args) -> list:
     if not args.linear_sweep:
         return [Launch()]
     grid = [Launch(block_n=n, block_k=k, stages=p) for n in (32, 64, 128) for k in (64, 128, 256) for p in (3, 4)]
-    # each right before its `_l` twin (the tile's last program sums the splits): a cut-short run has both
-    return list(dict.fromkeys(pair for launch in [Launch(), *grid] for pair in (launch, launch._replace(last=True))))
+    # each right before its `_l` twin (the tile's last program sums the splits): a cut-short run has both; the
+    # default with 64-row programs (wgmma on sm_90) second
+    first = [Launch(), Launch(block_m=64)]
+    return list(dict.fromkeys(pair for launch in [*first, *grid] for pair in (launch, launch._replace(last=True))))
 
 
 def linear_packed(x: torch.Tensor, w: dict, split: tuple) -> torch.Tensor:

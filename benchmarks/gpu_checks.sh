@@ -8,11 +8,12 @@
 # COMPILE_1B / COMPILE_7B pick the engines of the rollout parts (1B default fused+pack+triton,fused: the 1B
 # config's engine and plain fused; 7B default
 # fused+pack+triton,fused+pack+triton_s128_b32_w4_p1,fused+pack+triton+triton_lin+fp8,
-# fused+pack+triton+triton_lin_n64_k128_s0_w4_p3_c+fp8,fused+pack+triton+triton_lin+fp8+fp8kv: the Triton attention
-# at its default launch (one program per row and head at this batch) and at the launch before 2026-11-28 (15.3x
-# then), the projections on float8 weights (engine_weights fp8) widened by their bits and (_c) by Triton's
-# conversion (the way that was slower than bf16 on 2026-11-28), and both with the float8 cache (engine_kv fp8,
-# its write fixed since); profile with PROFILE_SHAPE=7b COMPILE_PROFILE=fused+pack+triton+triton_lin+fp8,fused+pack+triton); comma-separated,
+# fused+pack+triton+triton_lin_n64_k128_s0_w4_p3_m64+fp8,fused+pack+triton+triton_lin_n64_k128_s0_w4_p3_c+fp8,
+# fused+pack+triton+triton_lin+fp8+fp8kv: the Triton attention at its default launch (one program per row and head
+# at this batch) and at the launch before 2026-11-28 (15.3x then), the projections on float8 weights (engine_weights
+# fp8) widened by their bits, the same in 64-row programs (wgmma on sm_90) and (_c) by Triton's conversion (the
+# way that was slower than bf16 on 2026-11-28), and with the float8 cache too (engine_kv fp8, its write fixed
+# since); profile with PROFILE_SHAPE=7b COMPILE_PROFILE=fused+pack+triton+triton_lin+fp8,fused+pack+triton); comma-separated,
 # each MODE[+ATTENTION][+pack] as benchmarks/rollout.py --compile takes them, e.g.
 # COMPILE_1B=fused,fused+pack,fused+reduce,fused+sdpa,fused+triton); COMPILE_STEP the static engine's mode in step1b
 # (default fused+pack+triton, configs/janus_pro_1b_1gpu.yaml's engine on a GPU, against the eager loop). CHUNK_1B sets the 1B rollout's window granularity (default 128 on
@@ -30,7 +31,7 @@
 # (modules/decode_linear.py) in one process (the sweep's answer, timed whole), then the engines of EXTRA_1B, if any;
 # `kernels` times the step's matmul and attention candidates (benchmarks/decode_kernels.py) at KERNELS_SHAPE
 # (default 1b), with inductor max-autotune matmuls unless KERNELS_AUTOTUNE=0 (minutes of compiling), and the
-# Triton projections (modules/decode_linear.py) at 36 launch configurations unless LINEAR_SWEEP=0.
+# Triton projections (modules/decode_linear.py) at 38 launch configurations unless LINEAR_SWEEP=0.
 # Each part runs under its own time limit and writes OUT_DIR/<part>.log; a part that fails or runs out of
 # time does not stop the others.
 set -u
@@ -87,7 +88,7 @@ print(best_linear(timings_from_log(sys.argv[1], "linear")) or "triton_lin")' "$o
         rollout1b "fused+pack+triton,fused+pack+$before${best:+,fused+pack+$best},fused+pack+${tuned:-triton}+$lin,fused${EXTRA_1B:+,$EXTRA_1B}" ;;
     sweep) sweep ;;
     kernels) run kernels "${LIMIT_KERNELS:-180}" $py benchmarks/decode_kernels.py --shape "${KERNELS_SHAPE:-1b}" $([ "${KERNELS_AUTOTUNE:-1}" = 1 ] && echo --autotune) $([ "${LINEAR_SWEEP:-1}" = 1 ] && echo --linear-sweep) ;;
-    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-300}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused+pack+triton,fused+pack+triton_s128_b32_w4_p1,fused+pack+triton+triton_lin+fp8,fused+pack+triton+triton_lin_n64_k128_s0_w4_p3_c+fp8,fused+pack+triton+triton_lin+fp8+fp8kv}" ;;
+    rollout7b) run rollout7b "${LIMIT_ROLLOUT7B:-300}" $py benchmarks/rollout.py --shape 7b --prompts "${PROMPTS_7B:-16}" --rounds 3 --eager-rounds 1 --compile "${COMPILE_7B:-fused+pack+triton,fused+pack+triton_s128_b32_w4_p1,fused+pack+triton+triton_lin+fp8,fused+pack+triton+triton_lin_n64_k128_s0_w4_p3_m64+fp8,fused+pack+triton+triton_lin_n64_k128_s0_w4_p3_c+fp8,fused+pack+triton+triton_lin+fp8+fp8kv}" ;;
     tests)
         # the kernels first (marked triton: compiled on the GPU; about 20 s), the CLI fits last (minutes)
         files="tests/modules/test_decode_attention.py tests/modules/test_decode_linear.py tests/modules/test_engine.py"

@@ -132,7 +132,8 @@ def loop_counts(body: list[Instruction]) -> dict:
 def linear_kernels() -> list[Kernel]:
     """``_linear`` at the default launch, 32 rows: plain (split inner dimension, 4 splits: the float32 sums stored)
     and gated (one split, the activation in the kernel), each with bf16 weights, fp8 weights widened by their bits
-    and fp8 weights widened by Triton's conversion."""
+    and fp8 weights widened by Triton's conversion; then bf16 and bits again in 64-row programs (``_m64``, launch
+    ``block_m=64``: on sm_90 the warpgroup wgmma, ``HGMMA``)."""
     import triton.language as tl
 
     from modules import decode_linear
@@ -142,14 +143,15 @@ def linear_kernels() -> list[Kernel]:
                          "stride_wn", "stride_rm", "stride_om"})  # rows_n and cols_n vary with the call
     kernels = []
     for layout, split in (("plain", 4), ("gated", 1)):
-        for weight, element, cast in (("bf16", "bf16", False), ("fp8_bits", "fp8e4nv", False),
-                                      ("fp8_cast", "fp8e4nv", True)):
+        for weight, element, cast, rows in (("bf16", "bf16", False, 32), ("fp8_bits", "fp8e4nv", False, 32),
+                                            ("fp8_cast", "fp8e4nv", True, 32), ("bf16_m64", "bf16", False, 64),
+                                            ("fp8_bits_m64", "fp8e4nv", False, 64)):
             types = dict(x="*bf16", w="*" + element, residual="*bf16", out="*bf16", part="*fp32", count="*i32",
                          scale="*fp32")
-            constexprs = dict(BLOCK_M=32, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, STAGES=launch.stages,
+            constexprs = dict(BLOCK_M=rows, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, STAGES=launch.stages,
                               SPLIT=split, GATED=layout == "gated", RESIDUAL=False, IEEE=False, UPCAST=False,
-                              LAST=False, WEIGHT=tl.bfloat16, SCALED=weight != "bf16", CAST=cast)
-            streamed = launch.block_n * launch.block_k * (2 if weight == "bf16" else 1) * (2 if split == 1 else 1)
+                              LAST=False, WEIGHT=tl.bfloat16, SCALED=element != "bf16", CAST=cast)
+            streamed = launch.block_n * launch.block_k * (2 if element == "bf16" else 1) * (2 if split == 1 else 1)
             kernels.append(Kernel("linear", f"{layout}_{weight}", decode_linear._linear, types, constexprs, aligned,
                                   launch.warps, streamed))
     return kernels

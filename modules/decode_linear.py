@@ -55,7 +55,7 @@ MAX_ROWS = 64  # rows per program; more rows read the weights once per 64 (the e
 
 class LinearLaunch(NamedTuple):
     """A launch configuration, named ``triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>_p<stages>`` (``s0``: the
-    splits of :func:`auto_split`)."""
+    splits of :func:`auto_split`), then ``_m<block_m>`` where set, ``_l`` for ``last`` and ``_c`` for ``cast``."""
 
     # the op's defaults: decode_linear's signature spells them out (a custom op's schema needs literals)
     block_n: int = 64  # output columns per program (the input is read once per column block: 32 rows / 64 columns
@@ -66,6 +66,9 @@ class LinearLaunch(NamedTuple):
     stages: int = 3  # blocks of weights in flight per program
     last: bool = False  # the last program of a split tile sums the splits, no second kernel (name suffix _l)
     cast: bool = False  # fp8 weights widened by Triton's own conversion, not by their bits (name suffix _c)
+    block_m: int = 0  # rows per program (name part _m<block_m>); 0: the rows' power of two, 16 to MAX_ROWS. On sm_90
+    # 64 makes Triton multiply with warpgroup wgmma (64-row tiles; 32 rows leave half of each tile empty), which
+    # takes an fp8 weight from registers to shared memory once, where the 32-row mma path moves the input around it
 
     @classmethod
     def of(cls, choice: str) -> LinearLaunch | None:
@@ -80,12 +83,14 @@ class LinearLaunch(NamedTuple):
 
     @classmethod
     def parse(cls, name: str) -> LinearLaunch:
-        match = re.fullmatch(r"triton_lin_n(\d+)_k(\d+)_s(\d+)_w(\d+)_p(\d+)(_l)?(_c)?", name)
+        match = re.fullmatch(r"triton_lin_n(\d+)_k(\d+)_s(\d+)_w(\d+)_p(\d+)(?:_m(\d+))?(_l)?(_c)?", name)
         if match is None:
             raise ValueError(f"a triton linear launch is named triton_lin_n<block_n>_k<block_k>_s<split_k>_w<warps>"
-                             f"_p<stages>, then _l for last=True and _c for cast=True, got {name!r}")
-        *numbers, last, cast = match.groups()
-        return cls(*map(int, numbers), last=last is not None, cast=cast is not None).checked()
+                             f"_p<stages>, then _m<block_m> for block_m, _l for last=True and _c for cast=True, got "
+                             f"{name!r}")
+        *numbers, block_m, last, cast = match.groups()
+        return cls(*map(int, numbers), last=last is not None, cast=cast is not None,
+                   block_m=int(block_m or 0)).checked()
 
     def checked(self) -> LinearLaunch:
         """Itself; raises a ``ValueError`` that names the value out of range."""
@@ -94,6 +99,9 @@ class LinearLaunch(NamedTuple):
             if value < 1 or value & (value - 1) or (field != "warps" and value < 16):
                 raise ValueError(f"decode_linear: {field} must be a power of 2 (block_n and block_k at least 16, "
                                  f"for the tensor cores), got {field}={value}")
+        if self.block_m and (self.block_m & (self.block_m - 1) or not 16 <= self.block_m <= MAX_ROWS):
+            raise ValueError(f"decode_linear: block_m must be 0 (the rows') or a power of 2 from 16 to {MAX_ROWS}, "
+                             f"got block_m={self.block_m}")
         if self.split_k < 0 or self.stages < 1:
             raise ValueError(f"decode_linear: split_k must be >= 0 (0: auto) and stages >= 1, got "
                              f"split_k={self.split_k}, stages={self.stages}")
@@ -102,7 +110,8 @@ class LinearLaunch(NamedTuple):
     @property
     def name(self) -> str:
         return (f"triton_lin_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.warps}_p{self.stages}"
-                + ("_l" if self.last else "") + ("_c" if self.cast else ""))
+                + (f"_m{self.block_m}" if self.block_m else "") + ("_l" if self.last else "")
+                + ("_c" if self.cast else ""))
 
 
 # e4m3 -> bf16 by the bits, four weights (one 32-bit register, $2) to two registers of two bf16 each ($0, $1). Each
@@ -285,6 +294,7 @@ def decode_linear(
     stages: int = 3,
     last: bool = False,
     cast: bool = False,
+    block_m: int = 0,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T`` in the weight's dtype (``x`` cast to it first, as under autocast); with
@@ -299,7 +309,7 @@ def decode_linear(
     widen to bf16 by their bits (:data:`WIDEN_E4M3_PTX`), or with ``cast`` by Triton's conversion: the same values.
     """
     check_device(x.device, "linear", "torch")
-    LinearLaunch(block_n, block_k, split_k, warps, stages, last, cast).checked()
+    LinearLaunch(block_n, block_k, split_k, warps, stages, last, cast, block_m).checked()
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("decode_linear needs the last dimension of x, weight and residual contiguous")
     if (scale is not None) != (weight.dtype == FP8):
@@ -313,7 +323,7 @@ def decode_linear(
     compute = torch.bfloat16 if scale is not None else weight.dtype
     dtype = residual.dtype if residual is not None else compute
     out = torch.empty(rows, cols, dtype=dtype, device=x.device)
-    block_m = max(16, min(MAX_ROWS, triton.next_power_of_2(rows)))
+    block_m = block_m or max(16, min(MAX_ROWS, triton.next_power_of_2(rows)))
     split_k = split_k or auto_split(triton.cdiv(cols, block_n) * triton.cdiv(rows, block_m), inner, block_k, x.device)
     k_len = triton.cdiv(triton.cdiv(inner, split_k), block_k) * block_k  # whole blocks per split
     splits = triton.cdiv(inner, k_len)
@@ -342,7 +352,7 @@ def decode_linear(
 
 @decode_linear.register_fake
 def _(x, weight, residual=None, gated=False, block_n=64, block_k=128, split_k=0, warps=4, stages=3, last=False,
-      cast=False, scale=None):
+      cast=False, block_m=0, scale=None):
     cols = weight.shape[0] // 2 if gated else weight.shape[0]
     compute = torch.bfloat16 if scale is not None else weight.dtype
     dtype = residual.dtype if residual is not None else compute

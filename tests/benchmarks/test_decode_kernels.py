@@ -64,9 +64,10 @@ def test_the_linear_sweep_starts_at_the_default_launch():
     default = decode_linear.LinearLaunch()
     assert dk.linear_launches(sweep_args("--device", "cpu")) == [default]
     swept = dk.linear_launches(sweep_args("--device", "cpu", "--linear-sweep"))
-    assert swept[0] == default and len(swept) == len(set(swept)) == 36  # the default is one of the grid's 18
+    assert swept[0] == default and len(swept) == len(set(swept)) == 38  # the default is one of the grid's 18
     assert swept[1] == default._replace(last=True)  # each beside its _l twin
-    assert [launch.last for launch in swept] == [False, True] * 18
+    assert swept[2] == default._replace(block_m=64)  # then 64-row programs
+    assert [launch.last for launch in swept] == [False, True] * 19
     with pytest.raises(SystemExit):
         sweep_args("--device", "cpu", "--linear-launches", "triton_lin_n8_k64_s1_w4_p3")  # block_n under 16
 
@@ -218,5 +219,6 @@ def test_the_best_triton_projections_are_named_only_where_they_beat_cublas(tmp_p
     assert dk.best_linear({**timings, "packed": 600.0}) is None  # cuBLAS faster: none
     assert dk.best_linear({"packed": 1.0}) is None
     # the fp8 candidate reads other weights: never the launch to take, however fast
-    assert dk.best_linear({**timings, dk.FP8_CANDIDATE: 300.0, "triton_lin_fp8_c": 310.0}) == "triton_lin_n32_k64_s0_w4_p4"
+    fp8 = {name: 300.0 for name in dk.FP8_CANDIDATES}
+    assert dk.best_linear({**timings, **fp8}) == "triton_lin_n32_k64_s0_w4_p4"
     assert dk.timings_from_log(log) == {384: {"matmul": 9.0}}  # the attention part, by window

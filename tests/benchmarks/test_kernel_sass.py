@@ -72,19 +72,22 @@ def test_without_tritons_cuda_backend_it_says_so_and_exits_2(monkeypatch, capsys
 
 
 def test_the_fp8_linear_loops_widen_by_bits_without_conversions():
-    """The six linear variants compiled for sm_90 (about 10 s): Triton's e4m3 -> bf16 takes conversions in the loop,
-    the bits none, with packed bf16 instructions instead; every loop on the tensor cores, nothing spilled."""
+    """The ten linear variants compiled for sm_90 (about 15 s): Triton's e4m3 -> bf16 takes conversions in the loop,
+    the bits none, with packed bf16 instructions instead; every loop on the tensor cores, nothing spilled; 64-row
+    programs on the warpgroup wgmma."""
     out = compile_here("import runpy, sys\nsys.argv = ['kernel_sass.py', '--kernels', 'linear']\n"
                        "runpy.run_path('benchmarks/kernel_sass.py', run_name='__main__')")
     records = {record["variant"]: record for record in map(json.loads, out.splitlines())}
     layouts, weights = ("plain", "gated"), ("bf16", "fp8_bits", "fp8_cast")
-    assert list(records) == [f"{layout}_{weight}" for layout in layouts for weight in weights]
+    assert list(records) == [f"{layout}_{weight}" for layout in layouts
+                             for weight in (*weights, "bf16_m64", "fp8_bits_m64")]
     for name, record in records.items():
         assert record["measure"] == "kernel_sass" and record["kernel"] == "linear" and record["arch"] == 90
         classes = record["loop_classes"]
         assert classes["HMMA"] > 0 and record["spills"] == 0, name
         assert sum(classes.values()) == record["loop_instructions"] == sum(record["loop_ops"].values())
-        if name.endswith("bits"):
+        assert any(op.startswith("HGMMA") for op in record["loop_ops"]) == name.endswith("m64"), name
+        if "bits" in name:
             assert classes["conversion"] == 0 and classes["fp16x2"] > 0, name
             assert any(op.startswith(("HMUL2", "HFMA2")) for op in record["loop_ops"]), name
         if name.endswith("cast"):

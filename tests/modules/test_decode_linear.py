@@ -99,7 +99,7 @@ def rounded(t: torch.Tensor, dtype) -> torch.Tensor:
 
 
 @needs_triton
-@pytest.mark.parametrize("launch", [{}, LAUNCHES[1]])
+@pytest.mark.parametrize("launch", [{}, LAUNCHES[1], dict(block_m=64)])
 def test_bfloat16_rounds_as_the_eager_calls(launch):
     """In bf16 the eager calls round the matmul's float32 sums to bf16, then the activation and the product (in
     float32 each), or add the residual in float32 and round once. The kernels do the same; only the order of the
@@ -143,7 +143,8 @@ def test_a_float32_input_and_residual_with_bfloat16_weights_is_autocasts_arithme
 
 
 @needs_triton
-@pytest.mark.parametrize("launch", [{}, *LAUNCHES, dict(LAUNCHES[1], last=True), dict(cast=True)])
+@pytest.mark.parametrize("launch", [{}, *LAUNCHES, dict(LAUNCHES[1], last=True), dict(cast=True),
+                                    dict(block_m=64), dict(LAUNCHES[1], block_m=16)])
 def test_fp8_weights_are_bf16_arithmetic_on_their_values_times_the_row_scales(launch):
     """``scale``: the fp8 weights widened to bf16 (exactly: by their bits, or ``cast`` by Triton's conversion, on
     a GPU; the interpreter widens to float32), multiplied by the input rounded to bf16, summed in float32, times
@@ -251,15 +252,17 @@ from modules import decode_linear as dl
 ALIGNED = {"x", "w", "residual", "out", "part", "count", "scale", "inner", "k_len", "stride_xm", "stride_wn",
            "stride_rm", "stride_om"}
 types = dict(x="*bf16", w="*fp8e4nv", residual="*fp32", out="*bf16", part="*fp32", count="*i32", scale="*fp32")
-cases = ((False, False, 1, False, False), (True, False, 2, True, False), (False, True, 4, False, False),
-         (False, False, 1, False, True), (True, False, 2, False, True))
+cases = ((False, False, 1, False, False, 32), (True, False, 2, True, False, 32), (False, True, 4, False, False, 32),
+         (False, False, 1, False, True, 32), (True, False, 2, False, True, 32), (False, False, 4, False, False, 64),
+         (True, False, 1, False, False, 64))
 for arch in (90, 89):
-    for gated, residual, split, last, cast in cases:
-        constexprs = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated, RESIDUAL=residual,
-                          IEEE=False, UPCAST=False, LAST=last, WEIGHT=tl.bfloat16, SCALED=True, CAST=cast)
+    for gated, residual, split, last, cast, block_m in cases:
+        constexprs = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, STAGES=3, SPLIT=split, GATED=gated,
+                          RESIDUAL=residual, IEEE=False, UPCAST=False, LAST=last, WEIGHT=tl.bfloat16, SCALED=True,
+                          CAST=cast)
         ptx = compile(dl._linear, types, constexprs, arch, ALIGNED, num_warps=4).asm["ptx"]
         loop = ptx[ptx.index("Inner Loop Header"):]  # the loop over the inner dimension, and what follows it
-        print(arch, cast, "mma" if "mma.sync" in ptx or "wgmma" in ptx else "no-mma",
+        print(arch, cast, "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "no-mma",
               "cp.async" if "cp.async" in ptx else "sync", "cvt-e4m3" if "e4m3" in ptx else "no-cvt",
               "cvt-bf16" if "cvt.rn.bf16.f16" in loop or "cvt.bf16.f16" in loop else "no-cvt-bf16",
               loop.count("fma.rn.bf16x2"), loop.count("prmt.b32"))
@@ -280,14 +283,16 @@ def test_the_fp8_kernels_compile_for_hopper_and_ada_and_not_for_ampere():
     ``cast`` by Triton's conversion (on sm_90 e4m3 pairs to f16 pairs, then each f16 to bf16). sm_80 has no
     e4m3 (the engine refuses compute capability below 8.9)."""
     lines = [line.split() for line in compile_here(FP8_COMPILE).strip().splitlines()]
-    assert len(lines) == 11, lines
-    for arch, cast, mma, loads, e4m3, bf16, fmas, prmts in lines[:10]:
-        assert arch in ("90", "89") and (mma, loads) == ("mma", "cp.async"), (arch, cast)
+    assert len(lines) == 15, lines
+    for i, (arch, cast, mma, loads, e4m3, bf16, fmas, prmts) in enumerate(lines[:14]):
+        # 64 rows a program (block_m 64, the last two cases of each arch): Hopper's warpgroup wgmma
+        assert arch in ("90", "89") and loads == "cp.async", (arch, cast)
+        assert mma == ("wgmma" if arch == "90" and i % 7 >= 5 else "mma"), (i, arch, mma)
         if cast == "True":  # sm_90 then widens each f16 to bf16 (sm_89 goes another way)
             assert e4m3 == "cvt-e4m3" and fmas == "0" and (bf16 == "cvt-bf16") == (arch == "90"), (arch, cast)
         else:  # two prmt and two fma.rn.bf16x2 for every four weights
             assert (e4m3, bf16) == ("no-cvt", "no-cvt-bf16") and int(fmas) > 0 and prmts == fmas, (arch, cast)
-    assert lines[10][0] == "sm_80:" and "fp8e4nv not supported" in " ".join(lines[10]), lines[10]
+    assert lines[14][0] == "sm_80:" and "fp8e4nv not supported" in " ".join(lines[14]), lines[14]
 
 
 def test_the_automatic_split_gives_every_processor_a_program_and_no_split_under_four_blocks():
@@ -307,12 +312,16 @@ def test_a_launch_configuration_is_named_parsed_and_checked():
     cast = last._replace(cast=True)
     assert cast.name == "triton_lin_n16_k256_s4_w8_p4_l_c" and Launch.parse(cast.name) == cast
     assert Launch.parse("triton_lin_n64_k128_s0_w4_p3_c") == Launch(cast=True)
+    rows = Launch(block_m=64, last=True)
+    assert rows.name == "triton_lin_n64_k128_s0_w4_p3_m64_l" and Launch.parse(rows.name) == rows
     # the op's literal defaults are LinearLaunch's
-    defaults = [decode_linear.decode_linear._opoverload._schema.arguments[i].default_value for i in range(4, 11)]
+    defaults = [decode_linear.decode_linear._opoverload._schema.arguments[i].default_value for i in range(4, 12)]
     assert tuple(defaults) == tuple(Launch())
     for wrong, message in (("triton_lin_n8_k256_s1_w4_p3", "block_n=8"), ("triton_lin_n16_k96_s1_w4_p3", "block_k=96"),
                            ("triton_lin_n16_k64_s1_w4_p0", "stages=0"), ("lin_n16", "is named triton_lin_n"),
-                           ("triton_lin_n64_k128_s0_w4_p3_c_l", "then _l for last=True and _c for cast=True")):
+                           ("triton_lin_n64_k128_s0_w4_p3_c_l", "_l for last=True and _c for cast=True"),
+                           ("triton_lin_n64_k128_s0_w4_p3_m128", "block_m=128"),
+                           ("triton_lin_n64_k128_s0_w4_p3_m48", "block_m=48")):
         with pytest.raises(ValueError, match=message):
             Launch.parse(wrong)
 
