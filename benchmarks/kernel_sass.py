@@ -7,7 +7,9 @@ default launch at a 7B/1B-like stage) this script compiles the bf16 and the floa
 the SASS (the longest body a backward branch closes: one iteration, Triton pipelines without unrolling) and counts
 its instructions by opcode and by class (:data:`CLASSES`). The counts are one thread's (each warp issues them
 once); ``bytes_per_iteration`` is what the whole program reads of the weights (or keys and values) per iteration,
-and ``instructions_per_kib`` the one over the other. Registers and spills come from ``ptxas -v``.
+and ``instructions_per_kib`` the one over the other; ``warp_instructions_per_kib`` counts every warp's (what an
+SM's schedulers issue for a KiB: an SM that issues 4 a clock and reads 16 bytes a clock, about an H200's share of
+its bandwidth at 132 SMs, keeps up with memory below 256). Registers and spills come from ``ptxas -v``.
 
 These are instruction counts, not time: a loop can issue more instructions and still wait on memory. What they
 show is which pipes a loop leans on. Widening the fp8 weights with Triton's conversion (``_c`` launches, CAST)
@@ -235,7 +237,9 @@ def measure(kernel: Kernel, arch: int, keep: Path | None) -> dict:
     counts = loop_counts(main_loop(parse_sass(sass)))
     return dict(measure="kernel_sass", kernel=kernel.kernel, variant=kernel.variant, arch=arch, registers=registers,
                 spills=spills, **counts, bytes_per_iteration=kernel.streamed,
-                instructions_per_kib=round(counts["loop_instructions"] * 1024 / kernel.streamed, 2))
+                instructions_per_kib=round(counts["loop_instructions"] * 1024 / kernel.streamed, 2),
+                warp_instructions_per_kib=round(counts["loop_instructions"] * kernel.warps * 1024 / kernel.streamed,
+                                                1))
 
 
 KERNELS = {"linear": linear_kernels, "attention": attention_kernels}

@@ -86,6 +86,7 @@ def test_the_fp8_linear_loops_widen_by_bits_without_conversions():
         classes = record["loop_classes"]
         assert classes["HMMA"] > 0 and record["spills"] == 0, name
         assert sum(classes.values()) == record["loop_instructions"] == sum(record["loop_ops"].values())
+        assert record["warp_instructions_per_kib"] == pytest.approx(4 * record["instructions_per_kib"], abs=0.1)
         assert any(op.startswith("HGMMA") for op in record["loop_ops"]) == name.endswith("m64"), name
         if "bits" in name:
             assert classes["conversion"] == 0 and classes["fp16x2"] > 0, name
