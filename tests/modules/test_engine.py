@@ -416,15 +416,19 @@ class LaunchSpy:
 def test_triton_projections_sample_the_eager_tokens_and_logprobs(sharp_policy, monkeypatch, compile, attention, last):
     """``linear="triton"``: the packed and the o/down projections in :mod:`modules.decode_linear`'s kernels, residual
     adds and silu inside them (plain calls, and inside the compiled layer with the Triton attention), the splits
-    added up by a second kernel or (``_l``) by each tile's last program."""
-    spy = LaunchSpy(decode_linear._linear, ("GATED", "RESIDUAL", "BLOCK_N", "STAGES", "SPLIT", "LAST"))
+    added up by a second kernel or (``_l``) by each tile's last program; the launch's rows per program and its
+    fp8 widening (no fp8 here: ``cast`` changes nothing) reach the kernels too."""
+    spy = LaunchSpy(decode_linear._linear, ("GATED", "RESIDUAL", "BLOCK_N", "STAGES", "SPLIT", "LAST", "BLOCK_M",
+                                            "CAST"))
     monkeypatch.setattr(decode_linear, "_linear", spy)
-    launch = decode_linear.LinearLaunch(16, 16, 2, 4, 2, last)  # two splits of the inner dimension
+    # two splits of the inner dimension; 32 rows a program, where the rows' own power of two is 16
+    launch = decode_linear.LinearLaunch(16, 16, 2, 4, 2, last, cast=last, block_m=32)
     engine, _, _, _ = fused_like_eager(sharp_policy, 8, compile=compile, attention=attention, pack=True,
                                        linear=launch.name)
     plans_like_eager(engine, sharp_policy, 4)
     # q/k/v plain, o and down with the residual, gate/up gated: every projection of the layer, at that launch
-    assert spy.launches == {(False, False, 16, 2, 2, last), (False, True, 16, 2, 2, last), (True, False, 16, 2, 2, last)}
+    at = (16, 2, 2, last, 32, last)
+    assert spy.launches == {(False, False, *at), (False, True, *at), (True, False, *at)}
     assert pickle.loads(pickle.dumps(engine)).linear_launch == launch
 
 
