@@ -1035,7 +1035,8 @@ def fp8_against_bf16(policy, device: str, **options) -> RolloutEngine:
     noise = stream if device == "cpu" else cuda_stream
     ctx = policy.image_context(PROMPTS, None)
     ids, mask = plan_contexts(policy)
-    engines = [RolloutEngine(pack=True, linear="triton", weights=w, **options) for w in ("fp8", "model")]
+    options = {"linear": "triton", **options}
+    engines = [RolloutEngine(pack=True, weights=w, **options) for w in ("fp8", "model")]
 
     def same_samples() -> None:
         with torch.autocast(device, dtype=torch.bfloat16):
@@ -1082,11 +1083,13 @@ def test_fp8_weights_are_the_bf16_step_where_the_weights_are_fp8_values(sharp_po
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with float8 (compute capability 8.9 or later)")
-def test_on_a_gpu_fp8_weights_are_the_bf16_step_where_the_weights_are_fp8_values(tiny_janus_dir):
+@pytest.mark.parametrize("linear", ["triton", "triton_lin_n64_k128_s0_w4_p3_m64", "triton_lin_n64_k128_s0_w4_p3_c"])
+def test_on_a_gpu_fp8_weights_are_the_bf16_step_where_the_weights_are_fp8_values(tiny_janus_dir, linear):
     """The compiled fp8 kernels, inside the fused step captured as CUDA graphs: bit for bit the bf16 step on
-    fp8-exact weights, and after an in-place update the graphs replay (no new capture) the refreshed copies."""
+    fp8-exact weights, and after an in-place update the graphs replay (no new capture) the refreshed copies. The
+    weights widened by their bits (the PTX), in 64-row (wgmma) programs, and by Triton's conversion."""
     policy = JanusPolicy(str(tiny_janus_dir), dtype="float32").to("cuda")
-    engine = fp8_against_bf16(policy, "cuda", compile="fused", attention="auto")
+    engine = fp8_against_bf16(policy, "cuda", compile="fused", attention="auto", linear=linear)
     assert engine.stats.captures == engine.stats.variants > 0  # captured once per variant, replayed after the update
 
 
