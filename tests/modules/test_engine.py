@@ -947,6 +947,7 @@ def cuda_images(fn, policy, ctx, seed=0):
         ("cudagraphs", "matmul", True, "triton"),  # modules/decode_linear.py's projections
         ("fused", "triton", True, "triton"),
         ("fused", "triton", True, "triton_lin_n16_k16_s2_w4_p2_l"),  # the splits added up by each tile's last program
+        ("fused", "triton", True, "triton_lin_n64_k128_s0_w4_p3_m64"),  # 64-row programs: wgmma on sm_90 (bf16)
         ("reduce-overhead", "matmul", False, "torch"),
     ],
 )
