@@ -173,6 +173,22 @@ def test_fp8_weights_are_bf16_arithmetic_on_their_values_times_the_row_scales(la
 
 
 @needs_triton
+@pytest.mark.parametrize("launch", [{}, dict(cast=True), dict(block_m=64), dict(block_k=16, block_n=16)])
+def test_every_fp8_code_reaches_the_output_exactly(launch):
+    """One-hot input rows pick single weights out, scale 1: the output is each e4m3 code's value, subnormals and
+    the largest included, through the kernel's widening (on a GPU the bits' PTX or, ``cast``, Triton's
+    conversion; the products and sums are exact)."""
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8.FP8)
+    codes = codes[torch.isfinite(codes.float())]  # 254: the NaN codes are never written
+    rows, inner, cols = 32, 32, 64
+    weight = codes.repeat(rows * cols // len(codes) + 1)[: cols * inner].reshape(cols, inner).to(DEVICE)
+    x = torch.eye(rows, inner, dtype=torch.bfloat16, device=DEVICE)  # row m picks inner element m
+    got = LINEAR(x, weight, scale=torch.ones(cols, device=DEVICE), **launch)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), weight.float().T)
+    assert (weight.float().abs() < 2**-6).sum() > 50 and weight.float().abs().max() == 448  # subnormals, the top
+
+
+@needs_triton
 def test_fp8_weights_come_with_their_scales():
     x, weight, _ = tensors(4, 64, 16, torch.float32)
     q, scale = fp8.quantize(weight)
