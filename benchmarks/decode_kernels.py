@@ -234,8 +234,8 @@ def linear_triton(x: torch.Tensor, w: dict, split: tuple, launch: tuple = ()) ->
 
 
 FP8_CANDIDATE = "triton_lin_fp8"
-FP8_CANDIDATES = {  # name: launch (None: the default)
-    FP8_CANDIDATE: None,
+FP8_CANDIDATES = {  # name: launch
+    FP8_CANDIDATE: decode_linear.LinearLaunch(),
     FP8_CANDIDATE + "_c": decode_linear.LinearLaunch(cast=True),
     FP8_CANDIDATE + "_m64": decode_linear.LinearLaunch(block_m=64),
 }
@@ -394,7 +394,7 @@ def timings_from_log(path, part: str = "attention") -> dict:
 
 def best_linear(timings: dict) -> str | None:
     """The fastest Triton projections (``triton_lin_...``) of ``{impl: us}``, where they beat every other
-    implementation (cuBLAS's); else ``None``. ``triton_lin_fp8[_c]`` read other weights (not launches): left out."""
+    implementation (cuBLAS's); else ``None``. :data:`FP8_CANDIDATES` read other weights (not launches): left out."""
     timings = {name: us for name, us in timings.items() if name not in FP8_CANDIDATES}
     ours = {name: us for name, us in timings.items() if name.startswith("triton_lin_")}
     if not ours:
@@ -446,8 +446,8 @@ def main() -> None:
             linears[launch.name] = lambda x, i, launch=launch: linear_triton(x, layers.packed[i], layers.split, launch)
         if args.device.type != "cuda" or torch.cuda.get_device_capability(args.device) >= (8, 9):
             fp8_layers = quantized(layers.packed)  # the default launch on float8 weights: half the bytes to read
-            for name, launch in FP8_CANDIDATES.items():  # widened by their bits, and (_c) by Triton's conversion
-                linears[name] = lambda x, i, launch=launch: linear_triton(x, fp8_layers[i], layers.split, launch or ())
+            for name, launch in FP8_CANDIDATES.items():  # by their bits, in 64-row programs, by Triton's conversion
+                linears[name] = lambda x, i, launch=launch: linear_triton(x, fp8_layers[i], layers.split, launch)
     fp8_bytes = sum(q.numel() + s.numel() * s.element_size() for layer in quantized(layers.packed[:1])
                     for q, s in layer.values()) * layers.layers if FP8_CANDIDATE in linears else 0
     reference = None

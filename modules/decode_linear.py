@@ -35,13 +35,12 @@ On CPU only Triton's interpreter runs it (``TRITON_INTERPRET=1``), for the tests
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import NamedTuple
 
 import torch
 
-from modules.decode_attention import check_device, counters, interpreted, triton
+from modules.decode_attention import check_device, counters, interpreted, processors, triton
 from modules.fp8 import FP8
 
 if triton is not None:
@@ -263,16 +262,14 @@ if triton is not None:
                 EMULATE, SCALED)
 
 
-@functools.cache
-def _processors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+INTERPRETED_PROCESSORS = 8  # auto_split's processor count where there is no GPU (Triton's interpreter, the tests)
 
 
 def auto_split(tiles: int, inner: int, block_k: int, device: torch.device) -> int:
     """``split_k=0``: the fewest splits of the inner dimension that give every processor (SM) of ``device`` a
     program, ``tiles`` being the output tiles, and no split shorter than 4 blocks of ``block_k``. (Splits do not
     read more input or weights; their float32 sums cost ``splits * rows * columns * 8`` bytes.)"""
-    wanted = triton.cdiv(_processors(device), tiles)
+    wanted = triton.cdiv(processors(device) or INTERPRETED_PROCESSORS, tiles)
     return max(1, min(wanted, inner // (4 * block_k)))
 
 

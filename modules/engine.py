@@ -219,7 +219,7 @@ class RolloutEngine:
             projections are not packed.
         linear: how the step's projections run. ``torch`` (the default): ``F.linear`` and the modules' own calls
             (cuBLAS on a GPU). ``triton``, or a launch configuration's name ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``
-            with the suffixes ``_l`` and ``_c`` (:class:`modules.decode_linear.LinearLaunch`): :mod:`modules.decode_linear`'s kernels for the packed
+            then ``_m<rows>``, ``_l`` and ``_c`` (:class:`modules.decode_linear.LinearLaunch`): :mod:`modules.decode_linear`'s kernels for the packed
             q/k/v and gate/up matrices and the plain o/down projections, the residual adds and the MLP's
             activation inside them (four kernels per layer, and one more per projection whose inner dimension
             is split across programs: up to eight, as cuBLAS's path has). Needs ``pack`` and ``weight_copy`` (under autocast

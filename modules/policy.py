@@ -87,8 +87,9 @@ class SamplingConfig:
             default: ``F.linear``, cuBLAS on a GPU), or ``triton`` (``modules/decode_linear.py``: Triton kernels
             for a few rows, the residual adds and the MLP's activation inside them; needs ``engine_pack``, CUDA and
             the triton package; on an H200 at the 1B shape the whole step was 3% slower with it), or a launch name
-            ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``, then ``_l`` (the last program of a split tile sums the splits)
-            and ``_c`` (fp8 weights widened by Triton's conversion instead of by their bits).
+            ``triton_lin_n<N>_k<K>_s<S>_w<W>_p<P>``, then ``_m<rows>`` (rows per program: ``_m64`` puts sm_90's
+            wgmma under 32 rows), ``_l`` (the last program of a split tile sums the splits) and ``_c`` (fp8 weights
+            widened by Triton's conversion instead of by their bits).
         engine_weights: what the static engine's decoder projections read (``RolloutEngine(weights=...)``):
             ``model`` (the default: the model's weights) or ``fp8`` (a float8 e4m3 copy, one scale per output row,
             quantized from the live weights at every rollout: half the bytes per decode step, the bound at the 7B
@@ -96,7 +97,8 @@ class SamplingConfig:
             log-probs are from the update's. Needs ``engine_linear`` triton, a GPU of compute capability 8.9 or
             later (Ada, Hopper); LoRA adapters are merged into the copy. Costs 1 byte per projection weight (7B:
             6.1 GB) instead of the bf16 packs. Not faster yet: on an H200 at the 7B shape the step took 7.19 ms
-            against 6.80 ms with bf16 weights.
+            against 6.80 ms with bf16 weights, when the kernel widened them by Triton's conversion (by their bits
+            since: not yet timed).
         engine_kv: the static engine's KV cache (``RolloutEngine(kv=...)``): ``model`` (the default: the dtype the
             model computes in) or ``fp8`` (float8 e4m3, each slot's key and value vector with its own float32
             scale: half the cache's bytes, the other half of a 7B step's reads). An approximation too (see
